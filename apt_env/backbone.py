@@ -1,0 +1,251 @@
+"""``PrunableViT``: any timm ViT run block by block under token keep masks.
+
+This is the only module that knows timm internals. It drives the pieces timm's own forward pass
+uses (``patch_embed``, ``_pos_embed``, ``norm_pre``, ``blocks``, ``norm``, ``forward_head``) and
+passes pruning to the blocks as an attention mask, so no block or attention code is forked.
+
+Two modes give the same logits for the same masks:
+
+* ``masked``: fixed shapes; pruned tokens stay in the sequence but are removed as attention keys
+  and from pooling. Differentiable, for training.
+* ``gathered``: pruned tokens are really removed; rows with different keep counts are padded to
+  the batch maximum (padding masked as keys). For speed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+from torch import nn
+
+from apt_env.tokens import TokenState, apply_keep_mask, gather_kept, initial_state
+
+_logger = logging.getLogger(__name__)
+
+Mode = Literal["masked", "gathered"]
+MODES: tuple[str, ...] = ("masked", "gathered")
+_POOLS = ("token", "avg", "max", "avgmax", "map")
+
+# The default backbone: a small ViT for 28x28 gray images (Fashion-MNIST), 49 patch tokens.
+DEFAULT_MODEL_NAME = "vit_tiny_patch16_224"
+DEFAULT_MODEL_KWARGS: dict = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, depth=6)
+
+
+def default_prune_layers(depth: int, num_stages: int = 3) -> tuple[int, ...]:
+    """Evenly spaced pruning points: (3, 6, 9) for depth 12, (1, 3, 4) for depth 6."""
+    num_stages = min(num_stages, depth - 1)
+    return tuple(sorted({depth * (k + 1) // (num_stages + 1) for k in range(num_stages)}))
+
+
+class PrunableViT(nn.Module):
+    """A timm Vision Transformer that prunes patch tokens before chosen blocks.
+
+    Stage ``k`` starts before block ``prune_layers[k]``; its keep mask applies from that block on,
+    combined with every earlier mask (a pruned token stays pruned). Prefix tokens (class,
+    distillation, register) are always kept.
+
+    Args:
+        model: a timm ``VisionTransformer`` (or subclass: DeiT distilled, register tokens, average
+            or attention pooling).
+        prune_layers: block indices before which pruning happens, strictly increasing in
+            ``[1, depth - 1]``; default three evenly spaced blocks.
+        min_keep: a row that a mask would leave with fewer patch tokens keeps ``min_keep``: the ones
+            it had before, first in raster order.
+    """
+
+    def __init__(self, model: nn.Module, prune_layers: Sequence[int] | None = None, min_keep: int = 1) -> None:
+        super().__init__()
+        if not isinstance(model, VisionTransformer):
+            raise ValueError(
+                f"PrunableViT needs a timm VisionTransformer (or subclass), got {type(model).__name__}"
+            )
+        if model.global_pool not in _POOLS:
+            raise ValueError(f"global_pool={model.global_pool!r} is not supported; use one of {_POOLS}")
+        if model.attn_pool is not None and getattr(model.attn_pool, "pos_embed", None) is not None:
+            raise ValueError("attention pooling with its own position embedding cannot follow pruned tokens")
+        for i, blk in enumerate(model.blocks):
+            if "attn_mask" not in inspect.signature(blk.forward).parameters:
+                raise ValueError(f"block {i} ({type(blk).__name__}) takes no attn_mask; cannot prune it")
+        self.model = model
+        self.depth = len(model.blocks)
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        self.num_patches = int(model.patch_embed.num_patches)
+        self.grid_size = tuple(model.patch_embed.grid_size)
+        self.img_size = tuple(model.patch_embed.img_size)
+        self.in_chans = int(model.patch_embed.proj.in_channels)
+        self.embed_dim = int(model.embed_dim)
+        self.num_classes = int(model.num_classes)
+        layers = default_prune_layers(self.depth) if prune_layers is None else tuple(int(i) for i in prune_layers)
+        if not layers or any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 1 or layers[-1] >= self.depth:
+            raise ValueError(
+                f"prune_layers must be strictly increasing block indices in [1, {self.depth - 1}], got {layers}"
+            )
+        if not 0 <= min_keep <= self.num_patches:
+            raise ValueError(f"min_keep must be in [0, {self.num_patches}], got {min_keep}")
+        if min_keep < 1 and (model.cls_token is None or model.global_pool != "token"):
+            raise ValueError("min_keep must be at least 1 for a model that pools its patch tokens")
+        self.prune_layers = layers
+        self.min_keep = int(min_keep)
+
+    @classmethod
+    def from_timm(
+        cls,
+        name: str = DEFAULT_MODEL_NAME,
+        *,
+        prune_layers: Sequence[int] | None = None,
+        min_keep: int = 1,
+        pretrained: bool = False,
+        **timm_kwargs,
+    ) -> PrunableViT:
+        """Build with ``timm.create_model(name, pretrained=pretrained, **timm_kwargs)``."""
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+            raise ValueError(f"unknown timm model {name!r}; similar names: {close}")
+        model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+        return cls(model, prune_layers=prune_layers, min_keep=min_keep)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.prune_layers)
+
+    @property
+    def stage_bounds(self) -> tuple[int, ...]:
+        """Block ranges: stage ``k`` runs blocks ``[bounds[k + 1], bounds[k + 2])``; the prefix is ``[0, bounds[1])``."""
+        return (0, *self.prune_layers, self.depth)
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def embed(self, images: torch.Tensor) -> TokenState:
+        """Patch embedding, prefix tokens and position embedding, as timm's ``forward_features``.
+
+        timm's ``PatchDropout`` is not applied: pruning takes its place.
+        """
+        self.check_images(images)
+        m = self.model
+        x = m.norm_pre(m._pos_embed(m.patch_embed(images)))  # (B, P + N, C)
+        return initial_state(x, self.num_prefix_tokens)
+
+    def run_blocks(self, state: TokenState, start: int, end: int) -> TokenState:
+        """Run blocks ``[start, end)`` with pruned tokens removed as attention keys."""
+        key_mask = state.key_mask()
+        x = state.x
+        for blk in self.model.blocks[start:end]:
+            x = blk(x) if key_mask is None else blk(x, attn_mask=key_mask)
+        return state.with_x(x)
+
+    def prune(self, state: TokenState, mask: torch.Tensor, mode: Mode = "masked") -> TokenState:
+        """Apply a keep mask over the N original patch positions. # mask: (B, N) bool"""
+        self.check_mask(mask, batch_size=state.x.shape[0])
+        state = apply_keep_mask(state, mask.to(state.x.device), self.min_keep)
+        return gather_kept(state) if mode == "gathered" else state
+
+    def head(self, state: TokenState) -> torch.Tensor:
+        """Final norm, pooling over live tokens and the classifier. # (B, num_classes)"""
+        m = self.model
+        x = m.norm(state.x)
+        if m.global_pool == "token" or bool(state.keep.all()):
+            return m.forward_head(x)
+        live = state.keep
+        if m.pool_include_prefix:
+            live = torch.cat([live.new_ones(live.shape[0], self.num_prefix_tokens), live], dim=1)
+        else:
+            x = x[:, self.num_prefix_tokens :]
+        if m.attn_pool is not None:
+            pooled = m.attn_pool(x, attn_mask=live[:, None, None, :])
+        else:
+            pooled = _masked_pool(x, live, m.global_pool)
+        return m.head(m.head_drop(m.fc_norm(pooled)))
+
+    def finish(self, state: TokenState, start: int) -> torch.Tensor:
+        """Logits of finishing the forward pass from block ``start`` with no further pruning."""
+        return self.head(self.run_blocks(state, start, self.depth))
+
+    def cls_attention(self, state: TokenState, block: int) -> torch.Tensor:
+        """Attention of the class token to each patch in ``block``, mean over heads.
+
+        ``state`` is the input of that block. Models without a class token use the mean of the
+        live patch tokens as the query. Only the key projection and one query are computed, so the
+        cost is a fraction of the block's. Pruned positions get 0.
+
+        Returns:
+            attention weights at the original patch positions. # (B, N)
+        """
+        blk = self.model.blocks[block]
+        attn = blk.attn
+        if not hasattr(attn, "qkv"):
+            raise ValueError(f"block {block} attention ({type(attn).__name__}) has no qkv projection")
+        x = state.x if isinstance(blk, ResPostBlock) else blk.norm1(state.x)
+        b, t, _ = x.shape
+        a, h = attn.qkv.out_features // 3, attn.num_heads
+        w, bias = attn.qkv.weight, attn.qkv.bias
+        k = F.linear(x, w[a : 2 * a], None if bias is None else bias[a : 2 * a])
+        k = attn.k_norm(k.view(b, t, h, a // h).transpose(1, 2))  # (B, H, T, D)
+        if self.model.cls_token is not None:
+            xq = x[:, :1]
+        else:
+            live = state.keep.unsqueeze(-1).to(x.dtype)
+            xq = (x[:, self.num_prefix_tokens :] * live).sum(1, keepdim=True) / live.sum(1, keepdim=True)
+        q = F.linear(xq, w[:a], None if bias is None else bias[:a])
+        q = attn.q_norm(q.view(b, 1, h, a // h).transpose(1, 2))  # (B, H, 1, D)
+        scores = (q @ k.transpose(-2, -1)) * attn.scale  # (B, H, 1, T)
+        key_mask = state.key_mask()
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask, float("-inf"))
+        probs = scores.softmax(dim=-1).mean(dim=1)[:, 0, self.num_prefix_tokens :]  # (B, L)
+        probs = probs * state.keep.to(probs.dtype)
+        return probs.new_zeros(b, self.num_patches).scatter(1, state.index, probs)
+
+    # -- whole pass -----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        keep_masks: Sequence[torch.Tensor] | None = None,
+        mode: Mode = "masked",
+    ) -> torch.Tensor:
+        """Logits, pruning with ``keep_masks[k]`` (B, N) bool at stage ``k``; fewer masks prune fewer stages."""
+        keep_masks = list(keep_masks or [])
+        if len(keep_masks) > self.num_stages:
+            raise ValueError(f"got {len(keep_masks)} keep masks for {self.num_stages} pruning stages")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        bounds = self.stage_bounds
+        state = self.embed(images)
+        for k, mask in enumerate(keep_masks):
+            state = self.prune(self.run_blocks(state, bounds[k], bounds[k + 1]), mask, mode)
+        return self.finish(state, bounds[len(keep_masks)])
+
+    # -- input checks ---------------------------------------------------------------------------
+
+    def check_images(self, images: torch.Tensor) -> None:
+        expected = (self.in_chans, *self.img_size)
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a tensor (B, {', '.join(map(str, expected))}), got {got}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point, got {images.dtype}")
+
+    def check_mask(self, mask: torch.Tensor, batch_size: int) -> None:
+        expected = (batch_size, self.num_patches)
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != expected:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"keep mask must be a bool tensor of shape {expected} (batch, patches), got {got}")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"keep mask must have dtype torch.bool, got {mask.dtype}")
+
+
+def _masked_pool(x: torch.Tensor, live: torch.Tensor, pool: str) -> torch.Tensor:
+    """timm's ``global_pool_nlc`` over live tokens only. # x: (B, T, C), live: (B, T) -> (B, C)"""
+    w = live.unsqueeze(-1).to(x.dtype)
+    mean = (x * w).sum(1) / w.sum(1)
+    if pool == "avg":
+        return mean
+    peak = x.masked_fill(~live.unsqueeze(-1), float("-inf")).amax(1)
+    return peak if pool == "max" else 0.5 * (peak + mean)

@@ -1,0 +1,123 @@
+"""Token-level operations for pruning: pure functions on tensors.
+
+A pruning state is a sequence ``x`` of ``P`` prefix tokens followed by ``L`` patch *slots*. Each slot
+holds the token of an original patch position (``index``) and is either live or not (``keep``).
+In *masked* mode ``L == N`` and ``index`` is the identity; in *gathered* mode the live tokens are
+packed to the front of each row and ``L`` is the largest live count in the batch (as timm's
+``PatchDropout`` gathers patch tokens by index while keeping the prefix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """Tokens between two blocks, with the patch positions they came from.
+
+    Attributes:
+        x: tokens, prefix first. # (B, P + L, C)
+        keep: live patch slots. # (B, L) bool
+        index: original patch position of each slot. # (B, L) long
+        num_prefix_tokens: P, the tokens that are never pruned.
+    """
+
+    x: torch.Tensor
+    keep: torch.Tensor
+    index: torch.Tensor
+    num_prefix_tokens: int
+
+    @property
+    def patches(self) -> torch.Tensor:
+        """Patch slots of ``x``. # (B, L, C)"""
+        return self.x[:, self.num_prefix_tokens :]
+
+    def key_mask(self) -> torch.Tensor | None:
+        """Boolean attention mask over keys (True = attend), or None when every slot is live.
+
+        Returns None on the dense path so that timm's fused attention runs without a mask.
+        """
+        if bool(self.keep.all()):
+            return None
+        prefix = self.keep.new_ones(self.keep.shape[0], self.num_prefix_tokens)
+        return torch.cat([prefix, self.keep], dim=1)[:, None, None, :]  # (B, 1, 1, P + L)
+
+    def with_x(self, x: torch.Tensor) -> TokenState:
+        return TokenState(x, self.keep, self.index, self.num_prefix_tokens)
+
+    def num_kept(self) -> torch.Tensor:
+        """Live patch tokens per sample. # (B,) long"""
+        return self.keep.sum(dim=1)
+
+    def mask(self, num_patches: int) -> torch.Tensor:
+        """The keep mask over original patch positions. # (B, N) bool"""
+        out = self.keep.new_zeros(self.keep.shape[0], num_patches)
+        return out.scatter(1, self.index, self.keep)
+
+    def patch_features(self, num_patches: int) -> torch.Tensor:
+        """Patch tokens at their original positions, pruned ones zeroed. # (B, N, C)"""
+        b, _, c = self.x.shape
+        live = self.patches * self.keep.unsqueeze(-1).to(self.x.dtype)
+        out = self.x.new_zeros(b, num_patches, c)
+        return out.scatter(1, self.index.unsqueeze(-1).expand(-1, -1, c), live)
+
+
+def initial_state(x: torch.Tensor, num_prefix_tokens: int) -> TokenState:
+    """The state right after embedding: every patch live, slots in raster order."""
+    b, n = x.shape[0], x.shape[1] - num_prefix_tokens
+    index = torch.arange(n, device=x.device).expand(b, n)
+    keep = torch.ones(b, n, dtype=torch.bool, device=x.device)
+    return TokenState(x, keep, index, num_prefix_tokens)
+
+
+def enforce_min_keep(prev: torch.Tensor, new: torch.Tensor, min_keep: int) -> torch.Tensor:
+    """Top up rows of ``new`` that keep fewer than ``min_keep`` tokens.
+
+    The tokens added back are those that were live in ``prev`` and dropped by ``new``, first in
+    slot (raster) order, until ``min_keep`` are live (or all of ``prev`` when it had fewer).
+
+    Args:
+        prev: live slots before the action. # (B, L) bool
+        new: live slots after the action, a subset of ``prev``. # (B, L) bool
+        min_keep: the least number of patch tokens a row keeps.
+    """
+    deficit = (min_keep - new.sum(dim=1, keepdim=True)).clamp(min=0)  # (B, 1)
+    dropped = prev & ~new
+    rank = dropped.cumsum(dim=1)  # 1-based rank among the dropped slots
+    return new | (dropped & (rank <= deficit))
+
+
+def apply_keep_mask(state: TokenState, mask: torch.Tensor, min_keep: int) -> TokenState:
+    """Prune with a keep mask over original patch positions; pruned tokens stay pruned.
+
+    Args:
+        state: the current state.
+        mask: True for patch positions to keep. # (B, N) bool
+        min_keep: the least number of patch tokens a row keeps (see ``enforce_min_keep``).
+    """
+    keep = state.keep & mask.gather(1, state.index)
+    keep = enforce_min_keep(state.keep, keep, min_keep)
+    return TokenState(state.x, keep, state.index, state.num_prefix_tokens)
+
+
+def gather_kept(state: TokenState) -> TokenState:
+    """Really remove pruned tokens: pack live slots to the front, pad rows to the batch maximum.
+
+    Rows keep their live tokens in their current (raster) order. Padding slots hold pruned tokens,
+    marked not live, so attention must mask them as keys (``key_mask``) unless every row keeps the
+    same number of tokens, in which case there is no padding and no mask.
+    """
+    counts = state.keep.sum(dim=1)
+    length = int(counts.max())
+    if length == state.keep.shape[1] and bool(state.keep.all()):
+        return state
+    # A stable sort puts live slots first and keeps their order.
+    order = torch.argsort((~state.keep).to(torch.uint8), dim=1, stable=True)[:, :length]  # (B, L')
+    p, c = state.num_prefix_tokens, state.x.shape[-1]
+    patches = state.patches.gather(1, order.unsqueeze(-1).expand(-1, -1, c))
+    x = torch.cat([state.x[:, :p], patches], dim=1)
+    keep = torch.arange(length, device=counts.device) < counts.unsqueeze(1)
+    return TokenState(x, keep, state.index.gather(1, order), p)

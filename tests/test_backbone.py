@@ -1,0 +1,161 @@
+import pytest
+import timm
+import torch
+
+from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT, default_prune_layers
+
+# Small versions of the ViT families that pruning must handle, each at a small img_size.
+FAMILIES = {
+    "vit": ("vit_tiny_patch16_224", {}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "registers": ("vit_tiny_patch16_224", dict(reg_tokens=4, no_embed_class=True)),
+    "avg_pool": ("vit_tiny_patch16_224", dict(class_token=False, global_pool="avg", fc_norm=True)),
+    "map_pool": ("vit_tiny_patch16_224", dict(class_token=False, global_pool="map")),
+    "layerscale_qknorm": ("vit_tiny_patch16_224", dict(init_values=0.1, qk_norm=True)),
+}
+
+
+def _build(family: str, **extra) -> PrunableViT:
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    return PrunableViT.from_timm(name, img_size=32, patch_size=8, depth=4, num_classes=7, **kwargs, **extra).eval()
+
+
+def _masks(pv: PrunableViT, batch: int, ratios=(0.8, 0.5, 0.3), seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(batch, pv.num_patches, generator=g) < r for r in ratios[: pv.num_stages]]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_unpruned_matches_timm(family):
+    pv = _build(family)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pv(x), pv.model(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(pv(x, mode="gathered"), pv.model(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_masked_and_gathered_agree_with_varying_counts(family):
+    pv = _build(family)
+    x = torch.randn(6, 3, 32, 32)
+    masks = _masks(pv, 6)
+    assert len({int(m.sum()) for m in masks[0]}) > 1, "counts must differ inside the batch"
+    with torch.no_grad():
+        masked, gathered = pv(x, masks, mode="masked"), pv(x, masks, mode="gathered")
+    torch.testing.assert_close(masked, gathered, atol=1e-5, rtol=1e-4)
+    # Pruning really changes the prediction (the masks are not ignored).
+    assert (masked - pv(x)).abs().max() > 1e-3
+
+
+def test_pruned_equals_dense_model_on_kept_tokens():
+    """Gathered pruning at stage 0 is exactly the same model run on a shorter sequence."""
+    pv = _build("vit")
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, pv.num_patches, dtype=torch.bool)
+    mask[:, [1, 4, 6, 9]] = True
+    m = pv.model
+    with torch.no_grad():
+        tokens = m._pos_embed(m.patch_embed(x))
+        p = pv.num_prefix_tokens
+        b0 = pv.prune_layers[0]
+        tokens = m.blocks[:b0](tokens)
+        short = torch.cat([tokens[:, :p], tokens[:, p:][:, [1, 4, 6, 9]]], dim=1)
+        expected = m.forward_head(m.norm(m.blocks[b0:](short)))
+        torch.testing.assert_close(pv(x, [mask], mode="gathered"), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pv(x, [mask], mode="masked"), expected, atol=1e-5, rtol=0)
+
+
+def test_pruned_token_stays_pruned():
+    pv = _build("vit")
+    x = torch.randn(2, 3, 32, 32)
+    first = torch.ones(2, pv.num_patches, dtype=torch.bool)
+    first[:, :8] = False
+    revive = torch.ones_like(first)  # asks to keep everything, including the pruned tokens
+    with torch.no_grad():
+        state = pv.prune(pv.embed(x), first)
+        state = pv.prune(state, revive)
+    assert not state.mask(pv.num_patches)[:, :8].any()
+    assert state.num_kept().tolist() == [pv.num_patches - 8] * 2
+
+
+@pytest.mark.parametrize("mode", ["masked", "gathered"])
+def test_all_zero_mask_keeps_min_keep_first_tokens(mode):
+    pv = _build("avg_pool", min_keep=3)
+    x = torch.randn(2, 3, 32, 32)
+    none = torch.zeros(2, pv.num_patches, dtype=torch.bool)
+    with torch.no_grad():
+        state = pv.prune(pv.embed(x), none, mode=mode)
+        logits = pv.finish(state, pv.prune_layers[0])
+    assert state.num_kept().tolist() == [3, 3]
+    assert state.mask(pv.num_patches)[:, :3].all()  # the first live tokens in raster order
+    assert torch.isfinite(logits).all()
+
+
+def test_cls_attention_matches_timm_attention_probs():
+    pv = _build("layerscale_qknorm")
+    blk = pv.model.blocks[2]
+    blk.attn.fused_attn = False  # expose the probabilities through attn_drop
+    seen = {}
+    blk.attn.attn_drop.register_forward_hook(lambda mod, inp, out: seen.setdefault("p", out))
+    x = torch.randn(2, 3, 32, 32)
+    mask = _masks(pv, 2)[0]
+    with torch.no_grad():
+        state = pv.prune(pv.run_blocks(pv.embed(x), 0, 1), mask, mode="gathered")
+        state = pv.run_blocks(state, 1, 2)
+        ours = pv.cls_attention(state, 2)
+        pv.run_blocks(state, 2, 3)
+    probs = seen["p"].mean(1)[:, 0, pv.num_prefix_tokens :] * state.keep  # (B, L) over slots
+    expected = torch.zeros(2, pv.num_patches).scatter(1, state.index, probs)
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
+    assert (ours[~mask] == 0).all()
+
+
+def test_default_prune_layers_read_depth():
+    assert default_prune_layers(12) == (3, 6, 9)
+    assert default_prune_layers(4) == (1, 2, 3)
+    pv = PrunableViT.from_timm(DEFAULT_MODEL_NAME, **DEFAULT_MODEL_KWARGS)
+    assert pv.num_patches == 49 and pv.num_prefix_tokens == 1 and pv.depth == DEFAULT_MODEL_KWARGS["depth"]
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (torch.randn(2, 1, 32, 32), r"\(B, 3, 32, 32\)"),
+        (torch.randn(2, 3, 28, 28), r"\(B, 3, 32, 32\)"),
+        (torch.randn(3, 32, 32), r"\(B, 3, 32, 32\)"),
+        (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "floating point"),
+    ],
+)
+def test_bad_images_are_clear_errors(images, match):
+    with pytest.raises(ValueError, match=match):
+        _build("vit")(images)
+
+
+def test_bad_masks_are_clear_errors():
+    pv = _build("vit")
+    x = torch.randn(2, 3, 32, 32)
+    n = pv.num_patches
+    with pytest.raises(ValueError, match=rf"\(2, {n}\)"):
+        pv(x, [torch.ones(2, n + 1, dtype=torch.bool)])
+    with pytest.raises(ValueError, match=rf"\(2, {n}\)"):
+        pv(x, [torch.ones(3, n, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="torch.bool"):
+        pv(x, [torch.ones(2, n)])
+    with pytest.raises(ValueError, match="3 pruning stages"):
+        pv(x, [torch.ones(2, n, dtype=torch.bool)] * 4)
+    with pytest.raises(ValueError, match="mode"):
+        pv(x, mode="sparse")
+
+
+def test_bad_construction_is_clear_error():
+    with pytest.raises(ValueError, match="unknown timm model"):
+        PrunableViT.from_timm("vit_tiny_patch99")
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        PrunableViT(timm.create_model("resnet18"))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        _build("vit", prune_layers=(2, 1))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        _build("vit", prune_layers=(0, 2))
+    with pytest.raises(ValueError, match="min_keep"):
+        _build("avg_pool", min_keep=0)
