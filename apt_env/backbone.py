@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 from torch import nn
 
-from apt_env.tokens import TokenState, apply_keep_mask, gather_kept, initial_state
+from apt_env.tokens import TokenState, apply_keep_mask, gather_kept, initial_state, length_buckets
 
 _logger = logging.getLogger(__name__)
 
@@ -58,9 +58,17 @@ class PrunableViT(nn.Module):
             ``[1, depth - 1]``; default three evenly spaced blocks.
         min_keep: a row that a mask would leave with fewer patch tokens keeps ``min_keep``: the ones
             it had before, first in raster order.
+        bucket_rows: in gathered mode, a batch whose rows keep different numbers of tokens runs in
+            groups of about this many rows of similar length, each cut to its own longest row.
     """
 
-    def __init__(self, model: nn.Module, prune_layers: Sequence[int] | None = None, min_keep: int = 1) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        prune_layers: Sequence[int] | None = None,
+        min_keep: int = 1,
+        bucket_rows: int = 16,
+    ) -> None:
         super().__init__()
         if not isinstance(model, VisionTransformer):
             raise ValueError(
@@ -93,6 +101,7 @@ class PrunableViT(nn.Module):
             raise ValueError("min_keep must be at least 1 for a model that pools its patch tokens")
         self.prune_layers = layers
         self.min_keep = int(min_keep)
+        self.bucket_rows = int(bucket_rows)
 
     @classmethod
     def from_timm(
@@ -101,6 +110,7 @@ class PrunableViT(nn.Module):
         *,
         prune_layers: Sequence[int] | None = None,
         min_keep: int = 1,
+        bucket_rows: int = 16,
         pretrained: bool = False,
         **timm_kwargs,
     ) -> PrunableViT:
@@ -109,7 +119,7 @@ class PrunableViT(nn.Module):
             close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
             raise ValueError(f"unknown timm model {name!r}; similar names: {close}")
         model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
-        return cls(model, prune_layers=prune_layers, min_keep=min_keep)
+        return cls(model, prune_layers=prune_layers, min_keep=min_keep, bucket_rows=bucket_rows)
 
     @property
     def num_stages(self) -> int:
@@ -134,11 +144,22 @@ class PrunableViT(nn.Module):
 
     def run_blocks(self, state: TokenState, start: int, end: int) -> TokenState:
         """Run blocks ``[start, end)`` with pruned tokens removed as attention keys."""
+        num_buckets = state.x.shape[0] // self.bucket_rows
+        if state.packed and num_buckets > 1 and not bool(state.keep.all()):
+            counts = state.num_kept()
+            x = state.x.clone()
+            for rows in length_buckets(counts, num_buckets):
+                length = int(counts[rows].max())
+                x[rows, : self.num_prefix_tokens + length] = self._run(state.rows(rows, length), start, end)
+            return state.with_x(x)
+        return state.with_x(self._run(state, start, end))
+
+    def _run(self, state: TokenState, start: int, end: int) -> torch.Tensor:
         key_mask = state.key_mask()
         x = state.x
         for blk in self.model.blocks[start:end]:
             x = blk(x) if key_mask is None else blk(x, attn_mask=key_mask)
-        return state.with_x(x)
+        return x
 
     def prune(self, state: TokenState, mask: torch.Tensor, mode: Mode = "masked") -> TokenState:
         """Apply a keep mask over the N original patch positions. # mask: (B, N) bool"""

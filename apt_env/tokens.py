@@ -23,12 +23,15 @@ class TokenState:
         keep: live patch slots. # (B, L) bool
         index: original patch position of each slot. # (B, L) long
         num_prefix_tokens: P, the tokens that are never pruned.
+        packed: live slots come first in every row (true after ``gather_kept``), so a row whose
+            live count is ``n`` can be cut to its first ``P + n`` tokens.
     """
 
     x: torch.Tensor
     keep: torch.Tensor
     index: torch.Tensor
     num_prefix_tokens: int
+    packed: bool = True
 
     @property
     def patches(self) -> torch.Tensor:
@@ -46,7 +49,13 @@ class TokenState:
         return torch.cat([prefix, self.keep], dim=1)[:, None, None, :]  # (B, 1, 1, P + L)
 
     def with_x(self, x: torch.Tensor) -> TokenState:
-        return TokenState(x, self.keep, self.index, self.num_prefix_tokens)
+        return TokenState(x, self.keep, self.index, self.num_prefix_tokens, self.packed)
+
+    def rows(self, rows: torch.Tensor, length: int) -> TokenState:
+        """The given rows cut to their first ``length`` slots (only for packed states)."""
+        p = self.num_prefix_tokens
+        x = self.x[rows, : p + length]
+        return TokenState(x, self.keep[rows, :length], self.index[rows, :length], p, True)
 
     def num_kept(self) -> torch.Tensor:
         """Live patch tokens per sample. # (B,) long"""
@@ -100,7 +109,7 @@ def apply_keep_mask(state: TokenState, mask: torch.Tensor, min_keep: int) -> Tok
     """
     keep = state.keep & mask.gather(1, state.index)
     keep = enforce_min_keep(state.keep, keep, min_keep)
-    return TokenState(state.x, keep, state.index, state.num_prefix_tokens)
+    return TokenState(state.x, keep, state.index, state.num_prefix_tokens, packed=False)
 
 
 def gather_kept(state: TokenState) -> TokenState:
@@ -113,11 +122,20 @@ def gather_kept(state: TokenState) -> TokenState:
     counts = state.keep.sum(dim=1)
     length = int(counts.max())
     if length == state.keep.shape[1] and bool(state.keep.all()):
-        return state
+        return TokenState(state.x, state.keep, state.index, state.num_prefix_tokens, True)
     # A stable sort puts live slots first and keeps their order.
     order = torch.argsort((~state.keep).to(torch.uint8), dim=1, stable=True)[:, :length]  # (B, L')
     p, c = state.num_prefix_tokens, state.x.shape[-1]
     patches = state.patches.gather(1, order.unsqueeze(-1).expand(-1, -1, c))
     x = torch.cat([state.x[:, :p], patches], dim=1)
     keep = torch.arange(length, device=counts.device) < counts.unsqueeze(1)
-    return TokenState(x, keep, state.index.gather(1, order), p)
+    return TokenState(x, keep, state.index.gather(1, order), p, True)
+
+
+def length_buckets(counts: torch.Tensor, num_buckets: int) -> list[torch.Tensor]:
+    """Row indices grouped by similar live count: rows sorted by count, split into equal parts.
+
+    Running each group cut to its own longest row wastes far less on padding than padding the
+    whole batch to its longest row.
+    """
+    return list(counts.argsort().tensor_split(num_buckets))

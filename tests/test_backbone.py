@@ -159,3 +159,16 @@ def test_bad_construction_is_clear_error():
         _build("vit", prune_layers=(0, 2))
     with pytest.raises(ValueError, match="min_keep"):
         _build("avg_pool", min_keep=0)
+
+
+@pytest.mark.parametrize("family", ["vit", "avg_pool"])
+def test_gathered_length_buckets_agree_with_masked(family):
+    pv = _build(family, bucket_rows=8)
+    x = torch.randn(40, 3, 32, 32)
+    ratios = torch.linspace(0.2, 1.0, 40).unsqueeze(1)
+    g = torch.Generator().manual_seed(1)
+    masks = [torch.rand(40, pv.num_patches, generator=g) < ratios for _ in range(pv.num_stages)]
+    with torch.no_grad():
+        state = pv.prune(pv.embed(x), masks[0], mode="gathered")
+        assert state.packed and state.x.shape[0] // pv.bucket_rows > 1
+        torch.testing.assert_close(pv(x, masks, mode="masked"), pv(x, masks, mode="gathered"), atol=1e-5, rtol=1e-4)

@@ -1,0 +1,294 @@
+"""Analytic per-sample FLOPs of a timm VisionTransformer from the token count entering each block.
+
+Convention: fvcore's, which is also what papers quote as GFLOPs for ViT/DeiT (DeiT-S: 4.6): one
+multiply-add is one flop. Counted, as fvcore counts them:
+
+- convolutions and ``nn.Linear`` layers: one flop per weight per output position (bias ignored);
+- the two attention matmuls, ``q @ k^T`` and ``attn @ v``: ``n * n * head_dim`` each, per head;
+- ``LayerNorm``: 5 flops per element (4 without an affine weight).
+
+Not counted, as in fvcore: elementwise ops (residual adds, activations, softmax, the attention scale,
+LayerScale, position embeddings) and pooling reductions (``mean``/``amax``).
+
+With ``n_i`` the tokens entering block ``i`` (prefix tokens included), the cost is
+
+    constant (patch embedding, ``norm_pre``, head) + sum_i (a_i * n_i + b_i * n_i ** 2)
+    + c * n_last (final norm and any per-token pooling, on the tokens leaving the last block),
+
+where ``n_last`` is the count entering the last block (a block does not change the token count).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from timm.layers import AttentionPoolLatent, LayerScale
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+# Pool types after which one vector per sample reaches fc_norm and the head.
+_REDUCING_POOLS = ("token", "avg", "max", "avgmax")
+
+
+def _norm_flops(norm: nn.Module, where: str) -> int:
+    """Flops of a norm applied to one vector of its normalized shape.
+
+    Args:
+        norm: ``nn.LayerNorm`` (timm's subclasses included) or ``nn.Identity``.
+        where: module path, for the error message.
+    """
+    if isinstance(norm, nn.Identity):
+        return 0
+    if isinstance(norm, nn.LayerNorm):
+        return (5 if norm.weight is not None else 4) * math.prod(norm.normalized_shape)
+    raise ValueError(
+        f"{where} is a {type(norm).__name__}; FlopCounter counts only nn.LayerNorm (and subclasses) "
+        "or nn.Identity norms. Add its fvcore-equivalent count to apt_env/flops.py to support it."
+    )
+
+
+def _linear_flops(linear: nn.Module | None, where: str) -> int:
+    """Flops of a linear layer applied to one token (``in_features * out_features``).
+
+    Args:
+        linear: ``nn.Linear``; ``nn.Identity`` or ``None`` (absent optional layer) count 0.
+        where: module path, for the error message.
+    """
+    if linear is None or isinstance(linear, nn.Identity):
+        return 0
+    if isinstance(linear, nn.Linear):
+        return linear.in_features * linear.out_features
+    raise ValueError(f"{where} is a {type(linear).__name__}, expected nn.Linear or nn.Identity.")
+
+
+def _per_token_flops(module: nn.Module, where: str) -> int:
+    """Flops per token of a module made only of per-token Linear layers and norms (an MLP).
+
+    Args:
+        module: e.g. timm ``Mlp``, ``GluMlp`` or ``SwiGLU``; every parameterised submodule must be
+            an ``nn.Linear`` or a norm over its own feature width.
+        where: module path, for the error message.
+    """
+    flops = 0
+    for name, sub in module.named_modules():
+        if not any(True for _ in sub.parameters(recurse=False)):
+            continue
+        path = f"{where}.{name}" if name else where
+        if isinstance(sub, nn.Linear):
+            flops += _linear_flops(sub, path)
+        else:
+            flops += _norm_flops(sub, path)
+    return flops
+
+
+def _check_all_counted(module: nn.Module, counted: set[nn.Module], where: str) -> None:
+    """Raise if ``module`` holds parameters in a submodule the count did not cover.
+
+    Args:
+        module: the block (or pool) that was counted.
+        counted: submodules whose flops were added (LayerScale is elementwise and free by convention).
+        where: module path, for the error message.
+    """
+    for name, sub in module.named_modules():
+        if sub in counted or isinstance(sub, LayerScale):
+            continue
+        if any(True for _ in sub.parameters(recurse=False)):
+            raise ValueError(
+                f"{where}: parameterised submodule {name or '<self>'!r} ({type(sub).__name__}) of "
+                f"{type(module).__name__} is not understood by FlopCounter; its flops would be missed."
+            )
+
+
+def _block_flops(block: nn.Module, where: str) -> tuple[int, int]:
+    """Linear and quadratic flop coefficients of one transformer block.
+
+    Args:
+        block: a timm ``Block``-like module: ``norm1``, ``attn`` (``qkv``, ``proj``, ``num_heads``,
+            ``head_dim``, optional ``q_norm``/``k_norm``/``norm``/``gate``), ``norm2``, ``mlp``.
+        where: module path, for the error message.
+
+    Returns:
+        ``(a, b)`` such that the block costs ``a * n + b * n ** 2`` flops on ``n`` tokens.
+    """
+    attn = getattr(block, "attn", None)
+    mlp = getattr(block, "mlp", None)
+    qkv = getattr(attn, "qkv", None)
+    proj = getattr(attn, "proj", None)
+    if (
+        not isinstance(qkv, nn.Linear)
+        or not isinstance(proj, nn.Linear)
+        or not hasattr(attn, "num_heads")
+        or not hasattr(attn, "head_dim")
+        or mlp is None
+        or not hasattr(block, "norm1")
+        or not hasattr(block, "norm2")
+    ):
+        raise ValueError(
+            f"{where} is a {type(block).__name__} (attn: {type(attn).__name__}); FlopCounter expects a "
+            "timm Block with norm1, attn.qkv (nn.Linear), attn.proj, attn.num_heads, attn.head_dim, norm2 "
+            "and mlp."
+        )
+    heads, head_dim = int(attn.num_heads), int(attn.head_dim)
+    attn_dim = heads * head_dim
+    if qkv.out_features != 3 * attn_dim:
+        raise ValueError(
+            f"{where}.attn.qkv has out_features={qkv.out_features}, expected 3 * num_heads * head_dim = "
+            f"{3 * attn_dim}; FlopCounter does not understand this attention layout."
+        )
+    q_norm = getattr(attn, "q_norm", nn.Identity())
+    k_norm = getattr(attn, "k_norm", nn.Identity())
+    attn_norm = getattr(attn, "norm", nn.Identity())
+    gate = getattr(attn, "gate", None)
+    linear = (
+        _norm_flops(block.norm1, f"{where}.norm1")
+        + _linear_flops(qkv, f"{where}.attn.qkv")
+        + _linear_flops(gate, f"{where}.attn.gate")
+        # q_norm / k_norm normalise each head_dim slice: num_heads applications per token.
+        + heads * _norm_flops(q_norm, f"{where}.attn.q_norm")
+        + heads * _norm_flops(k_norm, f"{where}.attn.k_norm")
+        + _norm_flops(attn_norm, f"{where}.attn.norm")
+        + _linear_flops(proj, f"{where}.attn.proj")
+        + _norm_flops(block.norm2, f"{where}.norm2")
+        + _per_token_flops(mlp, f"{where}.mlp")
+    )
+    quadratic = 2 * attn_dim  # q @ k^T and attn @ v, each n * n * head_dim per head
+    counted = {block.norm1, qkv, q_norm, k_norm, attn_norm, proj, block.norm2, *mlp.modules()}
+    if gate is not None:
+        counted.add(gate)
+    _check_all_counted(block, counted, where)
+    return linear, quadratic
+
+
+def _attn_pool_flops(pool: nn.Module, where: str) -> tuple[int, int, int]:
+    """Flops of timm's ``AttentionPoolLatent`` ('map' pooling).
+
+    Args:
+        pool: the model's ``attn_pool``.
+        where: module path, for the error message.
+
+    Returns:
+        ``(per_input_token, constant, out_vectors)``: cost is ``per_input_token * n + constant`` for
+        ``n`` input tokens, and ``out_vectors`` vectors per sample go on to ``fc_norm`` and the head.
+    """
+    if not isinstance(pool, AttentionPoolLatent):
+        raise ValueError(
+            f"{where} is a {type(pool).__name__}; FlopCounter supports only AttentionPoolLatent ('map'). "
+            "Use global_pool='token' or 'avg', or add its count to apt_env/flops.py."
+        )
+    if pool.pos_embed is not None:
+        raise ValueError(f"{where} has a fixed-length pos_embed, so it cannot take a pruned token count.")
+    heads, head_dim, latent_len = int(pool.num_heads), int(pool.head_dim), int(pool.latent_len)
+    per_input_token = (
+        _linear_flops(pool.kv, f"{where}.kv")
+        + heads * _norm_flops(pool.k_norm, f"{where}.k_norm")
+        + 2 * latent_len * heads * head_dim  # q @ k^T and attn @ v
+    )
+    counted = {pool.q, pool.kv, pool.q_norm, pool.k_norm, pool.proj, pool.norm}
+    constant = latent_len * (
+        _linear_flops(pool.q, f"{where}.q")
+        + heads * _norm_flops(pool.q_norm, f"{where}.q_norm")
+        + _linear_flops(pool.proj, f"{where}.proj")
+    )
+    if pool.mlp is not None:
+        constant += latent_len * (
+            _norm_flops(pool.norm, f"{where}.norm") + _per_token_flops(pool.mlp, f"{where}.mlp")
+        )
+        counted.update(pool.mlp.modules())
+    _check_all_counted(pool, counted | {pool}, where)  # pool's own parameter is the latent query
+    out_vectors = 1 if pool.pool in ("token", "avg") else latent_len
+    return per_input_token, constant, out_vectors
+
+
+class FlopCounter:
+    """Analytic per-sample FLOPs of a timm ViT from the token count entering each block.
+
+    Everything is read from the model at construction (dims, heads, MLP widths, norms, prefix tokens,
+    patch grid); the model is not kept. See the module docstring for the counting convention.
+
+    Args:
+        model: a timm ``VisionTransformer`` (or subclass: DeiT distilled, register tokens, avg or 'map'
+            pooling) with a convolutional patch embedding and LayerNorm norms.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        pe = getattr(model, "patch_embed", None)
+        proj = getattr(pe, "proj", None)
+        if not isinstance(proj, nn.Conv2d):
+            raise ValueError(
+                f"model.patch_embed.proj is a {type(proj).__name__}, expected nn.Conv2d (timm PatchEmbed); "
+                "hybrid backbones are not supported by FlopCounter."
+            )
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        self.num_patches = int(pe.num_patches)
+        self.depth = len(model.blocks)
+        prefix = self.num_prefix_tokens
+
+        # Conv: one flop per weight per output position (fvcore ignores the bias).
+        constant = self.num_patches * proj.out_channels * math.prod(proj.weight.shape[1:])
+        constant += self.num_patches * _norm_flops(pe.norm, "patch_embed.norm")
+        constant += (prefix + self.num_patches) * _norm_flops(model.norm_pre, "norm_pre")
+
+        coeffs = [_block_flops(blk, f"blocks[{i}]") for i, blk in enumerate(model.blocks)]
+        final = _norm_flops(model.norm, "norm")  # per token leaving the last block
+
+        fc_norm = _norm_flops(model.fc_norm, "fc_norm")
+        head = _linear_flops(model.head, "head")
+        head_dist = getattr(model, "head_dist", None)
+        attn_pool = getattr(model, "attn_pool", None)
+        if head_dist is not None:
+            # VisionTransformerDistilled.forward_head: head on x[:, 0], head_dist on x[:, 1], no fc_norm.
+            constant += head + _linear_flops(head_dist, "head_dist")
+        elif attn_pool is not None:
+            per_token, pool_constant, out_vectors = _attn_pool_flops(attn_pool, "attn_pool")
+            final += per_token
+            if not getattr(model, "pool_include_prefix", False):
+                constant -= prefix * per_token  # the pool sees only the n_last - prefix patch tokens
+            constant += pool_constant + out_vectors * (fc_norm + head)
+        elif model.global_pool in _REDUCING_POOLS:
+            constant += fc_norm + head
+        elif not model.global_pool:
+            final += fc_norm + head  # no pooling: fc_norm and head run on every token
+        else:
+            raise ValueError(f"model.global_pool={model.global_pool!r} is not understood by FlopCounter.")
+
+        self._linear = torch.tensor([a for a, _ in coeffs], dtype=torch.float64)
+        self._quadratic = torch.tensor([b for _, b in coeffs], dtype=torch.float64)
+        self._final = float(final)
+        self._constant = float(constant)
+        _logger.debug(
+            "FlopCounter: depth=%d prefix=%d patches=%d dense=%.4g GFLOPs",
+            self.depth,
+            prefix,
+            self.num_patches,
+            self.dense() / 1e9,
+        )
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-sample FLOPs for the given per-block token counts.
+
+        Args:
+            tokens: integer tensor ``(..., depth)``: tokens entering each block, prefix tokens included.
+
+        Returns:
+            float64 tensor ``(...,)`` of FLOPs, on ``tokens.device``.
+        """
+        if tokens.ndim == 0 or tokens.shape[-1] != self.depth:
+            raise ValueError(
+                f"tokens must have shape (..., depth={self.depth}) with one count per block, "
+                f"got shape {tuple(tokens.shape)}."
+            )
+        if tokens.is_floating_point() or tokens.is_complex():
+            raise ValueError(f"tokens must be an integer tensor of counts, got dtype {tokens.dtype}.")
+        n = tokens.to(torch.float64)  # (..., depth)
+        linear = self._linear.to(n.device)
+        quadratic = self._quadratic.to(n.device)
+        blocks = (n * (linear + n * quadratic)).sum(-1)  # (...,)
+        return blocks + self._final * n[..., -1] + self._constant
+
+    def dense(self) -> float:
+        """FLOPs per sample with every token kept (``num_prefix_tokens + num_patches`` at every block)."""
+        full = torch.full((self.depth,), self.num_prefix_tokens + self.num_patches, dtype=torch.long)
+        return float(self(full))
