@@ -1,0 +1,23 @@
+"""APT: the Vision Transformer as a Gymnasium environment for token pruning.
+
+Importing the package registers ``APTPrune-v0``::
+
+    import gymnasium as gym
+    import apt_env
+
+    env = gym.make("APTPrune-v0")
+    envs = gym.make_vec("APTPrune-v0", num_envs=64, vectorization_mode="vector_entry_point")
+"""
+
+from gymnasium.envs.registration import register, registry
+
+from apt_env.backbone import PrunableViT
+
+__all__ = ["PrunableViT"]
+
+if "APTPrune-v0" not in registry:
+    register(
+        id="APTPrune-v0",
+        entry_point="apt_env.env:APTPruneEnv",
+        vector_entry_point="apt_env.env:APTPruneVectorEnv",
+    )

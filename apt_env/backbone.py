@@ -67,7 +67,7 @@ class PrunableViT(nn.Module):
         model: nn.Module,
         prune_layers: Sequence[int] | None = None,
         min_keep: int = 1,
-        bucket_rows: int = 16,
+        bucket_rows: int = 32,
     ) -> None:
         super().__init__()
         if not isinstance(model, VisionTransformer):
@@ -102,6 +102,9 @@ class PrunableViT(nn.Module):
         self.prune_layers = layers
         self.min_keep = int(min_keep)
         self.bucket_rows = int(bucket_rows)
+        # What from_timm built, so a checkpoint can rebuild the model; None/{} for a given module.
+        self.timm_name: str | None = None
+        self.timm_kwargs: dict = {}
 
     @classmethod
     def from_timm(
@@ -110,7 +113,7 @@ class PrunableViT(nn.Module):
         *,
         prune_layers: Sequence[int] | None = None,
         min_keep: int = 1,
-        bucket_rows: int = 16,
+        bucket_rows: int = 32,
         pretrained: bool = False,
         **timm_kwargs,
     ) -> PrunableViT:
@@ -119,7 +122,9 @@ class PrunableViT(nn.Module):
             close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
             raise ValueError(f"unknown timm model {name!r}; similar names: {close}")
         model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
-        return cls(model, prune_layers=prune_layers, min_keep=min_keep, bucket_rows=bucket_rows)
+        pv = cls(model, prune_layers=prune_layers, min_keep=min_keep, bucket_rows=bucket_rows)
+        pv.timm_name, pv.timm_kwargs = name, dict(timm_kwargs)
+        return pv
 
     @property
     def num_stages(self) -> int:
@@ -127,7 +132,7 @@ class PrunableViT(nn.Module):
 
     @property
     def stage_bounds(self) -> tuple[int, ...]:
-        """Block ranges: stage ``k`` runs blocks ``[bounds[k + 1], bounds[k + 2])``; the prefix is ``[0, bounds[1])``."""
+        """Block ranges: the prefix runs ``[0, bounds[1])``, stage ``k`` runs ``[bounds[k + 1], bounds[k + 2])``."""
         return (0, *self.prune_layers, self.depth)
 
     # -- pieces ---------------------------------------------------------------------------------

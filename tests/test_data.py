@@ -17,11 +17,6 @@ from torch.utils.data import SequentialSampler
 from apt_env import data
 from apt_env.data import DATASETS, build_dataset, dataset_info, make_loader
 
-FMNIST_FILES = [data.FASHION_MNIST_DIR / f for pair in data._FASHION_MNIST_FILES.values() for f in pair]
-needs_debian_fmnist = pytest.mark.skipif(
-    not all(p.is_file() for p in FMNIST_FILES), reason="apt-get install dataset-fashion-mnist"
-)
-
 
 def denormalize(x: torch.Tensor, info: data.DatasetInfo) -> torch.Tensor:
     mean = torch.tensor(info.mean).view(-1, 1, 1)
@@ -39,7 +34,6 @@ def write_idx(path: Path, array: np.ndarray, *, dims: tuple[int, ...] | None = N
 # ---- fashion-mnist ----
 
 
-@needs_debian_fmnist
 def test_fashion_mnist_from_debian_files(tmp_path: Path) -> None:
     train = build_dataset("fashion-mnist", split="train", root=tmp_path, download=False)
     test = build_dataset("fashion-mnist", split="test", root=tmp_path, download=False)
@@ -59,7 +53,6 @@ def test_fashion_mnist_from_debian_files(tmp_path: Path) -> None:
     assert abs(batch.mean().item()) < 0.2 and 0.8 < batch.std().item() < 1.2
 
 
-@needs_debian_fmnist
 def test_fashion_mnist_resized_to_rgb(tmp_path: Path) -> None:
     ds = build_dataset("fashion-mnist", split="test", img_size=32, in_chans=3, root=tmp_path, download=False)
     x, _ = ds[3]
@@ -68,7 +61,6 @@ def test_fashion_mnist_resized_to_rgb(tmp_path: Path) -> None:
     assert ds.info.img_size == 32 and ds.info.in_chans == 3 and len(ds.info.mean) == 3
 
 
-@needs_debian_fmnist
 def test_fashion_mnist_truncated_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     images, labels = data._FASHION_MNIST_FILES["test"]
     raw = (data.FASHION_MNIST_DIR / images).read_bytes()

@@ -1,0 +1,425 @@
+"""The ViT as a Gymnasium environment: one image per sub-environment, one step per pruning stage."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+from torch import nn
+
+from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, MODES, Mode, PrunableViT
+from apt_env.data import build_dataset
+from apt_env.flops import FlopCounter
+from apt_env.tokens import TokenState
+
+_logger = logging.getLogger(__name__)
+
+REWARDS: tuple[str, ...] = ("loss_delta", "prob_delta")
+CHANNELS: tuple[str, ...] = ("plain", "single", "multi")
+OBS_KEYS: tuple[str, ...] = ("tokens", "cls", "cls_attn", "keep", "stage")
+DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "default"
+
+ModelSpec = str | Path | nn.Module | tuple[str, dict] | None
+
+
+def build_backbone(model: ModelSpec, *, prune_layers: Sequence[int] | None, min_keep: int) -> PrunableViT:
+    """A ``PrunableViT`` from a checkpoint folder, a timm name, ``(name, kwargs)`` or a module.
+
+    ``None`` is the default: the checkpoint that ships with the package when there is one, else an
+    untrained small ViT for 28x28 gray images.
+    """
+    if isinstance(model, PrunableViT):
+        return model
+    if isinstance(model, nn.Module):
+        return PrunableViT(model, prune_layers=prune_layers, min_keep=min_keep)
+    if model is None:
+        if (DEFAULT_CHECKPOINT / "config.json").is_file():
+            model = DEFAULT_CHECKPOINT
+        else:
+            _logger.warning("no trained default checkpoint ships with this install: using an untrained ViT")
+            model = (DEFAULT_MODEL_NAME, DEFAULT_MODEL_KWARGS)
+    if isinstance(model, tuple):
+        name, kwargs = model
+        return PrunableViT.from_timm(name, prune_layers=prune_layers, min_keep=min_keep, **kwargs)
+    if Path(model).exists():
+        from apt_env.checkpoint import load_backbone
+
+        pv = load_backbone(model)
+        if prune_layers is not None:
+            pv.prune_layers = tuple(prune_layers)
+        pv.min_keep = min_keep
+        return pv
+    return PrunableViT.from_timm(str(model), prune_layers=prune_layers, min_keep=min_keep)
+
+
+def _choice(name: str, value: Any, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+class PruningEpisodes:
+    """The batched episode state machine on the device, shared by the single and the vector env.
+
+    One row per image. Stage ``k`` observes the tokens entering block ``prune_layers[k]``; its action
+    is applied there, and one pass to the end of the network gives the loss under the new mask and,
+    on the way, the next stage's observation.
+    """
+
+    def __init__(
+        self,
+        pv: PrunableViT,
+        *,
+        reward: str,
+        flops_weight: float,
+        channels: Sequence[str],
+        obs_keys: Sequence[str],
+        mode: Mode,
+    ) -> None:
+        self.pv = pv
+        self.reward = reward
+        self.flops_weight = float(flops_weight)
+        self.channels = tuple(channels)
+        self.obs_keys = tuple(obs_keys)
+        self.mode = mode
+        self.flops = FlopCounter(pv.model)
+        self.flops_all = self.flops.dense()
+        self.bounds = pv.stage_bounds
+        self.stage = -1  # no episode yet
+
+    @property
+    def num_stages(self) -> int:
+        return self.pv.num_stages
+
+    @torch.no_grad()
+    def start(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Begin episodes on a batch of images; returns the first observation."""
+        pv, b = self.pv, self.bounds
+        self.labels = labels
+        self.state, self.cls_attn = self._advance(pv.embed(images), 0, b[1])
+        logits_plain = pv.finish(self.state, b[1])
+        if "single" in self.channels:  # the unpruned state entering every stage
+            self.plain_states = [self.state]
+            for k in range(1, self.num_stages):
+                self.plain_states.append(pv.run_blocks(self.plain_states[-1], b[k], b[k + 1]))
+        self.loss_plain = F.cross_entropy(logits_plain, labels, reduction="none")
+        self.score = self._score(logits_plain)
+        rows = images.shape[0]
+        self.block_tokens = torch.full((rows, pv.depth), pv.num_prefix_tokens + pv.num_patches, device=images.device)
+        self.flops_now = torch.full((rows,), self.flops_all, dtype=torch.float64, device=images.device)
+        self.stage = 0
+        return self.observe(self.state, self.cls_attn)
+
+    @torch.no_grad()
+    def step(self, keep: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+        """Apply stage ``k``'s keep mask (B, N) bool; returns (observation, reward, info).
+
+        After the last stage the observation is the final state: the last stage's tokens under the
+        final mask.
+        """
+        if self.stage < 0:
+            raise RuntimeError("step() called before reset()")
+        if self.stage >= self.num_stages:
+            raise RuntimeError("the episode is over: call reset()")
+        pv, b, k = self.pv, self.bounds, self.stage
+        start = b[k + 1]
+        pruned = pv.prune(self.state, keep, self.mode)
+        last = k + 1 == self.num_stages
+        if last:
+            logits = pv.finish(pruned, start)
+            next_state, next_attn = pruned, self.cls_attn
+            if next_attn is not None:
+                next_attn = next_attn * pruned.mask(pv.num_patches)
+        else:
+            next_state, next_attn = self._advance(pruned, start, b[k + 2])
+            logits = pv.finish(next_state, b[k + 2])
+
+        counts = pruned.num_kept()
+        self.block_tokens[:, start:] = (pv.num_prefix_tokens + counts).unsqueeze(1)
+        flops_now = self.flops(self.block_tokens)
+        score = self._score(logits)
+        reward = self.score - score + self.flops_weight * (self.flops_now - flops_now).float() / self.flops_all
+        loss_multi = F.cross_entropy(logits, self.labels, reduction="none")
+        info = {"loss_plain": self.loss_plain, "loss_multi": loss_multi}
+        if "single" in self.channels:
+            single = loss_multi
+            if k > 0:  # only this stage's action, applied to the unpruned tokens
+                alone = pv.prune(self.plain_states[k], keep, self.mode)
+                single = F.cross_entropy(pv.finish(alone, start), self.labels, reduction="none")
+            info["loss_single"] = single
+        info["keep_ratio"] = counts.float() / pv.num_patches
+        info["gflops"] = (flops_now / 1e9).float()
+
+        self.state, self.cls_attn, self.score, self.flops_now = next_state, next_attn, score, flops_now
+        obs = self.observe(next_state, next_attn, stage=k if last else k + 1)
+        self.stage = k + 1
+        return obs, reward.float(), info
+
+    def _advance(self, state: TokenState, start: int, end: int) -> tuple[TokenState, torch.Tensor | None]:
+        """Run blocks ``[start, end)``; the class attention of the last one is taken on the way, if observed."""
+        if "cls_attn" not in self.obs_keys:
+            return self.pv.run_blocks(state, start, end), None
+        state = self.pv.run_blocks(state, start, end - 1)
+        attn = self.pv.cls_attention(state, end - 1)
+        return self.pv.run_blocks(state, end - 1, end), attn
+
+    def _score(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the reward's first term improves: the loss, or minus the true-class probability."""
+        if self.reward == "loss_delta":
+            return F.cross_entropy(logits, self.labels, reduction="none")
+        return -logits.softmax(-1).gather(1, self.labels.unsqueeze(1)).squeeze(1)
+
+    def observe(self, state: TokenState, cls_attn: torch.Tensor | None, stage: int | None = None) -> dict:
+        n, p = self.pv.num_patches, self.pv.num_prefix_tokens
+        obs: dict[str, torch.Tensor] = {}
+        if "tokens" in self.obs_keys:
+            obs["tokens"] = state.patch_features(n).float()
+        if "cls" in self.obs_keys:
+            if p and self.pv.model.cls_token is not None:
+                obs["cls"] = state.x[:, 0].float()
+            else:
+                live = state.keep.unsqueeze(-1).to(state.x.dtype)
+                obs["cls"] = ((state.patches * live).sum(1) / live.sum(1)).float()
+        if "cls_attn" in self.obs_keys:
+            obs["cls_attn"] = cls_attn.float()
+        if "keep" in self.obs_keys:
+            obs["keep"] = state.mask(n).to(torch.int8)
+        if "stage" in self.obs_keys:
+            k = self.stage if stage is None else stage
+            obs["stage"] = torch.full((state.x.shape[0],), k, dtype=torch.int64, device=state.x.device)
+        return obs
+
+
+class APTPruneVectorEnv(VectorEnv):
+    """## Description
+
+    A Vision Transformer is the environment: each sub-environment is one image of the ViT's batch
+    (the batch *is* the vector of environments), and an agent living between the blocks decides,
+    at each of K pruning stages, which patch tokens to keep.
+
+    ## Observation Space
+
+    A ``Dict`` per sub-environment (only the keys in ``obs_keys`` are computed and present):
+
+    | key | space | meaning |
+    |---|---|---|
+    | ``tokens`` | ``Box(-inf, inf, (N, C), float32)`` | patch features entering the stage, pruned ones zeroed |
+    | ``cls`` | ``Box(-inf, inf, (C,), float32)`` | class-token feature (mean live patch without one) |
+    | ``cls_attn`` | ``Box(0, 1, (N,), float32)`` | attention of the class token to each patch in the previous block |
+    | ``keep`` | ``MultiBinary(N)`` (int8) | the current keep mask |
+    | ``stage`` | ``Discrete(K)`` | the stage index |
+
+    ## Action Space
+
+    ``MultiBinary(N)``: 1 keeps a patch token. Prefix tokens are always kept, a token pruned earlier
+    stays pruned, and a row left with fewer than ``min_keep`` tokens keeps its first ``min_keep``
+    live ones in raster order.
+
+    ## Rewards
+
+    With ``L(m)`` the loss of finishing the forward pass under mask ``m`` with no further pruning and
+    ``F(m)`` its FLOPs, ``loss_delta`` gives
+    ``r_k = L(m_{k-1}) - L(m_k) + flops_weight * (F(m_{k-1}) - F(m_k)) / F(all)``, so an episode's
+    return is ``L(plain) - L(final) + flops_weight * fraction_saved``. ``prob_delta`` uses the
+    true-class probability's gain instead of the loss's drop (the original APT signal).
+    ``info`` reports the three channels of the original method, as arrays: ``loss_plain`` (no
+    pruning), ``loss_single`` (only this stage's action), ``loss_multi`` (all actions so far), and
+    ``keep_ratio`` and ``gflops``.
+
+    ## Starting State
+
+    An image drawn uniformly from the dataset split with ``self.np_random``, every token kept,
+    observed before block ``prune_layers[0]``.
+
+    ## Episode End
+
+    Terminated after K steps (one per pruning stage); never truncated. Sub-environments reset in the
+    same step (``AutoresetMode.SAME_STEP``): the last step returns the next episode's first
+    observation and puts the last one in ``info["final_obs"]`` (and its info in ``info["final_info"]``).
+
+    ## Arguments
+
+    * ``num_envs``: images per batch.
+    * ``model``: a checkpoint folder, a timm name, ``(name, timm_kwargs)``, a module, or ``None``
+      for the default (the shipped checkpoint, else an untrained ViT for 28x28 gray images).
+    * ``dataset``, ``split``, ``data_root``: a dataset from ``apt_env.data`` and where it lives.
+    * ``prune_layers``: blocks before which the stages prune (default three evenly spaced).
+    * ``reward``: ``"loss_delta"`` or ``"prob_delta"``; ``flops_weight``: weight of the compute term.
+    * ``min_keep``: the least number of patch tokens kept.
+    * ``channels``: which of ``plain``, ``single``, ``multi`` to report (``plain`` and ``multi`` are
+      always computed, the reward needs them); ``obs_keys``: which observation keys to compute.
+    * ``mode``: ``"gathered"`` (pruned tokens removed, fast) or ``"masked"``; same results.
+    * ``device``: where the model and every tensor live.
+
+    ## Version History
+
+    * v0: initial version.
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
+
+    def __init__(
+        self,
+        num_envs: int = 64,
+        *,
+        model: ModelSpec = None,
+        dataset: str = "fashion-mnist",
+        split: str = "train",
+        data_root: str | Path = "data",
+        prune_layers: Sequence[int] | None = None,
+        reward: str = "loss_delta",
+        flops_weight: float = 0.0,
+        min_keep: int = 1,
+        channels: Sequence[str] = CHANNELS,
+        obs_keys: Sequence[str] = OBS_KEYS,
+        mode: str = "gathered",
+        device: str | torch.device = "cpu",
+    ) -> None:
+        _choice("reward", reward, REWARDS)
+        _choice("mode", mode, MODES)
+        for c in channels:
+            _choice("channel", c, CHANNELS)
+        for key in obs_keys:
+            _choice("observation key", key, OBS_KEYS)
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be at least 1, got {num_envs}")
+        self.device = torch.device(device)
+        pv = build_backbone(model, prune_layers=prune_layers, min_keep=min_keep)
+        self.pv = pv.to(self.device).eval().requires_grad_(False)
+        self.data = build_dataset(
+            dataset, split=split, img_size=pv.img_size[0], in_chans=pv.in_chans, root=data_root
+        )
+        if pv.img_size[0] != pv.img_size[1]:
+            raise ValueError(f"square images are needed, the model takes {pv.img_size}")
+        self.episodes = PruningEpisodes(
+            self.pv, reward=reward, flops_weight=flops_weight, channels=channels, obs_keys=obs_keys, mode=mode
+        )
+        self.num_envs = num_envs
+        n, c, k = pv.num_patches, pv.embed_dim, pv.num_stages
+        all_spaces = {
+            "tokens": spaces.Box(-np.inf, np.inf, (n, c), np.float32),
+            "cls": spaces.Box(-np.inf, np.inf, (c,), np.float32),
+            "cls_attn": spaces.Box(0.0, 1.0, (n,), np.float32),
+            "keep": spaces.MultiBinary(n),
+            "stage": spaces.Discrete(k),
+        }
+        self.single_observation_space = spaces.Dict({key: all_spaces[key] for key in OBS_KEYS if key in obs_keys})
+        self.single_action_space = spaces.MultiBinary(n)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+
+    # -- tensor API (no numpy round trips; for native trainers) --------------------------------
+
+    def reset_tensors(self, *, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """Like ``reset`` but returns tensors on ``device``."""
+        VectorEnv.reset(self, seed=seed)
+        return self._start()
+
+    def step_tensors(
+        self, actions: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Like ``step`` but takes and returns tensors on ``device``; ``final_obs`` is a batched dict."""
+        keep = self._check_action(actions)
+        obs, reward, info = self.episodes.step(keep)
+        done = self.episodes.stage == self.episodes.num_stages
+        terminated = torch.full((self.num_envs,), done, dtype=torch.bool, device=self.device)
+        truncated = torch.zeros_like(terminated)
+        if done:
+            info = {"final_obs": obs, "final_info": info}
+            obs = self._start()
+        return obs, reward, terminated, truncated, info
+
+    # -- Gymnasium API -------------------------------------------------------------------------
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        super().reset(seed=seed)
+        return _to_numpy(self._start()), {}
+
+    def step(self, actions: Any) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, dict]:
+        obs, reward, terminated, truncated, info = self.step_tensors(actions)
+        if "final_obs" in info:
+            final = _to_numpy(info["final_obs"])
+            per_env = np.empty(self.num_envs, dtype=object)
+            per_env[:] = [{key: v[i] for key, v in final.items()} for i in range(self.num_envs)]
+            all_true = np.ones(self.num_envs, dtype=bool)
+            info = {"final_obs": per_env, "_final_obs": all_true, "final_info": _to_numpy(info["final_info"])}
+            info["_final_info"] = all_true
+        else:
+            info = _to_numpy(info)
+        return _to_numpy(obs), reward.cpu().numpy(), terminated.cpu().numpy(), truncated.cpu().numpy(), info
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _start(self) -> dict[str, torch.Tensor]:
+        idx = self.np_random.integers(0, len(self.data), size=self.num_envs)
+        images, labels = zip(*(self.data[int(i)] for i in idx))
+        images = torch.stack(images).to(self.device)
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        return self.episodes.start(images, labels)
+
+    def _check_action(self, actions: Any) -> torch.Tensor:
+        """A (num_envs, N) bool tensor from any 0/1 array; anything else is a ValueError."""
+        expected = (self.num_envs, self.pv.num_patches)
+        space = f"{self.num_envs} x {self.single_action_space}"
+        if isinstance(actions, torch.Tensor):
+            a = actions.to(self.device)
+        else:
+            arr = np.asarray(actions)
+            if arr.dtype.kind not in "biuf":
+                raise ValueError(f"action must be numeric 0/1 for {space}, got dtype {arr.dtype}")
+            a = torch.from_numpy(arr).to(self.device)
+        if tuple(a.shape) != expected:
+            raise ValueError(f"action must have shape {expected} for {space}, got {tuple(a.shape)}")
+        if a.dtype == torch.bool:
+            return a
+        if a.is_complex() or not bool(((a == 0) | (a == 1)).all()):
+            raise ValueError(f"action values must be 0 or 1 for {space}")
+        return a == 1
+
+
+class APTPruneEnv(gym.Env):
+    """One image at a time: the same environment as ``APTPruneVectorEnv`` with ``num_envs=1``.
+
+    See ``APTPruneVectorEnv`` for the spaces, rewards and arguments. The episode ends after K steps;
+    ``step`` after that needs a ``reset``.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.vector = APTPruneVectorEnv(num_envs=1, **kwargs)
+        self.observation_space = self.vector.single_observation_space
+        self.action_space = self.vector.single_action_space
+
+    @property
+    def pv(self) -> PrunableViT:
+        return self.vector.pv
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        super().reset(seed=seed)
+        self.vector._np_random = self.np_random  # one source of randomness
+        return _unbatch(_to_numpy(self.vector._start())), {}
+
+    def step(self, action: Any) -> tuple[dict, float, bool, bool, dict]:
+        batched = action[None] if isinstance(action, torch.Tensor) else np.asarray(action)[None]
+        keep = self.vector._check_action(batched)
+        obs, reward, info = self.vector.episodes.step(keep)
+        terminated = self.vector.episodes.stage == self.vector.episodes.num_stages
+        info = {key: float(v[0]) for key, v in info.items()}
+        return _unbatch(_to_numpy(obs)), float(reward[0]), terminated, False, info
+
+
+def _to_numpy(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _to_numpy(v) if isinstance(v, dict) else v.cpu().numpy() for k, v in tree.items()}
+
+
+def _unbatch(obs: dict[str, np.ndarray]) -> dict[str, Any]:
+    return {k: (int(v[0]) if k == "stage" else v[0]) for k, v in obs.items()}
