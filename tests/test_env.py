@@ -11,7 +11,10 @@ from apt_env.env import APTPruneEnv, APTPruneVectorEnv
 
 # A tiny backbone on the synthetic dataset: fast, and every code path of the env.
 TINY = dict(
-    model=("vit_tiny_patch16_224", dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2)),
+    model=(
+        "vit_tiny_patch16_224",
+        dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2),
+    ),
     dataset="synthetic",
 )
 
