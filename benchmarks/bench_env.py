@@ -1,0 +1,139 @@
+"""APTPrune-v0 step throughput against its bound and against N copies of the single env.
+
+Printed, all measured in this run on the default config under random keep actions:
+
+* env steps/s of ``APTPruneVectorEnv`` (numpy API, as a Gymnasium user sees it);
+* the bound: the same block passes done directly with ``PrunableViT`` on the same masks (embed,
+  prefix, the plain pass, one pass to the end per stage with the class attention on the way),
+  and the ratio env / bound (target >= 0.8);
+* steps/s of ``gymnasium.vector.SyncVectorEnv`` over ``num_envs`` single envs, our speed-up over it,
+  next to the model's own batching gain (forward throughput at batch ``num_envs`` over batch 1);
+* memory per sub-environment (the episode tensors the env keeps between steps).
+
+Run: ``python benchmarks/bench_env.py`` (about 2 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+
+import apt_env  # noqa: F401  (registers APTPrune-v0)
+from apt_env.env import APTPruneVectorEnv
+
+
+@dataclass
+class Args:
+    num_envs: int = 64
+    """sub-environments (images per batch)"""
+    episodes: int = 6
+    """episodes timed per measurement (the median episode is reported)"""
+    sync_episodes: int = 2
+    """episodes of the SyncVectorEnv baseline (it is slow)"""
+    keep_prob: float = 0.7
+    """probability that a random action keeps a token"""
+    channels: tuple[str, ...] = ("plain", "single", "multi")
+    """channels the env reports (and the bound computes)"""
+    seed: int = 0
+    """seed"""
+
+
+def random_actions(rng: np.random.Generator, shape: tuple[int, ...], p: float, steps: int) -> list[np.ndarray]:
+    return [(rng.random(shape) < p).astype(np.int8) for _ in range(steps)]
+
+
+def time_env_episode(envs: gym.vector.VectorEnv, actions: list[np.ndarray]) -> float:
+    """Seconds per episode: K steps, the last of which also starts the next episode."""
+    t0 = time.perf_counter()
+    for a in actions:
+        envs.step(a)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def time_bound(env: APTPruneVectorEnv, images: torch.Tensor, labels: torch.Tensor, masks: list[torch.Tensor]) -> float:
+    """The same block passes as one env episode, done directly with PrunableViT."""
+    pv, b, single = env.pv, env.pv.stage_bounds, "single" in env.episodes.channels
+    t0 = time.perf_counter()
+    state = pv.run_blocks(pv.embed(images), 0, b[1] - 1)
+    pv.cls_attention(state, b[1] - 1)
+    state = pv.run_blocks(state, b[1] - 1, b[1])
+    F.cross_entropy(pv.finish(state, b[1]), labels)
+    plain = [state]
+    if single:
+        for k in range(1, pv.num_stages):
+            plain.append(pv.run_blocks(plain[-1], b[k], b[k + 1]))
+    for k, mask in enumerate(masks):
+        state = pv.prune(state, mask, "gathered")
+        if k + 1 < pv.num_stages:
+            state = pv.run_blocks(state, b[k + 1], b[k + 2] - 1)
+            pv.cls_attention(state, b[k + 2] - 1)
+            state = pv.run_blocks(state, b[k + 2] - 1, b[k + 2])
+            F.cross_entropy(pv.finish(state, b[k + 2]), labels)
+        else:
+            F.cross_entropy(pv.finish(state, b[k + 1]), labels)
+        if single and k > 0:
+            F.cross_entropy(pv.finish(pv.prune(plain[k], mask, "gathered"), b[k + 1]), labels)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def forward_throughput(env: APTPruneVectorEnv, batch: int, repeats: int = 10) -> float:
+    x = torch.randn(batch, env.pv.in_chans, *env.pv.img_size)
+    env.pv(x)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        env.pv(x)
+    return batch * repeats / (time.perf_counter() - t0)
+
+
+def main(args: Args) -> None:
+    rng = np.random.default_rng(args.seed)
+    torch.manual_seed(args.seed)
+    envs = APTPruneVectorEnv(args.num_envs, channels=args.channels)
+    k, n = envs.pv.num_stages, envs.pv.num_patches
+    envs.reset(seed=args.seed)
+    t_env, t_bound = [], []
+    for _ in range(args.episodes + 1):  # the first episode warms up
+        actions = random_actions(rng, (args.num_envs, n), args.keep_prob, k)
+        masks = [torch.from_numpy(a).bool() for a in actions]
+        images = torch.stack([envs.data[i][0] for i in range(args.num_envs)])
+        labels = torch.tensor([envs.data[i][1] for i in range(args.num_envs)])
+        t_env.append(time_env_episode(envs, actions))
+        t_bound.append(time_bound(envs, images, labels, masks))
+    env_sps = args.num_envs * k / statistics.median(t_env[1:])
+    bound_sps = args.num_envs * k / statistics.median(t_bound[1:])
+
+    torch.manual_seed(args.seed)
+    sync = gym.vector.SyncVectorEnv(
+        [lambda: gym.make("APTPrune-v0", channels=args.channels) for _ in range(args.num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    sync.reset(seed=args.seed)
+    t_sync = [time_env_episode(sync, random_actions(rng, (args.num_envs, n), args.keep_prob, k))
+              for _ in range(args.sync_episodes + 1)]
+    sync_sps = args.num_envs * k / statistics.median(t_sync[1:])
+    gain = forward_throughput(envs, args.num_envs) / forward_throughput(envs, 1, repeats=64)
+
+    ep = envs.episodes
+    kept = [ep.state.x, ep.state.keep, ep.state.index, ep.block_tokens, ep.labels, ep.loss_plain]
+    kept += [s.x for s in getattr(ep, "plain_states", [])[1:]]
+    mem = sum(t.numel() * t.element_size() for t in kept) / args.num_envs
+
+    print(f"num_envs={args.num_envs} stages={k} patches={n} channels={','.join(args.channels)}")
+    print(f"{'APTPruneVectorEnv steps/s':<36}{env_sps:>10.0f}")
+    print(f"{'bound (PrunableViT direct) steps/s':<36}{bound_sps:>10.0f}   env/bound = {env_sps / bound_sps:.2f}")
+    print(f"{'SyncVectorEnv x single env steps/s':<36}{sync_sps:>10.0f}   speed-up = {env_sps / sync_sps:.2f}")
+    print(f"{'model batching gain (batch N / 1)':<36}{gain:>10.2f}")
+    print(f"{'memory per sub-env (KiB)':<36}{mem / 1024:>10.1f}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
