@@ -1,0 +1,377 @@
+"""Reading and writing model files: the one place that does.
+
+A backbone checkpoint is a folder::
+
+    PATH/
+      model.safetensors   the timm model's state_dict (loadable by plain timm too)
+      config.json         {"format": "apt-backbone/1", "timm_name", "timm_kwargs", "prune_layers",
+                           "min_keep", "bucket_rows", the model's num_classes, img_size, in_chans, depth,
+                           embed_dim, num_prefix_tokens, num_patches, and the caller's ``meta``
+                           (dataset, mean, std, accuracy, ...)}
+
+A training state for ``--resume`` is one ``torch.save`` file of plain containers and tensors.
+
+Every write is atomic: files go to a temporary sibling, are fsynced, then renamed over the target,
+so a crash leaves either the previous complete checkpoint or the new one, never half of one. One
+writer per path is assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from apt_env.backbone import PrunableViT
+
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT",
+    "WEIGHTS_FILE",
+    "get_rng_state",
+    "load_backbone",
+    "load_train_state",
+    "read_backbone_config",
+    "save_backbone",
+    "save_train_state",
+    "set_rng_state",
+]
+
+_logger = logging.getLogger(__name__)
+
+FORMAT = "apt-backbone/1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+# Keys that describe how to rebuild the model; ``meta`` may not set them.
+_BUILD_KEYS = ("format", "timm_name", "timm_kwargs", "prune_layers", "min_keep", "bucket_rows")
+
+
+def _model_facts(pv: PrunableViT) -> dict[str, Any]:
+    """What the model is, as recorded in config.json and checked against ``meta`` and ``expect``."""
+    h, w = pv.img_size
+    return {
+        "num_classes": pv.num_classes,
+        "img_size": h if h == w else [h, w],
+        "in_chans": pv.in_chans,
+        "depth": pv.depth,
+        "embed_dim": pv.embed_dim,
+        "num_prefix_tokens": pv.num_prefix_tokens,
+        "num_patches": pv.num_patches,
+    }
+
+
+def _canonical(key: str, value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists; a square size becomes one int)."""
+    value = json.loads(json.dumps(value))
+    if key == "img_size" and isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
+        return value[0]
+    return value
+
+
+# ---- backbone ----
+
+
+def save_backbone(path: str | Path, pv: PrunableViT, *, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``pv`` as a checkpoint folder ``path``, atomically replacing any previous one.
+
+    Args:
+        path: the checkpoint folder; created, or replaced if it already holds a checkpoint.
+        pv: a model built by ``PrunableViT.from_timm`` (its timm name and kwargs are recorded).
+        meta: JSON-serializable facts stored in config.json next to the build keys, e.g. ``dataset``,
+            ``mean``, ``std``, ``test_acc1``. ``num_classes``, ``img_size`` and ``in_chans`` are
+            recorded from the model; if given here they must agree with it.
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        ValueError: ``pv`` was not built by ``from_timm``, ``meta`` clashes with the model or is not
+            JSON-serializable, or ``path`` exists and is not a checkpoint folder.
+    """
+    target = Path(path)
+    if pv.timm_name is None:
+        raise ValueError(
+            "save_backbone needs a PrunableViT built by PrunableViT.from_timm (it records the timm name "
+            "and kwargs needed to rebuild the model); this one wraps a module passed directly."
+        )
+    facts = _model_facts(pv)
+    meta = dict(meta or {})
+    clashes = sorted(k for k in meta if k in _BUILD_KEYS)
+    if clashes:
+        raise ValueError(f"meta may not set {clashes}: they are written from the model")
+    for key, value in meta.items():
+        if key in facts and _canonical(key, value) != facts[key]:
+            raise ValueError(f"meta[{key!r}] = {value!r} but the model has {key} = {facts[key]!r}")
+    config = {
+        "format": FORMAT,
+        "timm_name": pv.timm_name,
+        "timm_kwargs": pv.timm_kwargs,
+        "prune_layers": list(pv.prune_layers),
+        "min_keep": pv.min_keep,
+        "bucket_rows": pv.bucket_rows,
+        **facts,
+        **{k: v for k, v in meta.items() if k not in facts},
+    }
+    try:
+        config_text = json.dumps(config, indent=2, sort_keys=False) + "\n"
+    except TypeError as err:
+        raise ValueError(
+            f"checkpoint config is not JSON-serializable ({err}); pass timm kwargs and meta as plain "
+            "values (e.g. act_layer='gelu', not a class)"
+        ) from err
+    if target.exists() and not (target.is_dir() and ((target / CONFIG_FILE).exists() or not any(target.iterdir()))):
+        raise ValueError(f"refusing to replace {target}: it exists and is not a checkpoint folder")
+
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _recover_interrupted_swap(target)
+    for stale in parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in pv.model.state_dict().items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    try:
+        safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(config_text)
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _logger.info("saved backbone checkpoint %s", target)
+    return target
+
+
+def read_backbone_config(path: str | Path) -> dict[str, Any]:
+    """The config.json of checkpoint folder ``path``, checked for format and required keys.
+
+    Raises:
+        FileNotFoundError: the folder or its config.json is missing.
+        ValueError: ``path`` is not a folder, or config.json is corrupt or of another format.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        hint = ""
+        if folder.with_name(f".{folder.name}.old").is_dir():
+            hint = f"; a save was interrupted: the previous checkpoint is in {folder.with_name(f'.{folder.name}.old')}"
+        raise FileNotFoundError(f"no checkpoint folder at {folder}{hint}")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is a file; a checkpoint is a folder with {WEIGHTS_FILE} and {CONFIG_FILE}")
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"checkpoint {folder} has no {CONFIG_FILE}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"checkpoint {folder} is corrupt: {CONFIG_FILE}: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"checkpoint {folder} is corrupt: {CONFIG_FILE} holds a {type(config).__name__}, not an object"
+        )
+    if config.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {folder} has format {config.get('format')!r}; this code reads {FORMAT!r}")
+    missing = [k for k in _BUILD_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"checkpoint {folder} is corrupt: {CONFIG_FILE} lacks {missing}")
+    return config
+
+
+def load_backbone(
+    path: str | Path,
+    *,
+    expect: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> PrunableViT:
+    """Rebuild a checkpoint's model with ``timm.create_model`` and load its weights (strict).
+
+    Args:
+        path: a checkpoint folder written by ``save_backbone``.
+        expect: values the checkpoint must record, e.g. ``{"num_classes": 10, "in_chans": 1,
+            "img_size": 28, "dataset": "fashion-mnist"}``; checked before the model is built.
+        device: where the model goes.
+
+    Returns:
+        The model, in eval mode, on ``device``.
+
+    Raises:
+        FileNotFoundError: the folder, config.json or model.safetensors is missing.
+        ValueError: a corrupt file, weights that do not fit the config, or a value of ``expect`` that
+            the checkpoint does not record or records differently.
+    """
+    folder = Path(path)
+    config = read_backbone_config(folder)
+    for key, want in (expect or {}).items():
+        if key not in config:
+            known = sorted(k for k in config if k not in ("format", "timm_kwargs"))
+            raise ValueError(f"checkpoint {folder} records no {key!r} to check against {want!r}; it records {known}")
+        have = _canonical(key, config[key])
+        if have != _canonical(key, want):
+            raise ValueError(f"checkpoint {folder} has {key} = {config[key]!r}, expected {want!r}")
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"checkpoint {folder} has no {WEIGHTS_FILE}")
+    try:
+        tensors = safetensors.torch.load_file(str(weights_path), device=str(device))
+    except Exception as err:  # safetensors raises its own SafetensorError for a bad header or size
+        raise ValueError(f"checkpoint {folder} is corrupt: {WEIGHTS_FILE}: {err}") from err
+
+    described = f"{config['timm_name']} with {config['timm_kwargs']}"
+    try:
+        pv = PrunableViT.from_timm(
+            config["timm_name"],
+            prune_layers=config["prune_layers"],
+            min_keep=config["min_keep"],
+            bucket_rows=config["bucket_rows"],
+            **config["timm_kwargs"],
+        )
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"checkpoint {folder}: cannot rebuild {described}: {err}") from err
+    try:
+        pv.model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"checkpoint {folder}: the weights in {WEIGHTS_FILE} do not match the model in {CONFIG_FILE} "
+            f"({described}): {err}"
+        ) from err
+    facts = _model_facts(pv)
+    drift = {k: (config[k], v) for k, v in facts.items() if k in config and _canonical(k, config[k]) != v}
+    if drift:
+        raise ValueError(
+            f"checkpoint {folder}: rebuilding {described} gives a different model than recorded "
+            f"(recorded, rebuilt): {drift}; was it written with another timm version?"
+        )
+    return pv.to(device).eval()
+
+
+# ---- training state ----
+
+
+def save_train_state(path: str | Path, state: Mapping[str, Any]) -> Path:
+    """Atomically write a training state (optimizer, scheduler, counters, RNG states) for resuming.
+
+    Args:
+        path: the file to write; replaced only once the new one is complete.
+        state: tensors and plain Python containers and scalars, as ``torch.load(weights_only=True)``
+            reads them back; use ``get_rng_state()`` for RNG states.
+
+    Returns:
+        The file written.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_train_state(path: str | Path) -> dict[str, Any] | None:
+    """The training state at ``path`` (tensors on the CPU), or None if there is none.
+
+    Raises:
+        ValueError: the file is corrupt or holds objects other than tensors and plain containers.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, disallowed global: all mean "cannot resume"
+        raise ValueError(
+            f"training state {path} is corrupt or unreadable: {err}; delete it to start the run over"
+        ) from err
+    if not isinstance(state, dict):
+        raise ValueError(f"training state {path} is corrupt: it holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def get_rng_state() -> dict[str, Any]:
+    """The global RNG states of Python, NumPy and torch (CPU and CUDA), in a form ``save_train_state`` can store."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the RNG states captured by ``get_rng_state``."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- atomic file helpers ----
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Move the complete folder ``tmp`` to ``target``, keeping the old one until the new one is in place.
+
+    A folder cannot be renamed over a non-empty one, so the old checkpoint is first renamed aside to
+    ``.NAME.old``; a crash between the two renames is repaired by the next save (see
+    ``_recover_interrupted_swap``).
+    """
+    backup = target.with_name(f".{target.name}.old")
+    if backup.exists():
+        shutil.rmtree(backup)
+    if target.exists():
+        os.replace(target, backup)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _recover_interrupted_swap(target: Path) -> None:
+    """Put back the previous checkpoint if a save died after moving it aside."""
+    backup = target.with_name(f".{target.name}.old")
+    if not target.exists() and backup.is_dir():
+        _logger.warning("restoring %s from %s (a previous save was interrupted)", target, backup)
+        os.replace(backup, target)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames in ``path`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
