@@ -17,6 +17,7 @@ from gymnasium.vector.utils import batch_space
 from torch import nn
 
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, MODES, Mode, PrunableViT
+from apt_env.checkpoint import load_backbone
 from apt_env.data import build_dataset
 from apt_env.flops import FlopCounter
 from apt_env.tokens import TokenState
@@ -51,8 +52,6 @@ def build_backbone(model: ModelSpec, *, prune_layers: Sequence[int] | None, min_
         name, kwargs = model
         return PrunableViT.from_timm(name, prune_layers=prune_layers, min_keep=min_keep, **kwargs)
     if Path(model).exists():
-        from apt_env.checkpoint import load_backbone
-
         pv = load_backbone(model)
         if prune_layers is not None:
             pv.prune_layers = tuple(prune_layers)

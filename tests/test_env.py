@@ -224,3 +224,19 @@ def test_masked_and_gathered_envs_agree():
     for (oa, ra, _), (ob, rb, _) in zip(a[1:], b[1:]):
         np.testing.assert_allclose(ra, rb, atol=1e-5)
         np.testing.assert_allclose(oa["tokens"], ob["tokens"], atol=1e-4)
+
+
+def test_env_loads_a_checkpoint_folder(tmp_path):
+    from apt_env.backbone import PrunableViT
+    from apt_env.checkpoint import save_backbone
+
+    name, kwargs = TINY["model"]
+    torch.manual_seed(0)
+    pv = PrunableViT.from_timm(name, **kwargs)
+    save_backbone(tmp_path / "ckpt", pv, meta={"dataset": "synthetic"})
+    env = gym.make("APTPrune-v0", model=str(tmp_path / "ckpt"), dataset="synthetic")
+    env.reset(seed=0)
+    loaded = env.unwrapped.pv
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pv.eval()(x))
