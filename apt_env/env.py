@@ -177,24 +177,41 @@ class PruningEpisodes:
         return -logits.softmax(-1).gather(1, self.labels.unsqueeze(1)).squeeze(1)
 
     def observe(self, state: TokenState, cls_attn: torch.Tensor | None, stage: int | None = None) -> dict:
-        n, p = self.pv.num_patches, self.pv.num_prefix_tokens
-        obs: dict[str, torch.Tensor] = {}
-        if "tokens" in self.obs_keys:
-            obs["tokens"] = state.patch_features(n).float()
-        if "cls" in self.obs_keys:
-            if p and self.pv.model.cls_token is not None:
-                obs["cls"] = state.x[:, 0].float()
-            else:
-                live = state.keep.unsqueeze(-1).to(state.x.dtype)
-                obs["cls"] = ((state.patches * live).sum(1) / live.sum(1)).float()
-        if "cls_attn" in self.obs_keys:
-            obs["cls_attn"] = cls_attn.float()
-        if "keep" in self.obs_keys:
-            obs["keep"] = state.mask(n).to(torch.int8)
-        if "stage" in self.obs_keys:
-            k = self.stage if stage is None else stage
-            obs["stage"] = torch.full((state.x.shape[0],), k, dtype=torch.int64, device=state.x.device)
-        return obs
+        return observe(self.pv, state, cls_attn, self.stage if stage is None else stage, self.obs_keys)
+
+
+def observe(
+    pv: PrunableViT, state: TokenState, cls_attn: torch.Tensor | None, stage: int, keys: Sequence[str] = OBS_KEYS
+) -> dict[str, torch.Tensor]:
+    """The observation of ``state`` (the tokens entering stage ``stage``), only the requested keys.
+
+    Args:
+        pv: the backbone.
+        state: tokens entering block ``pv.prune_layers[stage]``.
+        cls_attn: class attention in the block before, at the original positions (B, N); needed
+            only for the ``cls_attn`` key.
+        stage: the stage index.
+        keys: which keys to compute.
+    """
+    n = pv.num_patches
+    obs: dict[str, torch.Tensor] = {}
+    if "tokens" in keys:
+        obs["tokens"] = state.patch_features(n).float()
+    if "cls" in keys:
+        if pv.model.cls_token is not None:
+            obs["cls"] = state.x[:, 0].float()
+        else:
+            live = state.keep.unsqueeze(-1).to(state.x.dtype)
+            obs["cls"] = ((state.patches * live).sum(1) / live.sum(1)).float()
+    if "cls_attn" in keys:
+        if cls_attn is None:
+            raise ValueError("the cls_attn observation needs the class attention of the block before the stage")
+        obs["cls_attn"] = cls_attn.float()
+    if "keep" in keys:
+        obs["keep"] = state.mask(n).to(torch.int8)
+    if "stage" in keys:
+        obs["stage"] = torch.full((state.x.shape[0],), stage, dtype=torch.int64, device=state.x.device)
+    return obs
 
 
 class APTPruneVectorEnv(VectorEnv):

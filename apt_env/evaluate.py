@@ -1,30 +1,30 @@
 """Evaluation of a ``PrunableViT`` on a data loader: accuracy, FLOPs, kept tokens and throughput.
 
-Pruning is decided by an optional ``keep_fn(state, stage) -> keep mask``: an agent, a heuristic
-baseline (random, top-k by CLS attention), or nothing (the dense model).
+Pruning is decided by an optional ``keep_fn(obs) -> keep mask`` on the environment's observation
+(``apt_env.env.observe``): an agent, a heuristic baseline (random, top-k by class attention), or
+nothing (the dense model). Its time counts in the measured throughput.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from apt_env.backbone import Mode, PrunableViT
+from apt_env.env import OBS_KEYS, observe
 from apt_env.flops import FlopCounter
-from apt_env.tokens import TokenState
 
 __all__ = ["KeepFn", "evaluate"]
 
 _logger = logging.getLogger(__name__)
 
-KeepFn = Callable[[TokenState, int], torch.Tensor]
-"""``keep_fn(state, stage)``: the keep mask (B, N) bool at pruning stage ``stage``, given the tokens
-``state`` that leave block ``pv.prune_layers[stage] - 1``."""
+KeepFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+"""``keep_fn(obs)``: the keep mask (B, N) bool for an observation of ``APTPrune-v0`` (batched tensors)."""
 
 
 def evaluate(
@@ -33,6 +33,7 @@ def evaluate(
     keep_fn: KeepFn | None = None,
     *,
     mode: Mode = "gathered",
+    obs_keys: Sequence[str] = OBS_KEYS,
     desc: str = "eval",
 ) -> dict[str, float]:
     """Run ``pv`` over ``loader`` in eval mode, pruning with ``keep_fn`` at every stage.
@@ -42,6 +43,7 @@ def evaluate(
         loader: batches of ``(images, labels)``.
         keep_fn: pruning decisions (see ``KeepFn``); None runs the dense model.
         mode: ``gathered`` removes pruned tokens (real speed), ``masked`` keeps shapes fixed.
+        obs_keys: the observation keys ``keep_fn`` reads (fewer is faster).
         desc: progress bar label.
 
     Returns:
@@ -62,7 +64,7 @@ def evaluate(
                 images, labels = images.to(device), labels.to(device)
                 _synchronize(device)
                 start = time.perf_counter()
-                logits, kept = _forward(pv, images, keep_fn, mode)  # (B, classes), (B, depth)
+                logits, kept = _forward(pv, images, keep_fn, mode, obs_keys)  # (B, classes), (B, depth)
                 _synchronize(device)
                 model_time += time.perf_counter() - start
                 loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
@@ -89,17 +91,21 @@ def evaluate(
 
 
 def _forward(
-    pv: PrunableViT, images: torch.Tensor, keep_fn: KeepFn | None, mode: Mode
+    pv: PrunableViT, images: torch.Tensor, keep_fn: KeepFn | None, mode: Mode, obs_keys: Sequence[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits, and the patch tokens entering every block. # (B, num_classes), (B, depth) long"""
     bounds = pv.stage_bounds
-    state = pv.embed(images)
+    state, cls_attn = pv.embed(images), None
     kept = []
     for k in range(pv.num_stages + 1):
         if k > 0 and keep_fn is not None:
-            state = pv.prune(state, keep_fn(state, k - 1), mode)
+            state = pv.prune(state, keep_fn(observe(pv, state, cls_attn, k - 1, obs_keys)), mode)
         start, end = bounds[k], bounds[k + 1]
         kept.append(state.num_kept().unsqueeze(1).expand(-1, end - start))
+        if keep_fn is not None and "cls_attn" in obs_keys and k < pv.num_stages:
+            state = pv.run_blocks(state, start, end - 1)
+            cls_attn = pv.cls_attention(state, end - 1)
+            start = end - 1
         state = pv.run_blocks(state, start, end)
     return pv.head(state), torch.cat(kept, dim=1)
 

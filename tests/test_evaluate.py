@@ -4,7 +4,6 @@ from torch.utils.data import TensorDataset
 from apt_env.backbone import PrunableViT
 from apt_env.evaluate import evaluate
 from apt_env.flops import FlopCounter
-from apt_env.tokens import TokenState
 
 
 def _setup():
@@ -34,9 +33,11 @@ def test_keep_fn_prunes_and_counts_tokens():
     pv, loader = _setup()
     stages = []
 
-    def keep_first_half(state: TokenState, stage: int) -> torch.Tensor:
+    def keep_first_half(obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        stage = int(obs["stage"][0])
         stages.append(stage)
-        keep = torch.zeros(state.x.shape[0], pv.num_patches, dtype=torch.bool)
+        assert obs["cls_attn"].shape == obs["keep"].shape == (len(obs["stage"]), pv.num_patches)
+        keep = torch.zeros(len(obs["stage"]), pv.num_patches, dtype=torch.bool)
         keep[:, : pv.num_patches // (2 * (stage + 1))] = True
         return keep
 
