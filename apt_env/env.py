@@ -309,7 +309,7 @@ class APTPruneVectorEnv(VectorEnv):
             raise ValueError(f"num_envs must be at least 1, got {num_envs}")
         self.device = torch.device(device)
         pv = build_backbone(model, prune_layers=prune_layers, min_keep=min_keep)
-        self.pv = pv.to(self.device).eval().requires_grad_(False)
+        self.pv = pv.to(self.device).eval()
         self.data = build_dataset(
             dataset, split=split, img_size=pv.img_size[0], in_chans=pv.in_chans, root=data_root
         )

@@ -1,0 +1,71 @@
+"""Heuristic token policies to compare the agent with: keep all, random, top-k by class attention.
+
+Each has the ``TokenPolicy`` interface of ``APTPolicy.act``, so evaluation treats them alike. A token
+pruned at an earlier stage is never kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from agents.policy import TokenPolicy, live_mask, top_k_live
+
+__all__ = ["ClsAttentionTopK", "KeepAll", "RandomKeep", "TokenPolicy"]
+
+
+class KeepAll:
+    """No pruning: every live token is kept (the plain model)."""
+
+    def act(self, obs: Mapping[str, Any], *, deterministic: bool = True, keep_ratio: float | None = None) -> Tensor:
+        """The live mask (B, N) bool; ``deterministic`` and ``keep_ratio`` are ignored."""
+        return live_mask(obs)
+
+
+class RandomKeep:
+    """Keep a uniformly random ``keep_ratio`` of the live tokens at every stage.
+
+    Args:
+        keep_ratio: fraction in (0, 1] of the live tokens kept (rounded half up, at least one).
+        seed: seeds this policy's own generator; ``None`` draws a fresh seed.
+    """
+
+    def __init__(self, keep_ratio: float, seed: int | None = None) -> None:
+        if not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        self.keep_ratio = keep_ratio
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def act(self, obs: Mapping[str, Any], *, deterministic: bool = True, keep_ratio: float | None = None) -> Tensor:
+        """A random keep mask (B, N) bool; ``keep_ratio`` overrides the constructor's."""
+        live = live_mask(obs)
+        scores = torch.rand(live.shape, generator=self.generator).to(live.device)
+        return top_k_live(scores, live, self.keep_ratio if keep_ratio is None else keep_ratio)
+
+
+class ClsAttentionTopK:
+    """EViT's rule: keep the live tokens the class token attends to most.
+
+    Args:
+        keep_ratio: fraction in (0, 1] of the live tokens kept (rounded half up, at least one).
+    """
+
+    def __init__(self, keep_ratio: float) -> None:
+        if not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        self.keep_ratio = keep_ratio
+
+    def act(self, obs: Mapping[str, Any], *, deterministic: bool = True, keep_ratio: float | None = None) -> Tensor:
+        """The top tokens by ``obs["cls_attn"]`` (B, N) bool; ``keep_ratio`` overrides the constructor's."""
+        if "cls_attn" not in obs:
+            raise ValueError("ClsAttentionTopK reads obs['cls_attn']: add 'cls_attn' to the env's obs_keys")
+        live = live_mask(obs)
+        attn = torch.as_tensor(obs["cls_attn"], device=live.device)
+        return top_k_live(attn, live, self.keep_ratio if keep_ratio is None else keep_ratio)

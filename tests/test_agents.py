@@ -1,0 +1,236 @@
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import A2C, PPO
+from stable_baselines3.common.preprocessing import preprocess_obs
+from stable_baselines3.common.utils import obs_as_tensor
+
+from agents.baselines import ClsAttentionTopK, KeepAll, RandomKeep
+from agents.policy import PRUNED_LOGIT, APTPolicy, TokenPolicy
+from agents.ppo import NativePPO
+from agents.sb3 import APTActorCriticPolicy
+from apt_env.env import APTPruneVectorEnv
+from apt_env.sb3 import SB3VecEnv
+
+# The tiny backbone of tests/test_env.py: 16 patch tokens of width 32, 3 pruning stages.
+TINY = dict(
+    model=(
+        "vit_tiny_patch16_224",
+        dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2),
+    ),
+    dataset="synthetic",
+)
+SMALL = dict(hidden=16, qk_dim=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors on shared cores: more threads only add contention (10x slower when loaded)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _envs(num_envs: int = 4, **kwargs) -> APTPruneVectorEnv:
+    torch.manual_seed(0)
+    return APTPruneVectorEnv(num_envs, **{**TINY, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def pruned_obs() -> dict[str, torch.Tensor]:
+    """A stage-1 observation in which rows have pruned tokens (different ones per row)."""
+    envs = _envs(num_envs=6)
+    envs.reset_tensors(seed=0)
+    keep = torch.rand(6, 16, generator=torch.Generator().manual_seed(0)) < 0.6
+    keep[:, 0] = True
+    obs, *_ = envs.step_tensors(keep)
+    assert (obs["keep"] == 0).any() and (obs["stage"] == 1).all()
+    return obs
+
+
+def _policy(**kwargs) -> APTPolicy:
+    torch.manual_seed(0)
+    return APTPolicy(32, 16, 3, **{**SMALL, **kwargs})
+
+
+def test_forward_and_get_action_and_value_shapes(pruned_obs):
+    policy = APTPolicy.for_env(_envs(), **SMALL)
+    assert (policy.embed_dim, policy.num_patches, policy.num_stages, policy.use_cls_attn) == (32, 16, 3, True)
+    logits, value = policy(pruned_obs)
+    assert logits.shape == (6, 16) and value.shape == (6,)
+    action, log_prob, entropy, value2 = policy.get_action_and_value(pruned_obs)
+    assert action.shape == (6, 16) and action.dtype == torch.float32 and set(action.unique().tolist()) <= {0.0, 1.0}
+    assert log_prob.shape == entropy.shape == value2.shape == (6,)
+    torch.testing.assert_close(value, value2)
+    assert (logits[pruned_obs["keep"] == 0] == PRUNED_LOGIT).all()
+
+
+def test_log_prob_and_entropy_are_bernoulli_over_live_tokens(pruned_obs):
+    policy = _policy()
+    action, log_prob, entropy, _ = policy.get_action_and_value(pruned_obs)
+    logits, _ = policy(pruned_obs)
+    live = pruned_obs["keep"].bool()
+    for i in range(6):
+        dist = torch.distributions.Bernoulli(logits=logits[i, live[i]])
+        assert abs(dist.log_prob(action[i, live[i]]).sum().item() - log_prob[i].item()) < 1e-5
+        assert abs(dist.entropy().sum().item() - entropy[i].item()) < 1e-5
+    # Summing over every token (as SB3 does) gives the same: pruned tokens add ~0.
+    full = torch.distributions.Bernoulli(logits=logits)
+    torch.testing.assert_close(full.log_prob(action).sum(1), log_prob, atol=1e-5, rtol=0)
+    torch.testing.assert_close(full.entropy().sum(1), entropy, atol=1e-5, rtol=0)
+    # Evaluating the sampled action again gives the same log-probability.
+    _, again, _, _ = policy.get_action_and_value(pruned_obs, action)
+    torch.testing.assert_close(again, log_prob)
+
+
+def test_pruned_tokens_are_never_kept(pruned_obs):
+    policy = _policy(init_keep_prob=0.999)  # every live token would be kept
+    live = pruned_obs["keep"].bool()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        sampled = policy.act(pruned_obs, deterministic=False, generator=g)
+        assert not (sampled & ~live).any()
+        action, *_ = policy.get_action_and_value(pruned_obs, generator=g)
+        assert not (action.bool() & ~live).any()
+    assert torch.equal(policy.act(pruned_obs), live)  # threshold: all live, no pruned
+    assert not (policy.act(pruned_obs, keep_ratio=0.5) & ~live).any()
+
+
+def test_top_k_keeps_the_highest_logits_at_the_ratio(pruned_obs):
+    policy = _policy()
+    live = pruned_obs["keep"].bool()
+    logits, _ = policy(pruned_obs)
+    for ratio in (0.25, 0.5, 0.75, 1.0, 1e-3):
+        keep = policy.act(pruned_obs, keep_ratio=ratio)
+        expected = torch.floor(live.sum(1) * ratio + 0.5).clamp(min=1)
+        torch.testing.assert_close(keep.sum(1).float(), expected)
+        lowest_kept = logits.masked_fill(~keep, float("inf")).min(1).values
+        highest_dropped = logits.masked_fill(keep | ~live, -float("inf")).max(1).values
+        assert (lowest_kept >= highest_dropped).all()
+    with pytest.raises(ValueError, match="keep_ratio"):
+        policy.act(pruned_obs, keep_ratio=0.0)
+
+
+def test_accepts_numpy_and_sb3_preprocessed_observations(pruned_obs):
+    envs = _envs()
+    policy = _policy()
+    logits, value = policy(pruned_obs)
+    as_numpy = {k: v.numpy() for k, v in pruned_obs.items()}
+    torch.testing.assert_close(policy(as_numpy)[0], logits)
+    space = envs.single_observation_space
+    one_hot = preprocess_obs(obs_as_tensor(as_numpy, "cpu"), space)
+    assert one_hot["stage"].shape == (6, 3) and one_hot["keep"].dtype == torch.float32
+    torch.testing.assert_close(policy(one_hot)[0], logits)
+    # SB3's rollout buffer stores a Discrete observation as (B, 1): one-hot (B, 1, K).
+    buffered = {**as_numpy, "stage": as_numpy["stage"].reshape(6, 1).astype(np.float32)}
+    l2, v2 = policy(preprocess_obs(obs_as_tensor(buffered, "cpu"), space))
+    torch.testing.assert_close(l2, logits)
+    torch.testing.assert_close(v2, value)
+
+
+def test_size_mismatch_and_missing_key_errors(pruned_obs):
+    expected = "policy expects 49 tokens of width 192, observation has 16 tokens of width 32"
+    with pytest.raises(ValueError, match=expected):
+        APTPolicy(192, 49, 3)(pruned_obs)
+    without_attn = {k: v for k, v in pruned_obs.items() if k != "cls_attn"}
+    with pytest.raises(ValueError, match="cls_attn"):
+        _policy()(without_attn)
+    assert _policy(use_cls_attn=False)(without_attn)[0].shape == (6, 16)
+    assert not APTPolicy.for_env(_envs(obs_keys=("tokens", "cls", "keep", "stage"))).use_cls_attn
+    with pytest.raises(ValueError, match="obs_keys"):
+        APTPolicy.for_env(_envs(obs_keys=("keep", "stage")))
+
+
+def test_all_policies_share_the_token_policy_interface(pruned_obs):
+    live = pruned_obs["keep"].bool()
+    for policy in (_policy(), KeepAll(), RandomKeep(0.5, seed=0), ClsAttentionTopK(0.5)):
+        assert isinstance(policy, TokenPolicy)
+        keep = policy.act(pruned_obs, deterministic=True, keep_ratio=None)
+        assert keep.shape == (6, 16) and keep.dtype == torch.bool and not (keep & ~live).any()
+    assert torch.equal(KeepAll().act(pruned_obs), live)
+
+
+def test_cls_attention_top_k_keeps_the_most_attended_live_tokens():
+    attn = torch.tensor([[0.1, 0.5, 0.05, 0.2, 0.15, 0.0], [0.3, 0.1, 0.2, 0.25, 0.05, 0.1]])
+    keep = torch.tensor([[1, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.int8)
+    obs = {"cls_attn": attn, "keep": keep}
+    got = ClsAttentionTopK(0.5).act(obs)  # row 0: 5 live -> 3 kept (0.5 rounds up); token 1 is pruned
+    expected = torch.tensor([[1, 0, 0, 1, 1, 0], [1, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(got, expected)
+    assert ClsAttentionTopK(0.5).act(obs, keep_ratio=0.2).sum(1).tolist() == [1, 1]
+    with pytest.raises(ValueError, match="cls_attn"):
+        ClsAttentionTopK(0.5).act({"keep": keep})
+
+
+def test_random_keep_ratio_and_seed():
+    keep = torch.ones(64, 20, dtype=torch.int8)
+    keep[:, :4] = 0  # 16 live tokens per row
+    obs = {"keep": keep, "tokens": torch.zeros(64, 20, 2)}
+    a = RandomKeep(0.25, seed=1).act(obs)
+    assert (a.sum(1) == 4).all() and not a[:, :4].any()
+    assert torch.equal(a, RandomKeep(0.25, seed=1).act(obs))
+    assert not torch.equal(a, RandomKeep(0.25, seed=2).act(obs))
+    frequency = a[:, 4:].float().mean(0)  # every live token equally likely
+    assert frequency.min() > 0.05 and frequency.max() < 0.5
+
+
+@pytest.mark.parametrize("algo", [PPO, A2C])
+def test_sb3_trains_the_apt_policy_and_round_trips(algo, tmp_path):
+    venv = SB3VecEnv(_envs(channels=("plain", "multi")))
+    kwargs = dict(n_steps=6, seed=0, device="cpu", policy_kwargs=dict(SMALL))  # SB3 edits it in place
+    if algo is PPO:
+        kwargs.update(batch_size=12, n_epochs=2)
+    model = algo(APTActorCriticPolicy, venv, **kwargs)
+    assert isinstance(model.policy.net, APTPolicy) and model.policy.net.fc1.out_features == 16
+    before = [p.detach().clone() for p in model.policy.net.parameters()]
+    model.learn(total_timesteps=240)
+    assert model.num_timesteps >= 240
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.policy.net.parameters()))
+    venv.seed(5)
+    obs = venv.reset()
+    action, _ = model.predict(obs, deterministic=True)
+    assert action.shape == (4, 16) and set(np.unique(action)) <= {0, 1}
+    model.save(tmp_path / "agent")
+    loaded = algo.load(tmp_path / "agent", device="cpu")
+    assert isinstance(loaded.policy, APTActorCriticPolicy) and loaded.policy.net.fc1.out_features == 16
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], action)
+    values = model.policy.predict_values(obs_as_tensor(obs, "cpu"))
+    assert values.shape == (4, 1)
+    torch.testing.assert_close(loaded.policy.predict_values(obs_as_tensor(obs, "cpu")), values)
+
+
+def _trainer(seed: int, **kwargs) -> NativePPO:
+    envs = _envs(num_envs=8, flops_weight=1.0, channels=("plain", "multi"))
+    args = dict(lr=3e-3, episodes_per_rollout=2, seed=seed, policy_kwargs=dict(**SMALL, init_keep_prob=0.9))
+    return NativePPO(envs, **{**args, **kwargs})
+
+
+def test_native_ppo_learns_to_prune_when_flops_are_rewarded():
+    trainer = _trainer(seed=0)
+    seen = []
+    history = trainer.learn(20 * trainer.steps_per_rollout, callback=seen.append)
+    assert len(history) == 20 and seen == history and trainer.global_step == 20 * 48
+    assert {"episode_return", "loss_delta", "keep_ratio", "gflops", "sps", "policy_loss", "value_loss"} <= set(
+        history[0]
+    )
+    first = np.mean([s["episode_return"] for s in history[:4]])
+    last = np.mean([s["episode_return"] for s in history[-4:]])
+    assert last > first + 0.15, (first, last)
+    assert history[-1]["keep_ratio"] < history[0]["keep_ratio"] - 0.2
+
+
+def test_native_ppo_is_reproducible_and_resumes():
+    a, b = _trainer(seed=3), _trainer(seed=3)
+    ha, hb = a.learn(2 * a.steps_per_rollout), b.learn(2 * b.steps_per_rollout)
+    for sa, sb in zip(ha, hb):
+        assert {k: v for k, v in sa.items() if k != "sps"} == {k: v for k, v in sb.items() if k != "sps"}
+    for pa, pb in zip(a.policy.parameters(), b.policy.parameters()):
+        assert torch.equal(pa, pb)
+    c = _trainer(seed=4)
+    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.policy.parameters(), c.policy.parameters()))
+    c.load_state_dict(a.state_dict())
+    assert c.global_step == a.global_step and c.num_rollouts == 2
+    for pa, pc in zip(a.policy.parameters(), c.policy.parameters()):
+        assert torch.equal(pa, pc)
+    assert c.learn(1)[0]["global_step"] == 3 * c.steps_per_rollout
