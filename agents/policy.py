@@ -102,7 +102,8 @@ class APTPolicy(nn.Module):
         if not 0.0 < init_keep_prob < 1.0:
             raise ValueError(f"init_keep_prob must be in (0, 1), got {init_keep_prob}")
         self.embed_dim, self.num_patches, self.num_stages = embed_dim, num_patches, num_stages
-        self.use_cls_attn = use_cls_attn
+        self.hidden, self.qk_dim = hidden, qk_dim
+        self.use_cls_attn, self.init_keep_prob = use_cls_attn, init_keep_prob
         self.token_norm = nn.LayerNorm(embed_dim)
         self.cls_norm = nn.LayerNorm(embed_dim)
         self.q = nn.Linear(embed_dim, qk_dim)
@@ -117,6 +118,12 @@ class APTPolicy(nn.Module):
         nn.init.normal_(self.stage_embed.weight, std=0.02)
         nn.init.normal_(self.logit_head.weight, std=0.01)  # start near the bias: every token alike
         nn.init.constant_(self.logit_head.bias, math.log(init_keep_prob / (1 - init_keep_prob)))
+
+    CONFIG_KEYS = ("embed_dim", "num_patches", "num_stages", "hidden", "qk_dim", "use_cls_attn", "init_keep_prob")
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, to rebuild this policy (``APTPolicy(**config)``)."""
+        return {key: getattr(self, key) for key in self.CONFIG_KEYS}
 
     @classmethod
     def from_space(cls, space: spaces.Dict, **kwargs: Any) -> APTPolicy:

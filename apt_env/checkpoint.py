@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,24 +133,14 @@ def save_backbone(path: str | Path, pv: PrunableViT, *, meta: Mapping[str, Any] 
     if target.exists() and not (target.is_dir() and ((target / CONFIG_FILE).exists() or not any(target.iterdir()))):
         raise ValueError(f"refusing to replace {target}: it exists and is not a checkpoint folder")
 
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    _recover_interrupted_swap(target)
-    for stale in parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
-
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in pv.model.state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-    try:
-        safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(config_text)
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_folder(
+        target,
+        {
+            WEIGHTS_FILE: lambda p: safetensors.torch.save_file(tensors, str(p), metadata={"format": "pt"}),
+            CONFIG_FILE: lambda p: p.write_text(config_text),
+        },
+    )
     _logger.info("saved backbone checkpoint %s", target)
     return target
 
@@ -331,6 +321,26 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ---- atomic file helpers ----
+
+
+def write_folder(target: Path, writers: Mapping[str, Callable[[Path], Any]]) -> None:
+    """Write a folder of files atomically: each ``writers[name](path)`` writes one file into a temp
+    folder beside ``target``; only when all are written and synced does it replace ``target``."""
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _recover_interrupted_swap(target)
+    for stale in parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    try:
+        for name, write in writers.items():
+            write(tmp / name)
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _swap_in(tmp: Path, target: Path) -> None:

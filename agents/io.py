@@ -1,0 +1,70 @@
+"""Agent checkpoints: ``policy.safetensors`` + ``config.json`` in one folder, written atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from gymnasium import spaces
+
+from agents.policy import APTPolicy
+from apt_env.checkpoint import write_folder
+
+FORMAT = "apt-agent/1"
+WEIGHTS_FILE = "policy.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def save_policy(path: str | Path, policy: APTPolicy, *, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``policy`` (its sizes, options and weights) as a checkpoint folder ``path``."""
+    config = {"format": FORMAT, **policy.config(), **(meta or {})}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in policy.state_dict().items()}
+    target = Path(path)
+    write_folder(
+        target,
+        {
+            WEIGHTS_FILE: lambda p: safetensors.torch.save_file(tensors, str(p)),
+            CONFIG_FILE: lambda p: p.write_text(json.dumps(config, indent=2) + "\n"),
+        },
+    )
+    return target
+
+
+def load_policy(
+    path: str | Path, *, observation_space: spaces.Dict | None = None, device: str | torch.device = "cpu"
+) -> APTPolicy:
+    """Rebuild a policy saved by ``save_policy``.
+
+    Args:
+        path: the checkpoint folder.
+        observation_space: the env's single observation space; a policy for another token count or
+            width is a ``ValueError`` naming both.
+        device: where to put the policy.
+    """
+    folder = Path(path)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not an agent checkpoint: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        tensors = safetensors.torch.load_file(str(folder / WEIGHTS_FILE))
+    except (json.JSONDecodeError, safetensors.SafetensorError, OSError) as err:
+        raise ValueError(f"agent checkpoint {folder} is corrupt: {err}") from err
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{folder}: format {config.get('format')!r}, expected {FORMAT!r}")
+    kwargs = {k: config[k] for k in APTPolicy.CONFIG_KEYS}
+    if observation_space is not None:
+        n, c = observation_space["tokens"].shape
+        if (n, c) != (kwargs["num_patches"], kwargs["embed_dim"]):
+            raise ValueError(
+                f"agent checkpoint {folder} expects {kwargs['num_patches']} tokens of width {kwargs['embed_dim']}, "
+                f"the environment has {n} tokens of width {c}"
+            )
+        stages = observation_space["stage"].n if "stage" in observation_space.spaces else kwargs["num_stages"]
+        if stages != kwargs["num_stages"]:
+            raise ValueError(f"agent checkpoint {folder} has {kwargs['num_stages']} stages, the environment {stages}")
+    policy = APTPolicy(**kwargs)
+    policy.load_state_dict(tensors)
+    return policy.to(device)

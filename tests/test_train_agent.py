@@ -1,0 +1,75 @@
+"""train_agent.py end to end, launched as a user would, on a tiny backbone and synthetic data."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.io import load_policy
+from apt_env.backbone import PrunableViT
+from apt_env.checkpoint import save_backbone
+from apt_env.env import APTPruneVectorEnv
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_KWARGS = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("backbone") / "checkpoint"
+    save_backbone(path, PrunableViT.from_timm("vit_tiny_patch16_224", **TINY_KWARGS), meta={"dataset": "synthetic"})
+    return path
+
+
+def run(*flags: str, out: Path, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "train_agent.py"), "--dataset", "synthetic", "--num-envs", "8"]
+    cmd += ["--eval-episodes", "1", "--eval-images", "32", "--out-dir", str(out), *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("algo", ["native", "ppo", "a2c"])
+def test_each_algorithm_trains_and_writes_a_loadable_agent(algo, backbone, tmp_path):
+    proc = run("--algo", algo, "--model", str(backbone), "--total-env-steps", "96", out=tmp_path)
+    assert "| APT agent |" in proc.stdout and "| cls-attn top-k (same ratio) |" in proc.stdout
+    (run_dir,) = tmp_path.iterdir()
+    envs = APTPruneVectorEnv(2, model=str(backbone), dataset="synthetic")
+    policy = load_policy(run_dir / "agent", observation_space=envs.single_observation_space)
+    assert policy.num_patches == 16
+    assert any(run_dir.glob("events.out.tfevents.*"))
+
+
+def test_unknown_algo_lists_valid_ones(tmp_path):
+    proc = run("--algo", "dqn-ish", out=tmp_path, check=False)
+    assert proc.returncode != 0 and "valid: native, a2c, ppo" in proc.stderr
+    assert not any(tmp_path.iterdir())  # no run folder for a bad command
+
+
+def test_agent_for_another_backbone_is_a_clear_error(backbone, tmp_path):
+    run("--model", str(backbone), "--total-env-steps", "24", out=tmp_path)
+    (run_dir,) = tmp_path.iterdir()
+    other = APTPruneVectorEnv(2, model=("vit_tiny_patch16_224", {**TINY_KWARGS, "embed_dim": 64}), dataset="synthetic")
+    with pytest.raises(ValueError, match="16 tokens of width 32.*16 tokens of width 64"):
+        load_policy(run_dir / "agent", observation_space=other.single_observation_space)
+
+
+def test_resume_continues_to_the_total(backbone, tmp_path):
+    run("--model", str(backbone), "--total-env-steps", "96", "--checkpoint-every", "1", out=tmp_path)
+    (run_dir,) = tmp_path.iterdir()
+    state = torch.load(run_dir / "train_state.pt", weights_only=True)
+    assert state["trainer"]["global_step"] >= 96
+    # Ask the finished run for more by editing its saved total: the resumed run continues from its step.
+    args = (run_dir / "args.json").read_text().replace('"total_env_steps": 96', '"total_env_steps": 192')
+    (run_dir / "args.json").write_text(args)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_agent.py"), "--resume", str(run_dir)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" in proc.stderr
+    assert torch.load(run_dir / "train_state.pt", weights_only=True)["trainer"]["global_step"] >= 192

@@ -1,0 +1,325 @@
+"""Train a token-pruning agent against a frozen backbone on APTPrune-v0, with a choice of RL algorithm.
+
+    python train_agent.py                                   # native batched PPO on the default backbone
+    python train_agent.py --algo ppo                        # stable-baselines3 PPO (or a2c)
+    python train_agent.py --model runs/RUN/checkpoint       # a backbone written by train_backbone.py
+    python train_agent.py --resume runs/APTPrune-v0__train_agent__1__TIME
+    tensorboard --logdir runs
+
+The run folder holds the agent (``agent/``, loadable with ``agents.io.load_policy``), the trainer's state for
+``--resume``, TensorBoard logs, and ends with a table on the test split: the agent next to keep-all, random
+and class-attention top-k at the agent's own keep ratio per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from agents.baselines import ClsAttentionTopK, KeepAll, RandomKeep
+from agents.io import save_policy
+from agents.policy import APTPolicy
+from agents.ppo import NativePPO
+from agents.rollout import at_stage_ratios, evaluate_returns
+from agents.sb3 import APTActorCriticPolicy
+from apt_env.checkpoint import get_rng_state, load_train_state, save_train_state, set_rng_state
+from apt_env.data import build_dataset, make_loader
+from apt_env.env import REWARDS, APTPruneVectorEnv
+from apt_env.evaluate import evaluate
+from apt_env.sb3 import SB3VecEnv
+
+logger = logging.getLogger("train_agent")
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of the experiment: policy initialization, sampling and the images drawn"""
+    algo: str = "native"
+    """`native` (batched PPO on the env's tensors) or a stable-baselines3 on-policy algorithm: `ppo`, `a2c`"""
+    model: str | None = None
+    """the frozen backbone: a checkpoint folder from train_backbone.py or a timm name; default: the one that
+    ships with the package"""
+    dataset: str = "fashion-mnist"
+    """dataset the episodes draw images from (train split); the table uses its test split"""
+    data_root: str = "data"
+    """folder of downloaded datasets"""
+    num_envs: int = 64
+    """sub-environments: images per batch"""
+    total_env_steps: int = 60_000
+    """env transitions to train for (num_envs per step); the default takes a few minutes on 2 CPU cores"""
+    reward: str = "loss_delta"
+    """reward: loss_delta or prob_delta"""
+    flops_weight: float = 0.5
+    """weight of the compute term of the reward (fraction of FLOPs saved)"""
+    min_keep: int = 1
+    """the least number of patch tokens kept"""
+    lr: float = 3e-4
+    """learning rate"""
+    episodes_per_rollout: int = 4
+    """episodes of the whole batch per rollout (PPO: n_steps = this x stages)"""
+    update_epochs: int = 4
+    """PPO passes over each rollout"""
+    num_minibatches: int = 4
+    """PPO minibatches per pass"""
+    ent_coef: float = 0.0
+    """entropy bonus"""
+    hidden: int = 64
+    """width of the agent's per-token MLP"""
+    init_keep_prob: float = 0.9
+    """initial keep probability of every token"""
+    checkpoint_every: int = 5
+    """rollouts between checkpoints"""
+    eval_episodes: int = 8
+    """test-split batches of num_envs images for the episode-return comparison"""
+    eval_images: int = 2000
+    """test images for the accuracy table (0: all)"""
+    device: str | None = None
+    """torch device; default cuda when available, else cpu"""
+    out_dir: str = "runs"
+    """parent folder of the run folders"""
+    resume: str | None = None
+    """a run folder to continue from its last checkpoint, with the arguments saved in it"""
+
+
+def sb3_algorithms() -> dict[str, type[OnPolicyAlgorithm]]:
+    """stable-baselines3's on-policy algorithms by lower-case name (all handle MultiBinary actions)."""
+    import stable_baselines3
+
+    found = {name: getattr(stable_baselines3, name) for name in stable_baselines3.__all__}
+    return {n.lower(): c for n, c in found.items() if isinstance(c, type) and issubclass(c, OnPolicyAlgorithm)}
+
+
+def check_args(args: Args) -> None:
+    valid = ["native", *sorted(sb3_algorithms())]
+    if args.algo not in valid:
+        raise ValueError(f"unknown --algo {args.algo!r}; valid: {', '.join(valid)}")
+    if args.reward not in REWARDS:
+        raise ValueError(f"unknown --reward {args.reward!r}; valid: {', '.join(REWARDS)}")
+    if args.total_env_steps < 1 or args.num_envs < 1:
+        raise ValueError("--total-env-steps and --num-envs must be positive")
+
+
+def run_folder(args: Args) -> tuple[Path, Args]:
+    """A new run folder (CleanRL's naming), or the one to resume with its saved arguments."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "args.json"
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume {run_dir}: no args.json there; is it a run folder of train_agent.py?")
+        return run_dir, Args(**{**json.loads(saved.read_text()), "resume": str(run_dir)})
+    run_dir = Path(args.out_dir) / f"APTPrune-v0__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    return run_dir, args
+
+
+def log_rollout(writer: SummaryWriter, stats: dict, step: int) -> None:
+    for key in ("episode_return", "loss_delta", "keep_ratio", "gflops"):
+        writer.add_scalar(f"charts/{key}", stats[key], step)
+    writer.add_scalar("charts/SPS", stats["sps"], step)
+    for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance"):
+        if key in stats:
+            writer.add_scalar(f"losses/{key}", stats[key], step)
+
+
+def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: SummaryWriter) -> APTPolicy:
+    trainer = NativePPO(
+        envs,
+        policy_kwargs=dict(hidden=args.hidden, init_keep_prob=args.init_keep_prob),
+        lr=args.lr,
+        episodes_per_rollout=args.episodes_per_rollout,
+        update_epochs=args.update_epochs,
+        num_minibatches=args.num_minibatches,
+        ent_coef=args.ent_coef,
+        seed=args.seed,
+    )
+    state = load_train_state(run_dir / "train_state.pt") if args.resume else None
+    if state is not None:
+        trainer.load_state_dict(state["trainer"])
+        set_rng_state(state["rng"])
+        logger.info("resuming %s at step %d", run_dir, trainer.global_step)
+    bar = tqdm(total=args.total_env_steps, initial=trainer.global_step, desc="env steps", unit="step")
+    while trainer.global_step < args.total_env_steps:
+        chunk = min(args.checkpoint_every * trainer.steps_per_rollout, args.total_env_steps - trainer.global_step)
+        for stats in trainer.learn(chunk):
+            log_rollout(writer, stats, stats["global_step"])
+            bar.update(trainer.steps_per_rollout)
+            bar.set_postfix(ret=f"{stats['episode_return']:.3f}", keep=f"{stats['keep_ratio']:.2f}")
+        save_policy(run_dir / "agent", trainer.policy, meta={"algo": "native", "global_step": trainer.global_step})
+        save_train_state(run_dir / "train_state.pt", {"trainer": trainer.state_dict(), "rng": get_rng_state()})
+    bar.close()
+    return trainer.policy
+
+
+class SB3Progress(BaseCallback):
+    """Episode statistics to TensorBoard, a progress bar, and atomic checkpoints every few rollouts."""
+
+    def __init__(self, args: Args, run_dir: Path, writer: SummaryWriter) -> None:
+        super().__init__()
+        self.args, self.run_dir, self.writer = args, run_dir, writer
+        self.returns: np.ndarray | None = None
+        self.rollouts = 0
+        self.start = time.time()
+
+    def _on_training_start(self) -> None:
+        self.bar = tqdm(total=self.args.total_env_steps, initial=self.num_timesteps, desc="env steps", unit="step")
+        self.start_step = self.num_timesteps
+
+    def _on_step(self) -> bool:
+        rewards, dones, infos = self.locals["rewards"], self.locals["dones"], self.locals["infos"]
+        self.returns = rewards.astype(np.float64) if self.returns is None else self.returns + rewards
+        self.bar.update(len(rewards))
+        if dones.all():
+            stats = {
+                "episode_return": float(self.returns.mean()),
+                "loss_delta": float(np.mean([i["loss_plain"] - i["loss_multi"] for i in infos])),
+                "keep_ratio": float(np.mean([i["keep_ratio"] for i in infos])),
+                "gflops": float(np.mean([i["gflops"] for i in infos])),
+                "sps": (self.num_timesteps - self.start_step) / (time.time() - self.start),
+            }
+            log_rollout(self.writer, stats, self.num_timesteps)
+            self.bar.set_postfix(ret=f"{stats['episode_return']:.3f}", keep=f"{stats['keep_ratio']:.2f}")
+            self.returns = None
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.rollouts += 1
+        if self.rollouts % self.args.checkpoint_every == 0:
+            save_sb3(self.model, self.run_dir, self.args)
+
+    def _on_training_end(self) -> None:
+        self.bar.close()
+
+
+def save_sb3(model: OnPolicyAlgorithm, run_dir: Path, args: Args) -> None:
+    """The SB3 model (for --resume) and the agent alone, each replaced atomically."""
+    tmp = run_dir / ".sb3_model.tmp.zip"
+    model.save(tmp)
+    os.replace(tmp, run_dir / "sb3_model.zip")
+    save_policy(run_dir / "agent", model.policy.net, meta={"algo": args.algo, "global_step": model.num_timesteps})
+
+
+def train_sb3(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: SummaryWriter) -> APTPolicy:
+    algo = sb3_algorithms()[args.algo]
+    venv = SB3VecEnv(envs)
+    venv.seed(args.seed)
+    saved = run_dir / "sb3_model.zip"
+    if args.resume and saved.is_file():
+        model = algo.load(saved, env=venv, device=envs.device)
+        logger.info("resuming %s at step %d", run_dir, model.num_timesteps)
+    else:
+        k = envs.pv.num_stages
+        hyper = dict(learning_rate=args.lr, n_steps=args.episodes_per_rollout * k, gamma=1.0, ent_coef=args.ent_coef)
+        if args.algo == "ppo":
+            rollout = args.episodes_per_rollout * k * args.num_envs
+            hyper.update(batch_size=rollout // args.num_minibatches, n_epochs=args.update_epochs)
+        model = algo(
+            APTActorCriticPolicy,
+            venv,
+            policy_kwargs=dict(hidden=args.hidden, init_keep_prob=args.init_keep_prob),
+            seed=args.seed,
+            device=envs.device,
+            **hyper,
+        )
+    model.set_logger(configure(str(run_dir / "sb3"), ["tensorboard"]))
+    remaining = args.total_env_steps - model.num_timesteps
+    if remaining > 0:
+        model.learn(remaining, callback=SB3Progress(args, run_dir, writer), reset_num_timesteps=False)
+    save_sb3(model, run_dir, args)
+    return model.policy.net
+
+
+def report(args: Args, envs: APTPruneVectorEnv, policy: APTPolicy, writer: SummaryWriter) -> None:
+    """Episode returns and test accuracy of the agent and the baselines at the agent's keep ratios."""
+    test_envs = APTPruneVectorEnv(
+        args.num_envs,
+        model=envs.pv,
+        dataset=args.dataset,
+        split="test",
+        data_root=args.data_root,
+        reward=args.reward,
+        flops_weight=args.flops_weight,
+        min_keep=args.min_keep,
+        channels=("plain", "multi"),
+        device=envs.device,
+    )
+    policy.eval()
+    agent = lambda obs: policy.act(obs, deterministic=True)  # noqa: E731
+    ours = evaluate_returns(test_envs, agent, episodes=args.eval_episodes, seed=args.seed)
+    ratios = ours["stage_ratios"]
+    rows = {
+        "APT agent": agent,
+        "keep all": KeepAll().act,
+        "random (same ratio)": at_stage_ratios(RandomKeep(0.5, seed=args.seed).act, ratios),
+        "cls-attn top-k (same ratio)": at_stage_ratios(ClsAttentionTopK(0.5).act, ratios),
+    }
+    test_set = build_dataset(
+        args.dataset, split="test", img_size=envs.pv.img_size[0], in_chans=envs.pv.in_chans, root=args.data_root
+    )
+    if args.eval_images:
+        test_set = torch.utils.data.Subset(test_set, range(min(args.eval_images, len(test_set))))
+    loader = make_loader(test_set, batch_size=256, shuffle=False, seed=args.seed)
+    print(f"\n{args.dataset} test split; stage keep ratios of the agent: {', '.join(f'{r:.2f}' for r in ratios)}")
+    print("| policy | episode return | loss delta | top-1 | GFLOPs/img | tokens | img/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    ret = ours
+    for name, act in rows.items():
+        if name != "APT agent":
+            ret = evaluate_returns(test_envs, act, episodes=args.eval_episodes, seed=args.seed)
+        acc = evaluate(envs.pv, loader, act, desc=name)
+        print(
+            f"| {name} | {ret['episode_return']:.4f} | {ret['loss_delta']:.4f} | {100 * acc['acc1']:.2f}% | "
+            f"{acc['gflops']:.4g} | {acc['tokens']:.1f}/{envs.pv.num_patches} | {acc['img_per_s']:.0f} |"
+        )
+        writer.add_text(f"eval/{name}", json.dumps({**ret, **acc}))
+
+
+def main() -> None:
+    args = tyro.cli(Args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.resume:
+        check_args(args)  # before a run folder is made
+    run_dir, args = run_folder(args)
+    check_args(args)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    envs = APTPruneVectorEnv(
+        args.num_envs,
+        model=args.model,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        reward=args.reward,
+        flops_weight=args.flops_weight,
+        min_keep=args.min_keep,
+        channels=("plain", "multi"),
+        device=device,
+    )
+    writer = SummaryWriter(str(run_dir))
+    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    logger.info("run folder %s: %s on %s for %d env steps", run_dir, args.algo, device, args.total_env_steps)
+    train = train_native if args.algo == "native" else train_sb3
+    policy = train(args, envs, run_dir, writer)
+    report(args, envs, policy, writer)
+    writer.close()
+    print(f"agent: {run_dir / 'agent'}")
+
+
+if __name__ == "__main__":
+    main()
