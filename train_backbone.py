@@ -1,16 +1,26 @@
-"""Train a ViT backbone: the plain baseline now; jointly with the APT pruning agent (``--mode apt``) later.
+"""Train a ViT backbone: plain (the baseline) or jointly with the APT pruning agent (``--mode apt``).
+
+Joint training alternates two phases every epoch: a *backbone phase*, where the frozen agent samples keep
+masks and the loss is the cross-entropy over the original method's three channels (plain, one stage's
+action alone, all actions), and an *agent phase*, where the backbone is frozen and the agent is trained by
+PPO on the environment (APTPrune-v0 over this very backbone). The first ``--warmup-epochs`` train plain.
+With ``--compare-plain`` (the default in apt mode) a plain ViT is first trained with the same seed and
+schedule, and the final table puts plain ViT | APT (pruning) | APT (no pruning) side by side.
 
 The default run is short (5 epochs of 50 batches on Fashion-MNIST, about 5 minutes on 2 CPU cores); see
 ``--steps-per-epoch`` for the full schedule. Each epoch ends with an atomic checkpoint in the run folder
 (``checkpoint/``, loadable with ``apt_env.checkpoint.load_backbone``) and a training state for
 ``--resume``; the run ends with a test-split evaluation table.
 
-    python train_backbone.py                                   # the default tiny ViT on Fashion-MNIST
+    python train_backbone.py                                   # joint training of the default ViT on Fashion-MNIST
+    python train_backbone.py --mode plain                      # the plain baseline only
+    torchrun --nproc_per_node 2 train_backbone.py              # data-parallel over 2 processes
     python train_backbone.py --model-kwargs '{"depth": 12}'    # timm kwargs over the defaults
     python train_backbone.py --resume runs/fashion-mnist__train_backbone__1__1732800000
     tensorboard --logdir runs
 """
 
+import hashlib
 import itertools
 import json
 import logging
@@ -19,19 +29,23 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import tyro
 from timm.optim import param_groups_weight_decay
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from agents.io import save_policy
+from agents.policy import APTPolicy
+from agents.ppo import NativePPO
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
 from apt_env.checkpoint import (
     get_rng_state,
@@ -42,7 +56,10 @@ from apt_env.checkpoint import (
     set_rng_state,
 )
 from apt_env.data import DatasetInfo, build_dataset, dataset_info, make_loader
+from apt_env.distributed import init_distributed
+from apt_env.env import APTPruneVectorEnv
 from apt_env.evaluate import evaluate
+from apt_env.joint import ChannelLosses
 
 logger = logging.getLogger("train_backbone")
 
@@ -53,8 +70,11 @@ class Args:
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of the experiment: model initialization, data order and augmentation"""
-    mode: Literal["plain", "apt"] = "plain"
-    """`plain`: the ordinary ViT baseline; `apt`: jointly with the pruning agent (needs agents/, not yet available)"""
+    mode: Literal["plain", "apt"] = "apt"
+    """`plain`: the ordinary ViT baseline; `apt`: jointly with the pruning agent, in alternating phases"""
+    compare_plain: bool = True
+    """apt mode: first train a plain ViT with the same seed and schedule (in the run folder's `plain/`), and
+    put it in the final table"""
     dataset: str = "fashion-mnist"
     """dataset: fashion-mnist, cifar10, cifar100, digits, synthetic or imagefolder:PATH"""
     data_root: str = "data"
@@ -100,6 +120,26 @@ class Args:
     """DataLoader worker processes (0: load in the main process); results are reproducible either way"""
     device: str | None = None
     """torch device; default cuda when available, else cpu"""
+    warmup_epochs: int = 1
+    """apt mode: epochs of plain training before the pruned channels join (the agent trains after each)"""
+    plain_weight: float = 1.0
+    """apt mode: weight of the plain channel's cross-entropy"""
+    single_weight: float = 1.0
+    """apt mode: weight of the single-action channel (one random stage's action on the unpruned tokens)"""
+    multi_weight: float = 1.0
+    """apt mode: weight of the multi-action channel (every stage's action)"""
+    train_prune_mode: Literal["gathered", "masked"] = "gathered"
+    """how the pruned channels run in training: pruned tokens removed (faster) or masked (fixed shapes)"""
+    agent_steps: int = 6144
+    """apt mode: env transitions of PPO per agent phase (num_envs per env step)"""
+    num_envs: int = 64
+    """apt mode: images per env batch in the agent phase (per process)"""
+    flops_weight: float = 0.5
+    """apt mode: weight of the compute term of the agent's reward"""
+    agent_lr: float = 3e-4
+    """apt mode: the agent's learning rate"""
+    init_keep_prob: float = 0.9
+    """apt mode: initial keep probability of every token"""
     out_dir: str = "runs"
     """parent folder of the run folders"""
     resume: str | None = None
@@ -109,11 +149,8 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Raise early on arguments that cannot work."""
-    if args.mode == "apt":
-        raise NotImplementedError(
-            "--mode apt trains the backbone jointly with the pruning agent (agents/), which is not available yet; "
-            "use --mode plain"
-        )
+    if args.mode == "apt" and not 0 <= args.warmup_epochs < args.epochs:
+        raise ValueError(f"--warmup-epochs must be in [0, --epochs={args.epochs}), got {args.warmup_epochs}")
     if args.pretrained and args.init_checkpoint:
         raise ValueError("pass either --pretrained or --init-checkpoint, not both")
     if args.epochs < 1 or args.steps_per_epoch < 0:
@@ -172,18 +209,6 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
     return factor
 
 
-def batch_losses(
-    pv: PrunableViT, images: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The losses of one training batch by channel (summed into the training loss), and the plain logits.
-
-    ``plain`` is the unpruned forward pass. ``--mode apt`` adds its pruned channels here: ``single`` (only this
-    stage's agent action) and ``multi`` (all actions so far), the same images under the agent's masks.
-    """
-    logits = pv(images)  # (B, num_classes)
-    return {"plain": F.cross_entropy(logits, labels, label_smoothing=label_smoothing)}, logits
-
-
 def checkpoint_meta(info: DatasetInfo, **extra: float) -> dict:
     """What a checkpoint records besides the model: the data it expects and how far training got."""
     return {
@@ -197,23 +222,55 @@ def checkpoint_meta(info: DatasetInfo, **extra: float) -> dict:
     }
 
 
-def main() -> None:
-    args = tyro.cli(Args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def make_agent_trainer(args: Args, pv: PrunableViT, rank: int, device: torch.device) -> NativePPO:
+    """PPO for the agent on the environment over this very backbone (shared weights, no copy)."""
+    envs = APTPruneVectorEnv(
+        args.num_envs,
+        model=pv,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        flops_weight=args.flops_weight,
+        channels=("plain", "multi"),
+        device=device,
+    )
+    # Every rank starts from the same agent (seed), and samples and draws its own images (seed + rank).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        policy = APTPolicy.for_env(envs, init_keep_prob=args.init_keep_prob)
+    return NativePPO(envs, policy, lr=args.agent_lr, seed=args.seed + rank)
+
+
+def train(args: Args) -> list[tuple[str, dict]]:
+    """One run, from its folder to the test table; returns the table's rows (name, results)."""
+    rank, world_size, device = init_distributed(args.device)
+    main_rank = rank == 0
     if args.resume:
         run_dir = Path(args.resume)
         args = resume_args(run_dir, args)
     check_args(args)
     if not args.resume:
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", args.dataset)  # imagefolder:PATH has slashes
-        run_dir = Path(args.out_dir) / f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir.mkdir(parents=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+        stamp = int(time.time())
+        if world_size > 1:  # every rank must use rank 0's folder
+            stamp = broadcast_int(stamp)
+        run_dir = Path(args.out_dir) / f"{name}__{args.exp_name}__{args.seed}__{stamp}"
+        if main_rank:
+            run_dir.mkdir(parents=True)
+            (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    if (run_dir / "results.json").is_file():  # finished before: report it again
+        return [(row, results) for row, results in json.loads((run_dir / "results.json").read_text())]
+
+    rows: list[tuple[str, dict]] = []
+    if args.mode == "apt" and args.compare_plain:
+        previous = sorted(run_dir.glob("*__plain__*"))
+        plain = replace(args, mode="plain", compare_plain=False, exp_name="plain", out_dir=str(run_dir), resume=None)
+        if previous:
+            plain = replace(plain, resume=str(previous[-1]))
+        rows += train(plain)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     info = dataset_info(args.dataset, args.data_root)
     state = load_train_state(run_dir / "train_state.pt") if args.resume else None
@@ -231,7 +288,7 @@ def main() -> None:
     train_set = build_dataset(args.dataset, split="train", augment=args.augment, **data)
     test_set = build_dataset(args.dataset, split="test", **data)
     info = train_set.info  # as the model sees it: resized, channels converted
-    batches = len(train_set) // args.batch_size  # drop_last: every step sees a full batch
+    batches = len(train_set) // (args.batch_size * world_size)  # drop_last: every step sees a full batch
     if batches == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the train split ({len(train_set)} images)")
     steps_per_epoch = min(args.steps_per_epoch or batches, batches)
@@ -244,47 +301,73 @@ def main() -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, round(args.warmup_frac * total_steps))
     )
+    channels = ChannelLosses(pv, mode=args.train_prune_mode, label_smoothing=args.label_smoothing)
+    losses_fn = DDP(channels) if world_size > 1 else channels
+    agent = make_agent_trainer(args, pv, rank, device) if args.mode == "apt" else None
+    weights = {"plain": args.plain_weight, "single": args.single_weight, "multi": args.multi_weight}
     start_epoch, global_step = 0, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if agent is not None:
+            agent.load_state_dict(state["agent"])
         start_epoch, global_step = state["epoch"], state["global_step"]
         set_rng_state(state["rng"])  # last: building the model drew from the same RNGs
         logger.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, global_step)
     elif args.resume:
         logger.warning("%s has no training state yet: starting it over", run_dir)
 
-    writer = SummaryWriter(str(run_dir), purge_step=global_step if state is not None else None)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
-    )
-    logger.info("run folder %s: %d steps of %d images on %s", run_dir, total_steps, args.batch_size, device)
+    writer = SummaryWriter(str(run_dir), purge_step=global_step if state is not None else None) if main_rank else None
+    if writer is not None:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
+        )
+    logger.info(
+        "run folder %s: %s, %d steps of %d images on %s x %d", run_dir, args.mode, total_steps, args.batch_size,
+        device, world_size,
+    )  # fmt: skip
 
     meta = checkpoint_meta(info, epoch=start_epoch)
     start_time, start_step = time.time(), global_step
     with logging_redirect_tqdm():
         for epoch in range(start_epoch, args.epochs):
+            sampler = None
+            if world_size > 1:  # each rank its own shard, a fresh seeded order every epoch
+                sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)
+                sampler.set_epoch(epoch)
             loader = make_loader(
                 train_set,
                 batch_size=args.batch_size,
-                shuffle=True,
+                shuffle=sampler is None,
+                sampler=sampler,
                 seed=args.seed + epoch,  # a fresh, reproducible order every epoch, also after --resume
                 drop_last=True,
                 num_workers=args.num_workers,
             )
+            pruning = agent is not None and epoch >= args.warmup_epochs
+            keep_fn = None
+            if pruning:
+                agent.policy.eval()
+                keep_fn = lambda obs: agent.policy.act(obs, deterministic=False, generator=agent.generator)  # noqa: E731
             pv.train()
             sum_loss, sum_correct, seen = 0.0, 0, 0
-            bar = tqdm(itertools.islice(loader, steps_per_epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}")
+            bar = tqdm(
+                itertools.islice(loader, steps_per_epoch),
+                total=steps_per_epoch,
+                desc=f"epoch {epoch + 1}" + (" (pruning)" if pruning else ""),
+                disable=not main_rank or None,
+            )
             for images, labels in bar:
                 images, labels = images.to(device), labels.to(device)
-                losses, logits = batch_losses(pv, images, labels, label_smoothing=args.label_smoothing)
+                single_stage = random.randrange(pv.num_stages)
+                losses, logits = losses_fn(images, labels, keep_fn, weights, single_stage)
                 loss = sum(losses.values())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                grad_norm = None
                 if args.max_grad_norm > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(pv.parameters(), args.max_grad_norm)
-                    writer.add_scalar("losses/grad_norm", float(grad_norm), global_step + 1)
                 optimizer.step()
                 scheduler.step()
                 global_step += 1
@@ -293,50 +376,108 @@ def main() -> None:
                 sum_loss += loss.item() * len(labels)
                 sum_correct += correct
                 seen += len(labels)
-                writer.add_scalar("losses/loss", loss.item(), global_step)
-                for channel, value in losses.items():
-                    writer.add_scalar(f"losses/{channel}", value.item(), global_step)
-                writer.add_scalar("charts/train_acc1", correct / len(labels), global_step)
-                writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-                writer.add_scalar("charts/SPS", (global_step - start_step) / (time.time() - start_time), global_step)
+                if writer is not None:
+                    writer.add_scalar("losses/loss", loss.item(), global_step)
+                    for channel, value in losses.items():
+                        writer.add_scalar(f"losses/{channel}", value.item(), global_step)
+                    if grad_norm is not None:
+                        writer.add_scalar("losses/grad_norm", float(grad_norm), global_step)
+                    writer.add_scalar("charts/train_acc1", correct / len(labels), global_step)
+                    writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+                    writer.add_scalar(
+                        "charts/SPS", (global_step - start_step) / (time.time() - start_time), global_step
+                    )
                 bar.set_postfix(loss=f"{sum_loss / seen:.3f}", acc=f"{sum_correct / seen:.3f}")
+
+            if agent is not None and epoch + 1 >= args.warmup_epochs:  # agent phase: the backbone frozen
+                pv.eval()
+                agent.policy.train()
+                agent.restart_episodes()
+                for stats in agent.learn(args.agent_steps):
+                    if writer is not None:
+                        for key in ("episode_return", "loss_delta", "keep_ratio", "gflops", "sps"):
+                            writer.add_scalar(f"agent/{key}", stats[key], global_step)
+                logger.info(
+                    "epoch %d agent: return %.4f keep %.3f", epoch + 1, stats["episode_return"], stats["keep_ratio"]
+                )
 
             rng = get_rng_state()  # before anything else could draw, so a resumed run continues identically
             meta = checkpoint_meta(info, epoch=epoch + 1, train_loss=sum_loss / seen, train_acc1=sum_correct / seen)
-            writer.add_scalar("charts/epoch", epoch + 1, global_step)
-            save_backbone(run_dir / "checkpoint", pv, meta=meta)  # first: a resume rebuilds the model from it
-            save_train_state(
-                run_dir / "train_state.pt",
-                {
-                    "model": pv.model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1,
-                    "global_step": global_step,
-                    "rng": rng,
-                },
-            )
+            if main_rank:
+                writer.add_scalar("charts/epoch", epoch + 1, global_step)
+                save_backbone(run_dir / "checkpoint", pv, meta=meta)  # first: a resume rebuilds the model from it
+                if agent is not None:
+                    save_policy(run_dir / "agent", agent.policy, meta={"global_step": agent.global_step})
+                save_train_state(
+                    run_dir / "train_state.pt",
+                    {
+                        "model": pv.model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "agent": agent.state_dict() if agent is not None else {},
+                        "epoch": epoch + 1,
+                        "global_step": global_step,
+                        "rng": rng,
+                    },
+                )
             if args.stop_epoch is not None and epoch + 1 == args.stop_epoch < args.epochs:
                 logger.info("stopped after epoch %d; continue with --resume %s", epoch + 1, run_dir)
-                writer.close()
-                return
+                if writer is not None:
+                    writer.close()
+                raise SystemExit(0)
 
         test_loader = make_loader(
             test_set, batch_size=args.eval_batch_size, shuffle=False, seed=args.seed, num_workers=args.num_workers
         )
-        results = evaluate(pv, test_loader, desc="test")
-    for key in ("acc1", "loss", "gflops", "tokens", "img_per_s"):
-        writer.add_scalar(f"charts/test_{key}", results[key], global_step)
-    save_backbone(run_dir / "checkpoint", pv, meta={**meta, "test_acc1": results["acc1"], "test_loss": results["loss"]})
-    writer.close()
+        if agent is None:
+            rows.append(("plain ViT", evaluate(pv, test_loader, desc="test")))
+        else:
+            agent.policy.eval()
+            act = lambda obs: agent.policy.act(obs, deterministic=True)  # noqa: E731
+            rows.append(("APT (pruning)", evaluate(pv, test_loader, act, desc="test, pruning")))
+            rows.append(("APT (no pruning)", evaluate(pv, test_loader, desc="test, no pruning")))
+    own = rows[-1][1]
+    if main_rank:
+        for key in ("acc1", "loss", "gflops", "tokens", "img_per_s"):
+            writer.add_scalar(f"charts/test_{key}", own[key], global_step)
+        meta = {**meta, "test_acc1": own["acc1"], "test_loss": own["loss"]}
+        save_backbone(run_dir / "checkpoint", pv, meta=meta)
+        writer.close()
+        (run_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+        digest = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in pv.model.state_dict().values()))
+        logger.info("final weights sha256 %s", digest.hexdigest()[:16])
+    if world_size > 1:  # every rank reports its weights, so a test can check that they agree
+        digest = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in pv.model.state_dict().values()))
+        logger.info("rank %d weights sha256 %s", rank, digest.hexdigest()[:16])
+    if main_rank:
+        print(f"\n{args.dataset} test split, {int(own['num_images'])} images; run folder: {run_dir}")
+    return rows
 
-    print(f"\n{args.dataset} test split, {int(results['num_images'])} images; checkpoint: {run_dir / 'checkpoint'}")
-    print("| model | top-1 | GFLOPs/img | tokens | img/s |")
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's value on every rank."""
+    tensor = torch.tensor([value], dtype=torch.long)
+    torch.distributed.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
+def print_table(rows: list[tuple[str, dict]], num_patches: int) -> None:
+    print("| model | top-1 | GFLOPs/img | tokens (last block) | img/s |")
     print("|-------|------:|-----------:|-------:|------:|")
-    print(
-        f"| {args.mode} | {100 * results['acc1']:.2f}% | {results['gflops']:.4g} | "
-        f"{results['tokens']:.1f}/{pv.num_patches} | {results['img_per_s']:.0f} |"
-    )
+    for name, r in rows:
+        print(
+            f"| {name} | {100 * r['acc1']:.2f}% | {r['gflops']:.4g} | {r['tokens']:.1f}/{num_patches} | "
+            f"{r['img_per_s']:.0f} |"
+        )
+
+
+def main() -> None:
+    args = tyro.cli(Args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rows = train(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        num_patches = int(max(r["tokens"] for _, r in rows))
+        print_table(rows, num_patches)
 
 
 if __name__ == "__main__":

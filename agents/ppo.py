@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from agents.policy import APTPolicy
+from apt_env.distributed import all_reduce_grads
 
 _logger = logging.getLogger(__name__)
 
@@ -97,6 +98,10 @@ class NativePPO:
     def steps_per_rollout(self) -> int:
         """Env transitions per rollout: episodes x stages x sub-environments."""
         return self.episodes_per_rollout * self.num_stages * self.envs.num_envs
+
+    def restart_episodes(self) -> None:
+        """Start fresh episodes at the next rollout (e.g. after the backbone changed under the env)."""
+        self._next_obs = None
 
     def learn(self, total_env_steps: int, callback: Callable[[dict], None] | None = None) -> list[dict]:
         """Train for at least ``total_env_steps`` more transitions, in whole rollouts.
@@ -216,6 +221,7 @@ class NativePPO:
                 loss = pg_loss - self.ent_coef * ent + self.vf_coef * v_loss
                 self.optimizer.zero_grad()
                 loss.backward()
+                all_reduce_grads(self.policy.parameters())  # a no-op in one process
                 nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
                 self.optimizer.step()
                 with torch.no_grad():

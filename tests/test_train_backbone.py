@@ -2,14 +2,20 @@
 
 import importlib.util
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from agents.io import load_policy
 from apt_env.checkpoint import load_backbone, load_train_state
+from apt_env.env import APTPruneVectorEnv
 
 SCRIPT = Path(__file__).resolve().parents[1] / "train_backbone.py"
 TINY_MODEL = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 16}
@@ -20,6 +26,7 @@ TINY = [
     "--steps-per-epoch", "3",
     "--eval-batch-size", "64",
 ]  # fmt: skip
+APT = ["--mode", "apt", "--num-envs", "8", "--agent-steps", "48", "--warmup-epochs", "1"]
 
 
 def _run(out_dir: Path, *flags: str) -> tuple[Path, str]:
@@ -37,9 +44,9 @@ def _run(out_dir: Path, *flags: str) -> tuple[Path, str]:
 
 
 def test_end_to_end_writes_a_loadable_checkpoint_and_prints_the_table(tmp_path):
-    run_dir, stdout = _run(tmp_path / "runs", "--epochs", "1")
+    run_dir, stdout = _run(tmp_path / "runs", "--mode", "plain", "--epochs", "1")
     assert run_dir.name.startswith("synthetic__train_backbone__1__")
-    assert "| plain |" in stdout and "/16 |" in stdout  # 16 patch tokens of 4x4 pixels in a 16x16 image
+    assert "| plain ViT |" in stdout and "/16 |" in stdout  # 16 patch tokens of 4x4 pixels in a 16x16 image
 
     pv = load_backbone(run_dir / "checkpoint", expect={"dataset": "synthetic", "num_classes": 10, "img_size": 16})
     assert pv.depth == 2 and pv.embed_dim == 32
@@ -51,14 +58,25 @@ def test_end_to_end_writes_a_loadable_checkpoint_and_prints_the_table(tmp_path):
     assert list(run_dir.glob("events.out.tfevents.*"))
 
 
+def test_joint_training_prints_the_three_rows_and_writes_backbone_and_agent(tmp_path):
+    run_dir, stdout = _run(tmp_path / "runs", *APT, "--epochs", "2")
+    for row in ("| plain ViT |", "| APT (pruning) |", "| APT (no pruning) |"):
+        assert row in stdout
+    assert len(list(run_dir.glob("*__plain__*/checkpoint"))) == 1  # the plain baseline, same seed and schedule
+    envs = APTPruneVectorEnv(2, model=str(run_dir / "checkpoint"), dataset="synthetic")
+    load_policy(run_dir / "agent", observation_space=envs.single_observation_space)
+    state = load_train_state(run_dir / "train_state.pt")
+    assert state["agent"]["global_step"] >= 2 * 48
+
+
 @pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    run_a, _ = _run(tmp_path / "a", "--epochs", "2")
-    run_b, stdout = _run(tmp_path / "b", "--epochs", "2", "--stop-epoch", "1")
-    assert "| plain |" not in stdout  # stopped before the test evaluation
+    run_a, _ = _run(tmp_path / "a", "--mode", "plain", "--epochs", "2")
+    run_b, stdout = _run(tmp_path / "b", "--mode", "plain", "--epochs", "2", "--stop-epoch", "1")
+    assert "| plain ViT |" not in stdout  # stopped before the test evaluation
     assert load_train_state(run_b / "train_state.pt")["epoch"] == 1
     _, stdout = _run(tmp_path / "b", "--resume", str(run_b))
-    assert "| plain |" in stdout
+    assert "| plain ViT |" in stdout
 
     a = load_backbone(run_a / "checkpoint").model.state_dict()
     b = load_backbone(run_b / "checkpoint").model.state_dict()
@@ -76,8 +94,8 @@ def _script():
 
 def test_bad_arguments_are_refused_early():
     script = _script()
-    with pytest.raises(NotImplementedError, match="--mode apt .* pruning agent"):
-        script.check_args(script.Args(mode="apt"))
+    with pytest.raises(ValueError, match="--warmup-epochs"):
+        script.check_args(script.Args(mode="apt", epochs=2, warmup_epochs=2))
     with pytest.raises(ValueError, match="--model-kwargs must be a JSON object"):
         script.check_args(script.Args(model_kwargs="depth=2"))
     with pytest.raises(ValueError, match="--stop-epoch"):
@@ -90,3 +108,44 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert values[0] == pytest.approx(0.1) and values[9] == 1.0
     assert all(a >= b for a, b in zip(values[9:], values[10:]))
     assert values[100] == pytest.approx(0.0)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_joint_training_then_resume_ends_as_uninterrupted(tmp_path):
+    flags = [*TINY, *APT, "--no-compare-plain", "--epochs", "3", "--steps-per-epoch", "12"]
+    run_a, _ = _run(tmp_path / "a", *flags[len(TINY):])
+    out = tmp_path / "b"
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *flags, "--out-dir", str(out)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        states = list(out.glob("*/train_state.pt"))
+        if states and load_train_state(states[0])["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (run_b,) = out.iterdir()
+    assert load_train_state(run_b / "train_state.pt")["epoch"] < 3
+    _run(out, "--resume", str(run_b))
+
+    a, b = (load_backbone(r / "checkpoint").model.state_dict() for r in (run_a, run_b))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pa, pb = (load_train_state(r / "train_state.pt")["agent"]["policy"] for r in (run_a, run_b))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_weights(tmp_path):
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT)]
+    cmd += [*TINY, *APT, "--no-compare-plain", "--epochs", "2", "--out-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    digests = dict(re.findall(r"rank (\d) weights sha256 (\w+)", proc.stderr))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    assert "| APT (pruning) |" in proc.stdout
