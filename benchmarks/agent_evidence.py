@@ -75,15 +75,16 @@ def main(args: Args) -> None:
     trainer.learn(args.native_steps)
     trainer.policy.eval()
     agent = lambda obs: trainer.policy.act(obs, deterministic=True)  # noqa: E731
-    ours = evaluate_returns(test, agent, episodes=args.eval_episodes, seed=args.seed)
+    same = dict(episodes=args.eval_episodes, seed=args.seed)  # the same test images for every policy
+    ours = evaluate_returns(test, agent, **same)
     ratios = ours["stage_ratios"]
     rows = {
         "native PPO agent": ours,
         "random (same ratio)": evaluate_returns(
-            test, at_stage_ratios(RandomKeep(0.5, seed=args.seed).act, ratios), episodes=args.eval_episodes, seed=args.seed
+            test, at_stage_ratios(RandomKeep(0.5, seed=args.seed).act, ratios), **same
         ),
         "cls-attn top-k (same ratio)": evaluate_returns(
-            test, at_stage_ratios(ClsAttentionTopK(0.5).act, ratios), episodes=args.eval_episodes, seed=args.seed
+            test, at_stage_ratios(ClsAttentionTopK(0.5).act, ratios), **same
         ),
     }
     print(f"\n1. native PPO, {args.native_steps} transitions ({time.perf_counter() - start:.0f} s); test split, "
@@ -92,7 +93,10 @@ def main(args: Args) -> None:
     print("| policy | episode return | loss delta | final keep ratio | GFLOPs |")
     print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['episode_return']:.4f} | {r['loss_delta']:.4f} | {r['keep_ratio']:.3f} | {r['gflops']:.4f} |")
+        print(
+            f"| {name} | {r['episode_return']:.4f} | {r['loss_delta']:.4f} | {r['keep_ratio']:.3f} | "
+            f"{r['gflops']:.4f} |"
+        )
 
     print(f"\n2. stable-baselines3, {args.sb3_steps} transitions each: mean episode return, first vs last 10%")
     print("| algorithm | first 10% | last 10% | episodes |")

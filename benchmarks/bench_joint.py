@@ -1,0 +1,93 @@
+"""Time per epoch of joint (APT) training against plain training, measured side by side in one run.
+
+Per training step of the default ViT on Fashion-MNIST batches: the plain channel alone, and the three
+channels with the agent's sampled masks; plus one agent phase (PPO on the env over the same backbone).
+An epoch of the given schedule is then ``steps x step time`` (plain) and ``steps x joint step time + one
+agent phase`` (joint). Target: joint at most 2x plain.
+
+Run: ``python benchmarks/bench_joint.py`` (about 3 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import tyro
+
+from agents.policy import APTPolicy
+from agents.ppo import NativePPO
+from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
+from apt_env.data import build_dataset, make_loader
+from apt_env.env import APTPruneVectorEnv
+from apt_env.joint import ChannelLosses
+
+
+@dataclass
+class Args:
+    steps: int = 12
+    """training steps timed per kind (interleaved, after a warm-up step)"""
+    batch_size: int = 128
+    """training batch size"""
+    steps_per_epoch: tuple[int, ...] = (50, 468)
+    """epoch lengths to report (the default short schedule, and a full pass over Fashion-MNIST)"""
+    agent_steps: int = 6144
+    """env transitions of one agent phase (train_backbone's default)"""
+    num_envs: int = 64
+    """env batch of the agent phase"""
+    seed: int = 0
+    """seed"""
+
+
+def main(args: Args) -> None:
+    torch.manual_seed(args.seed)
+    pv = PrunableViT.from_timm(DEFAULT_MODEL_NAME, **DEFAULT_MODEL_KWARGS)
+    data = build_dataset("fashion-mnist", split="train", augment=True)
+    batches = iter(make_loader(data, batch_size=args.batch_size, shuffle=True, seed=args.seed, drop_last=True))
+    envs = APTPruneVectorEnv(args.num_envs, model=pv, flops_weight=0.5, channels=("plain", "multi"))
+    agent = NativePPO(envs, APTPolicy.for_env(envs, init_keep_prob=0.9), seed=args.seed)
+    agent.learn(args.agent_steps // 2)  # an agent that already prunes, as after the first agent phase
+    agent.policy.eval()
+    keep_fn = lambda obs: agent.policy.act(obs, deterministic=False, generator=agent.generator)  # noqa: E731
+    losses = ChannelLosses(pv)
+    optimizer = torch.optim.AdamW(pv.parameters(), lr=1e-4)
+
+    def step(pruned: bool, stage: int) -> None:
+        images, labels = next(batches)
+        out, _ = losses(images, labels, keep_fn if pruned else None, single_stage=stage)
+        optimizer.zero_grad()
+        sum(out.values()).backward()
+        optimizer.step()
+
+    pv.train()
+    step(False, 0)
+    step(True, 0)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(args.steps):
+        for pruned in (False, True):
+            start = time.perf_counter()
+            step(pruned, i % pv.num_stages)
+            times[pruned].append(time.perf_counter() - start)
+    t_plain, t_joint = statistics.median(times[False]), statistics.median(times[True])
+
+    pv.eval()
+    agent.policy.train()
+    agent.restart_episodes()
+    start = time.perf_counter()
+    stats = agent.learn(args.agent_steps)
+    t_agent = time.perf_counter() - start
+
+    print(f"default ViT, batch {args.batch_size}; agent keep ratio at the end {stats[-1]['keep_ratio']:.2f}")
+    print(f"step: plain {t_plain:.3f} s, three channels {t_joint:.3f} s ({t_joint / t_plain:.2f}x)")
+    print(f"agent phase: {args.agent_steps} transitions in {t_agent:.1f} s")
+    print("| steps/epoch | plain epoch (s) | joint epoch (s) | joint / plain |")
+    print("|---:|---:|---:|---:|")
+    for steps in args.steps_per_epoch:
+        plain, joint = steps * t_plain, steps * t_joint + t_agent
+        print(f"| {steps} | {plain:.1f} | {joint:.1f} | {joint / plain:.2f} |")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,61 @@
+"""Plain ViT vs APT (pruning) vs APT (no pruning) on the test split, over several seeds.
+
+Runs ``train_backbone.py --mode apt`` (which trains the plain baseline first, same seed and schedule) once
+per seed and prints each row's mean and standard deviation: top-1, GFLOPs per image, kept tokens. Extra
+flags go to every run, e.g. ``--extra="--epochs 10 --steps-per-epoch 0"``.
+
+Run: ``python benchmarks/joint_vs_plain.py`` (the default schedule: about 10 minutes a seed on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+SCRIPT = Path(__file__).resolve().parents[1] / "train_backbone.py"
+
+
+@dataclass
+class Args:
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """one run per seed"""
+    out_dir: str = "runs/joint_vs_plain"
+    """parent folder of the runs"""
+    extra: str = ""
+    """flags passed to every train_backbone.py run, as one string"""
+
+
+def main(args: Args) -> None:
+    rows: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        out = Path(args.out_dir) / f"seed{seed}"
+        cmd = [sys.executable, str(SCRIPT), "--mode", "apt", "--seed", str(seed), "--out-dir", str(out)]
+        cmd += shlex.split(args.extra)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        (run_dir,) = [p for p in out.iterdir() if (p / "results.json").is_file()]
+        for name, results in json.loads((run_dir / "results.json").read_text()):
+            rows.setdefault(name, []).append(results)
+            print(f"seed {seed}: {name}: top-1 {100 * results['acc1']:.2f}%, {results['gflops']:.4g} GFLOPs, "
+                  f"{results['tokens']:.1f} tokens", flush=True)  # fmt: skip
+
+    def stat(values: list[float]) -> str:
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.4g} ± {spread:.2g}"
+
+    print(f"\ntest split, seeds {', '.join(map(str, args.seeds))} (mean ± std)")
+    print("| model | top-1 (%) | GFLOPs/img | tokens (last block) |")
+    print("|---|---:|---:|---:|")
+    for name, results in rows.items():
+        acc = stat([100 * r["acc1"] for r in results])
+        print(f"| {name} | {acc} | {stat([r['gflops'] for r in results])} | {stat([r['tokens'] for r in results])} |")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
