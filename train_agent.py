@@ -13,6 +13,7 @@ and class-attention top-k at the agent's own keep ratio per stage.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from agents.rollout import at_stage_ratios, evaluate_returns
 from agents.sb3 import APTActorCriticPolicy
 from apt_env.checkpoint import get_rng_state, load_train_state, save_train_state, set_rng_state
 from apt_env.data import build_dataset, make_loader
+from apt_env.distributed import broadcast_int, init_distributed, is_distributed
 from apt_env.env import REWARDS, APTPruneVectorEnv
 from apt_env.evaluate import evaluate
 from apt_env.sb3 import SB3VecEnv
@@ -115,21 +117,24 @@ def check_args(args: Args) -> None:
         raise ValueError("--total-env-steps and --num-envs must be positive")
 
 
-def run_folder(args: Args) -> tuple[Path, Args]:
-    """A new run folder (CleanRL's naming), or the one to resume with its saved arguments."""
+def run_folder(args: Args, main_rank: bool) -> tuple[Path, Args]:
+    """A new run folder (CleanRL's naming; made by rank 0), or the one to resume with its saved arguments."""
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "args.json"
         if not saved.is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no args.json there; is it a run folder of train_agent.py?")
         return run_dir, Args(**{**json.loads(saved.read_text()), "resume": str(run_dir)})
-    run_dir = Path(args.out_dir) / f"APTPrune-v0__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir.mkdir(parents=True)
-    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    run_dir = Path(args.out_dir) / f"APTPrune-v0__{args.exp_name}__{args.seed}__{broadcast_int(int(time.time()))}"
+    if main_rank:
+        run_dir.mkdir(parents=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     return run_dir, args
 
 
-def log_rollout(writer: SummaryWriter, stats: dict, step: int) -> None:
+def log_rollout(writer: SummaryWriter | None, stats: dict, step: int) -> None:
+    if writer is None:  # not the main process
+        return
     for key in ("episode_return", "loss_delta", "keep_ratio", "gflops"):
         writer.add_scalar(f"charts/{key}", stats[key], step)
     writer.add_scalar("charts/SPS", stats["sps"], step)
@@ -138,31 +143,39 @@ def log_rollout(writer: SummaryWriter, stats: dict, step: int) -> None:
             writer.add_scalar(f"losses/{key}", stats[key], step)
 
 
-def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: SummaryWriter) -> APTPolicy:
+def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: SummaryWriter | None) -> APTPolicy:
+    rank = torch.distributed.get_rank() if is_distributed() else 0
+    with torch.random.fork_rng(devices=[]):  # every rank starts from the same agent
+        torch.manual_seed(args.seed)
+        policy = APTPolicy.for_env(envs, hidden=args.hidden, init_keep_prob=args.init_keep_prob)
     trainer = NativePPO(
         envs,
-        policy_kwargs=dict(hidden=args.hidden, init_keep_prob=args.init_keep_prob),
+        policy,
         lr=args.lr,
         episodes_per_rollout=args.episodes_per_rollout,
         update_epochs=args.update_epochs,
         num_minibatches=args.num_minibatches,
         ent_coef=args.ent_coef,
-        seed=args.seed,
+        seed=args.seed + rank,  # each rank its own images and samples
     )
     state = load_train_state(run_dir / "train_state.pt") if args.resume else None
     if state is not None:
         trainer.load_state_dict(state["trainer"])
         set_rng_state(state["rng"])
         logger.info("resuming %s at step %d", run_dir, trainer.global_step)
-    bar = tqdm(total=args.total_env_steps, initial=trainer.global_step, desc="env steps", unit="step")
+    bar = tqdm(
+        total=args.total_env_steps, initial=trainer.global_step, desc="env steps", unit="step", disable=writer is None
+    )
     while trainer.global_step < args.total_env_steps:
         chunk = min(args.checkpoint_every * trainer.steps_per_rollout, args.total_env_steps - trainer.global_step)
         for stats in trainer.learn(chunk):
             log_rollout(writer, stats, stats["global_step"])
             bar.update(trainer.steps_per_rollout)
             bar.set_postfix(ret=f"{stats['episode_return']:.3f}", keep=f"{stats['keep_ratio']:.2f}")
-        save_policy(run_dir / "agent", trainer.policy, meta={"algo": "native", "global_step": trainer.global_step})
-        save_train_state(run_dir / "train_state.pt", {"trainer": trainer.state_dict(), "rng": get_rng_state()})
+        rng = get_rng_state()
+        if writer is not None:
+            save_policy(run_dir / "agent", trainer.policy, meta={"algo": "native", "global_step": trainer.global_step})
+            save_train_state(run_dir / "train_state.pt", {"trainer": trainer.state_dict(), "rng": rng})
     bar.close()
     return trainer.policy
 
@@ -295,10 +308,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.resume:
         check_args(args)  # before a run folder is made
-    run_dir, args = run_folder(args)
+    rank, world_size, device = init_distributed(args.device)
+    run_dir, args = run_folder(args, main_rank=rank == 0)
     check_args(args)
+    if world_size > 1 and args.algo != "native":
+        raise ValueError(f"--algo {args.algo} runs in one process; use --algo native with torchrun")
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     envs = APTPruneVectorEnv(
         args.num_envs,
         model=args.model,
@@ -310,15 +325,21 @@ def main() -> None:
         channels=("plain", "multi"),
         device=device,
     )
-    writer = SummaryWriter(str(run_dir))
-    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    logger.info("run folder %s: %s on %s for %d env steps", run_dir, args.algo, device, args.total_env_steps)
+    writer = SummaryWriter(str(run_dir)) if rank == 0 else None
+    if writer is not None:
+        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    logger.info("run folder %s: %s on %s x %d for %d env steps", run_dir, args.algo, device, world_size,
+                args.total_env_steps)  # fmt: skip
     train = train_native if args.algo == "native" else train_sb3
     policy = train(args, envs, run_dir, writer)
-    report(args, envs, policy, writer)
-    writer.close()
-    print(f"agent: {run_dir / 'agent'}")
+    if world_size > 1:  # every rank reports its agent, so a test can check that they agree
+        digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in policy.state_dict().values()))
+        logger.info("rank %d agent sha256 %s", rank, digest.hexdigest()[:16])
+    if writer is not None:
+        report(args, envs, policy, writer)
+        writer.close()
+        print(f"agent: {run_dir / 'agent'}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from apt_env.checkpoint import (
     set_rng_state,
 )
 from apt_env.data import DatasetInfo, build_dataset, dataset_info, make_loader
-from apt_env.distributed import init_distributed
+from apt_env.distributed import broadcast_int, init_distributed
 from apt_env.env import APTPruneVectorEnv
 from apt_env.evaluate import evaluate
 from apt_env.joint import ChannelLosses
@@ -250,9 +250,7 @@ def train(args: Args) -> list[tuple[str, dict]]:
     check_args(args)
     if not args.resume:
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", args.dataset)  # imagefolder:PATH has slashes
-        stamp = int(time.time())
-        if world_size > 1:  # every rank must use rank 0's folder
-            stamp = broadcast_int(stamp)
+        stamp = broadcast_int(int(time.time()))  # every rank uses rank 0's folder
         run_dir = Path(args.out_dir) / f"{name}__{args.exp_name}__{args.seed}__{stamp}"
         if main_rank:
             run_dir.mkdir(parents=True)
@@ -452,13 +450,6 @@ def train(args: Args) -> list[tuple[str, dict]]:
     if main_rank:
         print(f"\n{args.dataset} test split, {int(own['num_images'])} images; run folder: {run_dir}")
     return rows
-
-
-def broadcast_int(value: int) -> int:
-    """Rank 0's value on every rank."""
-    tensor = torch.tensor([value], dtype=torch.long)
-    torch.distributed.broadcast(tensor, src=0)
-    return int(tensor.item())
 
 
 def print_table(rows: list[tuple[str, dict]], num_patches: int) -> None:

@@ -12,6 +12,10 @@ from gymnasium import spaces
 
 from agents.policy import APTPolicy
 from apt_env.checkpoint import write_folder
+from apt_env.env import DEFAULT_CHECKPOINT
+
+# The agent trained with the default backbone (apt_env/assets/default), shipped beside it.
+DEFAULT_AGENT = DEFAULT_CHECKPOINT.parent / "default_agent"
 
 FORMAT = "apt-agent/1"
 WEIGHTS_FILE = "policy.safetensors"

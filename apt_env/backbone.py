@@ -35,7 +35,9 @@ _POOLS = ("token", "avg", "max", "avgmax", "map")
 
 # The default backbone: a small ViT for 28x28 gray images (Fashion-MNIST), 49 patch tokens.
 DEFAULT_MODEL_NAME = "vit_tiny_patch16_224"
-DEFAULT_MODEL_KWARGS: dict = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, depth=6)
+DEFAULT_MODEL_KWARGS: dict = dict(
+    img_size=28, patch_size=4, in_chans=1, num_classes=10, depth=6, embed_dim=128, num_heads=4
+)
 
 
 def default_prune_layers(depth: int, num_stages: int = 3) -> tuple[int, ...]:

@@ -53,3 +53,12 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's value on every rank (itself in one process)."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.long)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())

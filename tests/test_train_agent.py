@@ -1,5 +1,7 @@
 """train_agent.py end to end, launched as a user would, on a tiny backbone and synthetic data."""
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +75,16 @@ def test_resume_continues_to_the_total(backbone, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming" in proc.stderr
     assert torch.load(run_dir / "train_state.pt", weights_only=True)["trainer"]["global_step"] >= 192
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_agents(backbone, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "train_agent.py")]
+    cmd += ["--model", str(backbone), "--dataset", "synthetic", "--num-envs", "4", "--total-env-steps", "96"]
+    cmd += ["--eval-episodes", "1", "--eval-images", "32", "--out-dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    digests = dict(re.findall(r"rank (\d) agent sha256 (\w+)", proc.stderr))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    assert "| APT agent |" in proc.stdout and len(list(tmp_path.iterdir())) == 1
