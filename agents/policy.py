@@ -56,7 +56,12 @@ def top_k_live(scores: Tensor, live: Tensor, keep_ratio: float) -> Tensor:
     """
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    count = torch.floor(live.sum(1, dtype=torch.float32) * keep_ratio + 0.5).clamp(min=1)  # (B,)
+    return top_count_live(scores, live, live.sum(1, dtype=torch.float32) * keep_ratio)
+
+
+def top_count_live(scores: Tensor, live: Tensor, count: Tensor) -> Tensor:
+    """Keep each row's ``count`` (B,) highest-scoring live tokens, rounded half up, at least one."""
+    count = torch.floor(count + 0.5).clamp(min=1)  # (B,)
     order = scores.float().masked_fill(~live, -math.inf).argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
@@ -237,7 +242,10 @@ class APTPolicy(nn.Module):
 
         Args:
             obs: a batched observation.
-            deterministic: keep where the logit is positive; else sample.
+            deterministic: keep as many tokens as the policy keeps in expectation (the sum of the
+                live tokens' keep probabilities), those with the highest logits; else sample.
+                (Thresholding each probability at 0.5 would keep every token of a policy that keeps
+                each with probability 0.7, although it prunes 30% of them when sampled.)
             keep_ratio: if given, keep the top ``keep_ratio`` of the live tokens by logit (at least
                 one), whatever ``deterministic`` says: a fixed budget.
             generator: the random source for sampling.
@@ -247,6 +255,7 @@ class APTPolicy(nn.Module):
         if keep_ratio is not None:
             return top_k_live(logits, live, keep_ratio)
         if deterministic:
-            return (logits > 0) & live
+            expected = (torch.sigmoid(logits) * live).sum(1)  # (B,)
+            return top_count_live(logits, live, expected)
         u = torch.rand(logits.shape, generator=generator, device=logits.device)
         return (u < torch.sigmoid(logits)) & live

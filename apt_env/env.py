@@ -146,7 +146,7 @@ class PruningEpisodes:
         flops_now = self.flops(self.block_tokens)
         score = self._score(logits)
         reward = self.score - score + self.flops_weight * (self.flops_now - flops_now).float() / self.flops_all
-        loss_multi = F.cross_entropy(logits, self.labels, reduction="none")
+        loss_multi = score if self.reward == "loss_delta" else F.cross_entropy(logits, self.labels, reduction="none")
         info = {"loss_plain": self.loss_plain, "loss_multi": loss_multi}
         if "single" in self.channels:
             single = loss_multi

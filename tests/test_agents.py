@@ -234,3 +234,17 @@ def test_native_ppo_is_reproducible_and_resumes():
     for pa, pc in zip(a.policy.parameters(), c.policy.parameters()):
         assert torch.equal(pa, pc)
     assert c.learn(1)[0]["global_step"] == 3 * c.steps_per_rollout
+
+
+def test_deterministic_act_keeps_the_expected_count_by_logit(pruned_obs):
+    policy = _policy()
+    with torch.no_grad():
+        logits, _ = policy(pruned_obs)
+    live = pruned_obs["keep"].bool()
+    keep = policy.act(pruned_obs, deterministic=True)
+    expected = torch.floor((torch.sigmoid(logits) * live).sum(1) + 0.5).clamp(min=1)
+    assert torch.equal(keep.sum(1).float(), expected)
+    # The kept tokens are the live ones with the highest logits.
+    lowest_kept = logits.masked_fill(~keep, float("inf")).min(1).values
+    highest_dropped = logits.masked_fill(keep | ~live, float("-inf")).max(1).values
+    assert (lowest_kept >= highest_dropped).all()

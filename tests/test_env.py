@@ -240,3 +240,14 @@ def test_env_loads_a_checkpoint_folder(tmp_path):
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), pv.eval()(x))
+
+
+def test_default_env_runs_the_shipped_classifier_and_agent():
+    from agents.io import DEFAULT_AGENT, load_policy
+
+    envs = gym.make_vec("APTPrune-v0", num_envs=32, vectorization_mode="vector_entry_point")
+    envs.reset(seed=0)
+    _, _, _, _, info = envs.step(np.ones((32, 49), dtype=np.int8))
+    assert info["loss_plain"].mean() < 1.0  # chance is ln(10) = 2.3: the shipped ViT classifies
+    policy = load_policy(DEFAULT_AGENT, observation_space=envs.unwrapped.single_observation_space)
+    assert policy.num_patches == 49
