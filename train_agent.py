@@ -30,17 +30,14 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from agents.baselines import ClsAttentionTopK, KeepAll, RandomKeep
+from agents.compare import compare_policies, print_comparison
 from agents.io import save_policy
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
-from agents.rollout import at_stage_ratios, evaluate_returns
 from agents.sb3 import APTActorCriticPolicy
 from apt_env.checkpoint import get_rng_state, load_train_state, save_train_state, set_rng_state
-from apt_env.data import build_dataset, make_loader
 from apt_env.distributed import broadcast_int, init_distributed, is_distributed
 from apt_env.env import REWARDS, APTPruneVectorEnv
-from apt_env.evaluate import evaluate
 from apt_env.sb3 import SB3VecEnv
 
 logger = logging.getLogger("train_agent")
@@ -272,35 +269,14 @@ def report(args: Args, envs: APTPruneVectorEnv, policy: APTPolicy, writer: Summa
         channels=("plain", "multi"),
         device=envs.device,
     )
-    policy.eval()
-    agent = lambda obs: policy.act(obs, deterministic=True)  # noqa: E731
-    ours = evaluate_returns(test_envs, agent, episodes=args.eval_episodes, seed=args.seed)
-    ratios = ours["stage_ratios"]
-    rows = {
-        "APT agent": agent,
-        "keep all": KeepAll().act,
-        "random (same ratio)": at_stage_ratios(RandomKeep(0.5, seed=args.seed).act, ratios),
-        "cls-attn top-k (same ratio)": at_stage_ratios(ClsAttentionTopK(0.5).act, ratios),
-    }
-    test_set = build_dataset(
-        args.dataset, split="test", img_size=envs.pv.img_size[0], in_chans=envs.pv.in_chans, root=args.data_root
-    )
-    if args.eval_images:
-        test_set = torch.utils.data.Subset(test_set, range(min(args.eval_images, len(test_set))))
-    loader = make_loader(test_set, batch_size=256, shuffle=False, seed=args.seed)
-    print(f"\n{args.dataset} test split; stage keep ratios of the agent: {', '.join(f'{r:.2f}' for r in ratios)}")
-    print("| policy | episode return | loss delta | top-1 | GFLOPs/img | tokens | img/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    ret = ours
-    for name, act in rows.items():
-        if name != "APT agent":
-            ret = evaluate_returns(test_envs, act, episodes=args.eval_episodes, seed=args.seed)
-        acc = evaluate(envs.pv, loader, act, desc=name)
-        print(
-            f"| {name} | {ret['episode_return']:.4f} | {ret['loss_delta']:.4f} | {100 * acc['acc1']:.2f}% | "
-            f"{acc['gflops']:.4g} | {acc['tokens']:.1f}/{envs.pv.num_patches} | {acc['img_per_s']:.0f} |"
-        )
-        writer.add_text(f"eval/{name}", json.dumps({**ret, **acc}))
+    ratios, rows = compare_policies(
+        test_envs, policy, dataset=args.dataset, data_root=args.data_root, episodes=args.eval_episodes,
+        images=args.eval_images, seed=args.seed,
+    )  # fmt: skip
+    print(f"\n{args.dataset} test split")
+    print_comparison(ratios, rows, envs.pv.num_patches)
+    for name, results in rows:
+        writer.add_text(f"eval/{name}", json.dumps(results))
 
 
 def main() -> None:

@@ -1,0 +1,75 @@
+"""The agent next to the heuristic baselines at its own keep ratio: episode returns and test accuracy."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from agents.baselines import ClsAttentionTopK, KeepAll, RandomKeep
+from agents.policy import APTPolicy
+from agents.rollout import at_stage_ratios, evaluate_returns
+from apt_env.data import build_dataset, make_loader
+from apt_env.env import APTPruneVectorEnv
+from apt_env.evaluate import evaluate
+
+_logger = logging.getLogger(__name__)
+
+
+def compare_policies(
+    test_envs: APTPruneVectorEnv,
+    policy: APTPolicy,
+    *,
+    dataset: str,
+    data_root: str = "data",
+    episodes: int = 8,
+    images: int = 0,
+    seed: int = 0,
+) -> tuple[list[float], list[tuple[str, dict[str, Any]]]]:
+    """Rows for the agent, keep-all, random and class-attention top-k (both at the agent's stage ratios).
+
+    Args:
+        test_envs: the environment on the test split (its backbone is evaluated).
+        policy: the agent, acting deterministically (its expected keep count, by logit).
+        dataset: the dataset's name, for the accuracy pass over its test split.
+        data_root: where datasets live.
+        episodes: batches of ``num_envs`` test images for the episode returns (the same for every row).
+        images: test images for the accuracy pass (0: all).
+        seed: seed of the episode draws and of random pruning.
+
+    Returns:
+        The agent's keep ratio per stage, and ``(name, results)`` rows, results holding
+        ``evaluate_returns``'s and ``evaluate``'s keys.
+    """
+    pv = test_envs.pv
+    policy.eval()
+    agent = lambda obs: policy.act(obs, deterministic=True)  # noqa: E731
+    ours = evaluate_returns(test_envs, agent, episodes=episodes, seed=seed)
+    ratios = ours["stage_ratios"]
+    acts = {
+        "APT agent": agent,
+        "keep all": KeepAll().act,
+        "random (same ratio)": at_stage_ratios(RandomKeep(0.5, seed=seed).act, ratios),
+        "cls-attn top-k (same ratio)": at_stage_ratios(ClsAttentionTopK(0.5).act, ratios),
+    }
+    test_set = build_dataset(dataset, split="test", img_size=pv.img_size[0], in_chans=pv.in_chans, root=data_root)
+    if images:
+        test_set = torch.utils.data.Subset(test_set, range(min(images, len(test_set))))
+    loader = make_loader(test_set, batch_size=256, shuffle=False, seed=seed)
+    rows = []
+    for name, act in acts.items():
+        returns = ours if name == "APT agent" else evaluate_returns(test_envs, act, episodes=episodes, seed=seed)
+        rows.append((name, {**returns, **evaluate(pv, loader, act, desc=name)}))
+    return ratios, rows
+
+
+def print_comparison(ratios: list[float], rows: list[tuple[str, dict[str, Any]]], num_patches: int) -> None:
+    print(f"stage keep ratios of the agent: {', '.join(f'{r:.2f}' for r in ratios)}")
+    print("| policy | episode return | loss delta | top-1 | GFLOPs/img | tokens (last block) | img/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in rows:
+        print(
+            f"| {name} | {r['episode_return']:.4f} | {r['loss_delta']:.4f} | {100 * r['acc1']:.2f}% | "
+            f"{r['gflops']:.4g} | {r['tokens']:.1f}/{num_patches} | {r['img_per_s']:.0f} |"
+        )
