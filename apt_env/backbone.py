@@ -60,8 +60,9 @@ class PrunableViT(nn.Module):
             ``[1, depth - 1]``; default three evenly spaced blocks.
         min_keep: a row that a mask would leave with fewer patch tokens keeps ``min_keep``: the ones
             it had before, first in raster order.
-        bucket_rows: in gathered mode, a batch whose rows keep different numbers of tokens runs in
-            groups of about this many rows of similar length, each cut to its own longest row.
+        bucket_rows: in gathered mode without gradients, a batch whose rows keep different numbers
+            of tokens runs in groups of about this many rows of similar length, each cut to its own
+            longest row.
     """
 
     def __init__(
@@ -152,7 +153,9 @@ class PrunableViT(nn.Module):
     def run_blocks(self, state: TokenState, start: int, end: int) -> TokenState:
         """Run blocks ``[start, end)`` with pruned tokens removed as attention keys."""
         num_buckets = state.x.shape[0] // self.bucket_rows
-        if state.packed and num_buckets > 1 and not bool(state.keep.all()):
+        # Without gradients only: backward through the scatter back into the batch costs more than
+        # the padding saved (measured in benchmarks/bench_joint.py's training step).
+        if state.packed and num_buckets > 1 and not torch.is_grad_enabled() and not bool(state.keep.all()):
             counts = state.num_kept()
             x = state.x.clone()
             for rows in length_buckets(counts, num_buckets):
