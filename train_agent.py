@@ -30,7 +30,7 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from agents.compare import compare_policies, print_comparison
+from agents.compare import compare_policies, format_comparison
 from agents.io import save_policy
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
@@ -274,7 +274,7 @@ def report(args: Args, envs: APTPruneVectorEnv, policy: APTPolicy, writer: Summa
         images=args.eval_images, seed=args.seed,
     )  # fmt: skip
     print(f"\n{args.dataset} test split")
-    print_comparison(ratios, rows, envs.pv.num_patches)
+    print(format_comparison(ratios, rows, envs.pv.num_patches))
     for name, results in rows:
         writer.add_text(f"eval/{name}", json.dumps(results))
 

@@ -64,12 +64,16 @@ def compare_policies(
     return ratios, rows
 
 
-def print_comparison(ratios: list[float], rows: list[tuple[str, dict[str, Any]]], num_patches: int) -> None:
-    print(f"stage keep ratios of the agent: {', '.join(f'{r:.2f}' for r in ratios)}")
-    print("| policy | episode return | loss delta | top-1 | GFLOPs/img | tokens (last block) | img/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+def format_comparison(ratios: list[float], rows: list[tuple[str, dict[str, Any]]], num_patches: int) -> str:
+    """The rows as a Markdown table, under the agent's keep ratio per stage."""
+    lines = [
+        f"stage keep ratios of the agent: {', '.join(f'{r:.2f}' for r in ratios)}",
+        "| policy | episode return | loss delta | top-1 | GFLOPs/img | tokens (last block) | img/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in rows:
-        print(
+        lines.append(
             f"| {name} | {r['episode_return']:.4f} | {r['loss_delta']:.4f} | {100 * r['acc1']:.2f}% | "
             f"{r['gflops']:.4g} | {r['tokens']:.1f}/{num_patches} | {r['img_per_s']:.0f} |"
         )
+    return "\n".join(lines)

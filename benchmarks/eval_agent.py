@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import tyro
 
-from agents.compare import compare_policies, print_comparison
+from agents.compare import compare_policies, format_comparison
 from agents.io import DEFAULT_AGENT, load_policy
 from apt_env.env import DEFAULT_CHECKPOINT, APTPruneVectorEnv
 
@@ -50,7 +50,7 @@ def main(args: Args) -> None:
         envs, policy, dataset=args.dataset, episodes=args.episodes, images=args.images, seed=args.seed
     )
     print(f"{args.model} + {args.agent} on {args.dataset} (test split)")
-    print_comparison(ratios, rows, envs.pv.num_patches)
+    print(format_comparison(ratios, rows, envs.pv.num_patches))
 
 
 if __name__ == "__main__":
