@@ -13,7 +13,6 @@ and class-attention top-k at the agent's own keep ratio per stage.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from agents.sb3 import APTActorCriticPolicy
 from apt_env.checkpoint import get_rng_state, load_train_state, save_train_state, set_rng_state
-from apt_env.distributed import broadcast_int, init_distributed, is_distributed
+from apt_env.distributed import broadcast_int, init_distributed, is_distributed, state_digest
 from apt_env.env import REWARDS, APTPruneVectorEnv
 from apt_env.sb3 import SB3VecEnv
 
@@ -310,8 +309,7 @@ def main() -> None:
     train = train_native if args.algo == "native" else train_sb3
     policy = train(args, envs, run_dir, writer)
     if world_size > 1:  # every rank reports its agent, so a test can check that they agree
-        digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in policy.state_dict().values()))
-        logger.info("rank %d agent sha256 %s", rank, digest.hexdigest()[:16])
+        logger.info("rank %d agent sha256 %s", rank, state_digest(policy))
     if writer is not None:
         report(args, envs, policy, writer)
         writer.close()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 from torch import nn
 
-from apt_env.tokens import TokenState, apply_keep_mask, gather_kept, initial_state, length_buckets
+from apt_env.tokens import TokenState, apply_keep_mask, gather_kept, initial_state, length_buckets, live_mean
 
 _logger = logging.getLogger(__name__)
 
@@ -152,21 +152,21 @@ class PrunableViT(nn.Module):
 
     def run_blocks(self, state: TokenState, start: int, end: int) -> TokenState:
         """Run blocks ``[start, end)`` with pruned tokens removed as attention keys."""
+        key_mask = state.key_mask()
         num_buckets = state.x.shape[0] // self.bucket_rows
         # Without gradients only: backward through the scatter back into the batch costs more than
         # the padding saved (measured in benchmarks/bench_joint.py's training step).
-        if state.packed and num_buckets > 1 and not torch.is_grad_enabled() and not bool(state.keep.all()):
+        if key_mask is not None and state.packed and num_buckets > 1 and not torch.is_grad_enabled():
             counts = state.num_kept()
             x = state.x.clone()
             for rows in length_buckets(counts, num_buckets):
                 length = int(counts[rows].max())
-                x[rows, : self.num_prefix_tokens + length] = self._run(state.rows(rows, length), start, end)
+                part = state.rows(rows, length)
+                x[rows, : self.num_prefix_tokens + length] = self._run(part.x, start, end, part.key_mask())
             return state.with_x(x)
-        return state.with_x(self._run(state, start, end))
+        return state.with_x(self._run(state.x, start, end, key_mask))
 
-    def _run(self, state: TokenState, start: int, end: int) -> torch.Tensor:
-        key_mask = state.key_mask()
-        x = state.x
+    def _run(self, x: torch.Tensor, start: int, end: int, key_mask: torch.Tensor | None) -> torch.Tensor:
         for blk in self.model.blocks[start:end]:
             x = blk(x) if key_mask is None else blk(x, attn_mask=key_mask)
         return x
@@ -221,8 +221,7 @@ class PrunableViT(nn.Module):
         if self.model.cls_token is not None:
             xq = x[:, :1]
         else:
-            live = state.keep.unsqueeze(-1).to(x.dtype)
-            xq = (x[:, self.num_prefix_tokens :] * live).sum(1, keepdim=True) / live.sum(1, keepdim=True)
+            xq = live_mean(x[:, self.num_prefix_tokens :], state.keep).unsqueeze(1)
         q = F.linear(xq, w[:a], None if bias is None else bias[:a])
         q = attn.q_norm(q.view(b, 1, h, a // h).transpose(1, 2))  # (B, H, 1, D)
         scores = (q @ k.transpose(-2, -1)) * attn.scale  # (B, H, 1, T)
@@ -274,8 +273,7 @@ class PrunableViT(nn.Module):
 
 def _masked_pool(x: torch.Tensor, live: torch.Tensor, pool: str) -> torch.Tensor:
     """timm's ``global_pool_nlc`` over live tokens only. # x: (B, T, C), live: (B, T) -> (B, C)"""
-    w = live.unsqueeze(-1).to(x.dtype)
-    mean = (x * w).sum(1) / w.sum(1)
+    mean = live_mean(x, live)
     if pool == "avg":
         return mean
     peak = x.masked_fill(~live.unsqueeze(-1), float("-inf")).amax(1)

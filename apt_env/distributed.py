@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterable
@@ -62,3 +63,9 @@ def broadcast_int(value: int) -> int:
     tensor = torch.tensor([value], dtype=torch.long)
     dist.broadcast(tensor, src=0)
     return int(tensor.item())
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """A short hash of a module's weights, to check that the ranks agree."""
+    data = b"".join(t.detach().cpu().numpy().tobytes() for t in module.state_dict().values())
+    return hashlib.sha256(data).hexdigest()[:16]

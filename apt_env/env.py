@@ -20,7 +20,7 @@ from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, MODES, Mo
 from apt_env.checkpoint import load_backbone
 from apt_env.data import build_dataset
 from apt_env.flops import FlopCounter
-from apt_env.tokens import TokenState
+from apt_env.tokens import TokenState, live_mean
 
 _logger = logging.getLogger(__name__)
 
@@ -201,8 +201,7 @@ def observe(
         if pv.model.cls_token is not None:
             obs["cls"] = state.x[:, 0].float()
         else:
-            live = state.keep.unsqueeze(-1).to(state.x.dtype)
-            obs["cls"] = ((state.patches * live).sum(1) / live.sum(1)).float()
+            obs["cls"] = live_mean(state.patches, state.keep).float()
     if "cls_attn" in keys:
         if cls_attn is None:
             raise ValueError("the cls_attn observation needs the class attention of the block before the stage")

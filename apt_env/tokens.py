@@ -74,6 +74,12 @@ class TokenState:
         return out.scatter(1, self.index.unsqueeze(-1).expand(-1, -1, c), live)
 
 
+def live_mean(x: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Mean over the live tokens of each row. # x: (B, L, C), live: (B, L) bool -> (B, C)"""
+    w = live.unsqueeze(-1).to(x.dtype)
+    return (x * w).sum(1) / w.sum(1)
+
+
 def initial_state(x: torch.Tensor, num_prefix_tokens: int) -> TokenState:
     """The state right after embedding: every patch live, slots in raster order."""
     b, n = x.shape[0], x.shape[1] - num_prefix_tokens
