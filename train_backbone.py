@@ -27,6 +27,8 @@ import math
 import os
 import random
 import re
+import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -54,7 +56,7 @@ from apt_env.checkpoint import (
     save_train_state,
     set_rng_state,
 )
-from apt_env.data import DatasetInfo, build_dataset, dataset_info, make_loader
+from apt_env.data import VAL_FRACTION, DatasetInfo, build_dataset, dataset_info, make_loader
 from apt_env.distributed import broadcast_int, init_distributed, state_digest
 from apt_env.env import APTPruneVectorEnv
 from apt_env.evaluate import evaluate
@@ -209,9 +211,12 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
 
 
 def checkpoint_meta(info: DatasetInfo, **extra: float) -> dict:
-    """What a checkpoint records besides the model: the data it expects and how far training got."""
+    """What a checkpoint records besides the model: the data it expects, where it came from, how far it got."""
     return {
         "dataset": info.name,
+        "split": "train",
+        "val_fraction": VAL_FRACTION,
+        "command": " ".join(["python", *map(shlex.quote, sys.argv)]),
         "num_classes": info.num_classes,
         "img_size": info.img_size,
         "in_chans": info.in_chans,
@@ -283,6 +288,7 @@ def train(args: Args) -> list[tuple[str, dict]]:
     pv = pv.to(device)
     data = dict(img_size=pv.img_size[0], in_chans=pv.in_chans, root=args.data_root)
     train_set = build_dataset(args.dataset, split="train", augment=args.augment, **data)
+    val_set = build_dataset(args.dataset, split="val", **data)
     test_set = build_dataset(args.dataset, split="test", **data)
     info = train_set.info  # as the model sees it: resized, channels converted
     batches = len(train_set) // (args.batch_size * world_size)  # drop_last: every step sees a full batch
@@ -399,9 +405,22 @@ def train(args: Args) -> list[tuple[str, dict]]:
                 )
 
             rng = get_rng_state()  # before anything else could draw, so a resumed run continues identically
-            meta = checkpoint_meta(info, epoch=epoch + 1, train_loss=sum_loss / seen, train_acc1=sum_correct / seen)
+            val_loader = make_loader(val_set, batch_size=args.eval_batch_size, shuffle=False, seed=args.seed)
+            val = evaluate(pv, val_loader, desc="val")  # held out of train: what tuning may look at
+            logger.info("epoch %d: val top-1 %.4f loss %.4f", epoch + 1, val["acc1"], val["loss"])
+            meta = checkpoint_meta(
+                info,
+                epoch=epoch + 1,
+                train_loss=sum_loss / seen,
+                train_acc1=sum_correct / seen,
+                val_acc1=val["acc1"],
+                val_loss=val["loss"],
+                weights_digest=state_digest(pv.model),
+            )
             if main_rank:
                 writer.add_scalar("charts/epoch", epoch + 1, global_step)
+                writer.add_scalar("charts/val_acc1", val["acc1"], global_step)
+                writer.add_scalar("charts/val_loss", val["loss"], global_step)
                 save_backbone(run_dir / "checkpoint", pv, meta=meta)  # first: a resume rebuilds the model from it
                 if agent is not None:
                     save_policy(run_dir / "agent", agent.policy, meta={"global_step": agent.global_step})
@@ -437,7 +456,7 @@ def train(args: Args) -> list[tuple[str, dict]]:
     if main_rank:
         for key in ("acc1", "loss", "gflops", "tokens", "img_per_s"):
             writer.add_scalar(f"charts/test_{key}", own[key], global_step)
-        meta = {**meta, "test_acc1": own["acc1"], "test_loss": own["loss"]}
+        meta = {**meta, "test_acc1": own["acc1"], "test_loss": own["loss"], "weights_digest": state_digest(pv.model)}
         save_backbone(run_dir / "checkpoint", pv, meta=meta)
         writer.close()
         (run_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")

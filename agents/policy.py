@@ -204,6 +204,19 @@ class APTPolicy(nn.Module):
         value = self.value_head(torch.cat([pooled, q], -1)).squeeze(-1)  # (B,)
         return logits, value
 
+    def decision_flops(self, live: Tensor) -> Tensor:
+        """The FLOPs of ``act`` per image (fvcore's convention: a multiply-add is one, LayerNorm five per
+        element), from the live patch tokens at each stage (B, K).
+
+        The network runs on all ``N`` positions (pruned ones zeroed) and ``forward`` computes the value head
+        too, so the cost does not depend on ``live`` beyond its number of stages.
+        """
+        c, d, h, n = self.embed_dim, self.qk_dim, self.hidden, self.num_patches
+        per_token = 5 * c + 2 * c * d + d + (2 * d + int(self.use_cls_attn)) * h + h * h + h
+        per_image = 5 * c + c * d + (h + d) * h + h  # class-token norm and query, value head
+        per_stage = n * per_token + per_image
+        return torch.full(live.shape[:1], float(per_stage * live.shape[1]), dtype=torch.float64)
+
     def get_action_and_value(
         self, obs: Mapping[str, Any], action: Tensor | None = None, *, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -69,7 +69,11 @@ _FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 _IMAGEFOLDER_PREFIX = "imagefolder:"
-_SPLITS = ("train", "test")
+_SPLITS = ("train", "val", "test")
+VAL_FRACTION = 1 / 12
+"""Share of the original train split held out as ``val`` (5,000 of Fashion-MNIST's 60,000 images): tuning and
+model selection happen there, never on ``test``."""
+_VAL_SEED = 0
 _DIGITS_SEED = 0
 _SYNTHETIC_SEEDS = {"train": 0, "test": 1}
 _SYNTHETIC_SIZES = {"train": 512, "test": 128}
@@ -270,7 +274,7 @@ def dataset_info(name: str, root: str | Path = "data") -> DatasetInfo:
 def build_dataset(
     name: str,
     *,
-    split: Literal["train", "test"] = "train",
+    split: Literal["train", "val", "test"] = "train",
     img_size: int | None = None,
     in_chans: int | None = None,
     augment: bool = False,
@@ -284,7 +288,8 @@ def build_dataset(
 
     Args:
         name: one of ``DATASETS`` (``imagefolder:PATH`` with a real path).
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"``, ``"val"`` or ``"test"``. ``val`` is a fixed, seeded, stratified ``VAL_FRACTION``
+            of the original train split, and ``train`` is the rest: tune on ``val``, report on ``test``.
         img_size: output side in pixels; default the native one. Other sizes are resized (bilinear,
             antialias). ``synthetic`` is generated at this size instead.
         in_chans: output channels; default the native ones. Gray is repeated, RGB averaged to 1.
@@ -316,21 +321,56 @@ def build_dataset(
         augment=augment,
         hflip=name not in _NO_HFLIP,
     )
+    source = "test" if split == "test" else "train"
     if name.startswith(_IMAGEFOLDER_PREFIX):
-        return _build_imagefolder(_imagefolder_path(name), split=split, transform=transform, info=info)
+        dataset = _build_imagefolder(_imagefolder_path(name), split=source, transform=transform, info=info)
+        if split == "test":
+            return dataset
+        return _Subset(dataset, holdout_indices(dataset.targets, split))
 
     if name == "fashion-mnist":
-        images, targets, classes = _load_fashion_mnist(split, root=Path(root), download=download)
+        images, targets, classes = _load_fashion_mnist(source, root=Path(root), download=download)
     elif name in ("cifar10", "cifar100"):
-        images, targets, classes = _load_cifar(name, split, root=Path(root), download=download)
+        images, targets, classes = _load_cifar(name, source, root=Path(root), download=download)
     elif name == "digits":
-        images, targets, classes = _load_digits(split)
+        images, targets, classes = _load_digits(source)
     else:
-        images, targets, classes = _make_synthetic(split, img_size=img_size)
+        images, targets, classes = _make_synthetic(source, img_size=img_size)
     if len(classes) != native.num_classes:
         raise ValueError(f"{name}: expected {native.num_classes} class names, got {len(classes)}")
+    if split != "test":
+        index = torch.from_numpy(holdout_indices(targets, split))
+        images, targets = images[index], targets[index]
     logger.info("%s/%s: %d images %s", name, split, len(images), tuple(images.shape[1:]))
     return TensorImageDataset(images, targets, classes=classes, transform=transform, info=info)
+
+
+def holdout_indices(targets: Tensor | list[int], split: str) -> np.ndarray:
+    """Sorted indices of ``split`` (``train`` or ``val``) within an original train split of ``targets``.
+
+    A stratified ``VAL_FRACTION`` of every class (at least one image where a class has two or more) goes to
+    ``val``, drawn with a fixed seed, so the same images are held out in every run and on every machine.
+    """
+    labels = np.asarray(targets, dtype=np.int64)
+    rng = np.random.default_rng(_VAL_SEED)
+    val = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = max(1, round(len(members) * VAL_FRACTION)) if len(members) > 1 else 0
+        val.append(rng.permutation(members)[:count])
+    is_val = np.zeros(len(labels), dtype=bool)
+    is_val[np.concatenate(val) if val else []] = True
+    return np.flatnonzero(is_val if split == "val" else ~is_val)
+
+
+class _Subset(torch.utils.data.Subset):
+    """``Subset`` that keeps the dataset's ``info``, ``classes`` and ``targets``."""
+
+    def __init__(self, dataset: FolderImageDataset, indices: np.ndarray) -> None:
+        super().__init__(dataset, indices.tolist())
+        self.info = dataset.info
+        self.classes = dataset.classes
+        self.targets = [dataset.targets[i] for i in self.indices]
 
 
 def make_loader(

@@ -1,115 +1,430 @@
-"""Evaluation of a ``PrunableViT`` on a data loader: accuracy, FLOPs, kept tokens and throughput.
+"""Evaluation of token-pruning policies: top-1 with its interval, GFLOPs with the policy's own cost counted,
+and throughput measured side by side, every policy on the same images.
 
-Pruning is decided by an optional ``keep_fn(obs) -> keep mask`` on the environment's observation
-(``apt_env.env.observe``): an agent, a heuristic baseline (random, top-k by class attention), or
-nothing (the dense model). Its time counts in the measured throughput.
+A policy is a ``KeepFn``: ``keep_fn(obs) -> (B, N) bool`` on a batched observation of ``APTPrune-v0``
+(``apt_env.env.observe``, only the keys the policy asks for) that also carries ``index``, the position of
+each image in the evaluated dataset, so that a policy can replay recorded decisions. The dense model runs
+as timm's own ``model(images)``, with nothing observed. The agent, the heuristics (random, EViT's
+class-attention top-k) and replayed masks are all ``KeepFn``s; the environment package never imports
+``agents``.
+
+Accuracy comes with its 95% Wilson interval over images; throughput is timed for every policy in one
+interleaved loop (each repetition times every policy once, in a rotating order, and the median is
+reported), so ratios between rows hold on a noisy machine.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm import tqdm
 
 from apt_env.backbone import Mode, PrunableViT
+from apt_env.checkpoint import load_train_state, save_train_state
 from apt_env.env import OBS_KEYS, observe
-from apt_env.flops import FlopCounter
+from apt_env.flops import FlopCounter, cls_attention_flops
 
-__all__ = ["KeepFn", "evaluate"]
+__all__ = [
+    "COLUMNS",
+    "Contender",
+    "Decisions",
+    "KeepFn",
+    "PolicyFlops",
+    "budget_keep_ratio",
+    "evaluate",
+    "evaluate_accuracy",
+    "fixed_masks",
+    "load_decisions",
+    "forward_policy",
+    "measure_throughput",
+    "random_at_counts",
+    "save_decisions",
+    "wilson_interval",
+]
 
 _logger = logging.getLogger(__name__)
 
-KeepFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
-"""``keep_fn(obs)``: the keep mask (B, N) bool for an observation of ``APTPrune-v0`` (batched tensors)."""
+KeepFn = Callable[[dict[str, Tensor]], Tensor]
+"""``keep_fn(obs)``: the keep mask (B, N) bool for a batched observation (tensors, plus ``index`` (B,))."""
+
+PolicyFlops = Callable[[Tensor], Tensor]
+"""``flops(live)``: the policy's own FLOPs per image (B,) float64, from the live patch tokens (B, K) it
+observed at each stage. The class attention it reads is counted by the evaluator, not here."""
+
+COLUMNS: tuple[str, ...] = (
+    "policy", "budget", "top1", "top1_low", "top1_high", "loss", "gflops_backbone", "gflops_policy", "gflops",
+    "tokens_last", "img_per_s_b1", "img_per_s_b256", "num_images",
+)  # fmt: skip
+"""The columns of one evaluation row, in order (``results.csv``)."""
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One row of an evaluation: a pruning rule, at a budget.
+
+    Args:
+        name: the row's name, e.g. ``"random"``.
+        keep_fn: the decisions; ``None`` is the dense model (timm's forward, nothing observed).
+        budget: the fraction of the dense backbone's GFLOPs the rule was set to, or what it reached on its
+            own (for policies without a budget input).
+        obs_keys: the observation keys ``keep_fn`` reads; fewer is faster (``cls_attn`` costs a partial
+            block, counted in ``gflops_policy``).
+        flops: the policy's own cost (see ``PolicyFlops``); ``None`` is free (random, replay).
+    """
+
+    name: str
+    keep_fn: KeepFn | None = None
+    budget: float | None = None
+    obs_keys: tuple[str, ...] = OBS_KEYS
+    flops: PolicyFlops | None = None
+
+
+@dataclass
+class Decisions:
+    """Every mask a policy chose: ``masks[i, k]`` is image ``index[i]``'s keep mask after stage ``k``.
+
+    Attributes:
+        index: positions of the images in the evaluated dataset. # (M,) long
+        masks: keep masks over the original patch positions. # (M, K, N) bool
+    """
+
+    index: Tensor
+    masks: Tensor
+    _rows: Tensor | None = field(default=None, repr=False)
+
+    def rows(self, index: Tensor) -> Tensor:
+        """Rows of ``masks`` for dataset positions ``index`` (B,); a position not recorded is an error."""
+        if self._rows is None:
+            lookup = torch.full((int(self.index.max()) + 1,), -1, dtype=torch.long)
+            lookup[self.index] = torch.arange(len(self.index))
+            self._rows = lookup
+        index = index.cpu()
+        rows = self._rows[index.clamp(max=len(self._rows) - 1)]
+        missing = (index >= len(self._rows)) | (rows < 0)
+        if bool(missing.any()):
+            raise ValueError(f"no recorded decision for images {index[missing][:5].tolist()}")
+        return rows
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``correct / total`` (95% for ``z=1.96``)."""
+    if total <= 0:
+        raise ValueError(f"an interval needs at least one trial, got total={total}")
+    p = correct / total
+    denom = 1 + z * z / total
+    center = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def forward_policy(
+    pv: PrunableViT,
+    images: Tensor,
+    keep_fn: KeepFn | None,
+    *,
+    obs_keys: Sequence[str] = OBS_KEYS,
+    mode: Mode = "gathered",
+    index: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The model's logits with ``keep_fn`` pruning at every stage.
+
+    Returns:
+        logits (B, classes); patch tokens entering every block (B, depth) long; the keep mask after every
+        stage (B, K, N) bool (all True for the dense model).
+    """
+    b, n, k = images.shape[0], pv.num_patches, pv.num_stages
+    if keep_fn is None:  # the dense model, exactly as timm runs it
+        pv.check_images(images)
+        kept = torch.full((b, pv.depth), n, dtype=torch.long, device=images.device)
+        return pv.model(images), kept, torch.ones(b, k, n, dtype=torch.bool, device=images.device)
+    if index is None:
+        index = torch.arange(b, device=images.device)
+    bounds = pv.stage_bounds
+    state, cls_attn = pv.embed(images), None
+    kept, masks = [], []
+    for stage in range(k + 1):
+        if stage > 0:
+            obs = observe(pv, state, cls_attn, stage - 1, obs_keys)
+            obs["index"] = index
+            state = pv.prune(state, keep_fn(obs), mode)
+            masks.append(state.mask(n))
+        start, end = bounds[stage], bounds[stage + 1]
+        kept.append(state.num_kept().unsqueeze(1).expand(-1, end - start))
+        if "cls_attn" in obs_keys and stage < k:
+            state = pv.run_blocks(state, start, end - 1)
+            cls_attn = pv.cls_attention(state, end - 1)
+            start = end - 1
+        state = pv.run_blocks(state, start, end)
+    return pv.head(state), torch.cat(kept, dim=1), torch.stack(masks, dim=1)
+
+
+def _decision_gflops(pv: PrunableViT, contender: Contender, live: Tensor) -> Tensor:
+    """The policy's own GFLOPs per image from the live patch tokens at each stage (B, K)."""
+    cost = torch.zeros(live.shape[0], dtype=torch.float64, device=live.device)
+    if contender.keep_fn is None:
+        return cost
+    if "cls_attn" in contender.obs_keys:
+        for stage, layer in enumerate(pv.prune_layers):
+            per_token, constant = cls_attention_flops(pv.model, layer - 1)
+            cost += per_token * (live[:, stage].double() + pv.num_prefix_tokens) + constant
+    if contender.flops is not None:
+        cost += contender.flops(live).double().to(cost.device)
+    return cost / 1e9
+
+
+@torch.inference_mode()
+def evaluate_accuracy(
+    pv: PrunableViT,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    contenders: Sequence[Contender],
+    *,
+    mode: Mode = "gathered",
+    desc: str = "eval",
+) -> tuple[list[dict[str, float | str]], dict[str, Decisions]]:
+    """Top-1 (with its 95% interval), loss, GFLOPs and kept tokens of every contender on the same images.
+
+    Args:
+        pv: the model, evaluated on the device of its parameters, in eval mode (its mode is restored).
+        loader: batches of ``(images, labels)`` in dataset order (``index`` counts images from 0).
+        contenders: the rows; names must be unique.
+        mode: ``gathered`` removes pruned tokens, ``masked`` keeps shapes fixed (same logits).
+        desc: progress bar label.
+
+    Returns:
+        One row per contender with every key of ``COLUMNS`` but the throughputs, and each contender's
+        ``Decisions`` by name.
+    """
+    names = [c.name for c in contenders]
+    if len(set(names)) != len(names):
+        raise ValueError(f"contender names must be unique, got {names}")
+    device = next(pv.parameters()).device
+    counter = FlopCounter(pv.model)
+    dense = counter.dense()
+    sums = {c.name: dict(correct=0, loss=0.0, backbone=0.0, policy=0.0, tokens=0.0) for c in contenders}
+    masks: dict[str, list[Tensor]] = {c.name: [] for c in contenders}
+    num_images = 0
+    was_training = pv.training
+    pv.eval()
+    try:
+        for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
+            images, labels = images.to(device), labels.to(device)
+            index = torch.arange(num_images, num_images + len(labels), device=device)
+            for c in contenders:
+                logits, kept, stage_masks = forward_policy(
+                    pv, images, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index
+                )
+                live = torch.cat([torch.full_like(kept[:, :1], pv.num_patches), stage_masks.sum(-1)[:, :-1]], 1)
+                s = sums[c.name]
+                s["correct"] += int((logits.argmax(dim=1) == labels).sum())
+                s["loss"] += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+                s["backbone"] += float(counter(kept + pv.num_prefix_tokens).sum())
+                s["policy"] += float(_decision_gflops(pv, c, live).sum())
+                s["tokens"] += float(kept[:, -1].sum())
+                masks[c.name].append(stage_masks.cpu())
+            num_images += len(labels)
+    finally:
+        pv.train(was_training)
+    if num_images == 0:
+        raise ValueError("the evaluation got no images: the dataset split is empty")
+    rows, decisions = [], {}
+    for c in contenders:
+        s = sums[c.name]
+        low, high = wilson_interval(s["correct"], num_images)
+        backbone, policy = s["backbone"] / num_images / 1e9, s["policy"] / num_images
+        budget = c.budget if c.budget is not None else backbone * 1e9 / dense
+        rows.append({
+            "policy": c.name, "budget": budget, "top1": s["correct"] / num_images, "top1_low": low,
+            "top1_high": high, "loss": s["loss"] / num_images, "gflops_backbone": backbone,
+            "gflops_policy": policy, "gflops": backbone + policy, "tokens_last": s["tokens"] / num_images,
+            "num_images": num_images,
+        })  # fmt: skip
+        decisions[c.name] = Decisions(torch.arange(num_images), torch.cat(masks[c.name]))
+        _logger.info("%s: top-1 %.4f [%.4f, %.4f], %.4g GFLOPs", c.name, rows[-1]["top1"], low, high, backbone + policy)
+    return rows, decisions
+
+
+@torch.inference_mode()
+def measure_throughput(
+    pv: PrunableViT,
+    images: Tensor,
+    contenders: Sequence[Contender],
+    *,
+    batch_size: int,
+    repeats: int = 5,
+    mode: Mode = "gathered",
+    min_seconds: float = 0.05,
+) -> dict[str, float]:
+    """Images per second of every contender (decision time included), timed side by side.
+
+    Each repetition times every contender once, in an order rotated by one every repetition, on the same
+    images; a contender's figure is the median over repetitions. A timing at ``batch_size`` runs batches
+    until ``min_seconds`` have passed.
+
+    Args:
+        pv: the model (on the device it runs on).
+        images: at least ``batch_size`` images; the first ``batch_size`` are used.
+        contenders: the rows; random policies draw from their own generators.
+        batch_size: images per forward pass (1 for latency-bound use).
+        repeats: repetitions; the median is reported.
+        mode: pruning mode.
+        min_seconds: the least time one measurement runs.
+    """
+    if len(images) < batch_size:
+        raise ValueError(f"need at least {batch_size} images to time batch {batch_size}, got {len(images)}")
+    device = next(pv.parameters()).device
+    batch = images[:batch_size].to(device)
+    index = torch.arange(batch_size, device=device)
+    was_training = pv.training
+    pv.eval()
+    times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    try:
+        for c in contenders:  # warm-up: allocator, kernels, lazy inits
+            forward_policy(pv, batch, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index)
+        for rep in range(repeats):
+            shift = rep % len(contenders)
+            for c in [*contenders[shift:], *contenders[:shift]]:
+                runs, start = 0, time.perf_counter()
+                while True:
+                    forward_policy(pv, batch, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index)
+                    _synchronize(device)
+                    runs += 1
+                    elapsed = time.perf_counter() - start
+                    if elapsed >= min_seconds:
+                        break
+                times[c.name].append(runs * batch_size / elapsed)
+    finally:
+        pv.train(was_training)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def budget_keep_ratio(pv: PrunableViT, budget: float, *, resolution: int = 4096) -> float:
+    """The keep ratio per stage (of the live tokens, rounded half up) whose backbone GFLOPs are closest to
+    ``budget`` times the dense model's, for rules that keep the same count in every image.
+
+    Counts are integers, so the reachable fractions are a finite set; the closest is returned.
+    """
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"a budget is a fraction of the dense GFLOPs in (0, 1], got {budget}")
+    counter = FlopCounter(pv.model)
+    dense = counter.dense()
+    ratios = torch.arange(1, resolution + 1, dtype=torch.float64) / resolution
+    live = torch.full_like(ratios, pv.num_patches)
+    bounds = pv.stage_bounds
+    kept = [live.unsqueeze(1).expand(-1, bounds[1])]
+    for stage in range(pv.num_stages):
+        live = torch.floor(live * ratios + 0.5).clamp(min=max(1, pv.min_keep)).clamp(max=live)
+        kept.append(live.unsqueeze(1).expand(-1, bounds[stage + 2] - bounds[stage + 1]))
+    fractions = counter(torch.cat(kept, 1).long() + pv.num_prefix_tokens) / dense
+    best = int((fractions - budget).abs().argmin())
+    return float(ratios[best])
+
+
+def fixed_masks(decisions: Decisions) -> KeepFn:
+    """Replay recorded decisions: the mask of each image (by ``obs["index"]``) at each stage."""
+
+    def keep(obs: dict[str, Tensor]) -> Tensor:
+        rows = decisions.rows(obs["index"])
+        return decisions.masks[rows, int(obs["stage"][0])].to(obs["index"].device)
+
+    return keep
+
+
+def random_at_counts(decisions: Decisions, *, seed: int) -> KeepFn:
+    """Random pruning that keeps, in every image and at every stage, as many tokens as ``decisions`` did:
+    the control that separates *which* tokens a policy keeps from *how many*."""
+    counts = decisions.masks.sum(-1)  # (M, K)
+    generator = torch.Generator().manual_seed(seed)
+
+    def keep(obs: dict[str, Tensor]) -> Tensor:
+        live = obs["keep"].bool()
+        count = counts[decisions.rows(obs["index"]), int(obs["stage"][0])].to(live.device)
+        scores = torch.rand(live.shape, generator=generator).to(live.device).masked_fill(~live, -1.0)
+        rank = scores.argsort(dim=1, descending=True).argsort(dim=1)
+        return (rank < count.unsqueeze(1)) & live
+
+    return keep
 
 
 def evaluate(
     pv: PrunableViT,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loader: Iterable[tuple[Tensor, Tensor]],
     keep_fn: KeepFn | None = None,
     *,
     mode: Mode = "gathered",
     obs_keys: Sequence[str] = OBS_KEYS,
     desc: str = "eval",
 ) -> dict[str, float]:
-    """Run ``pv`` over ``loader`` in eval mode, pruning with ``keep_fn`` at every stage.
-
-    Args:
-        pv: the model; evaluated on the device of its parameters and left in its previous mode.
-        loader: batches of ``(images, labels)``.
-        keep_fn: pruning decisions (see ``KeepFn``); None runs the dense model.
-        mode: ``gathered`` removes pruned tokens (real speed), ``masked`` keeps shapes fixed.
-        obs_keys: the observation keys ``keep_fn`` reads (fewer is faster).
-        desc: progress bar label.
+    """One policy's accuracy and cost on ``loader`` (a short form of ``evaluate_accuracy``).
 
     Returns:
-        ``acc1`` (top-1 accuracy, 0..1), ``loss`` (mean cross-entropy), ``gflops`` (mean per image,
-        ``FlopCounter`` convention), ``tokens`` (mean patch tokens entering the last block),
-        ``keep_ratio`` (mean fraction of patch tokens over all blocks), ``img_per_s`` (images per
-        second of model time, data loading excluded) and ``num_images``.
+        ``acc1``, ``acc1_low``, ``acc1_high`` (95% interval), ``loss``, ``gflops`` (backbone and policy),
+        ``gflops_backbone``, ``tokens`` (mean patch tokens entering the last block), ``img_per_s`` (model
+        time of this pass, decision included; for comparisons use ``measure_throughput``) and ``num_images``.
     """
-    device = next(pv.parameters()).device
-    counter = FlopCounter(pv.model)
-    was_training = pv.training
-    pv.eval()
-    loss = correct = flops = tokens = keep = 0.0
-    num_images, model_time = 0, 0.0
-    try:
-        with torch.inference_mode():
-            for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
-                images, labels = images.to(device), labels.to(device)
-                _synchronize(device)
-                start = time.perf_counter()
-                logits, kept = _forward(pv, images, keep_fn, mode, obs_keys)  # (B, classes), (B, depth)
-                _synchronize(device)
-                model_time += time.perf_counter() - start
-                loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-                correct += float((logits.argmax(dim=1) == labels).sum())
-                flops += float(counter(kept + pv.num_prefix_tokens).sum())
-                tokens += float(kept[:, -1].sum())
-                keep += float(kept.double().mean(dim=1).sum()) / pv.num_patches
-                num_images += len(labels)
-    finally:
-        pv.train(was_training)
-    if num_images == 0:
-        raise ValueError("evaluate got an empty loader")
-    results = {
-        "acc1": correct / num_images,
-        "loss": loss / num_images,
-        "gflops": flops / num_images / 1e9,
-        "tokens": tokens / num_images,
-        "keep_ratio": keep / num_images,
-        "img_per_s": num_images / max(model_time, 1e-9),
-        "num_images": float(num_images),
-    }
-    _logger.info("%s: %s", desc, ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
-    return results
-
-
-def _forward(
-    pv: PrunableViT, images: torch.Tensor, keep_fn: KeepFn | None, mode: Mode, obs_keys: Sequence[str]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits, and the patch tokens entering every block. # (B, num_classes), (B, depth) long"""
-    bounds = pv.stage_bounds
-    state, cls_attn = pv.embed(images), None
-    kept = []
-    for k in range(pv.num_stages + 1):
-        if k > 0 and keep_fn is not None:
-            state = pv.prune(state, keep_fn(observe(pv, state, cls_attn, k - 1, obs_keys)), mode)
-        start, end = bounds[k], bounds[k + 1]
-        kept.append(state.num_kept().unsqueeze(1).expand(-1, end - start))
-        if keep_fn is not None and "cls_attn" in obs_keys and k < pv.num_stages:
-            state = pv.run_blocks(state, start, end - 1)
-            cls_attn = pv.cls_attention(state, end - 1)
-            start = end - 1
-        state = pv.run_blocks(state, start, end)
-    return pv.head(state), torch.cat(kept, dim=1)
+    start = time.perf_counter()
+    (row,), _ = evaluate_accuracy(
+        pv, loader, [Contender(desc, keep_fn, obs_keys=tuple(obs_keys))], mode=mode, desc=desc
+    )
+    seconds = time.perf_counter() - start
+    return {
+        "acc1": row["top1"], "acc1_low": row["top1_low"], "acc1_high": row["top1_high"], "loss": row["loss"],
+        "gflops": row["gflops"], "gflops_backbone": row["gflops_backbone"], "tokens": row["tokens_last"],
+        "img_per_s": row["num_images"] / seconds, "num_images": float(row["num_images"]),
+    }  # fmt: skip
 
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+REPLAY_FORMAT = "apt-decisions/1"
+
+
+def save_decisions(path: str | Path, decisions: Decisions, **facts: Any) -> Path:
+    """Write ``decisions`` with the facts that make them replayable (dataset, split, image count, batch size,
+    backbone digest, policy, budget, and the figures a replay must reproduce), atomically."""
+    state = {"format": REPLAY_FORMAT, **facts, "index": decisions.index, "masks": decisions.masks}
+    return save_train_state(path, state)
+
+
+def load_decisions(path: str | Path, *, backbone_digest: str, dataset: str) -> tuple[Decisions, dict[str, Any]]:
+    """Read a file of ``save_decisions``; refuse one made for other weights or other data.
+
+    Returns:
+        The decisions and the facts stored with them.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a decisions file, corrupt, or recorded for other weights (both digests named) or data.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"replay file {path} does not exist; write one with --save-masks")
+    state = load_train_state(path)
+    if state is None or state.get("format") != REPLAY_FORMAT:
+        raise ValueError(f"{path} is not a decisions file (format {REPLAY_FORMAT!r} expected)")
+    missing = sorted({"index", "masks", "backbone_digest", "dataset", "split", "batch_size"} - set(state))
+    if missing:
+        raise ValueError(f"replay file {path} is corrupt: it lacks {missing}")
+    if state["backbone_digest"] != backbone_digest:
+        raise ValueError(
+            f"replay file {path} was recorded with backbone weights {state['backbone_digest']}, these are "
+            f"{backbone_digest}: replay it on the backbone it was made with"
+        )
+    if state["dataset"] != dataset:
+        raise ValueError(f"replay file {path} was recorded on {state['dataset']!r}, not {dataset!r}")
+    index, masks = state.pop("index"), state.pop("masks")
+    if masks.dtype != torch.bool or masks.ndim != 3 or index.shape != masks.shape[:1]:
+        raise ValueError(f"replay file {path} is corrupt: masks {tuple(masks.shape)}, index {tuple(index.shape)}")
+    return Decisions(index, masks), state

@@ -292,3 +292,21 @@ class FlopCounter:
         """FLOPs per sample with every token kept (``num_prefix_tokens + num_patches`` at every block)."""
         full = torch.full((self.depth,), self.num_prefix_tokens + self.num_patches, dtype=torch.long)
         return float(self(full))
+
+
+def cls_attention_flops(model: nn.Module, block: int) -> tuple[int, int]:
+    """Flops of reading the class token's attention in ``block`` (``PrunableViT.cls_attention``).
+
+    It recomputes ``norm1`` and the key third of ``qkv`` on every token, one query, and one row of
+    ``q @ k^T`` per head; softmax and the head mean are free by convention.
+
+    Returns:
+        ``(per_token, constant)``: the cost is ``per_token * n + constant`` on ``n`` tokens (prefix included).
+    """
+    blk = model.blocks[block]
+    qkv, where = blk.attn.qkv, f"blocks[{block}]"
+    attn_dim = qkv.out_features // 3
+    norm = _norm_flops(blk.norm1, f"{where}.norm1")
+    key = qkv.in_features * attn_dim + blk.attn.num_heads * _norm_flops(blk.attn.k_norm, f"{where}.attn.k_norm")
+    query = qkv.in_features * attn_dim + blk.attn.num_heads * _norm_flops(blk.attn.q_norm, f"{where}.attn.q_norm")
+    return norm + key + attn_dim, query

@@ -36,10 +36,14 @@ def write_idx(path: Path, array: np.ndarray, *, dims: tuple[int, ...] | None = N
 
 def test_fashion_mnist_from_debian_files(tmp_path: Path) -> None:
     train = build_dataset("fashion-mnist", split="train", root=tmp_path, download=False)
+    val = build_dataset("fashion-mnist", split="val", root=tmp_path, download=False)
     test = build_dataset("fashion-mnist", split="test", root=tmp_path, download=False)
-    assert (len(train), len(test)) == (60000, 10000)
+    assert (len(train), len(val), len(test)) == (55000, 5000, 10000)
     assert train.info == dataset_info("fashion-mnist")
-    assert torch.bincount(train.targets).tolist() == [6000] * 10
+    assert torch.bincount(train.targets).tolist() == [5500] * 10  # val is stratified: 500 of each class
+    assert torch.bincount(val.targets).tolist() == [500] * 10
+    keys = lambda ds: {img.numpy().tobytes() for img in ds.images[:2000]}  # noqa: E731
+    assert not keys(train) & {img.numpy().tobytes() for img in val.images}  # held out: no overlap
     assert torch.bincount(test.targets).tolist() == [1000] * 10
 
     x, y = train[0]
@@ -140,7 +144,10 @@ def write_cifar(root: Path, name: str, *, per_file: int = 3) -> dict[str, tuple[
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_from_own_format(tmp_path: Path, name: str) -> None:
     written = write_cifar(tmp_path, name)
-    for split, n in (("train", 15 if name == "cifar10" else 3), ("test", 3)):
+    train, val = (build_dataset(name, split=s, root=tmp_path, download=False) for s in ("train", "val"))
+    assert len(train) + len(val) == len(written["train"][1])
+    assert sorted(train.targets.tolist() + val.targets.tolist()) == sorted(written["train"][1])
+    for split, n in (("test", 3),):
         ds = build_dataset(name, split=split, root=tmp_path, download=False)
         images, labels = written[split]
         assert len(ds) == n
@@ -190,10 +197,10 @@ def test_imagefolder(tmp_path: Path) -> None:
 
     info = dataset_info(name)
     assert (info.num_classes, info.img_size, info.in_chans) == (2, 224, 3)
-    train = build_dataset(name, split="train")
-    assert len(train) == 3 and train.classes == ["cat", "dog"]
+    train, val = build_dataset(name, split="train"), build_dataset(name, split="val")
+    assert (len(train), len(val)) == (2, 1) and train.classes == ["cat", "dog"]  # one of the two cats held out
     x, y = train[0]
-    assert x.shape == (3, 224, 224) and y == 0
+    assert x.shape == (3, 224, 224) and y == 0 and train.targets == [0, 1]
     assert torch.allclose(denormalize(x, train.info)[:, 100, 100], torch.tensor([1.0, 0.0, 0.0]), atol=1e-5)
 
     test = build_dataset(name, split="test", img_size=32, in_chans=1)
@@ -212,11 +219,12 @@ def test_imagefolder_missing(tmp_path: Path) -> None:
 
 def test_digits_split() -> None:
     train, test = build_dataset("digits", split="train"), build_dataset("digits", split="test")
-    assert (len(train), len(test)) == (1437, 360)
+    val = build_dataset("digits", split="val")
+    assert (len(train) + len(val), len(test)) == (1437, 360) and 110 <= len(val) <= 130
     assert train[0][0].shape == (1, 8, 8)
     keys = lambda ds: {img.numpy().tobytes() for img in ds.images}  # noqa: E731  (digits has no duplicates)
     assert not keys(train) & keys(test)
-    assert len(keys(train) | keys(test)) == 1797
+    assert len(keys(train) | keys(val) | keys(test)) == 1797
     assert torch.bincount(test.targets).min() >= 35  # stratified: about 36 of each class
     again = build_dataset("digits", split="test")
     assert torch.equal(again.images, test.images) and torch.equal(again.targets, test.targets)
@@ -224,7 +232,7 @@ def test_digits_split() -> None:
 
 def test_synthetic_deterministic_and_learnable() -> None:
     train, test = build_dataset("synthetic", split="train"), build_dataset("synthetic", split="test")
-    assert (len(train), len(test)) == (512, 128)
+    assert (len(train) + len(build_dataset("synthetic", split="val")), len(test)) == (512, 128)
     assert train[0][0].shape == (1, 28, 28) and train.info == dataset_info("synthetic")
     again = build_dataset("synthetic", split="train")
     assert torch.equal(again.images, train.images) and torch.equal(again.targets, train.targets)
@@ -260,7 +268,7 @@ def test_bad_names_and_arguments() -> None:
         build_dataset("mnist")
     assert all(name in str(err.value) for name in DATASETS)
     with pytest.raises(ValueError, match="split"):
-        build_dataset("synthetic", split="val")  # type: ignore[arg-type]
+        build_dataset("synthetic", split="validation")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="in_chans can be 3 or 1"):
         build_dataset("cifar10", in_chans=2, download=False)
     with pytest.raises(ValueError, match="imagefolder needs a path"):

@@ -25,7 +25,8 @@ def test_dense_evaluation_matches_the_model():
     with torch.no_grad():
         correct = sum(int((pv.model(x).argmax(1) == y).sum()) for x, y in loader)
     assert results["acc1"] == correct / 20 and results["num_images"] == 20
-    assert results["tokens"] == pv.num_patches and results["keep_ratio"] == 1.0
+    assert results["tokens"] == pv.num_patches
+    assert results["acc1_low"] <= results["acc1"] <= results["acc1_high"]
     assert results["gflops"] * 1e9 == FlopCounter(pv.model).dense()
 
 
@@ -47,3 +48,156 @@ def test_keep_fn_prunes_and_counts_tokens():
     last = pv.num_patches // (2 * pv.num_stages)
     assert results["gathered"]["tokens"] == last
     assert results["gathered"]["gflops"] < evaluate(pv, loader)["gflops"]
+
+
+# ---- evaluate.py: budgets, intervals, replay, files ----
+
+import csv  # noqa: E402
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from agents.io import save_policy  # noqa: E402
+from agents.policy import APTPolicy  # noqa: E402
+from apt_env.checkpoint import save_backbone  # noqa: E402
+from apt_env.evaluate import COLUMNS, Contender, budget_keep_ratio, evaluate_accuracy, wilson_interval  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["evaluate_script"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _checkpoint(tmp_path: Path, seed: int = 0, num_classes: int = 10) -> tuple[Path, Path]:
+    """A tiny backbone (64 patches) and an agent for it, saved as a user would find them."""
+    torch.manual_seed(seed)
+    pv = PrunableViT.from_timm(
+        "vit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, num_classes=num_classes, depth=4,
+        embed_dim=32, num_heads=2,
+    )  # fmt: skip
+    model = save_backbone(tmp_path / f"backbone{seed}", pv, meta={"dataset": "synthetic"})
+    policy = APTPolicy(pv.embed_dim, pv.num_patches, pv.num_stages, hidden=16, qk_dim=16)
+    agent = save_policy(tmp_path / f"agent{seed}", policy)
+    return model, agent
+
+
+def _args(module, tmp_path: Path, model: Path, agent: Path | None, **kw):
+    base = dict(
+        model=str(model), agent=str(agent) if agent else "none", dataset="synthetic", images=96, batch_size=32,
+        repeats=1, picture_images=3, out=str(tmp_path / "eval"),
+    )  # fmt: skip
+    return module.Args(**{**base, **kw})
+
+
+def test_wilson_interval_brackets_the_proportion_and_narrows_with_more_images():
+    low, high = wilson_interval(80, 100)
+    assert low < 0.8 < high and 0.70 < low and high < 0.88
+    low2, high2 = wilson_interval(800, 1000)
+    assert high2 - low2 < high - low
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.7])
+def test_random_and_topk_at_a_budget_land_within_5_percent(budget):
+    torch.manual_seed(0)
+    pv = PrunableViT.from_timm(
+        "vit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, num_classes=5, depth=4, embed_dim=32,
+        num_heads=2,
+    )  # fmt: skip
+    from agents.baselines import ClsAttentionTopK, RandomKeep
+
+    ratio = budget_keep_ratio(pv, budget)
+    data = TensorDataset(torch.randn(40, 1, 32, 32), torch.randint(0, 5, (40,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=16)
+    contenders = [
+        Contender("dense"),
+        Contender("random", RandomKeep(ratio, seed=0).act, budget, obs_keys=("keep", "stage")),
+        Contender("top-k", ClsAttentionTopK(ratio).act, budget, obs_keys=("cls_attn", "keep", "stage")),
+    ]
+    rows, decisions = evaluate_accuracy(pv, loader, contenders)
+    dense = rows[0]["gflops_backbone"]
+    for row in rows[1:]:
+        assert abs(row["gflops_backbone"] / dense - budget) <= 0.05 * budget, row
+    assert rows[1]["gflops_policy"] == 0 and rows[2]["gflops_policy"] > 0  # the class attention is paid for
+    assert decisions["random"].masks.shape == (40, pv.num_stages, pv.num_patches)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        budget_keep_ratio(pv, 1.5)
+
+
+def test_evaluate_script_writes_the_table_the_plots_and_replays_exactly(tmp_path):
+    module = _script()
+    model, agent = _checkpoint(tmp_path)
+    masks_file = tmp_path / "masks.pt"
+    rows = module.main(_args(module, tmp_path, model, agent, budgets=(0.3, 0.5), save_masks=str(masks_file)))
+
+    out = tmp_path / "eval"
+    with (out / "results.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == COLUMNS
+        csv_rows = list(reader)
+    assert len(csv_rows) == len(rows)
+    expected = {"dense", "APT agent (sampled)", "APT agent (deterministic)", "random @ 0.5", "cls-attn top-k @ 0.3"}
+    assert expected <= set(rows)
+    assert all(int(r["num_images"]) == 96 for r in csv_rows)  # every policy on the same images
+    for name in ("tradeoff.png", "masks.png"):
+        assert (out / name).stat().st_size > 1000
+    assert (out / "results.md").read_text().count("\n|") == len(rows) + 2  # header, rule, rows
+
+    # keep-all is the dense model exactly
+    pv = module.load_model(_args(module, tmp_path, model, agent))
+    from apt_env.data import build_dataset
+
+    data = build_dataset("synthetic", split="test", img_size=32, in_chans=1)
+    images = torch.stack([data[i][0] for i in range(96)])
+    labels = torch.tensor([data[i][1] for i in range(96)])
+    with torch.no_grad():
+        dense_top1 = float((pv.model(images).argmax(1) == labels).float().mean())
+    assert rows["dense"]["top1"] == dense_top1
+
+    replayed = module.main(_args(module, tmp_path, model, agent, replay=str(masks_file)))
+    (row,) = replayed.values()
+    assert row["top1"] == rows["APT agent (deterministic)"]["top1"]
+    assert row["gflops_backbone"] == rows["APT agent (deterministic)"]["gflops_backbone"]
+
+    other, _ = _checkpoint(tmp_path, seed=1)
+    with pytest.raises(ValueError, match="backbone weights .* these are"):
+        module.main(_args(module, tmp_path, other, None, replay=str(masks_file)))
+
+
+def test_pictures_have_one_panel_per_image_policy_and_stage(tmp_path):
+    from apt_env.report import plot_masks, plot_tradeoff
+
+    masks = {name: torch.rand(4, 3, 16) > 0.5 for name in ("agent", "top-k", "random")}
+    fig = plot_masks(tmp_path / "masks.png", torch.randn(4, 1, 16, 16), masks, grid=(4, 4))
+    assert len(fig.axes) == 4 * (1 + 3 * 3)
+    row = dict(top1=0.5, top1_low=0.4, top1_high=0.6, gflops=1.0, img_per_s_b256=10.0)
+    fig = plot_tradeoff(tmp_path / "t.png", [{**row, "policy": "random @ 0.5"}, {**row, "policy": "dense"}])
+    assert len(fig.axes) == 2 and (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    module = _script()
+    model, agent = _checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        module.main(_args(module, tmp_path, model, agent, budgets=(0.0,)))
+    with pytest.raises(FileNotFoundError):
+        module.main(_args(module, tmp_path, tmp_path / "missing", agent))
+    small, _ = _checkpoint(tmp_path, seed=2, num_classes=5)
+    with pytest.raises(ValueError, match="5 classes, synthetic has 10"):
+        module.main(_args(module, tmp_path, small, None))
+    wrong = save_policy(tmp_path / "wrong_agent", APTPolicy(32, 16, 3, hidden=8, qk_dim=8))
+    with pytest.raises(ValueError, match="expects 16 tokens"):
+        module.main(_args(module, tmp_path, model, wrong))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a replay file")
+    with pytest.raises(ValueError, match="corrupt"):
+        module.main(_args(module, tmp_path, model, None, replay=str(corrupt)))
+    with pytest.raises(FileNotFoundError):
+        module.main(_args(module, tmp_path, model, None, replay=str(tmp_path / "none.pt")))

@@ -1,0 +1,149 @@
+"""Evaluation rows as files: ``results.csv``, a Markdown table, the trade-off plot and the kept-token pictures."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["markdown_table", "mean_std", "plot_masks", "plot_tradeoff", "write_csv"]
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    """Rows as CSV with exactly ``columns``, in that order."""
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _cell(key: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if key in ("top1", "top1_low", "top1_high"):
+        return f"{100 * value:.2f}"
+    if key.startswith("img_per_s") or key == "num_images":
+        return f"{value:.0f}"
+    if key == "budget":
+        return f"{value:.3f}"
+    return f"{value:.4g}"
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as a Markdown table (top-1 in percent, text left-aligned, numbers right-aligned)."""
+    lines = ["| " + " | ".join(columns) + " |"]
+    lines.append("|" + "|".join("---" if isinstance(rows[0][c], str) else "---:" for c in columns) + "|")
+    lines += ["| " + " | ".join(_cell(c, r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _family(name: str) -> str:
+    """The curve a row belongs to: its name without a budget suffix such as ``@ 0.5``."""
+    return name.split(" @ ")[0]
+
+
+def plot_tradeoff(path: str | Path, rows: Sequence[Mapping[str, Any]], *, title: str = "") -> Figure:
+    """Top-1 (with its 95% interval) against total GFLOPs and against measured img/s at batch 256; returns the
+    (closed) figure.
+
+    One curve per policy family (rows named ``"<family> @ <budget>"``); single rows are points.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    families: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        families.setdefault(_family(str(row["policy"])), []).append(row)
+    for ax, x_key, x_label in (
+        (axes[0], "gflops", "GFLOPs per image (backbone + policy)"),
+        (axes[1], "img_per_s_b256", "measured images/s at batch 256"),
+    ):
+        for family, members in families.items():
+            members = sorted(members, key=lambda r: r[x_key])
+            x = [r[x_key] for r in members]
+            y = [100 * r["top1"] for r in members]
+            err = [[100 * (r["top1"] - r["top1_low"]) for r in members],
+                   [100 * (r["top1_high"] - r["top1"]) for r in members]]  # fmt: skip
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=family, linestyle="-" if len(x) > 1 else "")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fig
+
+
+def plot_masks(
+    path: str | Path,
+    images: Tensor,
+    masks: Mapping[str, Tensor],
+    *,
+    grid: tuple[int, int],
+    title: str = "",
+) -> Figure:
+    """A grid of images with pruned patches dimmed: one row per image, the image and then, for each policy,
+    its kept tokens after every stage; returns the (closed) figure.
+
+    Args:
+        path: the PNG to write.
+        images: (M, C, H, W) normalized images.
+        masks: policy name -> keep masks (M, K, N) bool over the patch grid.
+        grid: the patch grid ``(rows, cols)``, ``rows * cols == N``.
+        title: the figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = images.shape[0]
+    stages = next(iter(masks.values())).shape[1]
+    cols = 1 + stages * len(masks)
+    fig, axes = plt.subplots(m, cols, figsize=(1.3 * cols, 1.3 * m + 0.6), squeeze=False)
+    h, w = images.shape[-2:]
+    for i in range(m):
+        img = images[i].float().mean(0)  # gray
+        img = (img - img.min()) / (img.max() - img.min()).clamp(min=1e-8)
+        panels = [("image", img)]
+        for name, mask in masks.items():
+            for k in range(stages):
+                keep = mask[i, k].float().view(grid)
+                keep = torch.nn.functional.interpolate(keep[None, None], size=(h, w), mode="nearest")[0, 0]
+                panels.append((f"{name}\nstage {k + 1}", img * (0.15 + 0.85 * keep)))
+        for j, (label, panel) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(panel.numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(label, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return fig
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """``mean ± std`` of a few repeats (sample std; 0 for one value)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:.4g} ± {std:.2g}"

@@ -1,0 +1,284 @@
+"""Evaluate a backbone and its pruning agent against random pruning and EViT's class-attention top-k, at matched
+compute budgets, every policy on the same images.
+
+For each budget (a fraction of the dense backbone's GFLOPs) random pruning, class-attention top-k and the agent
+ranked by its keep logits run at the per-stage keep ratio that reaches it; the agent also runs by its own rules
+(sampled, as it was trained, and deterministic), and random and top-k again at the compute it reached; the dense
+model runs once. Each row has top-1 with its 95% interval, the loss, GFLOPs of the backbone and of the policy's
+own decision (its network and the class attention it reads), tokens entering the last block and images per
+second at batch 1 and 256, timed side by side in one interleaved loop (median of ``--repeats``).
+
+    python evaluate.py                                   # the shipped backbone and agent, Fashion-MNIST test split
+    python evaluate.py --model runs/RUN/checkpoint --agent runs/RUN/agent --budgets 0.3 0.5 0.7
+    python evaluate.py --agent runs/RUN/agent/model.zip  # an agent trained by stable-baselines3
+    python evaluate.py --save-masks runs/eval/masks.pt   # every mask the deterministic agent chose
+    python evaluate.py --replay runs/eval/masks.pt       # the backbone on those masks, no agent: same figures
+
+Writes ``results.csv``, ``results.md``, ``tradeoff.png`` and ``masks.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import tyro
+from stable_baselines3.common.save_util import load_from_zip_file
+from torch.utils.data import Subset
+
+from agents.baselines import ClsAttentionTopK, RandomKeep
+from agents.io import DEFAULT_AGENT, load_policy
+from agents.policy import APTPolicy
+from apt_env.backbone import PrunableViT
+from apt_env.checkpoint import load_backbone, read_backbone_config
+from apt_env.data import build_dataset, dataset_info, make_loader
+from apt_env.distributed import state_digest
+from apt_env.env import DEFAULT_CHECKPOINT
+from apt_env.evaluate import (
+    COLUMNS,
+    Contender,
+    budget_keep_ratio,
+    evaluate_accuracy,
+    fixed_masks,
+    load_decisions,
+    measure_throughput,
+    save_decisions,
+)
+from apt_env.report import markdown_table, plot_masks, plot_tradeoff, write_csv
+
+logger = logging.getLogger("evaluate")
+
+AGENT = "APT agent"
+
+
+@dataclass
+class Args:
+    model: str = str(DEFAULT_CHECKPOINT)
+    """backbone checkpoint folder (written by train_backbone.py)"""
+    agent: str | None = str(DEFAULT_AGENT)
+    """agent checkpoint folder, or a stable-baselines3 .zip of APTActorCriticPolicy; `none` evaluates the
+    heuristics only"""
+    dataset: str = "fashion-mnist"
+    """dataset name (see apt_env.data.DATASETS)"""
+    split: str = "test"
+    """split to evaluate: test (report), val (tune) or train"""
+    data_root: str = "data"
+    """folder of downloaded datasets"""
+    images: int = 0
+    """evaluate the first this many images of the split (0: all)"""
+    budgets: tuple[float, ...] = (0.3, 0.5, 0.7)
+    """fractions of the dense backbone's GFLOPs, each in (0, 1]"""
+    picture_budget: float = 0.5
+    """the budget shown in masks.png"""
+    picture_images: int = 8
+    """images in masks.png"""
+    batch_size: int = 256
+    """images per batch of the accuracy pass and of the batch timing"""
+    repeats: int = 5
+    """timing repetitions (median reported)"""
+    seed: int = 0
+    """seed of random pruning and of the agent's sampling"""
+    out: str = "runs/eval"
+    """output folder"""
+    save_masks: str | None = None
+    """write every mask the deterministic agent chose (or, without an agent, class-attention top-k at
+    --picture-budget) to this file, for --replay"""
+    replay: str | None = None
+    """run the backbone on the masks of this file (from --save-masks), without any policy"""
+    device: str = "cpu"
+    """torch device"""
+
+
+def check_args(args: Args) -> None:
+    """Raise early on arguments that cannot work."""
+    for budget in (*args.budgets, args.picture_budget):
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"a budget is a fraction of the dense GFLOPs in (0, 1], got {budget}")
+    if args.split not in ("train", "val", "test"):
+        raise ValueError(f"--split must be train, val or test, got {args.split!r}")
+    if args.images < 0 or args.batch_size < 1 or args.repeats < 1:
+        raise ValueError("--images must be >= 0, --batch-size and --repeats >= 1")
+
+
+def load_model(args: Args) -> PrunableViT:
+    """The backbone, checked against the dataset: class count refused, other data warned about."""
+    info = dataset_info(args.dataset, args.data_root)
+    config = read_backbone_config(args.model)
+    if config["num_classes"] != info.num_classes:
+        raise ValueError(
+            f"the backbone {args.model} has {config['num_classes']} classes, {args.dataset} has {info.num_classes}"
+        )
+    trained_on = config.get("dataset")
+    if trained_on is not None and trained_on != args.dataset:
+        logger.warning("the backbone %s was trained on %s, evaluated here on %s", args.model, trained_on, args.dataset)
+    return load_backbone(args.model, device=args.device)
+
+
+def load_agent(path: str, pv: PrunableViT) -> APTPolicy:
+    """An agent folder (``agents.io``) or an SB3 zip of ``APTActorCriticPolicy``, sized for ``pv``."""
+    if not path.endswith(".zip"):
+        return check_fits(load_policy(path), pv, path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"agent zip {path} does not exist")
+    try:
+        data, params, _ = load_from_zip_file(path, device="cpu")
+    except Exception as err:  # SB3 raises many types for a bad zip
+        raise ValueError(f"{path} is not a readable stable-baselines3 zip: {err}") from err
+    kwargs = {k: v for k, v in (data or {}).get("policy_kwargs", {}).items() if k in APTPolicy.CONFIG_KEYS}
+    net = {k[len("net.") :]: v for k, v in (params or {}).get("policy", {}).items() if k.startswith("net.")}
+    if not net:
+        raise ValueError(f"{path} holds no APTActorCriticPolicy weights (no 'net.' parameters)")
+    policy = APTPolicy.from_space(data["observation_space"], **kwargs)
+    try:
+        policy.load_state_dict(net)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: the agent's weights do not fit its config: {err}") from err
+    return check_fits(policy, pv, path)
+
+
+def check_fits(policy: APTPolicy, pv: PrunableViT, path: str) -> APTPolicy:
+    """``policy`` if it is sized for ``pv``'s tokens and stages, else a ValueError naming both."""
+    want = (pv.num_patches, pv.embed_dim, pv.num_stages)
+    have = (policy.num_patches, policy.embed_dim, policy.num_stages)
+    if have != want:
+        raise ValueError(
+            f"agent {path} expects {have[0]} tokens of width {have[1]} in {have[2]} stages; the backbone has "
+            f"{want[0]} tokens of width {want[1]} in {want[2]} stages"
+        )
+    return policy
+
+
+def agent_contenders(policy: APTPolicy, budgets: dict[float, float], seed: int) -> list[Contender]:
+    """The agent by its own rules (sampled, deterministic) and ranked by its logits at every budget."""
+    policy.eval()
+    generator = torch.Generator().manual_seed(seed)
+    cost = policy.decision_flops
+    rows = [
+        Contender(f"{AGENT} (sampled)", lambda o: policy.act(o, deterministic=False, generator=generator), flops=cost),
+        Contender(f"{AGENT} (deterministic)", lambda o: policy.act(o, deterministic=True), flops=cost),
+    ]
+    for budget, ratio in budgets.items():
+        keep = lambda o, r=ratio: policy.act(o, keep_ratio=r)  # noqa: E731
+        rows.append(Contender(f"{AGENT} logit top-k @ {budget:g}", keep, budget, flops=cost))
+    return rows
+
+
+def heuristic_contenders(budgets: dict[float, float], seed: int) -> list[Contender]:
+    """Random pruning and class-attention top-k (EViT) at the keep ratio of every budget."""
+    rows = []
+    for budget, ratio in budgets.items():
+        rand = RandomKeep(ratio, seed=seed)
+        rows.append(Contender(f"random @ {budget:.3g}", rand.act, budget, obs_keys=("keep", "stage")))
+        top = ClsAttentionTopK(ratio)
+        rows.append(
+            Contender(f"cls-attn top-k @ {budget:.3g}", top.act, budget, obs_keys=("cls_attn", "keep", "stage"))
+        )
+    return rows
+
+
+def command(args: Args) -> str:
+    """The command line that gives ``args`` (the flags that differ from the defaults)."""
+    flags = []
+    for f in fields(Args):
+        value = getattr(args, f.name)
+        if value != f.default:
+            text = " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            flags.append(f"--{f.name.replace('_', '-')} {text}")
+    return " ".join(["python evaluate.py", *flags])
+
+
+def main(args: Args) -> dict[str, dict]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_args(args)
+    torch.manual_seed(args.seed)
+    pv = load_model(args)
+    dataset = build_dataset(
+        args.dataset, split=args.split, img_size=pv.img_size[0], in_chans=pv.in_chans, root=args.data_root
+    )
+    if args.images:
+        dataset = Subset(dataset, range(min(args.images, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError(f"{args.dataset}/{args.split} has no images")
+    loader = make_loader(dataset, batch_size=args.batch_size, shuffle=False, seed=args.seed)
+    digest = state_digest(pv.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = f"{args.dataset}/{args.split}, {len(dataset)} images"
+
+    if args.replay:
+        decisions, facts = load_decisions(args.replay, backbone_digest=digest, dataset=args.dataset)
+        if (facts["split"], facts["batch_size"]) != (args.split, args.batch_size):
+            raise ValueError(
+                f"{args.replay} was recorded on split {facts['split']!r} at batch {facts['batch_size']}; "
+                f"pass --split {facts['split']} --batch-size {facts['batch_size']}"
+            )
+        if int(decisions.index.max()) >= len(dataset):
+            raise ValueError(f"{args.replay} holds images up to {int(decisions.index.max())}; {source} is shorter")
+        replayed = Subset(dataset, decisions.index.tolist())
+        loader = make_loader(replayed, batch_size=args.batch_size, shuffle=False, seed=args.seed)
+        name = f"replay of {facts.get('policy', '?')}"
+        rows, _ = evaluate_accuracy(pv, loader, [Contender(name, fixed_masks(decisions), obs_keys=("stage",))])
+        for key in ("top1", "gflops_backbone"):
+            print(f"{key}: replayed {rows[0][key]!r}, recorded {facts.get(key)!r}")
+        return {name: rows[0]}
+
+    agent = None if args.agent in (None, "", "none") else load_agent(args.agent, pv)
+    ratios = {b: budget_keep_ratio(pv, b) for b in args.budgets}
+    first = [Contender("dense", None)] + (agent_contenders(agent, ratios, args.seed) if agent is not None else [])
+    rows, decisions = evaluate_accuracy(pv, loader, first, desc="agent")
+    budgets = dict(ratios)
+    if agent is not None:  # the heuristics also at the compute the agent reached by its own rule
+        reached = next(r["budget"] for r in rows if r["policy"] == f"{AGENT} (deterministic)")
+        budgets[round(reached, 3)] = budget_keep_ratio(pv, reached)
+    second = heuristic_contenders(budgets, args.seed)
+    more_rows, more_decisions = evaluate_accuracy(pv, loader, second, desc="heuristics")
+    rows += more_rows
+    decisions.update(more_decisions)
+
+    contenders = first + second
+    timing = torch.stack([dataset[i][0] for i in range(min(len(dataset), args.batch_size))])
+    b256 = measure_throughput(pv, timing, contenders, batch_size=len(timing), repeats=args.repeats)
+    b1 = measure_throughput(pv, timing, contenders, batch_size=1, repeats=args.repeats)
+    for row in rows:
+        row["img_per_s_b1"], row["img_per_s_b256"] = b1[row["policy"]], b256[row["policy"]]
+    rows.sort(key=lambda r: (r["policy"] != "dense", r["budget"], r["policy"]))
+
+    write_csv(out / "results.csv", rows, COLUMNS)
+    table = markdown_table(rows, COLUMNS)
+    header = (
+        f"`{command(args)}`: {args.model} + {args.agent} on {source}; "
+        f"timings on {torch.get_num_threads()} threads, batch 256 = {len(timing)} images\n\n"
+    )
+    (out / "results.md").write_text(header + table + "\n")
+    plot_tradeoff(out / "tradeoff.png", rows, title=source)
+
+    b = args.picture_budget
+    pick = [f"{AGENT} logit top-k @ {b:g}"] if agent is not None else []
+    pick += [f"cls-attn top-k @ {b:.3g}", f"random @ {b:.3g}"]
+    if any(name not in decisions for name in pick):
+        raise ValueError(f"--picture-budget {b} must be one of --budgets {args.budgets}")
+    m = min(args.picture_images, len(dataset))
+    plot_masks(
+        out / "masks.png",
+        torch.stack([dataset[i][0] for i in range(m)]),
+        {name.replace(" @ ", "\n@ "): decisions[name].masks[:m] for name in pick},
+        grid=tuple(pv.model.patch_embed.grid_size),
+        title=f"kept patches at budget {b:g} ({source})",
+    )
+    if args.save_masks:
+        name = f"{AGENT} (deterministic)" if agent is not None else f"cls-attn top-k @ {b:.3g}"
+        row = next(r for r in rows if r["policy"] == name)
+        save_decisions(
+            args.save_masks, decisions[name], dataset=args.dataset, split=args.split, batch_size=args.batch_size,
+            backbone_digest=digest, policy=name, budget=row["budget"], top1=row["top1"],
+            gflops_backbone=row["gflops_backbone"],
+        )  # fmt: skip
+    print(header + table)
+    print(f"\nwrote {out}/results.csv, results.md, tradeoff.png, masks.png")
+    return {r["policy"]: r for r in rows}
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
