@@ -44,7 +44,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from agents.io import save_policy
+from agents.io import load_policy, save_policy
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
@@ -59,8 +59,16 @@ from apt_env.checkpoint import (
 from apt_env.data import VAL_FRACTION, DatasetInfo, build_dataset, dataset_info, make_loader
 from apt_env.distributed import broadcast_int, init_distributed, state_digest
 from apt_env.env import APTPruneVectorEnv
-from apt_env.evaluate import evaluate
+from apt_env.evaluate import (
+    Contender,
+    evaluate,
+    evaluate_accuracy,
+    forward_policy,
+    measure_throughput,
+    random_at_counts,
+)
 from apt_env.joint import ChannelLosses
+from apt_env.report import markdown_table, plot_masks
 
 logger = logging.getLogger("train_backbone")
 
@@ -121,8 +129,11 @@ class Args:
     """DataLoader worker processes (0: load in the main process); results are reproducible either way"""
     device: str | None = None
     """torch device; default cuda when available, else cpu"""
-    warmup_epochs: int = 1
-    """apt mode: epochs of plain training before the pruned channels join (the agent trains after each)"""
+    warmup_epochs: int | None = None
+    """apt mode: epochs of plain training before the pruned channels join (the agent trains after each);
+    default 0 when starting from trained weights (--init-checkpoint, --pretrained), else 1"""
+    init_agent: str | None = None
+    """apt mode: start from this agent checkpoint folder instead of a fresh agent"""
     plain_weight: float = 1.0
     """apt mode: weight of the plain channel's cross-entropy"""
     single_weight: float = 1.0
@@ -150,8 +161,10 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Raise early on arguments that cannot work."""
-    if args.mode == "apt" and not 0 <= args.warmup_epochs < args.epochs:
+    if args.mode == "apt" and not 0 <= warmup_epochs(args) < args.epochs:
         raise ValueError(f"--warmup-epochs must be in [0, --epochs={args.epochs}), got {args.warmup_epochs}")
+    if args.init_agent and args.mode != "apt":
+        raise ValueError("--init-agent needs --mode apt")
     if args.pretrained and args.init_checkpoint:
         raise ValueError("pass either --pretrained or --init-checkpoint, not both")
     if args.epochs < 1 or args.steps_per_epoch < 0:
@@ -161,6 +174,13 @@ def check_args(args: Args) -> None:
     if not 0 <= args.warmup_frac < 1:
         raise ValueError(f"--warmup-frac must be in [0, 1), got {args.warmup_frac}")
     parse_model_kwargs(args.model_kwargs)
+
+
+def warmup_epochs(args: Args) -> int:
+    """Plain epochs before pruning: as given, else none for trained weights and one from scratch."""
+    if args.warmup_epochs is not None:
+        return args.warmup_epochs
+    return 0 if args.init_checkpoint or args.pretrained else 1
 
 
 def parse_model_kwargs(text: str) -> dict:
@@ -240,36 +260,50 @@ def make_agent_trainer(args: Args, pv: PrunableViT, rank: int, device: torch.dev
     # Every rank starts from the same agent (seed), and samples and draws its own images (seed + rank).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        policy = APTPolicy.for_env(envs, init_keep_prob=args.init_keep_prob)
+        if args.init_agent:
+            policy = load_policy(args.init_agent, observation_space=envs.single_observation_space, device=device)
+        else:
+            policy = APTPolicy.for_env(envs, init_keep_prob=args.init_keep_prob)
     return NativePPO(envs, policy, lr=args.agent_lr, seed=args.seed + rank)
 
 
-def train(args: Args) -> list[tuple[str, dict]]:
-    """One run, from its folder to the test table; returns the table's rows (name, results)."""
-    rank, world_size, device = init_distributed(args.device)
-    main_rank = rank == 0
+def prepare_run(args: Args) -> tuple[Args, Path]:
+    """The run folder, new (with ``args.json``) or the one ``--resume`` names (with its saved arguments)."""
     if args.resume:
         run_dir = Path(args.resume)
         args = resume_args(run_dir, args)
+        check_args(args)
+        return args, run_dir
     check_args(args)
-    if not args.resume:
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", args.dataset)  # imagefolder:PATH has slashes
-        stamp = broadcast_int(int(time.time()))  # every rank uses rank 0's folder
-        run_dir = Path(args.out_dir) / f"{name}__{args.exp_name}__{args.seed}__{stamp}"
-        if main_rank:
-            run_dir.mkdir(parents=True)
-            (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
-    if (run_dir / "results.json").is_file():  # finished before: report it again
-        return [(row, results) for row, results in json.loads((run_dir / "results.json").read_text())]
+    rank = int(os.environ.get("RANK", "0"))
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", args.dataset)  # imagefolder:PATH has slashes
+    stamp = broadcast_int(int(time.time()))  # every rank uses rank 0's folder
+    run_dir = Path(args.out_dir) / f"{name}__{args.exp_name}__{args.seed}__{stamp}"
+    if rank == 0:
+        run_dir.mkdir(parents=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    return args, run_dir
 
-    rows: list[tuple[str, dict]] = []
-    if args.mode == "apt" and args.compare_plain:
-        previous = sorted(run_dir.glob("*__plain__*"))
-        plain = replace(args, mode="plain", compare_plain=False, exp_name="plain", out_dir=str(run_dir), resume=None)
-        if previous:
-            plain = replace(plain, resume=str(previous[-1]))
-        rows += train(plain)
 
+def plain_baseline(args: Args, run_dir: Path) -> tuple[Args, Path]:
+    """The plain ViT of an apt run: same seed, data and schedule, in ``run_dir``'s ``*__plain__*`` folder."""
+    previous = sorted(run_dir.glob("*__plain__*"))
+    plain = replace(
+        args, mode="plain", compare_plain=False, exp_name="plain", out_dir=str(run_dir), resume=None, init_agent=None
+    )
+    if previous:
+        plain = replace(plain, resume=str(previous[-1]), stop_epoch=args.stop_epoch)
+    return prepare_run(plain)
+
+
+def train(args: Args, run_dir: Path) -> bool:
+    """Train one model (plain, or jointly with its agent) in ``run_dir``, from its last checkpoint if any.
+
+    Returns:
+        True when the schedule is complete, False when it stopped at ``--stop-epoch``.
+    """
+    rank, world_size, device = init_distributed(args.device)
+    main_rank = rank == 0
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -289,7 +323,6 @@ def train(args: Args) -> list[tuple[str, dict]]:
     data = dict(img_size=pv.img_size[0], in_chans=pv.in_chans, root=args.data_root)
     train_set = build_dataset(args.dataset, split="train", augment=args.augment, **data)
     val_set = build_dataset(args.dataset, split="val", **data)
-    test_set = build_dataset(args.dataset, split="test", **data)
     info = train_set.info  # as the model sees it: resized, channels converted
     batches = len(train_set) // (args.batch_size * world_size)  # drop_last: every step sees a full batch
     if batches == 0:
@@ -348,7 +381,7 @@ def train(args: Args) -> list[tuple[str, dict]]:
                 drop_last=True,
                 num_workers=args.num_workers,
             )
-            pruning = agent is not None and epoch >= args.warmup_epochs
+            pruning = agent is not None and epoch >= warmup_epochs(args)
             keep_fn = None
             if pruning:
                 agent.policy.eval()
@@ -392,7 +425,7 @@ def train(args: Args) -> list[tuple[str, dict]]:
                     )
                 bar.set_postfix(loss=f"{sum_loss / seen:.3f}", acc=f"{sum_correct / seen:.3f}")
 
-            if agent is not None and epoch + 1 >= args.warmup_epochs:  # agent phase: the backbone frozen
+            if agent is not None and epoch + 1 >= warmup_epochs(args):  # agent phase: the backbone frozen
                 pv.eval()
                 agent.policy.train()
                 agent.restart_episodes()
@@ -421,6 +454,8 @@ def train(args: Args) -> list[tuple[str, dict]]:
                 writer.add_scalar("charts/epoch", epoch + 1, global_step)
                 writer.add_scalar("charts/val_acc1", val["acc1"], global_step)
                 writer.add_scalar("charts/val_loss", val["loss"], global_step)
+                if agent is not None:
+                    writer.add_figure("masks", masks_figure(pv, agent.policy, val_set), global_step)
                 save_backbone(run_dir / "checkpoint", pv, meta=meta)  # first: a resume rebuilds the model from it
                 if agent is not None:
                     save_policy(run_dir / "agent", agent.policy, meta={"global_step": agent.global_step})
@@ -440,50 +475,89 @@ def train(args: Args) -> list[tuple[str, dict]]:
                 logger.info("stopped after epoch %d; continue with --resume %s", epoch + 1, run_dir)
                 if writer is not None:
                     writer.close()
-                raise SystemExit(0)
-
-        test_loader = make_loader(
-            test_set, batch_size=args.eval_batch_size, shuffle=False, seed=args.seed, num_workers=args.num_workers
-        )
-        if agent is None:
-            rows.append(("plain ViT", evaluate(pv, test_loader, desc="test")))
-        else:
-            agent.policy.eval()
-            act = lambda obs: agent.policy.act(obs, deterministic=True)  # noqa: E731
-            rows.append(("APT (pruning)", evaluate(pv, test_loader, act, desc="test, pruning")))
-            rows.append(("APT (no pruning)", evaluate(pv, test_loader, desc="test, no pruning")))
-    own = rows[-1][1]
-    if main_rank:
-        for key in ("acc1", "loss", "gflops", "tokens", "img_per_s"):
-            writer.add_scalar(f"charts/test_{key}", own[key], global_step)
-        meta = {**meta, "test_acc1": own["acc1"], "test_loss": own["loss"], "weights_digest": state_digest(pv.model)}
-        save_backbone(run_dir / "checkpoint", pv, meta=meta)
+                return False
+    if writer is not None:
         writer.close()
-        (run_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     # Every rank reports its weights, so that a test can check that they agree.
     logger.info("rank %d weights sha256 %s", rank, state_digest(pv.model))
-    if main_rank:
-        print(f"\n{args.dataset} test split, {int(own['num_images'])} images; run folder: {run_dir}")
-    return rows
+    return True
 
 
-def print_table(rows: list[tuple[str, dict]], num_patches: int) -> None:
-    print("| model | top-1 | GFLOPs/img | tokens (last block) | img/s |")
-    print("|-------|------:|-----------:|-------:|------:|")
-    for name, r in rows:
-        print(
-            f"| {name} | {100 * r['acc1']:.2f}% | {r['gflops']:.4g} | {r['tokens']:.1f}/{num_patches} | "
-            f"{r['img_per_s']:.0f} |"
-        )
+def masks_figure(pv: PrunableViT, policy: APTPolicy, dataset, count: int = 8):
+    """The agent's kept patches at every stage on the first ``count`` images (as ``evaluate.py``'s masks.png)."""
+    device = next(pv.parameters()).device
+    images = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+    was_training = (pv.training, policy.training)
+    pv.eval(), policy.eval()
+    with torch.inference_mode():
+        keep = lambda obs: policy.act(obs, deterministic=True)  # noqa: E731
+        _, _, masks = forward_policy(pv, images.to(device), keep)
+    pv.train(was_training[0]), policy.train(was_training[1])
+    return plot_masks(None, images, {"agent": masks.cpu()}, grid=tuple(pv.model.patch_embed.grid_size))
+
+
+def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]:
+    """The test-split table, every row on the same images, timed side by side.
+
+    Rows: the plain ViT; APT pruning with its agent and without; and the controls that keep, in every image
+    and at every stage, as many tokens as the agent did but random ones, on the APT backbone and on the plain
+    one (what the agent's choice of tokens adds, and what joint training adds).
+    """
+    _, _, device = init_distributed(args.device)
+    pv = load_backbone(run_dir / "checkpoint", device=device)
+    data = dict(img_size=pv.img_size[0], in_chans=pv.in_chans, root=args.data_root)
+    test_set = build_dataset(args.dataset, split="test", **data)
+    loader = make_loader(test_set, batch_size=args.eval_batch_size, shuffle=False, seed=args.seed)
+    plain_pv = load_backbone(plain_dir / "checkpoint", device=device) if plain_dir is not None else None
+    if args.mode == "plain":
+        contenders = [Contender("plain ViT")]
+    else:
+        policy = load_policy(run_dir / "agent", device=device).eval()
+        agent = Contender("APT (pruning)", lambda obs: policy.act(obs, deterministic=True), flops=policy.decision_flops)
+        contenders = [agent, Contender("APT (no pruning)")]
+    rows, decisions = evaluate_accuracy(pv, loader, contenders, desc="test")
+    if args.mode == "apt":
+        counts = decisions["APT (pruning)"]
+        live = ("keep", "stage")  # what random pruning reads: no class attention to pay for
+        controls = [
+            Contender("APT, random at the agent's counts", random_at_counts(counts, seed=args.seed), obs_keys=live)
+        ]
+        if plain_pv is not None:
+            random_plain = random_at_counts(counts, seed=args.seed)
+            controls += [
+                Contender("plain ViT", model=plain_pv),
+                Contender("plain ViT, random at the agent's counts", random_plain, obs_keys=live, model=plain_pv),
+            ]
+        more, _ = evaluate_accuracy(pv, loader, controls, desc="test, controls")
+        rows, contenders = rows + more, contenders + controls
+    timing = torch.stack([test_set[i][0] for i in range(min(len(test_set), args.eval_batch_size))])
+    speed = measure_throughput(pv, timing, contenders, batch_size=len(timing))
+    for row in rows:
+        row["img_per_s_b256"] = speed[row["policy"]]
+    order = ["plain ViT", "APT (pruning)", "APT (no pruning)"]
+    return sorted(rows, key=lambda r: order.index(r["policy"]) if r["policy"] in order else len(order))
+
+
+TABLE_COLUMNS = ("policy", "top1", "top1_low", "top1_high", "gflops", "gflops_policy", "tokens_last", "img_per_s_b256")
 
 
 def main() -> None:
     args = tyro.cli(Args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rows = train(args)
-    if int(os.environ.get("RANK", "0")) == 0:
-        num_patches = int(max(r["tokens"] for _, r in rows))
-        print_table(rows, num_patches)
+    args, run_dir = prepare_run(args)
+    plain_dir = None
+    if args.mode == "apt" and args.compare_plain:
+        plain_args, plain_dir = plain_baseline(args, run_dir)
+        if not train(plain_args, plain_dir):
+            return
+    if not train(args, run_dir) or int(os.environ.get("RANK", "0")) != 0:
+        return
+    rows = final_table(args, run_dir, plain_dir)
+    (run_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    table = markdown_table(rows, TABLE_COLUMNS)
+    (run_dir / "results.md").write_text(table + "\n")
+    print(f"\n{args.dataset} test split, {rows[0]['num_images']} images; run folder: {run_dir}")
+    print(table)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ class Contender:
         obs_keys: the observation keys ``keep_fn`` reads; fewer is faster (``cls_attn`` costs a partial
             block, counted in ``gflops_policy``).
         flops: the policy's own cost (see ``PolicyFlops``); ``None`` is free (random, replay).
+        model: run this backbone instead of the evaluation's (e.g. a plain ViT beside a jointly trained one).
     """
 
     name: str
@@ -87,6 +88,7 @@ class Contender:
     budget: float | None = None
     obs_keys: tuple[str, ...] = OBS_KEYS
     flops: PolicyFlops | None = None
+    model: PrunableViT | None = None
 
 
 @dataclass
@@ -208,32 +210,35 @@ def evaluate_accuracy(
     if len(set(names)) != len(names):
         raise ValueError(f"contender names must be unique, got {names}")
     device = next(pv.parameters()).device
-    counter = FlopCounter(pv.model)
-    dense = counter.dense()
+    models = {c.name: c.model or pv for c in contenders}
+    counters = {c.name: FlopCounter(models[c.name].model) for c in contenders}
     sums = {c.name: dict(correct=0, loss=0.0, backbone=0.0, policy=0.0, tokens=0.0) for c in contenders}
     masks: dict[str, list[Tensor]] = {c.name: [] for c in contenders}
     num_images = 0
-    was_training = pv.training
-    pv.eval()
+    was_training = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
     try:
         for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
             images, labels = images.to(device), labels.to(device)
             index = torch.arange(num_images, num_images + len(labels), device=device)
             for c in contenders:
+                m = models[c.name]
                 logits, kept, stage_masks = forward_policy(
-                    pv, images, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index
+                    m, images, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index
                 )
-                live = torch.cat([torch.full_like(kept[:, :1], pv.num_patches), stage_masks.sum(-1)[:, :-1]], 1)
+                live = torch.cat([torch.full_like(kept[:, :1], m.num_patches), stage_masks.sum(-1)[:, :-1]], 1)
                 s = sums[c.name]
                 s["correct"] += int((logits.argmax(dim=1) == labels).sum())
                 s["loss"] += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-                s["backbone"] += float(counter(kept + pv.num_prefix_tokens).sum())
-                s["policy"] += float(_decision_gflops(pv, c, live).sum())
+                s["backbone"] += float(counters[c.name](kept + m.num_prefix_tokens).sum())
+                s["policy"] += float(_decision_gflops(m, c, live).sum())
                 s["tokens"] += float(kept[:, -1].sum())
                 masks[c.name].append(stage_masks.cpu())
             num_images += len(labels)
     finally:
-        pv.train(was_training)
+        for name, m in models.items():
+            m.train(was_training[name])
     if num_images == 0:
         raise ValueError("the evaluation got no images: the dataset split is empty")
     rows, decisions = [], {}
@@ -241,7 +246,7 @@ def evaluate_accuracy(
         s = sums[c.name]
         low, high = wilson_interval(s["correct"], num_images)
         backbone, policy = s["backbone"] / num_images / 1e9, s["policy"] / num_images
-        budget = c.budget if c.budget is not None else backbone * 1e9 / dense
+        budget = c.budget if c.budget is not None else backbone * 1e9 / counters[c.name].dense()
         rows.append({
             "policy": c.name, "budget": budget, "top1": s["correct"] / num_images, "top1_low": low,
             "top1_high": high, "loss": s["loss"] / num_images, "gflops_backbone": backbone,
@@ -284,18 +289,20 @@ def measure_throughput(
     device = next(pv.parameters()).device
     batch = images[:batch_size].to(device)
     index = torch.arange(batch_size, device=device)
-    was_training = pv.training
-    pv.eval()
+    models = {c.name: c.model or pv for c in contenders}
+    was_training = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     try:
         for c in contenders:  # warm-up: allocator, kernels, lazy inits
-            forward_policy(pv, batch, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index)
+            forward_policy(models[c.name], batch, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index)
         for rep in range(repeats):
             shift = rep % len(contenders)
             for c in [*contenders[shift:], *contenders[:shift]]:
                 runs, start = 0, time.perf_counter()
                 while True:
-                    forward_policy(pv, batch, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index)
+                    forward_policy(models[c.name], batch, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index)
                     _synchronize(device)
                     runs += 1
                     elapsed = time.perf_counter() - start
@@ -303,7 +310,8 @@ def measure_throughput(
                         break
                 times[c.name].append(runs * batch_size / elapsed)
     finally:
-        pv.train(was_training)
+        for name, m in models.items():
+            m.train(was_training[name])
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -91,7 +91,7 @@ def plot_tradeoff(path: str | Path, rows: Sequence[Mapping[str, Any]], *, title:
 
 
 def plot_masks(
-    path: str | Path,
+    path: str | Path | None,
     images: Tensor,
     masks: Mapping[str, Tensor],
     *,
@@ -102,7 +102,7 @@ def plot_masks(
     its kept tokens after every stage; returns the (closed) figure.
 
     Args:
-        path: the PNG to write.
+        path: the PNG to write (None: only return the figure, e.g. for TensorBoard).
         images: (M, C, H, W) normalized images.
         masks: policy name -> keep masks (M, K, N) bool over the patch grid.
         grid: the patch grid ``(rows, cols)``, ``rows * cols == N``.
@@ -137,7 +137,8 @@ def plot_masks(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    if path is not None:
+        fig.savefig(path, dpi=100)
     plt.close(fig)
     return fig
 

@@ -40,10 +40,12 @@ def main(args: Args) -> None:
         cmd += shlex.split(args.extra)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         (run_dir,) = [p for p in out.iterdir() if (p / "results.json").is_file()]
-        for name, results in json.loads((run_dir / "results.json").read_text()):
+        for results in json.loads((run_dir / "results.json").read_text()):
+            name = results["policy"]
             rows.setdefault(name, []).append(results)
-            print(f"seed {seed}: {name}: top-1 {100 * results['acc1']:.2f}%, {results['gflops']:.4g} GFLOPs, "
-                  f"{results['tokens']:.1f} tokens", flush=True)  # fmt: skip
+            print(f"seed {seed}: {name}: top-1 {100 * results['top1']:.2f}% [{100 * results['top1_low']:.2f}, "
+                  f"{100 * results['top1_high']:.2f}], {results['gflops']:.4g} GFLOPs, "
+                  f"{results['tokens_last']:.1f} tokens", flush=True)  # fmt: skip
 
     def stat(values: list[float]) -> str:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -53,8 +55,9 @@ def main(args: Args) -> None:
     print("| model | top-1 (%) | GFLOPs/img | tokens (last block) |")
     print("|---|---:|---:|---:|")
     for name, results in rows.items():
-        acc = stat([100 * r["acc1"] for r in results])
-        print(f"| {name} | {acc} | {stat([r['gflops'] for r in results])} | {stat([r['tokens'] for r in results])} |")
+        acc = stat([100 * r["top1"] for r in results])
+        gflops, tokens = stat([r["gflops"] for r in results]), stat([r["tokens_last"] for r in results])
+        print(f"| {name} | {acc} | {gflops} | {tokens} |")
 
 
 if __name__ == "__main__":

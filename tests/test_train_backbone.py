@@ -15,6 +15,7 @@ import torch
 
 from agents.io import load_policy
 from apt_env.checkpoint import load_backbone, load_train_state
+from apt_env.distributed import state_digest
 from apt_env.env import APTPruneVectorEnv
 
 SCRIPT = Path(__file__).resolve().parents[1] / "train_backbone.py"
@@ -46,12 +47,14 @@ def _run(out_dir: Path, *flags: str) -> tuple[Path, str]:
 def test_end_to_end_writes_a_loadable_checkpoint_and_prints_the_table(tmp_path):
     run_dir, stdout = _run(tmp_path / "runs", "--mode", "plain", "--epochs", "1")
     assert run_dir.name.startswith("synthetic__train_backbone__1__")
-    assert "| plain ViT |" in stdout and "/16 |" in stdout  # 16 patch tokens of 4x4 pixels in a 16x16 image
+    assert "| plain ViT |" in stdout and "| 16 |" in stdout  # 16 patch tokens of 4x4 pixels in a 16x16 image
 
     pv = load_backbone(run_dir / "checkpoint", expect={"dataset": "synthetic", "num_classes": 10, "img_size": 16})
     assert pv.depth == 2 and pv.embed_dim == 32
     config = json.loads((run_dir / "checkpoint" / "config.json").read_text())
-    assert config["epoch"] == 1 and 0 <= config["test_acc1"] <= 1
+    assert config["epoch"] == 1 and 0 <= config["val_acc1"] <= 1
+    assert config["split"] == "train" and "train_backbone.py" in config["command"]  # provenance
+    assert config["weights_digest"] == state_digest(pv.model)
     state = load_train_state(run_dir / "train_state.pt")
     assert state["epoch"] == 1 and state["global_step"] == 3
     assert all(torch.equal(v, state["model"][k]) for k, v in pv.model.state_dict().items())
@@ -60,8 +63,12 @@ def test_end_to_end_writes_a_loadable_checkpoint_and_prints_the_table(tmp_path):
 
 def test_joint_training_prints_the_three_rows_and_writes_backbone_and_agent(tmp_path):
     run_dir, stdout = _run(tmp_path / "runs", *APT, "--epochs", "2")
-    for row in ("| plain ViT |", "| APT (pruning) |", "| APT (no pruning) |"):
-        assert row in stdout
+    rows = {r["policy"]: r for r in json.loads((run_dir / "results.json").read_text())}
+    controls = ("plain ViT, random at the agent's counts", "APT, random at the agent's counts")
+    for row in ("plain ViT", "APT (pruning)", "APT (no pruning)", *controls):
+        assert f"| {row} |" in stdout and rows[row]["top1_low"] <= rows[row]["top1"] <= rows[row]["top1_high"]
+    for row in controls:  # as many tokens as the agent kept, image by image
+        assert rows[row]["tokens_last"] == rows["APT (pruning)"]["tokens_last"]
     assert len(list(run_dir.glob("*__plain__*/checkpoint"))) == 1  # the plain baseline, same seed and schedule
     envs = APTPruneVectorEnv(2, model=str(run_dir / "checkpoint"), dataset="synthetic")
     load_policy(run_dir / "agent", observation_space=envs.single_observation_space)
@@ -83,6 +90,42 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((run_b / "checkpoint" / "config.json").read_text())["epoch"] == 2
+
+
+def test_init_checkpoint_fine_tunes_a_trained_backbone_in_both_modes(tmp_path):
+    first, _ = _run(tmp_path / "first", "--mode", "plain", "--epochs", "1")
+    init = str(first / "checkpoint")
+    plain, _ = _run(tmp_path / "plain", "--mode", "plain", "--epochs", "1", "--init-checkpoint", init)
+    joint, stdout = _run(tmp_path / "joint", *APT[:-2], "--epochs", "1", "--init-checkpoint", init,
+                         "--init-agent", str(_agent(tmp_path, first)))  # fmt: skip
+    assert "| APT (pruning) |" in stdout  # warm-up defaults to 0 from trained weights: it pruned at once
+    start = load_backbone(first / "checkpoint").model.state_dict()
+    for run in (plain, joint):
+        tuned = load_backbone(run / "checkpoint").model.state_dict()
+        assert not all(torch.equal(start[k], tuned[k]) for k in start)  # trained further ...
+        assert load_backbone(run / "checkpoint").depth == 2  # ... the checkpoint's architecture
+    small = tmp_path / "small"
+    torch.manual_seed(0)
+    from apt_env.backbone import PrunableViT
+    from apt_env.checkpoint import save_backbone
+
+    kwargs = {**TINY_MODEL, "patch_size": 4, "in_chans": 1, "num_classes": 5}
+    pv = PrunableViT.from_timm("vit_tiny_patch16_224", **kwargs)
+    save_backbone(small, pv, meta={"dataset": "synthetic"})
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *TINY, "--out-dir", str(tmp_path / "bad"), "--mode", "plain", "--epochs", "1",
+         "--init-checkpoint", str(small)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "num_classes = 5, expected 10" in proc.stderr
+
+
+def _agent(tmp_path, run_dir):
+    from agents.io import save_policy
+    from agents.policy import APTPolicy
+
+    pv = load_backbone(run_dir / "checkpoint")
+    return save_policy(tmp_path / "agent0", APTPolicy(pv.embed_dim, pv.num_patches, pv.num_stages, init_keep_prob=0.7))
 
 
 def _script():
