@@ -1,13 +1,18 @@
 """Reading and writing model files: the one place that does.
 
-A backbone checkpoint is a folder::
+A backbone checkpoint is a folder in timm's own layout, so ``timm.create_model("local-dir:PATH",
+pretrained=True)`` loads the trained model with no code of ours::
 
     PATH/
-      model.safetensors   the timm model's state_dict (loadable by plain timm too)
-      config.json         {"format": "apt-backbone/1", "timm_name", "timm_kwargs", "prune_layers",
-                           "min_keep", "bucket_rows", the model's num_classes, img_size, in_chans, depth,
-                           embed_dim, num_prefix_tokens, num_patches, and the caller's ``meta``
-                           (dataset, mean, std, accuracy, ...)}
+      model.safetensors   the timm model's state_dict
+      config.json         {"architecture", "model_args", "num_classes", "pretrained_cfg" (input size, mean,
+                           std, interpolation, crop: timm's data config)} and ours: {"format":
+                           "apt-backbone/1", "prune_layers", "min_keep", "bucket_rows", the model's
+                           num_classes, img_size, in_chans, depth, embed_dim, num_prefix_tokens, num_patches,
+                           and the caller's ``meta`` (dataset, split, command, weights digest, accuracy, ...)}
+
+Folders written before this layout (``timm_name`` and ``timm_kwargs`` instead of ``architecture`` and
+``model_args``) still load.
 
 A training state for ``--resume`` is one ``torch.save`` file of plain containers and tensors.
 
@@ -55,6 +60,7 @@ CONFIG_FILE = "config.json"
 
 # Keys that describe how to rebuild the model; ``meta`` may not set them.
 _BUILD_KEYS = ("format", "timm_name", "timm_kwargs", "prune_layers", "min_keep", "bucket_rows")
+_TIMM_KEYS = ("architecture", "model_args", "pretrained_cfg")
 
 
 def _model_facts(pv: PrunableViT) -> dict[str, Any]:
@@ -107,16 +113,25 @@ def save_backbone(path: str | Path, pv: PrunableViT, *, meta: Mapping[str, Any] 
         )
     facts = _model_facts(pv)
     meta = dict(meta or {})
-    clashes = sorted(k for k in meta if k in _BUILD_KEYS)
+    clashes = sorted(k for k in meta if k in _BUILD_KEYS or k in _TIMM_KEYS)
     if clashes:
         raise ValueError(f"meta may not set {clashes}: they are written from the model")
     for key, value in meta.items():
         if key in facts and _canonical(key, value) != facts[key]:
             raise ValueError(f"meta[{key!r}] = {value!r} but the model has {key} = {facts[key]!r}")
+    h, w = pv.img_size
+    pretrained_cfg = {
+        "input_size": [pv.in_chans, h, w],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "num_classes": pv.num_classes,
+        **{k: list(meta[k]) for k in ("mean", "std") if k in meta},
+    }
     config = {
+        "architecture": pv.timm_name,
+        "model_args": pv.timm_kwargs,
+        "pretrained_cfg": pretrained_cfg,
         "format": FORMAT,
-        "timm_name": pv.timm_name,
-        "timm_kwargs": pv.timm_kwargs,
         "prune_layers": list(pv.prune_layers),
         "min_keep": pv.min_keep,
         "bucket_rows": pv.bucket_rows,
@@ -173,6 +188,9 @@ def read_backbone_config(path: str | Path) -> dict[str, Any]:
         )
     if config.get("format") != FORMAT:
         raise ValueError(f"checkpoint {folder} has format {config.get('format')!r}; this code reads {FORMAT!r}")
+    if "architecture" in config:  # timm's layout; older folders have timm_name and timm_kwargs
+        config["timm_name"] = config["architecture"]
+        config["timm_kwargs"] = config.get("model_args", {})
     missing = [k for k in _BUILD_KEYS if k not in config]
     if missing:
         raise ValueError(f"checkpoint {folder} is corrupt: {CONFIG_FILE} lacks {missing}")

@@ -36,7 +36,7 @@ def test_round_trip_gives_identical_logits(tmp_path):
     folder = save_backbone(tmp_path / "ckpt", pv, meta=META)
     assert sorted(p.name for p in folder.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
     config = json.loads((folder / CONFIG_FILE).read_text())
-    assert config["timm_name"] == DEFAULT_MODEL_NAME and config["timm_kwargs"]["depth"] == 2
+    assert config["architecture"] == DEFAULT_MODEL_NAME and config["model_args"]["depth"] == 2  # timm's layout
     assert config["prune_layers"] == [1] and config["min_keep"] == 3 and config["dataset"] == "fashion-mnist"
 
     loaded = load_backbone(
@@ -185,3 +185,21 @@ def test_corrupt_train_state_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match="train_state.pt is corrupt"):
         load_train_state(path)
+
+
+def test_timm_alone_loads_a_saved_backbone_from_its_folder(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    pv = PrunableViT.from_timm(
+        "vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, num_classes=5, depth=2, embed_dim=32,
+        num_heads=2,
+    )  # fmt: skip
+    path = save_backbone(tmp_path / "ckpt", pv, meta={"dataset": "synthetic", "mean": [0.2], "std": [0.3]})
+    model = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), pv.eval().model(x))
+    cfg = timm.data.resolve_data_config({}, model=model)
+    assert tuple(cfg["input_size"]) == (1, 16, 16) and tuple(cfg["mean"]) == (0.2,) and tuple(cfg["std"]) == (0.3,)
+    assert load_backbone(path).timm_name == "vit_tiny_patch16_224"  # and ours reads it back
