@@ -113,8 +113,9 @@ class Args:
     """training batch size"""
     eval_batch_size: int = 256
     """test-split batch size"""
-    lr: float = 1e-3
-    """peak learning rate of AdamW"""
+    lr: float | None = None
+    """peak learning rate of AdamW; default 1e-3 from scratch, 2e-4 when fine-tuning trained weights
+    (--init-checkpoint, --pretrained)"""
     weight_decay: float = 0.05
     """AdamW weight decay (biases, norms, position and class tokens are not decayed)"""
     warmup_frac: float = 0.1
@@ -181,6 +182,13 @@ def warmup_epochs(args: Args) -> int:
     if args.warmup_epochs is not None:
         return args.warmup_epochs
     return 0 if args.init_checkpoint or args.pretrained else 1
+
+
+def peak_lr(args: Args) -> float:
+    """The peak learning rate: as given, else lower for fine-tuning than for training from scratch."""
+    if args.lr is not None:
+        return args.lr
+    return 2e-4 if args.init_checkpoint or args.pretrained else 1e-3
 
 
 def parse_model_kwargs(text: str) -> dict:
@@ -333,7 +341,7 @@ def train(args: Args, run_dir: Path) -> bool:
     param_groups = param_groups_weight_decay(
         pv.model, args.weight_decay, no_weight_decay_list=pv.model.no_weight_decay()
     )
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr)
+    optimizer = torch.optim.AdamW(param_groups, lr=peak_lr(args))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, round(args.warmup_frac * total_steps))
     )
