@@ -136,7 +136,12 @@ class NativePPO:
 
     @torch.no_grad()
     def _collect(self) -> tuple[dict[str, Any], dict[str, float]]:
-        """Whole episodes from the current policy; returns the rollout tensors and episode stats."""
+        """Whole episodes from the current policy; returns the rollout tensors and episode stats.
+
+        The stored action is the one the env executed (``info["executed_action"]``), with its
+        log-probability under the current policy: it differs from the sampled one where the env
+        topped a row up to ``min_keep``.
+        """
         obs = self._next_obs
         if obs is None:
             obs = self.envs.reset_tensors(seed=self.seed if self.num_rollouts == 0 else None)
@@ -148,7 +153,13 @@ class NativePPO:
             for key, v in obs.items():
                 obs_buf[key].append(v)
             action, log_prob, _, value = self.policy.get_action_and_value(obs, generator=self.generator)
-            obs, reward, _, _, info = self.envs.step_tensors(action)
+            next_obs, reward, _, _, info = self.envs.step_tensors(action)
+            # Credit what the env did: it tops rows up to min_keep, overriding the sampled action.
+            executed = info["executed_action"].to(action.dtype)
+            if not torch.equal(executed, action):
+                _, log_prob, _, _ = self.policy.get_action_and_value(obs, executed)
+                action = executed
+            obs = next_obs
             actions.append(action)
             log_probs.append(log_prob)
             values.append(value)

@@ -7,7 +7,8 @@ passes pruning to the blocks as an attention mask, so no block or attention code
 Two modes give the same logits for the same masks:
 
 * ``masked``: fixed shapes; pruned tokens stay in the sequence but are removed as attention keys
-  and from pooling. Differentiable, for training.
+  (an additive 0 / -inf mask, which timm's fused and non-fused attention treat alike) and from
+  pooling. Differentiable, for training.
 * ``gathered``: pruned tokens are really removed; rows with different keep counts are padded to
   the batch maximum (padding masked as keys). For speed.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
@@ -25,7 +27,15 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 from torch import nn
 
-from apt_env.tokens import TokenState, apply_keep_mask, gather_kept, initial_state, length_buckets, live_mean
+from apt_env.tokens import (
+    TokenState,
+    additive_mask,
+    apply_keep_mask,
+    gather_kept,
+    initial_state,
+    length_buckets,
+    live_mean,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -58,8 +68,10 @@ class PrunableViT(nn.Module):
             or attention pooling).
         prune_layers: block indices before which pruning happens, strictly increasing in
             ``[1, depth - 1]``; default three evenly spaced blocks.
-        min_keep: a row that a mask would leave with fewer patch tokens keeps ``min_keep``: the ones
-            it had before, first in raster order.
+        min_keep: the least number of patch tokens a row keeps, in ``[0, num_patches]`` for a
+            class-token classifier and ``[1, num_patches]`` for a model that pools its patch tokens.
+            When a mask leaves a row fewer, the row keeps the tokens the mask kept plus those it
+            dropped that were live before, lowest patch index first, until it has ``min_keep``.
         bucket_rows: in gathered mode without gradients, a batch whose rows keep different numbers
             of tokens runs in groups of about this many rows of similar length, each cut to its own
             longest row.
@@ -74,9 +86,7 @@ class PrunableViT(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(model, VisionTransformer):
-            raise ValueError(
-                f"PrunableViT needs a timm VisionTransformer (or subclass), got {type(model).__name__}"
-            )
+            raise ValueError(f"PrunableViT needs a timm VisionTransformer (or subclass), got {type(model).__name__}")
         if model.global_pool not in _POOLS:
             raise ValueError(f"global_pool={model.global_pool!r} is not supported; use one of {_POOLS}")
         if model.attn_pool is not None and getattr(model.attn_pool, "pos_embed", None) is not None:
@@ -93,17 +103,8 @@ class PrunableViT(nn.Module):
         self.in_chans = int(model.patch_embed.proj.in_channels)
         self.embed_dim = int(model.embed_dim)
         self.num_classes = int(model.num_classes)
-        layers = default_prune_layers(self.depth) if prune_layers is None else tuple(int(i) for i in prune_layers)
-        if not layers or any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 1 or layers[-1] >= self.depth:
-            raise ValueError(
-                f"prune_layers must be strictly increasing block indices in [1, {self.depth - 1}], got {layers}"
-            )
-        if not 0 <= min_keep <= self.num_patches:
-            raise ValueError(f"min_keep must be in [0, {self.num_patches}], got {min_keep}")
-        if min_keep < 1 and (model.cls_token is None or model.global_pool != "token"):
-            raise ValueError("min_keep must be at least 1 for a model that pools its patch tokens")
-        self.prune_layers = layers
-        self.min_keep = int(min_keep)
+        self.prune_layers = self._check_prune_layers(prune_layers)
+        self.min_keep = self._check_min_keep(min_keep)
         self.bucket_rows = int(bucket_rows)
         # What from_timm built, so a checkpoint can rebuild the model; None/{} for a given module.
         self.timm_name: str | None = None
@@ -129,6 +130,47 @@ class PrunableViT(nn.Module):
         pv.timm_name, pv.timm_kwargs = name, dict(timm_kwargs)
         return pv
 
+    def with_pruning(self, *, prune_layers: Sequence[int] | None = None, min_keep: int | None = None) -> PrunableViT:
+        """The same timm model (shared weights) with other pruning points or ``min_keep``, checked as
+        by the constructor; ``None`` keeps this model's value."""
+        pv = type(self)(
+            self.model,
+            prune_layers=self.prune_layers if prune_layers is None else prune_layers,
+            min_keep=self.min_keep if min_keep is None else min_keep,
+            bucket_rows=self.bucket_rows,
+        )
+        pv.timm_name, pv.timm_kwargs = self.timm_name, dict(self.timm_kwargs)
+        return pv.train(self.training)
+
+    def _check_prune_layers(self, prune_layers: Sequence[int] | None) -> tuple[int, ...]:
+        if prune_layers is None:
+            return default_prune_layers(self.depth)
+        valid = f"strictly increasing block indices in [1, {self.depth - 1}] (the model has {self.depth} blocks)"
+        try:
+            layers = tuple(prune_layers)
+        except TypeError:
+            layers = ()
+        if (
+            not layers
+            or not all(_is_int(i) for i in layers)
+            or any(b <= a for a, b in zip(layers, layers[1:]))
+            or not 1 <= layers[0] <= layers[-1] < self.depth
+        ):
+            raise ValueError(f"prune_layers must be {valid}, got {prune_layers!r}")
+        return tuple(int(i) for i in layers)
+
+    def _check_min_keep(self, min_keep: int) -> int:
+        m = self.model
+        # Pooling over patch tokens needs one of them; a class-token classifier can drop them all.
+        low = 0 if m.cls_token is not None and m.global_pool == "token" else 1
+        if not _is_int(min_keep) or not low <= min_keep <= self.num_patches:
+            why = "" if low == 0 else f", at least 1 as global_pool={m.global_pool!r} pools the patch tokens"
+            raise ValueError(
+                f"min_keep must be an integer in [{low}, {self.num_patches}] (patch tokens per image{why}), "
+                f"got {min_keep!r}"
+            )
+        return int(min_keep)
+
     @property
     def num_stages(self) -> int:
         return len(self.prune_layers)
@@ -152,23 +194,23 @@ class PrunableViT(nn.Module):
 
     def run_blocks(self, state: TokenState, start: int, end: int) -> TokenState:
         """Run blocks ``[start, end)`` with pruned tokens removed as attention keys."""
-        key_mask = state.key_mask()
+        attn_mask = state.attn_mask()
         num_buckets = state.x.shape[0] // self.bucket_rows
         # Without gradients only: backward through the scatter back into the batch costs more than
         # the padding saved (measured in benchmarks/bench_joint.py's training step).
-        if key_mask is not None and state.packed and num_buckets > 1 and not torch.is_grad_enabled():
+        if attn_mask is not None and state.packed and num_buckets > 1 and not torch.is_grad_enabled():
             counts = state.num_kept()
             x = state.x.clone()
             for rows in length_buckets(counts, num_buckets):
                 length = int(counts[rows].max())
                 part = state.rows(rows, length)
-                x[rows, : self.num_prefix_tokens + length] = self._run(part.x, start, end, part.key_mask())
+                x[rows, : self.num_prefix_tokens + length] = self._run(part.x, start, end, part.attn_mask())
             return state.with_x(x)
-        return state.with_x(self._run(state.x, start, end, key_mask))
+        return state.with_x(self._run(state.x, start, end, attn_mask))
 
-    def _run(self, x: torch.Tensor, start: int, end: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, start: int, end: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
         for blk in self.model.blocks[start:end]:
-            x = blk(x) if key_mask is None else blk(x, attn_mask=key_mask)
+            x = blk(x) if attn_mask is None else blk(x, attn_mask=attn_mask)
         return x
 
     def prune(self, state: TokenState, mask: torch.Tensor, mode: Mode = "masked") -> TokenState:
@@ -189,7 +231,7 @@ class PrunableViT(nn.Module):
         else:
             x = x[:, self.num_prefix_tokens :]
         if m.attn_pool is not None:
-            pooled = m.attn_pool(x, attn_mask=live[:, None, None, :])
+            pooled = m.attn_pool(x, attn_mask=additive_mask(live[:, None, None, :], x.dtype))
         else:
             pooled = _masked_pool(x, live, m.global_pool)
         return m.head(m.head_drop(m.fc_norm(pooled)))
@@ -269,6 +311,10 @@ class PrunableViT(nn.Module):
             raise ValueError(f"keep mask must be a bool tensor of shape {expected} (batch, patches), got {got}")
         if mask.dtype != torch.bool:
             raise ValueError(f"keep mask must have dtype torch.bool, got {mask.dtype}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _masked_pool(x: torch.Tensor, live: torch.Tensor, pool: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""More than one process: torchrun's environment, gloo on CPU and nccl on GPU."""
+"""More than one process: torchrun's environment, gloo on CPU and nccl (with gloo for CPU tensors) on GPU."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,10 +30,16 @@ def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend_for(use_cuda))
     rank = dist.get_rank()
     _logger.info("rank %d of %d (%s)", rank, world_size, dist.get_backend())
     return rank, world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def backend_for(use_cuda: bool) -> str:
+    """The process group backend: nccl for CUDA tensors, gloo for CPU tensors (NCCL has no CPU
+    collectives, and a CPU tensor can still meet a collective on a GPU run)."""
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
 
 
 def is_distributed() -> bool:
@@ -56,13 +63,18 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
-def broadcast_int(value: int) -> int:
-    """Rank 0's value on every rank (itself in one process)."""
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's (picklable) value on every rank (itself in one process)."""
     if not is_distributed():
         return value
-    tensor = torch.tensor([value], dtype=torch.long)
-    dist.broadcast(tensor, src=0)
-    return int(tensor.item())
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's value on every rank (itself in one process)."""
+    return int(broadcast_object(int(value)))
 
 
 def state_digest(module: torch.nn.Module) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,17 +32,37 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "default"
 
 ModelSpec = str | Path | nn.Module | tuple[str, dict] | None
 
+# A process forked after this import (gymnasium's AsyncVectorEnv with Linux's default start method)
+# inherits torch's thread pool without its threads: see ``_one_thread_if_forked``.
+_IMPORT_PID = os.getpid()
 
-def build_backbone(model: ModelSpec, *, prune_layers: Sequence[int] | None, min_keep: int) -> PrunableViT:
-    """A ``PrunableViT`` from a checkpoint folder, a timm name, ``(name, kwargs)`` or a module.
 
-    ``None`` is the default: the checkpoint that ships with the package when there is one, else an
-    untrained small ViT for 28x28 gray images.
+def build_backbone(
+    model: ModelSpec, *, prune_layers: Sequence[int] | None = None, min_keep: int | None = None
+) -> PrunableViT:
+    """A ``PrunableViT`` from a checkpoint folder, a timm name, ``(name, kwargs)``, a timm module or a
+    ``PrunableViT``.
+
+    ``None`` is the default model: the checkpoint that ships with the package when there is one, else
+    an untrained small ViT for 28x28 gray images. ``prune_layers`` and ``min_keep`` pass the
+    ``PrunableViT`` constructor's checks whatever the model; ``None`` keeps a checkpoint's or a
+    ``PrunableViT``'s own value, else the default (three evenly spaced blocks, 1). A ``PrunableViT`` is
+    used as it is, not copied (its weights may be training elsewhere), so values other than its own
+    are an error.
     """
+    pruning = {k: v for k, v in dict(prune_layers=prune_layers, min_keep=min_keep).items() if v is not None}
     if isinstance(model, PrunableViT):
+        wanted = model.with_pruning(**pruning)  # the constructor's checks
+        if (wanted.prune_layers, wanted.min_keep) != (model.prune_layers, model.min_keep):
+            given = ", ".join(f"{k}={v!r}" for k, v in pruning.items())
+            raise ValueError(
+                f"the PrunableViT given as model has prune_layers={model.prune_layers}, min_keep={model.min_keep}, "
+                f"but {given} was asked: leave them unset to use the model's, or pass "
+                f"model=pv.with_pruning({given}) (same weights)"
+            )
         return model
     if isinstance(model, nn.Module):
-        return PrunableViT(model, prune_layers=prune_layers, min_keep=min_keep)
+        return PrunableViT(model, **pruning)
     if model is None:
         if (DEFAULT_CHECKPOINT / "config.json").is_file():
             model = DEFAULT_CHECKPOINT
@@ -50,14 +71,21 @@ def build_backbone(model: ModelSpec, *, prune_layers: Sequence[int] | None, min_
             model = (DEFAULT_MODEL_NAME, DEFAULT_MODEL_KWARGS)
     if isinstance(model, tuple):
         name, kwargs = model
-        return PrunableViT.from_timm(name, prune_layers=prune_layers, min_keep=min_keep, **kwargs)
+        return PrunableViT.from_timm(name, **pruning, **kwargs)
     if Path(model).exists():
-        pv = load_backbone(model)
-        if prune_layers is not None:
-            pv.prune_layers = tuple(prune_layers)
-        pv.min_keep = min_keep
-        return pv
-    return PrunableViT.from_timm(str(model), prune_layers=prune_layers, min_keep=min_keep)
+        return load_backbone(model).with_pruning(**pruning)
+    return PrunableViT.from_timm(str(model), **pruning)
+
+
+def _one_thread_if_forked() -> None:
+    """Run single-threaded in a process forked after this module was imported, as DataLoader workers do.
+
+    The fork copies torch's intra-op thread pool but not its threads, so the first parallel op in the
+    child waits for them forever (``gym.make_vec(..., vectorization_mode="async")`` on Linux builds a
+    first env in the parent, then forks the workers).
+    """
+    if os.getpid() != _IMPORT_PID:
+        torch.set_num_threads(1)
 
 
 def _choice(name: str, value: Any, valid: Sequence[str]) -> None:
@@ -122,7 +150,7 @@ class PruningEpisodes:
         """Apply stage ``k``'s keep mask (B, N) bool; returns (observation, reward, info).
 
         After the last stage the observation is the final state: the last stage's tokens under the
-        final mask.
+        final mask. Nothing returned shares memory with the episode state.
         """
         if self.stage < 0:
             raise RuntimeError("step() called before reset()")
@@ -147,15 +175,19 @@ class PruningEpisodes:
         score = self._score(logits)
         reward = self.score - score + self.flops_weight * (self.flops_now - flops_now).float() / self.flops_all
         loss_multi = score if self.reward == "loss_delta" else F.cross_entropy(logits, self.labels, reduction="none")
-        info = {"loss_plain": self.loss_plain, "loss_multi": loss_multi}
+        # Copies: the caller may edit info in place, and self.score is the next step's baseline.
+        info = {"loss_plain": self.loss_plain.clone(), "loss_multi": loss_multi.clone()}
         if "single" in self.channels:
-            single = loss_multi
+            single = loss_multi.clone()
             if k > 0:  # only this stage's action, applied to the unpruned tokens
                 alone = pv.prune(self.plain_states[k], keep, self.mode)
                 single = F.cross_entropy(pv.finish(alone, start), self.labels, reduction="none")
             info["loss_single"] = single
         info["keep_ratio"] = counts.float() / pv.num_patches
         info["gflops"] = (flops_now / 1e9).float()
+        # What was done, which differs from ``keep`` where the action asks to keep pruned tokens
+        # or a row was topped up to min_keep.
+        info["executed_action"] = pruned.mask(pv.num_patches).to(torch.int8)
 
         self.state, self.cls_attn, self.score, self.flops_now = next_state, next_attn, score, flops_now
         obs = self.observe(next_state, next_attn, stage=k if last else k + 1)
@@ -185,6 +217,8 @@ def observe(
 ) -> dict[str, torch.Tensor]:
     """The observation of ``state`` (the tokens entering stage ``stage``), only the requested keys.
 
+    Every tensor is new: editing it leaves ``state`` and ``cls_attn`` as they are.
+
     Args:
         pv: the backbone.
         state: tokens entering block ``pv.prune_layers[stage]``.
@@ -199,13 +233,13 @@ def observe(
         obs["tokens"] = state.patch_features(n).float()
     if "cls" in keys:
         if pv.model.cls_token is not None:
-            obs["cls"] = state.x[:, 0].float()
+            obs["cls"] = state.x[:, 0].to(torch.float32, copy=True)  # not a view of the episode state
         else:
             obs["cls"] = live_mean(state.patches, state.keep).float()
     if "cls_attn" in keys:
         if cls_attn is None:
             raise ValueError("the cls_attn observation needs the class attention of the block before the stage")
-        obs["cls_attn"] = cls_attn.float()
+        obs["cls_attn"] = cls_attn.to(torch.float32, copy=True)
     if "keep" in keys:
         obs["keep"] = state.mask(n).to(torch.int8)
     if "stage" in keys:
@@ -234,9 +268,10 @@ class APTPruneVectorEnv(VectorEnv):
 
     ## Action Space
 
-    ``MultiBinary(N)``: 1 keeps a patch token. Prefix tokens are always kept, a token pruned earlier
-    stays pruned, and a row left with fewer than ``min_keep`` tokens keeps its first ``min_keep``
-    live ones in raster order.
+    ``MultiBinary(N)``: 1 keeps a patch token. Prefix tokens are always kept and a token pruned earlier
+    stays pruned. A row that the action leaves with fewer than ``min_keep`` patch tokens keeps the
+    ones the action kept plus those it dropped that were live before the step, lowest patch index
+    first, until it has ``min_keep``. ``info["executed_action"]`` is the keep mask that was applied.
 
     ## Rewards
 
@@ -247,7 +282,9 @@ class APTPruneVectorEnv(VectorEnv):
     true-class probability's gain instead of the loss's drop (the original APT signal).
     ``info`` reports the three channels of the original method, as arrays: ``loss_plain`` (no
     pruning), ``loss_single`` (only this stage's action), ``loss_multi`` (all actions so far), and
-    ``keep_ratio`` and ``gflops``.
+    ``keep_ratio``, ``gflops`` and ``executed_action`` (int8, N per sub-environment), each with its
+    ``_key`` mask as in Gymnasium's vector envs. Observations and info never share memory with the
+    environment's state.
 
     ## Starting State
 
@@ -258,17 +295,24 @@ class APTPruneVectorEnv(VectorEnv):
 
     Terminated after K steps (one per pruning stage); never truncated. Sub-environments reset in the
     same step (``AutoresetMode.SAME_STEP``): the last step returns the next episode's first
-    observation and puts the last one in ``info["final_obs"]`` (and its info in ``info["final_info"]``).
+    observation and puts the last one in ``info["final_obs"]``; its info is at the top level, as on
+    every step, and also in ``info["final_info"]``.
 
     ## Arguments
 
     * ``num_envs``: images per batch.
-    * ``model``: a checkpoint folder, a timm name, ``(name, timm_kwargs)``, a module, or ``None``
-      for the default (the shipped checkpoint, else an untrained ViT for 28x28 gray images).
+    * ``model``: a checkpoint folder, a timm name, ``(name, timm_kwargs)``, a timm module, a
+      ``PrunableViT`` (used as is, weights shared), or ``None`` for the default (the shipped
+      checkpoint, else an untrained ViT for 28x28 gray images).
     * ``dataset``, ``split``, ``data_root``: a dataset from ``apt_env.data`` and where it lives.
-    * ``prune_layers``: blocks before which the stages prune (default three evenly spaced).
+    * ``prune_layers``: blocks before which the stages prune, strictly increasing in ``[1, depth - 1]``.
     * ``reward``: ``"loss_delta"`` or ``"prob_delta"``; ``flops_weight``: weight of the compute term.
-    * ``min_keep``: the least number of patch tokens kept.
+    * ``min_keep``: the least number of patch tokens kept (see Action Space), in ``[1, N]``, or
+      ``[0, N]`` for a class-token classifier.
+    * ``prune_layers`` and ``min_keep`` are checked alike for every kind of ``model`` (a ValueError
+      names the valid range). Unset, they are the model's own (a checkpoint's or a ``PrunableViT``'s),
+      else three evenly spaced blocks and 1. A ``PrunableViT`` with other values is a ValueError:
+      pass ``pv.with_pruning(...)`` instead.
     * ``channels``: which of ``plain``, ``single``, ``multi`` to report (``plain`` and ``multi`` are
       always computed, the reward needs them); ``obs_keys``: which observation keys to compute.
     * ``mode``: ``"gathered"`` (pruned tokens removed, fast) or ``"masked"``; same results.
@@ -292,12 +336,13 @@ class APTPruneVectorEnv(VectorEnv):
         prune_layers: Sequence[int] | None = None,
         reward: str = "loss_delta",
         flops_weight: float = 0.0,
-        min_keep: int = 1,
+        min_keep: int | None = None,
         channels: Sequence[str] = CHANNELS,
         obs_keys: Sequence[str] = OBS_KEYS,
         mode: str = "gathered",
         device: str | torch.device = "cpu",
     ) -> None:
+        _one_thread_if_forked()  # before any torch op
         _choice("reward", reward, REWARDS)
         _choice("mode", mode, MODES)
         for c in channels:
@@ -309,9 +354,7 @@ class APTPruneVectorEnv(VectorEnv):
         self.device = torch.device(device)
         pv = build_backbone(model, prune_layers=prune_layers, min_keep=min_keep)
         self.pv = pv.to(self.device).eval()
-        self.data = build_dataset(
-            dataset, split=split, img_size=pv.img_size[0], in_chans=pv.in_chans, root=data_root
-        )
+        self.data = build_dataset(dataset, split=split, img_size=pv.img_size[0], in_chans=pv.in_chans, root=data_root)
         if pv.img_size[0] != pv.img_size[1]:
             raise ValueError(f"square images are needed, the model takes {pv.img_size}")
         self.episodes = PruningEpisodes(
@@ -341,14 +384,15 @@ class APTPruneVectorEnv(VectorEnv):
     def step_tensors(
         self, actions: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Like ``step`` but takes and returns tensors on ``device``; ``final_obs`` is a batched dict."""
+        """Like ``step`` but takes and returns tensors on ``device``; ``final_obs`` is a batched dict and
+        there are no ``_key`` masks."""
         keep = self._check_action(actions)
         obs, reward, info = self.episodes.step(keep)
         done = self.episodes.stage == self.episodes.num_stages
         terminated = torch.full((self.num_envs,), done, dtype=torch.bool, device=self.device)
         truncated = torch.zeros_like(terminated)
         if done:
-            info = {"final_obs": obs, "final_info": info}
+            info = {**info, "final_obs": obs, "final_info": info}
             obs = self._start()
         return obs, reward, terminated, truncated, info
 
@@ -360,15 +404,7 @@ class APTPruneVectorEnv(VectorEnv):
 
     def step(self, actions: Any) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, dict]:
         obs, reward, terminated, truncated, info = self.step_tensors(actions)
-        if "final_obs" in info:
-            final = _to_numpy(info["final_obs"])
-            per_env = np.empty(self.num_envs, dtype=object)
-            per_env[:] = [{key: v[i] for key, v in final.items()} for i in range(self.num_envs)]
-            all_true = np.ones(self.num_envs, dtype=bool)
-            info = {"final_obs": per_env, "_final_obs": all_true, "final_info": _to_numpy(info["final_info"])}
-            info["_final_info"] = all_true
-        else:
-            info = _to_numpy(info)
+        info = _vector_info(info, self.num_envs)
         return _to_numpy(obs), reward.cpu().numpy(), terminated.cpu().numpy(), truncated.cpu().numpy(), info
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -428,8 +464,25 @@ class APTPruneEnv(gym.Env):
         keep = self.vector._check_action(batched)
         obs, reward, info = self.vector.episodes.step(keep)
         terminated = self.vector.episodes.stage == self.vector.episodes.num_stages
-        info = {key: float(v[0]) for key, v in info.items()}
+        info = {key: (v[0] if v.ndim > 1 else float(v[0])) for key, v in _to_numpy(info).items()}
         return _unbatch(_to_numpy(obs)), float(reward[0]), terminated, False, info
+
+
+def _vector_info(info: dict[str, Any], num_envs: int) -> dict[str, Any]:
+    """Gymnasium's vector-env info: numpy arrays, each with its ``_key`` mask (every sub-environment
+    has every key), nested dicts alike, and ``final_obs`` as an object array of per-env observations."""
+    out: dict[str, Any] = {}
+    for key, value in info.items():
+        if key == "final_obs":
+            final = _to_numpy(value)
+            out[key] = np.empty(num_envs, dtype=object)
+            out[key][:] = [{k: v[i] for k, v in final.items()} for i in range(num_envs)]
+        elif isinstance(value, dict):
+            out[key] = _vector_info(value, num_envs)
+        else:
+            out[key] = value.cpu().numpy()
+        out[f"_{key}"] = np.ones(num_envs, dtype=bool)
+    return out
 
 
 def _to_numpy(tree: dict[str, Any]) -> dict[str, Any]:

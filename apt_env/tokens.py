@@ -48,6 +48,12 @@ class TokenState:
         prefix = self.keep.new_ones(self.keep.shape[0], self.num_prefix_tokens)
         return torch.cat([prefix, self.keep], dim=1)[:, None, None, :]  # (B, 1, 1, P + L)
 
+    def attn_mask(self) -> torch.Tensor | None:
+        """``key_mask`` as the additive float mask timm's attention takes, in the dtype of ``x``;
+        None when every slot is live. # (B, 1, 1, P + L)"""
+        mask = self.key_mask()
+        return None if mask is None else additive_mask(mask, self.x.dtype)
+
     def with_x(self, x: torch.Tensor) -> TokenState:
         return TokenState(x, self.keep, self.index, self.num_prefix_tokens, self.packed)
 
@@ -72,6 +78,15 @@ class TokenState:
         live = self.patches * self.keep.unsqueeze(-1).to(self.x.dtype)
         out = self.x.new_zeros(b, num_patches, c)
         return out.scatter(1, self.index.unsqueeze(-1).expand(-1, -1, c), live)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True = attend) as an additive one: 0 where True, -inf where False.
+
+    timm's non-fused attention (``fused_attn=False``, e.g. under ``TIMM_FUSED_ATTN=0``) adds the
+    mask to the scores, where a bool mask would add 0/1 and remove nothing.
+    """
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def live_mean(x: torch.Tensor, live: torch.Tensor) -> torch.Tensor:

@@ -248,3 +248,26 @@ def test_deterministic_act_keeps_the_expected_count_by_logit(pruned_obs):
     lowest_kept = logits.masked_fill(~keep, float("inf")).min(1).values
     highest_dropped = logits.masked_fill(keep | ~live, float("-inf")).max(1).values
     assert (lowest_kept >= highest_dropped).all()
+
+
+def test_native_ppo_stores_and_credits_the_executed_action(monkeypatch):
+    """The env tops rows up to min_keep; PPO must learn from what was done, not what was sampled."""
+    envs = _envs(num_envs=4, min_keep=4, channels=("plain", "multi"))
+    trainer = NativePPO(envs, episodes_per_rollout=1, seed=0, policy_kwargs=dict(**SMALL, init_keep_prob=0.05))
+    sampled, done = [], []
+    step = envs.step_tensors
+
+    def spy(action):
+        obs, reward, terminated, truncated, info = step(action)
+        sampled.append(action.clone())
+        done.append(info["final_obs"]["keep"] if "final_obs" in info else obs["keep"])  # the mask in force
+        return obs, reward, terminated, truncated, info
+
+    monkeypatch.setattr(envs, "step_tensors", spy)
+    rollout, _ = trainer._collect()
+    assert (torch.stack(sampled).sum(-1) < 4).any(), "the policy must ask for fewer than min_keep tokens"
+    torch.testing.assert_close(rollout["actions"], torch.stack(done).float())
+    flat_obs = {key: v.flatten(0, 1) for key, v in rollout["obs"].items()}
+    with torch.no_grad():
+        _, log_prob, _, _ = trainer.policy.get_action_and_value(flat_obs, rollout["actions"].flatten(0, 1))
+    torch.testing.assert_close(rollout["log_probs"].flatten(), log_prob)

@@ -172,3 +172,26 @@ def test_gathered_length_buckets_agree_with_masked(family):
         state = pv.prune(pv.embed(x), masks[0], mode="gathered")
         assert state.packed and state.x.shape[0] // pv.bucket_rows > 1
         torch.testing.assert_close(pv(x, masks, mode="masked"), pv(x, masks, mode="gathered"), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "not_fused"])
+def test_map_pool_ignores_pruned_tokens_with_and_without_fused_attention(fused):
+    """timm's non-fused attention (TIMM_FUSED_ATTN=0) adds the mask to the scores: it must be 0 / -inf."""
+    pv = _build("map_pool")
+    switched = [mod for mod in pv.modules() if hasattr(mod, "fused_attn")]
+    assert pv.model.attn_pool in switched and len(switched) == pv.depth + 1
+    for mod in switched:
+        mod.fused_attn = fused
+    x = torch.randn(2, 3, 32, 32)
+    kept = [1, 4, 6, 9, 12]
+    mask = torch.zeros(2, pv.num_patches, dtype=torch.bool)
+    mask[:, kept] = True
+    m, b0 = pv.model, pv.prune_layers[0]
+    with torch.no_grad():
+        tokens = m.blocks[:b0](m._pos_embed(m.patch_embed(x)))  # no prefix tokens
+        expected = m.forward_head(m.norm(m.blocks[b0:](tokens[:, kept])))  # the tokens really dropped
+        torch.testing.assert_close(pv(x, [mask], mode="masked"), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pv(x, [mask], mode="gathered"), expected, atol=1e-5, rtol=0)
+        masks = _masks(pv, 6)  # different counts per row: gathered rows are padded and masked
+        x = torch.randn(6, 3, 32, 32)
+        torch.testing.assert_close(pv(x, masks, mode="masked"), pv(x, masks, mode="gathered"), atol=1e-5, rtol=1e-4)

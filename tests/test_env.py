@@ -1,3 +1,9 @@
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -7,6 +13,8 @@ from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import apt_env  # noqa: F401  (registers APTPrune-v0)
+from apt_env.backbone import PrunableViT
+from apt_env.checkpoint import save_backbone
 from apt_env.env import APTPruneEnv, APTPruneVectorEnv
 
 # A tiny backbone on the synthetic dataset: fast, and every code path of the env.
@@ -251,3 +259,195 @@ def test_default_env_runs_the_shipped_classifier_and_agent():
     assert info["loss_plain"].mean() < 1.0  # chance is ln(10) = 2.3: the shipped ViT classifies
     policy = load_policy(DEFAULT_AGENT, observation_space=envs.unwrapped.single_observation_space)
     assert policy.num_patches == 49
+
+
+# The tiny backbone pooling its patch tokens (no class token): min_keep must be at least 1.
+POOLED = (
+    "vit_tiny_patch16_224",
+    dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2)
+    | dict(class_token=False, global_pool="avg", fc_norm=True),
+)
+
+
+@pytest.fixture(scope="module")
+def model_specs(tmp_path_factory) -> dict:
+    """The same pooled backbone as every kind of ``model`` argument; its own pruning is (1, 3), 2."""
+    name, kwargs = POOLED
+    torch.manual_seed(0)
+    pv = PrunableViT.from_timm(name, prune_layers=(1, 3), min_keep=2, **kwargs)
+    folder = save_backbone(tmp_path_factory.mktemp("ckpt") / "pooled", pv, meta={"dataset": "synthetic"})
+    return {"timm": POOLED, "checkpoint": str(folder), "module": pv.model, "prunable": pv}
+
+
+@pytest.mark.parametrize("kind", ["timm", "checkpoint", "module", "prunable"])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (
+            dict(prune_layers=(3, 1)),
+            r"prune_layers must be strictly increasing block indices in \[1, 3\].*got \(3, 1\)",
+        ),
+        (dict(prune_layers=(0, 3)), r"in \[1, 3\].*got \(0, 3\)"),
+        (dict(prune_layers=(1, 4)), r"in \[1, 3\].*got \(1, 4\)"),
+        (dict(prune_layers=(1.5, 3)), r"in \[1, 3\].*got \(1.5, 3\)"),
+        (dict(min_keep=500), r"min_keep must be an integer in \[1, 16\].*got 500"),
+        (dict(min_keep=0), r"min_keep must be an integer in \[1, 16\].*pools the patch tokens.*got 0"),
+    ],
+)
+def test_pruning_arguments_are_checked_for_every_kind_of_model(model_specs, kind, bad, match):
+    with pytest.raises(ValueError, match=match):
+        APTPruneVectorEnv(2, model=model_specs[kind], dataset="synthetic", **bad)
+
+
+def test_checkpoint_pruning_defaults_to_its_own_and_takes_checked_overrides(model_specs):
+    envs = APTPruneVectorEnv(2, model=model_specs["checkpoint"], dataset="synthetic")
+    assert (envs.pv.prune_layers, envs.pv.min_keep) == ((1, 3), 2)
+    envs = APTPruneVectorEnv(2, model=model_specs["checkpoint"], dataset="synthetic", prune_layers=(2,), min_keep=5)
+    assert (envs.pv.prune_layers, envs.pv.min_keep, envs.pv.num_stages) == ((2,), 5, 1)
+    envs.reset(seed=0)
+    _, _, _, _, info = envs.step(np.zeros((2, 16), dtype=np.int8))
+    assert (info["executed_action"].sum(1) == 5).all() and np.isfinite(info["loss_multi"]).all()
+
+
+def test_a_prunable_vit_is_used_as_is_and_other_pruning_is_an_error(model_specs):
+    pv = model_specs["prunable"]
+    assert APTPruneVectorEnv(2, model=pv, dataset="synthetic").pv is pv
+    assert APTPruneVectorEnv(2, model=pv, dataset="synthetic", prune_layers=[1, 3], min_keep=2).pv is pv
+    with pytest.raises(ValueError, match=r"prune_layers=\(1, 3\), min_keep=2.*prune_layers=\(2,\).*with_pruning"):
+        APTPruneVectorEnv(2, model=pv, dataset="synthetic", prune_layers=(2,))
+    with pytest.raises(ValueError, match=r"min_keep=4 was asked"):
+        APTPruneVectorEnv(2, model=pv, dataset="synthetic", min_keep=4)
+    other = pv.with_pruning(prune_layers=(2,), min_keep=4)
+    assert other.model is pv.model and (pv.prune_layers, pv.min_keep) == ((1, 3), 2)
+    assert APTPruneVectorEnv(2, model=other, dataset="synthetic").pv.min_keep == 4
+
+
+def _edit_in_place(tree: dict) -> None:
+    """Overwrite every numeric array or tensor of an observation or info, nested dicts too."""
+    for value in tree.values():
+        if isinstance(value, dict):
+            _edit_in_place(value)
+        elif isinstance(value, torch.Tensor):
+            value.fill_(7)
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "iuf":
+            value[...] = 7
+
+
+def _copy(value: np.ndarray | torch.Tensor) -> np.ndarray:
+    return value.cpu().numpy().copy() if isinstance(value, torch.Tensor) else value.copy()
+
+
+@pytest.mark.parametrize("api", ["numpy", "tensor"])
+def test_editing_observations_and_info_in_place_changes_nothing(api):
+    def run(edit: bool) -> list:
+        envs = _vec(num_envs=3)
+        obs = envs.reset(seed=0)[0] if api == "numpy" else envs.reset_tensors(seed=0)
+        rng = np.random.default_rng(0)
+        out = []
+        for _ in range(2 * envs.pv.num_stages):  # two episodes: the autoreset too
+            action = rng.random((3, 16)) < 0.7
+            out.append({k: _copy(v) for k, v in obs.items()})  # before any edit
+            if edit:
+                _edit_in_place(obs)
+            if api == "numpy":
+                obs, reward, _, _, info = envs.step(action.astype(np.int8))
+            else:
+                obs, reward, _, _, info = envs.step_tensors(torch.from_numpy(action))
+            out.append(_copy(reward))
+            if edit:
+                _edit_in_place(info)
+        return out
+
+    for clean, edited in zip(run(edit=False), run(edit=True)):
+        if isinstance(clean, dict):
+            for key in clean:
+                np.testing.assert_array_equal(clean[key], edited[key], err_msg=key)
+        else:
+            np.testing.assert_array_equal(clean, edited)
+
+
+INFO_KEYS = ("loss_plain", "loss_multi", "loss_single", "keep_ratio", "gflops", "executed_action")
+
+
+def test_info_has_key_masks_and_the_terminal_step_info_at_the_top_level():
+    envs = _vec(num_envs=2, prune_layers=(2,))  # one stage: every step ends an episode
+    envs.reset(seed=0)
+    for _ in range(2):
+        _, _, terminated, _, info = envs.step(np.ones((2, 16), dtype=np.int8))
+        assert terminated.all() and info["_final_obs"].all() and info["_final_info"].all()
+        for key in INFO_KEYS:
+            assert info[key].shape[0] == 2 and info[f"_{key}"].dtype == bool and info[f"_{key}"].all()
+            np.testing.assert_array_equal(info[key], info["final_info"][key])
+            assert info["final_info"][f"_{key}"].all()
+    _, _, _, _, info = envs.step_tensors(torch.ones(2, 16, dtype=torch.bool))
+    assert set(INFO_KEYS) <= set(info) and set(INFO_KEYS) <= set(info["final_info"])
+    envs = _vec(num_envs=2)  # three stages: the first step does not end the episode
+    envs.reset(seed=0)
+    _, _, terminated, _, info = envs.step(np.ones((2, 16), dtype=np.int8))
+    assert not terminated.any() and "final_info" not in info
+    assert set(info) == set(INFO_KEYS) | {f"_{key}" for key in INFO_KEYS}
+
+
+def test_executed_action_reports_the_min_keep_top_up():
+    envs = _vec(num_envs=2, min_keep=3)
+    envs.reset(seed=0)
+    action = np.zeros((2, 16), dtype=np.int8)
+    action[:, 10] = 1
+    obs, _, _, _, info = envs.step(action)
+    # The kept token stays; the dropped tokens come back lowest index first until 3 are kept.
+    expected = action.copy()
+    expected[:, [0, 1]] = 1
+    np.testing.assert_array_equal(info["executed_action"], expected)
+    np.testing.assert_array_equal(obs["keep"], expected)
+    _, _, _, _, info = envs.step(np.ones((2, 16), dtype=np.int8))  # asks to revive pruned tokens
+    np.testing.assert_array_equal(info["executed_action"], expected)
+
+
+ASYNC_SCRIPT = """
+import sys
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import apt_env  # noqa: F401
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    torch.randn(512, 512) @ torch.randn(512, 512)  # torch's thread pool runs in the parent
+    kwargs = dict(img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2, in_chans=1, num_classes=10)
+    model = ("vit_tiny_patch16_224", kwargs)
+    envs = gym.make_vec(
+        "APTPrune-v0", num_envs=2, vectorization_mode="async", vector_kwargs=dict(context=sys.argv[1]),
+        model=model, dataset="synthetic",
+    )
+    obs, _ = envs.reset(seed=0)
+    _, reward, terminated, _, _ = envs.step(np.ones((2, 16), dtype=np.int8))
+    envs.close()
+    assert obs["tokens"].shape == (2, 16, 32) and terminated.all() and np.isfinite(reward).all()
+    print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_async_vector_env_runs_with_fork_and_spawn(context, tmp_path):
+    script = tmp_path / "async_env.py"
+    script.write_text(ASYNC_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the parent's threads are the point
+    proc = subprocess.Popen(
+        [sys.executable, str(script), context],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parents[1],
+        start_new_session=True,  # so that a hang can be killed with its worker processes
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"gym.make_vec(..., vectorization_mode='async') with context={context!r} hangs")
+    assert proc.returncode == 0 and "ok" in stdout, stderr[-3000:]
