@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 from torch import nn
 
+from apt_env.models import vit_apt_tiny_patch4_28
 from apt_env.tokens import (
     TokenState,
     additive_mask,
@@ -43,11 +44,10 @@ Mode = Literal["masked", "gathered"]
 MODES: tuple[str, ...] = ("masked", "gathered")
 _POOLS = ("token", "avg", "max", "avgmax", "map")
 
-# The default backbone: a small ViT for 28x28 gray images (Fashion-MNIST), 49 patch tokens.
-DEFAULT_MODEL_NAME = "vit_tiny_patch16_224"
-DEFAULT_MODEL_KWARGS: dict = dict(
-    img_size=28, patch_size=4, in_chans=1, num_classes=10, depth=6, embed_dim=128, num_heads=4
-)
+# The default backbone: a small ViT for 28x28 gray images (Fashion-MNIST), 49 patch tokens; its configuration
+# is in its registered name (apt_env/models.py), so no kwargs are needed.
+DEFAULT_MODEL_NAME = vit_apt_tiny_patch4_28.__name__
+DEFAULT_MODEL_KWARGS: dict = {}
 
 
 def default_prune_layers(depth: int, num_stages: int = 3) -> tuple[int, ...]:

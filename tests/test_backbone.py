@@ -115,7 +115,7 @@ def test_default_prune_layers_read_depth():
     assert default_prune_layers(12) == (3, 6, 9)
     assert default_prune_layers(4) == (1, 2, 3)
     pv = PrunableViT.from_timm(DEFAULT_MODEL_NAME, **DEFAULT_MODEL_KWARGS)
-    assert pv.num_patches == 49 and pv.num_prefix_tokens == 1 and pv.depth == DEFAULT_MODEL_KWARGS["depth"]
+    assert pv.num_patches == 49 and pv.num_prefix_tokens == 1 and pv.depth == 6
 
 
 @pytest.mark.parametrize(
@@ -195,3 +195,14 @@ def test_map_pool_ignores_pruned_tokens_with_and_without_fused_attention(fused):
         masks = _masks(pv, 6)  # different counts per row: gathered rows are padded and masked
         x = torch.randn(6, 3, 32, 32)
         torch.testing.assert_close(pv(x, masks, mode="masked"), pv(x, masks, mode="gathered"), atol=1e-5, rtol=1e-4)
+
+
+def test_the_default_model_has_a_registered_name_that_states_its_config():
+    import timm
+
+    import apt_env  # noqa: F401  (registers the name)
+
+    model = timm.create_model("vit_apt_tiny_patch4_28")
+    assert model.patch_embed.num_patches == 49 and len(model.blocks) == 6 and model.embed_dim == 128
+    assert timm.data.resolve_data_config({}, model=model)["input_size"] == (1, 28, 28)
+    assert PrunableViT.from_timm().timm_name == "vit_apt_tiny_patch4_28"

@@ -1,0 +1,32 @@
+"""Model names that state their configuration, registered with timm so that ``timm.create_model`` builds them.
+
+import apt_env  # registers the names below
+model = timm.create_model("vit_apt_tiny_patch4_28")  # the default backbone, untrained
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.models import generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, _cfg, _create_vision_transformer
+
+__all__ = ["vit_apt_tiny_patch4_28"]
+
+# timm's registry reads this module's ``default_cfgs``: the data config (Fashion-MNIST statistics, no crop).
+default_cfgs = generate_default_cfgs(
+    {
+        "vit_apt_tiny_patch4_28.untrained": _cfg(
+            input_size=(1, 28, 28), mean=(0.2860,), std=(0.3530,), num_classes=10, crop_pct=1.0,
+            interpolation="bilinear",
+        ),
+    }
+)  # fmt: skip
+
+
+@register_model
+def vit_apt_tiny_patch4_28(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT for 28x28 gray images: patch 4 (49 patch tokens and a class token), width 128, depth 6, 4 heads,
+    10 classes (1.2M parameters). The default backbone of ``APTPrune-v0``."""
+    model_args = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4)
+    return _create_vision_transformer("vit_apt_tiny_patch4_28", pretrained=pretrained, **dict(model_args, **kwargs))
