@@ -58,6 +58,9 @@ def load_policy(
         raise ValueError(f"agent checkpoint {folder} is corrupt: {err}") from err
     if config.get("format") != FORMAT:
         raise ValueError(f"{folder}: format {config.get('format')!r}, expected {FORMAT!r}")
+    missing = [k for k in APTPolicy.CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"agent checkpoint {folder} is corrupt: {CONFIG_FILE} lacks {missing}")
     kwargs = {k: config[k] for k in APTPolicy.CONFIG_KEYS}
     if observation_space is not None:
         n, c = observation_space["tokens"].shape
@@ -69,6 +72,9 @@ def load_policy(
         stages = observation_space["stage"].n if "stage" in observation_space.spaces else kwargs["num_stages"]
         if stages != kwargs["num_stages"]:
             raise ValueError(f"agent checkpoint {folder} has {kwargs['num_stages']} stages, the environment {stages}")
-    policy = APTPolicy(**kwargs)
-    policy.load_state_dict(tensors)
+    try:
+        policy = APTPolicy(**kwargs)
+        policy.load_state_dict(tensors)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"agent checkpoint {folder}: the weights do not fit its config {kwargs}: {err}") from err
     return policy.to(device)
