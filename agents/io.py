@@ -11,7 +11,7 @@ import torch
 from gymnasium import spaces
 
 from agents.policy import APTPolicy
-from apt_env.checkpoint import write_folder
+from apt_env.checkpoint import recover_interrupted_save, write_folder
 from apt_env.env import DEFAULT_CHECKPOINT
 
 # The agent trained with the default backbone (apt_env/assets/default), shipped beside it.
@@ -49,6 +49,7 @@ def load_policy(
         device: where to put the policy.
     """
     folder = Path(path)
+    recover_interrupted_save(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{folder} is not an agent checkpoint: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:

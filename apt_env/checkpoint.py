@@ -47,6 +47,7 @@ __all__ = [
     "load_backbone",
     "load_train_state",
     "read_backbone_config",
+    "recover_interrupted_save",
     "save_backbone",
     "save_train_state",
     "set_rng_state",
@@ -168,6 +169,7 @@ def read_backbone_config(path: str | Path) -> dict[str, Any]:
         ValueError: ``path`` is not a folder, or config.json is corrupt or of another format.
     """
     folder = Path(path)
+    recover_interrupted_save(folder)
     if not folder.exists():
         hint = ""
         if folder.with_name(f".{folder.name}.old").is_dir():
@@ -280,6 +282,8 @@ def save_train_state(path: str | Path, state: Mapping[str, Any]) -> Path:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        stale.unlink(missing_ok=True)  # left by a save that was killed
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -346,7 +350,7 @@ def write_folder(target: Path, writers: Mapping[str, Callable[[Path], Any]]) -> 
     folder beside ``target``; only when all are written and synced does it replace ``target``."""
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    _recover_interrupted_swap(target)
+    recover_interrupted_save(target)
     for stale in parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
@@ -378,8 +382,10 @@ def _swap_in(tmp: Path, target: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def _recover_interrupted_swap(target: Path) -> None:
-    """Put back the previous checkpoint if a save died after moving it aside."""
+def recover_interrupted_save(target: str | Path) -> None:
+    """Put back the previous checkpoint folder if a save died after moving it aside (between the two renames
+    of ``write_folder``); called before every read and write of a folder."""
+    target = Path(target)
     backup = target.with_name(f".{target.name}.old")
     if not target.exists() and backup.is_dir():
         _logger.warning("restoring %s from %s (a previous save was interrupted)", target, backup)

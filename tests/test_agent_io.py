@@ -42,3 +42,9 @@ def test_corrupt_or_missing_files_are_clear_errors(tmp_path):
     assert tensors  # the file was a real one before
     with pytest.raises(FileNotFoundError, match="not an agent checkpoint"):
         load_policy(tmp_path / "nothing")
+
+
+def test_agent_folder_moved_aside_by_a_killed_save_is_restored_on_read(tmp_path):
+    folder = save_policy(tmp_path / "agent", _policy())
+    folder.rename(tmp_path / ".agent.old")  # killed between the two renames
+    assert load_policy(tmp_path / "agent") is not None
