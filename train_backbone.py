@@ -57,7 +57,7 @@ from apt_env.checkpoint import (
     set_rng_state,
 )
 from apt_env.data import VAL_FRACTION, DatasetInfo, build_dataset, dataset_info, make_loader
-from apt_env.distributed import broadcast_int, init_distributed, state_digest
+from apt_env.distributed import broadcast_int, gather_objects, init_distributed, state_digest
 from apt_env.env import APTPruneVectorEnv
 from apt_env.evaluate import (
     Contender,
@@ -175,6 +175,13 @@ def check_args(args: Args) -> None:
     if not 0 <= args.warmup_frac < 1:
         raise ValueError(f"--warmup-frac must be in [0, 1), got {args.warmup_frac}")
     parse_model_kwargs(args.model_kwargs)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators, as CleanRL scripts do first."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def warmup_epochs(args: Args) -> int:
@@ -312,9 +319,7 @@ def train(args: Args, run_dir: Path) -> bool:
     """
     rank, world_size, device = init_distributed(args.device)
     main_rank = rank == 0
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)  # the same model on every rank
 
     info = dataset_info(args.dataset, args.data_root)
     state = load_train_state(run_dir / "train_state.pt") if args.resume else None
@@ -328,6 +333,8 @@ def train(args: Args, run_dir: Path) -> bool:
     if pv.img_size[0] != pv.img_size[1]:
         raise ValueError(f"datasets are square; the model's img_size is {pv.img_size}")
     pv = pv.to(device)
+    if world_size > 1:  # augmentation and stage draws: each rank its own stream
+        seed_everything(args.seed + rank)
     data = dict(img_size=pv.img_size[0], in_chans=pv.in_chans, root=args.data_root)
     train_set = build_dataset(args.dataset, split="train", augment=args.augment, **data)
     val_set = build_dataset(args.dataset, split="val", **data)
@@ -353,10 +360,13 @@ def train(args: Args, run_dir: Path) -> bool:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        ranks = state.get("ranks", [{"rng": state.get("rng"), "agent": state.get("agent")}])
+        if len(ranks) != world_size:
+            raise ValueError(f"{run_dir} was trained on {len(ranks)} processes; resume it on as many, not {world_size}")
         if agent is not None:
-            agent.load_state_dict(state["agent"])
+            agent.load_state_dict(ranks[rank]["agent"])
         start_epoch, global_step = state["epoch"], state["global_step"]
-        set_rng_state(state["rng"])  # last: building the model drew from the same RNGs
+        set_rng_state(ranks[rank]["rng"])  # last: building the model drew from the same RNGs
         logger.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, global_step)
     elif args.resume:
         logger.warning("%s has no training state yet: starting it over", run_dir)
@@ -445,7 +455,8 @@ def train(args: Args, run_dir: Path) -> bool:
                     "epoch %d agent: return %.4f keep %.3f", epoch + 1, stats["episode_return"], stats["keep_ratio"]
                 )
 
-            rng = get_rng_state()  # before anything else could draw, so a resumed run continues identically
+            # Before anything else could draw, so a resumed run continues identically; every rank its own.
+            ranks = gather_objects({"rng": get_rng_state(), "agent": agent.state_dict() if agent is not None else {}})
             val_loader = make_loader(val_set, batch_size=args.eval_batch_size, shuffle=False, seed=args.seed)
             val = evaluate(pv, val_loader, desc="val")  # held out of train: what tuning may look at
             logger.info("epoch %d: val top-1 %.4f loss %.4f", epoch + 1, val["acc1"], val["loss"])
@@ -473,10 +484,9 @@ def train(args: Args, run_dir: Path) -> bool:
                         "model": pv.model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
-                        "agent": agent.state_dict() if agent is not None else {},
+                        "ranks": ranks,
                         "epoch": epoch + 1,
                         "global_step": global_step,
-                        "rng": rng,
                     },
                 )
             if args.stop_epoch is not None and epoch + 1 == args.stop_epoch < args.epochs:

@@ -72,6 +72,15 @@ def broadcast_object(value: Any) -> Any:
     return box[0]
 
 
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's (picklable) value, in rank order, on every rank (``[value]`` in one process)."""
+    if not is_distributed():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def broadcast_int(value: int) -> int:
     """Rank 0's value on every rank (itself in one process)."""
     return int(broadcast_object(int(value)))

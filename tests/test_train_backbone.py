@@ -73,7 +73,7 @@ def test_joint_training_prints_the_three_rows_and_writes_backbone_and_agent(tmp_
     envs = APTPruneVectorEnv(2, model=str(run_dir / "checkpoint"), dataset="synthetic")
     load_policy(run_dir / "agent", observation_space=envs.single_observation_space)
     state = load_train_state(run_dir / "train_state.pt")
-    assert state["agent"]["global_step"] >= 2 * 48
+    assert state["ranks"][0]["agent"]["global_step"] >= 2 * 48
 
 
 @pytest.mark.slow
@@ -177,18 +177,31 @@ def test_sigkill_mid_joint_training_then_resume_ends_as_uninterrupted(tmp_path):
 
     a, b = (load_backbone(r / "checkpoint").model.state_dict() for r in (run_a, run_b))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    pa, pb = (load_train_state(r / "train_state.pt")["agent"]["policy"] for r in (run_a, run_b))
+    pa, pb = (load_train_state(r / "train_state.pt")["ranks"][0]["agent"]["policy"] for r in (run_a, run_b))
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
-@pytest.mark.slow
-def test_two_processes_end_with_identical_weights(tmp_path):
-    out = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT)]
-    cmd += [*TINY, *APT, "--no-compare-plain", "--epochs", "2", "--out-dir", str(out)]
+def _torchrun(tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_two_processes_agree_see_different_data_and_resume_exactly(tmp_path):
+    flags = [*TINY, *APT, "--no-compare-plain", "--epochs", "2"]
+    proc = _torchrun(tmp_path, *flags, "--out-dir", str(tmp_path / "a"))
     digests = dict(re.findall(r"rank (\d) weights sha256 (\w+)", proc.stderr))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
     assert "| APT (pruning) |" in proc.stdout
+    (run_a,) = (tmp_path / "a").iterdir()
+    ranks = load_train_state(run_a / "train_state.pt")["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])
+
+    _torchrun(tmp_path, *flags, "--out-dir", str(tmp_path / "b"), "--stop-epoch", "1")
+    (run_b,) = (tmp_path / "b").iterdir()
+    _torchrun(tmp_path, "--resume", str(run_b))
+    a, b = (load_backbone(r / "checkpoint").model.state_dict() for r in (run_a, run_b))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # as if never stopped, on both ranks
