@@ -35,7 +35,7 @@ from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from agents.sb3 import APTActorCriticPolicy
 from apt_env.checkpoint import get_rng_state, load_train_state, save_train_state, set_rng_state
-from apt_env.distributed import broadcast_int, init_distributed, is_distributed, state_digest
+from apt_env.distributed import broadcast_int, gather_objects, init_distributed, is_distributed, state_digest
 from apt_env.env import REWARDS, APTPruneVectorEnv
 from apt_env.sb3 import SB3VecEnv
 
@@ -156,8 +156,12 @@ def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Sum
     )
     state = load_train_state(run_dir / "train_state.pt") if args.resume else None
     if state is not None:
-        trainer.load_state_dict(state["trainer"])
-        set_rng_state(state["rng"])
+        ranks = state.get("ranks", [{"trainer": state.get("trainer"), "rng": state.get("rng")}])
+        world_size = torch.distributed.get_world_size() if is_distributed() else 1
+        if len(ranks) != world_size:
+            raise ValueError(f"{run_dir} was trained on {len(ranks)} processes; resume it on as many, not {world_size}")
+        trainer.load_state_dict(ranks[rank]["trainer"])
+        set_rng_state(ranks[rank]["rng"])
         logger.info("resuming %s at step %d", run_dir, trainer.global_step)
     bar = tqdm(
         total=args.total_env_steps, initial=trainer.global_step, desc="env steps", unit="step", disable=writer is None
@@ -168,10 +172,10 @@ def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Sum
             log_rollout(writer, stats, stats["global_step"])
             bar.update(trainer.steps_per_rollout)
             bar.set_postfix(ret=f"{stats['episode_return']:.3f}", keep=f"{stats['keep_ratio']:.2f}")
-        rng = get_rng_state()
+        ranks = gather_objects({"trainer": trainer.state_dict(), "rng": get_rng_state()})  # every rank its own
         if writer is not None:
             save_policy(run_dir / "agent", trainer.policy, meta={"algo": "native", "global_step": trainer.global_step})
-            save_train_state(run_dir / "train_state.pt", {"trainer": trainer.state_dict(), "rng": rng})
+            save_train_state(run_dir / "train_state.pt", {"ranks": ranks})
     bar.close()
     return trainer.policy
 

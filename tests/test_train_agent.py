@@ -64,7 +64,7 @@ def test_resume_continues_to_the_total(backbone, tmp_path):
     run("--model", str(backbone), "--total-env-steps", "96", "--checkpoint-every", "1", out=tmp_path)
     (run_dir,) = tmp_path.iterdir()
     state = torch.load(run_dir / "train_state.pt", weights_only=True)
-    assert state["trainer"]["global_step"] >= 96
+    assert state["ranks"][0]["trainer"]["global_step"] >= 96
     # Ask the finished run for more by editing its saved total: the resumed run continues from its step.
     args = (run_dir / "args.json").read_text().replace('"total_env_steps": 96', '"total_env_steps": 192')
     (run_dir / "args.json").write_text(args)
@@ -74,7 +74,7 @@ def test_resume_continues_to_the_total(backbone, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming" in proc.stderr
-    assert torch.load(run_dir / "train_state.pt", weights_only=True)["trainer"]["global_step"] >= 192
+    assert torch.load(run_dir / "train_state.pt", weights_only=True)["ranks"][0]["trainer"]["global_step"] >= 192
 
 
 @pytest.mark.slow
