@@ -29,13 +29,13 @@ from stable_baselines3.common.save_util import load_from_zip_file
 from torch.utils.data import Subset
 
 from agents.baselines import ClsAttentionTopK, RandomKeep
-from agents.io import DEFAULT_AGENT, load_policy
+from agents.io import load_policy
 from agents.policy import APTPolicy
 from apt_env.backbone import PrunableViT
 from apt_env.checkpoint import load_backbone, read_backbone_config
 from apt_env.data import build_dataset, dataset_info, make_loader
+from apt_env.defaults import DEFAULT_AGENT, DEFAULT_CHECKPOINT
 from apt_env.distributed import state_digest
-from apt_env.env import DEFAULT_CHECKPOINT
 from apt_env.evaluate import (
     COLUMNS,
     Contender,

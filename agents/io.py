@@ -12,10 +12,6 @@ from gymnasium import spaces
 
 from agents.policy import APTPolicy
 from apt_env.checkpoint import recover_interrupted_save, write_folder
-from apt_env.env import DEFAULT_CHECKPOINT
-
-# The agent trained with the default backbone (apt_env/assets/default), shipped beside it.
-DEFAULT_AGENT = DEFAULT_CHECKPOINT.parent / "default_agent"
 
 FORMAT = "apt-agent/1"
 WEIGHTS_FILE = "policy.safetensors"
@@ -63,6 +59,7 @@ def load_policy(
     if missing:
         raise ValueError(f"agent checkpoint {folder} is corrupt: {CONFIG_FILE} lacks {missing}")
     kwargs = {k: config[k] for k in APTPolicy.CONFIG_KEYS}
+    kwargs.update({k: config[k] for k in APTPolicy.OPTION_KEYS if k in config})  # newer options, when saved
     if observation_space is not None:
         n, c = observation_space["tokens"].shape
         if (n, c) != (kwargs["num_patches"], kwargs["embed_dim"]):

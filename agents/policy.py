@@ -2,8 +2,19 @@
 
 For patch token ``x_i`` and class token ``c`` (both LayerNorm'ed), ``q = W_q c``, ``k_i = W_k x_i``,
 ``v_i = W_v x_i``; an MLP with weights shared across tokens maps ``[v_i ; q * k_i]`` (and, if asked,
-the class attention ``cls_attn_i``) to a keep logit, with a learned stage embedding added in its
-hidden layer. A value head reads the mean hidden feature of the live tokens and the class query.
+the class attention ``cls_attn_i``) to a keep logit, with a learned stage embedding (and, for an env
+with budgets, a projection of the budget) added in its hidden layer. A value head reads the mean
+hidden feature of the live tokens and the class query.
+
+Two ways to turn the logits into a keep mask (``sampling``):
+
+* ``"bernoulli"``: an independent keep decision per live token, ``p_i = sigmoid(l_i)``; the policy
+  chooses how many tokens to keep.
+* ``"topk"``: the env's budget sets the count (``obs["keep_count"]``, see ``APTPruneVectorEnv``) and
+  the policy chooses which tokens: Gumbel-top-k over the live tokens, i.e. Plackett-Luce sampling of
+  ``count`` tokens without replacement with weights ``exp(l_i)`` (Kool et al., "Stochastic Beams and
+  Where to Find Them", 2019). It is trained as it is evaluated: the deterministic action, the
+  ``count`` live tokens with the highest logits, is the mode of this distribution.
 """
 
 from __future__ import annotations
@@ -20,6 +31,17 @@ from torch import Tensor, nn
 PRUNED_LOGIT = -30.0
 """The logit of a token pruned at an earlier stage: finite, so log-probs stay finite, and so low
 that it is never kept and adds ~1e-13 to log-probabilities and entropies."""
+
+SAMPLINGS: tuple[str, ...] = ("bernoulli", "topk")
+
+_TOPK_NEEDS_BUDGET = (
+    "sampling='topk' keeps obs['keep_count'] tokens, which only an env with a budget observes: pass budget= "
+    "to the env, or use sampling='bernoulli'"
+)
+
+_ABSENT = 1e4
+"""How far below a row's lowest logit the Plackett-Luce terms put tokens that cannot be picked:
+``exp(-1e4)`` is 0 in float32, and finite values keep the gradients of ``logcumsumexp`` finite."""
 
 
 @runtime_checkable
@@ -68,6 +90,91 @@ def top_count_live(scores: Tensor, live: Tensor, count: Tensor) -> Tensor:
     return (rank < count.unsqueeze(1)) & live
 
 
+def keep_counts(obs: Mapping[str, Any], device: torch.device | str | None = None) -> Tensor:
+    """The tokens to keep at this stage, (B,) long, from ``obs["keep_count"]`` ((B,) or (B, 1), any dtype)."""
+    if "keep_count" not in obs:
+        raise ValueError(_TOPK_NEEDS_BUDGET)
+    count = torch.as_tensor(obs["keep_count"], device=device)
+    return count.reshape(count.shape[0]).round().long()
+
+
+def gumbel_top_count(logits: Tensor, live: Tensor, count: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Sample ``count`` (B,) live tokens per row without replacement, with probabilities ``softmax(logits)``
+    at each pick (Plackett-Luce), by perturbing the logits with Gumbel noise and keeping the top ones.
+
+    Returns:
+        (B, N) bool keep mask, a subset of ``live`` with ``min(count, live)`` tokens per row.
+    """
+    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(min=1e-20)
+    gumbel = -torch.log(-torch.log(u))
+    return top_count_live(logits.detach().float() + gumbel, live, count.float()) & (count > 0).unsqueeze(1)
+
+
+def _sequential_logsumexp(logits: Tensor, live: Tensor, first: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sort each row for sequential picks: the ``first`` tokens by descending logit, then the other live
+    ones, then the rest pushed ``_ABSENT`` below the row's lowest logit.
+
+    Returns:
+        the sorted logits (B, N), ``lse[:, j]`` = logsumexp of sorted positions ``>= j`` (what is left
+        to pick from after ``j`` picks), and whether each sorted position is live (B, N) bool.
+    """
+    z = logits.float()
+    low = z.detach().amin(1, keepdim=True) - _ABSENT
+    key = torch.where(first, z.detach(), torch.where(live, low, 2 * low))  # picks, then live, then absent
+    order = key.argsort(dim=1, descending=True, stable=True)
+    zs = z.masked_fill(~live, 0.0).gather(1, order)
+    live_sorted = live.gather(1, order)
+    zs = torch.where(live_sorted, zs, low)
+    lse = torch.logcumsumexp(zs.flip(1), dim=1).flip(1)
+    return zs, lse, live_sorted
+
+
+def plackett_luce_log_prob(logits: Tensor, live: Tensor, keep: Tensor) -> Tensor:
+    """A consistent surrogate for the log-probability of the *set* ``keep`` under Gumbel-top-k sampling.
+
+    The exact probability of a set of ``m`` tokens sums the Plackett-Luce probabilities of its ``m!``
+    orders. The surrogate is the log-probability of one of them, the most likely: the set in
+    descending logit order, ``sum_j [l_(j) - logsumexp(l over the live tokens not yet picked)]``.
+    It is a lower bound of the exact value, equal when ``m <= 1``, and a function of the set alone,
+    so sampling time and PPO's re-evaluation of a stored action agree exactly.
+
+    Args:
+        logits: (B, N) float.
+        live: (B, N) bool, the tokens that can be picked.
+        keep: (B, N) bool or 0/1, the set (only its live tokens count).
+
+    Returns:
+        (B,) float log-probability surrogate.
+    """
+    picks = keep.bool() & live
+    zs, lse, _ = _sequential_logsumexp(logits, live, picks)
+    taken = torch.arange(zs.shape[1], device=zs.device) < picks.sum(1, keepdim=True)  # (B, N)
+    return torch.where(taken, zs - lse, torch.zeros_like(zs)).sum(1)
+
+
+def plackett_luce_entropy(logits: Tensor, live: Tensor, count: Tensor) -> Tensor:
+    """A surrogate of the entropy of Gumbel-top-k with ``count`` (B,) picks: the sum over the picks of
+    the entropy of the pick distribution (softmax over the live tokens not yet picked), along the most
+    likely order (descending logits). It is 0 for a deterministic policy and grows with the spread of
+    the logits; it depends on the distribution only, not on an action.
+
+    Returns:
+        (B,) float.
+    """
+    mode = top_count_live(logits.detach(), live, count.float()) & (count > 0).unsqueeze(1)
+    zs, lse, live_sorted = _sequential_logsumexp(logits, live, mode)
+    # Entropy of pick j: lse_j - E_j[z], with E_j[z] from a second logcumsumexp of z + log(z - c + 1),
+    # c the lowest live logit, so that every term is well defined and nothing cancels badly.
+    c = zs.detach().masked_fill(~live_sorted, math.inf).amin(1, keepdim=True)
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+    shifted = (zs - c).clamp(min=0) + 1
+    weighted = torch.where(live_sorted, zs + shifted.log(), zs)
+    lse_weighted = torch.logcumsumexp(weighted.flip(1), dim=1).flip(1)
+    mean_z = (lse_weighted - lse).exp() + c - 1
+    taken = torch.arange(zs.shape[1], device=zs.device) < mode.sum(1, keepdim=True)
+    return torch.where(taken, lse - mean_z, torch.zeros_like(zs)).sum(1)
+
+
 @dataclass
 class Batch:
     """An observation in the policy's own terms (see ``APTPolicy.prepare``)."""
@@ -77,6 +184,7 @@ class Batch:
     cls_attn: Tensor | None  # (B, N) float
     live: Tensor  # (B, N) bool
     stage: Tensor  # (B,) long
+    budget: Tensor | None = None  # (B, 1) float
 
 
 class APTPolicy(nn.Module):
@@ -91,6 +199,10 @@ class APTPolicy(nn.Module):
         use_cls_attn: also read ``obs["cls_attn"]`` (scaled by N, so a uniform attention is 1).
         init_keep_prob: initial keep probability of every token (the logit head's bias); a high
             value starts from a policy that prunes little.
+        use_budget: read ``obs["budget"]`` (an env built with ``budget=``), projected into the hidden
+            layer; observations must have it exactly when this is set.
+        sampling: ``"bernoulli"`` (a keep decision per token) or ``"topk"`` (keep ``obs["keep_count"]``
+            tokens, drawn by Gumbel-top-k); see the module docstring.
     """
 
     def __init__(
@@ -102,13 +214,18 @@ class APTPolicy(nn.Module):
         qk_dim: int = 64,
         use_cls_attn: bool = True,
         init_keep_prob: float = 0.5,
+        use_budget: bool = False,
+        sampling: str = "bernoulli",
     ) -> None:
         super().__init__()
         if not 0.0 < init_keep_prob < 1.0:
             raise ValueError(f"init_keep_prob must be in (0, 1), got {init_keep_prob}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"unknown sampling {sampling!r}; valid: {', '.join(SAMPLINGS)}")
         self.embed_dim, self.num_patches, self.num_stages = embed_dim, num_patches, num_stages
         self.hidden, self.qk_dim = hidden, qk_dim
         self.use_cls_attn, self.init_keep_prob = use_cls_attn, init_keep_prob
+        self.use_budget, self.sampling = bool(use_budget), sampling
         self.token_norm = nn.LayerNorm(embed_dim)
         self.cls_norm = nn.LayerNorm(embed_dim)
         self.q = nn.Linear(embed_dim, qk_dim)
@@ -123,12 +240,16 @@ class APTPolicy(nn.Module):
         nn.init.normal_(self.stage_embed.weight, std=0.02)
         nn.init.normal_(self.logit_head.weight, std=0.01)  # start near the bias: every token alike
         nn.init.constant_(self.logit_head.bias, math.log(init_keep_prob / (1 - init_keep_prob)))
+        if self.use_budget:  # only then: a policy without budgets keeps today's parameters
+            self.budget_embed = nn.Linear(1, hidden)
 
     CONFIG_KEYS = ("embed_dim", "num_patches", "num_stages", "hidden", "qk_dim", "use_cls_attn", "init_keep_prob")
+    OPTION_KEYS = ("use_budget", "sampling")
+    """Constructor arguments added later, with defaults, so checkpoints without them still load."""
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments, to rebuild this policy (``APTPolicy(**config)``)."""
-        return {key: getattr(self, key) for key in self.CONFIG_KEYS}
+        return {key: getattr(self, key) for key in self.CONFIG_KEYS + self.OPTION_KEYS}
 
     @classmethod
     def from_space(cls, space: spaces.Dict, **kwargs: Any) -> APTPolicy:
@@ -137,13 +258,17 @@ class APTPolicy(nn.Module):
         Args:
             space: a ``Dict`` with ``tokens`` (N, C) and ``stage`` ``Discrete(K)``.
             **kwargs: the other constructor arguments; ``use_cls_attn`` defaults to whether the
-                space has ``cls_attn``.
+                space has ``cls_attn``, ``use_budget`` to whether it has ``budget``.
         """
         missing = [key for key in ("tokens", "cls", "stage") if key not in space.spaces]
         if missing:
             raise ValueError(f"the APT policy needs observation keys {missing}; add them to the env's obs_keys")
         n, c = space["tokens"].shape
         kwargs.setdefault("use_cls_attn", "cls_attn" in space.spaces)
+        kwargs.setdefault("use_budget", "budget" in space.spaces)
+        _check_budget(bool(kwargs["use_budget"]), "budget" in space.spaces, "space")
+        if kwargs.get("sampling") == "topk" and "keep_count" not in space.spaces:
+            raise ValueError(_TOPK_NEEDS_BUDGET)
         return cls(int(c), int(n), int(space["stage"].n), **kwargs)
 
     @classmethod
@@ -186,7 +311,9 @@ class APTPolicy(nn.Module):
                 )
             cls_attn = torch.as_tensor(obs["cls_attn"], device=device).float()
         cls_token = torch.as_tensor(obs["cls"], device=device).float()
-        return Batch(tokens, cls_token, cls_attn, live_mask(obs, device), stage)
+        _check_budget(self.use_budget, "budget" in obs, "observation")
+        budget = torch.as_tensor(obs["budget"], device=device).float().reshape(b, 1) if self.use_budget else None
+        return Batch(tokens, cls_token, cls_attn, live_mask(obs, device), stage, budget)
 
     def forward(self, obs: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """Keep logits (B, N), ``PRUNED_LOGIT`` where already pruned, and state values (B,)."""
@@ -196,8 +323,10 @@ class APTPolicy(nn.Module):
         feats = [self.v(x), q.unsqueeze(1) * self.k(x)]
         if o.cls_attn is not None:
             feats.append(o.cls_attn.unsqueeze(-1) * self.num_patches)
-        h = self.act_fn(self.fc1(torch.cat(feats, -1)) + self.stage_embed(o.stage).unsqueeze(1))
-        h = self.act_fn(self.fc2(h))  # (B, N, H)
+        h = self.fc1(torch.cat(feats, -1)) + self.stage_embed(o.stage).unsqueeze(1)
+        if o.budget is not None:
+            h = h + self.budget_embed(o.budget).unsqueeze(1)
+        h = self.act_fn(self.fc2(self.act_fn(h)))  # (B, N, H)
         logits = self.logit_head(h).squeeze(-1).masked_fill(~o.live, PRUNED_LOGIT)  # (B, N)
         live = o.live.unsqueeze(-1).to(h.dtype)
         pooled = (h * live).sum(1) / live.sum(1).clamp(min=1)  # (B, H)
@@ -214,13 +343,15 @@ class APTPolicy(nn.Module):
         c, d, h, n = self.embed_dim, self.qk_dim, self.hidden, self.num_patches
         per_token = 5 * c + 2 * c * d + d + (2 * d + int(self.use_cls_attn)) * h + h * h + h
         per_image = 5 * c + c * d + (h + d) * h + h  # class-token norm and query, value head
+        per_image += h * int(self.use_budget)  # the budget's projection
         per_stage = n * per_token + per_image
         return torch.full(live.shape[:1], float(per_stage * live.shape[1]), dtype=torch.float64)
 
     def get_action_and_value(
         self, obs: Mapping[str, Any], action: Tensor | None = None, *, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """CleanRL's agent interface: a Bernoulli keep decision per token.
+        """CleanRL's agent interface: a Bernoulli keep decision per token, or with ``sampling="topk"``
+        ``obs["keep_count"]`` tokens by Gumbel-top-k.
 
         Args:
             obs: a batched observation.
@@ -229,10 +360,18 @@ class APTPolicy(nn.Module):
 
         Returns:
             action (B, N) float, log-probability (B,) and entropy (B,) summed over the live tokens,
-            value (B,).
+            value (B,). With ``"topk"`` the log-probability and entropy are the Plackett-Luce
+            surrogates ``plackett_luce_log_prob`` (of the set) and ``plackett_luce_entropy``.
         """
         logits, value = self(obs)
         live = live_mask(obs, logits.device)
+        if self.sampling == "topk":
+            count = keep_counts(obs, logits.device)
+            if action is None:
+                action = gumbel_top_count(logits, live, count, generator)
+            action = action.float()
+            log_prob = plackett_luce_log_prob(logits, live, action > 0.5)
+            return action, log_prob, plackett_luce_entropy(logits, live, count), value
         dist = torch.distributions.Bernoulli(logits=logits)
         if action is None:
             u = torch.rand(logits.shape, generator=generator, device=logits.device)
@@ -255,10 +394,11 @@ class APTPolicy(nn.Module):
 
         Args:
             obs: a batched observation.
-            deterministic: keep as many tokens as the policy keeps in expectation (the sum of the
-                live tokens' keep probabilities), those with the highest logits; else sample.
-                (Thresholding each probability at 0.5 would keep every token of a policy that keeps
-                each with probability 0.7, although it prunes 30% of them when sampled.)
+            deterministic: keep the mode's count of tokens, those with the highest logits; else
+                sample. The count is, with ``"bernoulli"``, as many as the policy keeps in expectation
+                (the sum of the live tokens' keep probabilities: thresholding each at 0.5 would keep
+                every token of a policy that keeps each with probability 0.7, although it prunes 30%
+                of them when sampled); with ``"topk"``, ``obs["keep_count"]`` (the most likely set).
             keep_ratio: if given, keep the top ``keep_ratio`` of the live tokens by logit (at least
                 one), whatever ``deterministic`` says: a fixed budget.
             generator: the random source for sampling.
@@ -268,7 +408,31 @@ class APTPolicy(nn.Module):
         if keep_ratio is not None:
             return top_k_live(logits, live, keep_ratio)
         if deterministic:
-            expected = (torch.sigmoid(logits) * live).sum(1)  # (B,)
-            return top_count_live(logits, live, expected)
+            return self.mode(logits, live, obs)
+        if self.sampling == "topk":
+            return gumbel_top_count(logits, live, keep_counts(obs, logits.device), generator)
         u = torch.rand(logits.shape, generator=generator, device=logits.device)
         return (u < torch.sigmoid(logits)) & live
+
+    def mode(self, logits: Tensor, live: Tensor, obs: Mapping[str, Any]) -> Tensor:
+        """The deterministic keep mask (B, N) bool for this policy's logits (B, N): the live tokens with the
+        highest logits, as many as kept in expectation (``"bernoulli"``) or ``obs["keep_count"]`` (``"topk"``)."""
+        if self.sampling == "topk":
+            count = keep_counts(obs, logits.device)
+            return top_count_live(logits, live, count.float()) & (count > 0).unsqueeze(1)
+        expected = (torch.sigmoid(logits) * live).sum(1)  # (B,)
+        return top_count_live(logits, live, expected)
+
+
+def _check_budget(use_budget: bool, observed: bool, where: str) -> None:
+    """A policy reads a budget exactly when the env observes one."""
+    if use_budget and not observed:
+        raise ValueError(
+            f"the policy was built with use_budget=True but the {where} has no 'budget': build the env with "
+            "budget=... or the policy with use_budget=False"
+        )
+    if observed and not use_budget:
+        raise ValueError(
+            f"the {where} has a 'budget' (an env built with budget=...) but the policy was built with "
+            "use_budget=False, so it would ignore it: build it with use_budget=True (APTPolicy.for_env does)"
+        )

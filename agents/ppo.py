@@ -3,7 +3,9 @@
 CleanRL's ``ppo.py`` (GAE, clipped surrogate, clipped value loss, entropy bonus, gradient clipping)
 specialised to this environment: every episode has exactly K steps and all sub-environments end
 together, so a rollout is a whole number of episodes and nothing is bootstrapped across rollouts.
-Observations, actions and rewards stay tensors on the env's device.
+Observations, actions and rewards stay tensors on the env's device. With an env that has budgets and
+a policy with ``sampling="topk"``, the ratio uses the policy's Plackett-Luce surrogate log-probability
+of the kept set, the same function at collection and at update.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ class NativePPO:
             One dict per rollout: ``global_step``, ``episode_return``, ``loss_delta``
             (``loss_plain - loss_multi`` at the episode's end), ``keep_ratio``, ``gflops``, ``sps``
             (transitions per second), ``policy_loss``, ``value_loss``, ``entropy``, ``approx_kl``,
-            ``clipfrac``, ``explained_variance``.
+            ``clipfrac``, ``explained_variance``; with a budget also ``budget_penalty`` (the mean
+            over-budget penalty per episode).
         """
         history = []
         for _ in range(max(1, math.ceil(total_env_steps / self.steps_per_rollout))):
@@ -185,6 +188,8 @@ class NativePPO:
             "keep_ratio": torch.stack([f["keep_ratio"] for f in finals]).float().mean().item(),
             "gflops": torch.stack([f["gflops"] for f in finals]).float().mean().item(),
         }
+        if "budget_penalty" in finals[0]:
+            stats["budget_penalty"] = torch.stack([f["budget_penalty"] for f in finals]).float().mean().item()
         return rollout, stats
 
     def _gae(self, rewards: Tensor, values: Tensor) -> Tensor:

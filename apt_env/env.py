@@ -20,15 +20,19 @@ from torch import nn
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, MODES, Mode, PrunableViT
 from apt_env.checkpoint import load_backbone
 from apt_env.data import build_dataset
+from apt_env.defaults import DEFAULT_CHECKPOINT
 from apt_env.flops import FlopCounter
 from apt_env.tokens import TokenState, live_mean
 
 _logger = logging.getLogger(__name__)
 
-REWARDS: tuple[str, ...] = ("loss_delta", "prob_delta")
+REWARDS: tuple[str, ...] = ("loss_delta", "prob_delta", "vs_random")
 CHANNELS: tuple[str, ...] = ("plain", "single", "multi")
 OBS_KEYS: tuple[str, ...] = ("tokens", "cls", "cls_attn", "keep", "stage")
-DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "default"
+BUDGET_KEYS: tuple[str, ...] = ("budget", "keep_count")
+"""Observed exactly when the env has a budget (``budget=``), in addition to ``obs_keys``."""
+BUDGET_RESOLUTION = 4096
+"""Keep ratios tried per budget, as in ``apt_env.evaluate.budget_keep_ratio``."""
 
 ModelSpec = str | Path | nn.Module | tuple[str, dict] | None
 
@@ -93,6 +97,70 @@ def _choice(name: str, value: Any, valid: Sequence[str]) -> None:
         raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
+def budget_range(budget: float | tuple[float, float] | None) -> tuple[float, float] | None:
+    """``(low, high)`` from the env's ``budget`` argument (a fraction, or a range of them), checked."""
+    if budget is None:
+        return None
+    what = "a fraction of the dense backbone's GFLOPs in (0, 1], or a range (low, high) of them"
+    if isinstance(budget, (int, float, np.floating, np.integer)) and not isinstance(budget, bool):
+        low = high = float(budget)
+    else:
+        try:
+            low, high = (float(v) for v in budget)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            raise ValueError(f"budget must be {what}, got budget={budget!r}") from None
+    if not (0.0 < low <= 1.0 and 0.0 < high <= 1.0):
+        raise ValueError(f"budget must be {what}, got budget={budget!r}")
+    if low > high:
+        raise ValueError(f"a budget range (low, high) needs low <= high, got budget={budget!r}")
+    return low, high
+
+
+class BudgetKeepRatio:
+    """The uniform per-stage keep ratio whose backbone GFLOPs are closest to a budget, for many budgets at once.
+
+    The counting of ``apt_env.evaluate.budget_keep_ratio``, tabulated once: at every stage a row keeps
+    ``floor(live * ratio + 0.5)`` of its live patch tokens, at least ``max(1, min_keep)`` and at most all
+    of them (``keep_count``), and the ratio whose dense-relative FLOPs are nearest the budget wins.
+
+    Args:
+        pv: the backbone (its geometry, pruning points and ``min_keep``).
+        flops: its ``FlopCounter``; built here when ``None``.
+        resolution: keep ratios tried, ``1/resolution`` to 1.
+    """
+
+    def __init__(self, pv: PrunableViT, flops: FlopCounter | None = None, resolution: int = BUDGET_RESOLUTION):
+        counter = FlopCounter(pv.model) if flops is None else flops
+        self.ratios = torch.arange(1, resolution + 1, dtype=torch.float64) / resolution  # (R,)
+        live = torch.full_like(self.ratios, pv.num_patches)
+        bounds = pv.stage_bounds
+        kept = [live.unsqueeze(1).expand(-1, bounds[1])]
+        for stage in range(pv.num_stages):
+            live = keep_count(live, self.ratios, pv.min_keep)
+            kept.append(live.unsqueeze(1).expand(-1, bounds[stage + 2] - bounds[stage + 1]))
+        self.fractions = counter(torch.cat(kept, 1).long() + pv.num_prefix_tokens) / counter.dense()  # (R,)
+
+    def __call__(self, budget: torch.Tensor) -> torch.Tensor:
+        """Keep ratios (B,) float64 for budgets (B,), on the budgets' device."""
+        gap = (self.fractions.unsqueeze(0) - budget.detach().cpu().double().unsqueeze(1)).abs()  # (B, R)
+        return self.ratios[gap.argmin(1)].to(budget.device)
+
+
+def keep_count(live: torch.Tensor, ratio: torch.Tensor, min_keep: int) -> torch.Tensor:
+    """Patch tokens a row keeps at a stage under a uniform keep ratio: ``floor(live * ratio + 0.5)``,
+    at least ``max(1, min_keep)``, at most ``live``. # live, ratio: (B,) -> (B,) float64"""
+    live = live.double()
+    return torch.floor(live * ratio.double() + 0.5).clamp(min=max(1, min_keep)).clamp(max=live)
+
+
+def random_subset(live: torch.Tensor, count: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """``count`` (B,) tokens drawn uniformly without replacement from each row's ``live`` (B, N) bool,
+    with ``rng`` (one uniform draw per position). # (B, N) bool"""
+    scores = torch.from_numpy(rng.random(live.shape)).to(live.device).masked_fill(~live, -1.0)
+    rank = scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    return (rank < count.unsqueeze(1)) & live
+
+
 class PruningEpisodes:
     """The batched episode state machine on the device, shared by the single and the vector env.
 
@@ -110,16 +178,19 @@ class PruningEpisodes:
         channels: Sequence[str],
         obs_keys: Sequence[str],
         mode: Mode,
+        budget_weight: float = 0.0,
     ) -> None:
         self.pv = pv
         self.reward = reward
         self.flops_weight = float(flops_weight)
+        self.budget_weight = float(budget_weight)
         self.channels = tuple(channels)
         self.obs_keys = tuple(obs_keys)
         self.mode = mode
         self.flops = FlopCounter(pv.model)
         self.flops_all = self.flops.dense()
         self.bounds = pv.stage_bounds
+        self.budget_ratio: BudgetKeepRatio | None = None  # built at the first episode with a budget
         self.stage = -1  # no episode yet
 
     @property
@@ -127,9 +198,33 @@ class PruningEpisodes:
         return self.pv.num_stages
 
     @torch.no_grad()
-    def start(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Begin episodes on a batch of images; returns the first observation."""
+    def start(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        budget: torch.Tensor | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Begin episodes on a batch of images; returns the first observation.
+
+        Args:
+            images, labels: the batch, one episode per row.
+            budget: each row's budget (B,), a fraction of the dense backbone GFLOPs; needed when the
+                ``budget`` or ``keep_count`` observation is asked for, or ``budget_weight`` is set.
+            rng: the random source of the ``vs_random`` reward's masks (the env's ``np_random``).
+        """
         pv, b = self.pv, self.bounds
+        if budget is None and (self.budget_weight or any(key in self.obs_keys for key in BUDGET_KEYS)):
+            raise ValueError("these episodes observe or reward a budget: pass budget=")
+        if rng is None and self.reward == "vs_random":
+            raise ValueError("the vs_random reward draws random masks: pass rng=")
+        self.budget, self.rng = budget, rng
+        self.keep_ratio = None
+        if budget is not None:
+            if self.budget_ratio is None:
+                self.budget_ratio = BudgetKeepRatio(pv, self.flops)
+            self.keep_ratio = self.budget_ratio(budget)
         self.labels = labels
         self.state, self.cls_attn = self._advance(pv.embed(images), 0, b[1])
         logits_plain = pv.finish(self.state, b[1])
@@ -173,10 +268,22 @@ class PruningEpisodes:
         self.block_tokens[:, start:] = (pv.num_prefix_tokens + counts).unsqueeze(1)
         flops_now = self.flops(self.block_tokens)
         score = self._score(logits)
-        reward = self.score - score + self.flops_weight * (self.flops_now - flops_now).float() / self.flops_all
-        loss_multi = score if self.reward == "loss_delta" else F.cross_entropy(logits, self.labels, reduction="none")
+        baseline = self.score
+        if self.reward == "vs_random":  # as many tokens, drawn at random, from the same state
+            chance = random_subset(self.state.mask(pv.num_patches), counts, self.rng)
+            baseline = self._score(pv.finish(pv.prune(self.state, chance, self.mode), start))
+        reward = baseline - score + self.flops_weight * (self.flops_now - flops_now).float() / self.flops_all
+        if self.budget is not None:  # charged once, on the final FLOPs
+            over = (flops_now / self.flops_all - self.budget.double()).clamp(min=0)
+            penalty = (self.budget_weight * over).float() if last else torch.zeros_like(reward)
+            reward = reward - penalty
+        loss_multi = score if self.reward != "prob_delta" else F.cross_entropy(logits, self.labels, reduction="none")
         # Copies: the caller may edit info in place, and self.score is the next step's baseline.
         info = {"loss_plain": self.loss_plain.clone(), "loss_multi": loss_multi.clone()}
+        if self.reward == "vs_random":
+            info["loss_random"] = baseline
+        if self.budget is not None:
+            info["budget_penalty"] = penalty
         if "single" in self.channels:
             single = loss_multi.clone()
             if k > 0:  # only this stage's action, applied to the unpruned tokens
@@ -204,16 +311,24 @@ class PruningEpisodes:
 
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         """What the reward's first term improves: the loss, or minus the true-class probability."""
-        if self.reward == "loss_delta":
+        if self.reward != "prob_delta":
             return F.cross_entropy(logits, self.labels, reduction="none")
         return -logits.softmax(-1).gather(1, self.labels.unsqueeze(1)).squeeze(1)
 
     def observe(self, state: TokenState, cls_attn: torch.Tensor | None, stage: int | None = None) -> dict:
-        return observe(self.pv, state, cls_attn, self.stage if stage is None else stage, self.obs_keys)
+        stage = self.stage if stage is None else stage
+        return observe(self.pv, state, cls_attn, stage, self.obs_keys, budget=self.budget, keep_ratio=self.keep_ratio)
 
 
 def observe(
-    pv: PrunableViT, state: TokenState, cls_attn: torch.Tensor | None, stage: int, keys: Sequence[str] = OBS_KEYS
+    pv: PrunableViT,
+    state: TokenState,
+    cls_attn: torch.Tensor | None,
+    stage: int,
+    keys: Sequence[str] = OBS_KEYS,
+    *,
+    budget: torch.Tensor | None = None,
+    keep_ratio: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The observation of ``state`` (the tokens entering stage ``stage``), only the requested keys.
 
@@ -225,7 +340,10 @@ def observe(
         cls_attn: class attention in the block before, at the original positions (B, N); needed
             only for the ``cls_attn`` key.
         stage: the stage index.
-        keys: which keys to compute.
+        keys: which keys to compute, from ``OBS_KEYS`` and ``BUDGET_KEYS``.
+        budget: each row's budget (B,); needed only for the ``budget`` key.
+        keep_ratio: each row's per-stage keep ratio for its budget (B,), ``BudgetKeepRatio(pv)(budget)``;
+            needed only for the ``keep_count`` key.
     """
     n = pv.num_patches
     obs: dict[str, torch.Tensor] = {}
@@ -244,6 +362,15 @@ def observe(
         obs["keep"] = state.mask(n).to(torch.int8)
     if "stage" in keys:
         obs["stage"] = torch.full((state.x.shape[0],), stage, dtype=torch.int64, device=state.x.device)
+    if "budget" in keys:
+        if budget is None:
+            raise ValueError("the budget observation needs each row's budget")
+        obs["budget"] = budget.to(torch.float32, copy=True).reshape(-1, 1)
+    if "keep_count" in keys:
+        if keep_ratio is None:
+            raise ValueError("the keep_count observation needs each row's keep ratio for its budget")
+        count = keep_count(state.num_kept(), keep_ratio.to(state.x.device), pv.min_keep)
+        obs["keep_count"] = count.to(torch.int64).reshape(-1, 1)
     return obs
 
 
@@ -265,6 +392,18 @@ class APTPruneVectorEnv(VectorEnv):
     | ``cls_attn`` | ``Box(0, 1, (N,), float32)`` | attention of the class token to each patch in the previous block |
     | ``keep`` | ``MultiBinary(N)`` (int8) | the current keep mask |
     | ``stage`` | ``Discrete(K)`` | the stage index |
+    | ``budget`` | ``Box(0, 1, (1,), float32)`` | the episode's budget, a fraction of dense GFLOPs (1) |
+    | ``keep_count`` | ``Box(0, N, (1,), int64)`` | patch tokens to keep at this stage to meet it (1) |
+
+    (1) Only in an env built with ``budget=``, and then always.
+
+    ``keep_count`` is the budget's schedule, set by the env so that a policy need not know the
+    backbone: the per-stage keep ratio ``rho`` whose FLOPs, keeping the same share of the live tokens
+    at every stage, are closest to the budget (``BudgetKeepRatio``, the counting of
+    ``apt_env.evaluate.budget_keep_ratio``), applied to this row's live count:
+    ``floor(live * rho + 0.5)``, at least ``max(1, min_keep)``, at most ``live``. A policy that keeps
+    exactly ``keep_count`` tokens at every stage ends at that ratio's FLOPs, the reachable fraction
+    nearest the budget.
 
     ## Action Space
 
@@ -280,6 +419,20 @@ class APTPruneVectorEnv(VectorEnv):
     ``r_k = L(m_{k-1}) - L(m_k) + flops_weight * (F(m_{k-1}) - F(m_k)) / F(all)``, so an episode's
     return is ``L(plain) - L(final) + flops_weight * fraction_saved``. ``prob_delta`` uses the
     true-class probability's gain instead of the loss's drop (the original APT signal).
+
+    ``vs_random`` asks "better than chance?": ``r_k = L(c_k) - L(m_k) + flops_weight * (F(m_{k-1}) -
+    F(m_k)) / F(all)``, where ``c_k`` prunes the same state ``m_{k-1}`` to a uniformly random subset of
+    its live tokens with as many tokens in each image as the executed mask ``m_k`` keeps (common
+    random numbers: the draw comes from the env's ``np_random``, so a seed reproduces it). A policy
+    that picks tokens at random gets 0 in expectation at every stage, whatever it keeps; the return
+    does not telescope. ``info["loss_random"]`` is ``L(c_k)``.
+
+    With a budget ``b`` (see ``budget``), the last step also subtracts
+    ``budget_weight * max(0, F(final) / F(all) - b)``: going over the budget costs, staying under it
+    earns nothing beyond the compute term. With ``loss_delta`` the return is then
+    ``L(plain) - L(final) + flops_weight * fraction_saved - budget_weight * max(0, F(final) / F(all) - b)``.
+    ``info["budget_penalty"]`` is that term (0 before the last step).
+
     ``info`` reports the three channels of the original method, as arrays: ``loss_plain`` (no
     pruning), ``loss_single`` (only this stage's action), ``loss_multi`` (all actions so far), and
     ``keep_ratio``, ``gflops`` and ``executed_action`` (int8, N per sub-environment), each with its
@@ -289,7 +442,8 @@ class APTPruneVectorEnv(VectorEnv):
     ## Starting State
 
     An image drawn uniformly from the dataset split with ``self.np_random``, every token kept,
-    observed before block ``prune_layers[0]``.
+    observed before block ``prune_layers[0]``. With a budget range, each sub-environment's episode
+    then draws its budget uniformly from it with ``self.np_random``.
 
     ## Episode End
 
@@ -306,7 +460,12 @@ class APTPruneVectorEnv(VectorEnv):
       checkpoint, else an untrained ViT for 28x28 gray images).
     * ``dataset``, ``split``, ``data_root``: a dataset from ``apt_env.data`` and where it lives.
     * ``prune_layers``: blocks before which the stages prune, strictly increasing in ``[1, depth - 1]``.
-    * ``reward``: ``"loss_delta"`` or ``"prob_delta"``; ``flops_weight``: weight of the compute term.
+    * ``reward``: ``"loss_delta"``, ``"prob_delta"`` or ``"vs_random"``; ``flops_weight``: weight of
+      the compute term.
+    * ``budget``: ``None`` (no budget, the default), a fraction in ``(0, 1]`` of the dense backbone's
+      GFLOPs (``FlopCounter``), or a range ``(low, high)`` of them from which every episode draws its
+      own; observed as ``budget`` and ``keep_count``. ``budget_weight``: weight of the over-budget
+      penalty (non-negative).
     * ``min_keep``: the least number of patch tokens kept (see Action Space), in ``[1, N]``, or
       ``[0, N]`` for a class-token classifier.
     * ``prune_layers`` and ``min_keep`` are checked alike for every kind of ``model`` (a ValueError
@@ -320,7 +479,7 @@ class APTPruneVectorEnv(VectorEnv):
 
     ## Version History
 
-    * v0: initial version.
+    * v0: initial version; budgets and the ``vs_random`` reward added as options (the defaults are unchanged).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
@@ -336,6 +495,8 @@ class APTPruneVectorEnv(VectorEnv):
         prune_layers: Sequence[int] | None = None,
         reward: str = "loss_delta",
         flops_weight: float = 0.0,
+        budget: float | tuple[float, float] | None = None,
+        budget_weight: float = 2.0,
         min_keep: int | None = None,
         channels: Sequence[str] = CHANNELS,
         obs_keys: Sequence[str] = OBS_KEYS,
@@ -347,8 +508,15 @@ class APTPruneVectorEnv(VectorEnv):
         _choice("mode", mode, MODES)
         for c in channels:
             _choice("channel", c, CHANNELS)
+        self.budget_range = budget_range(budget)
         for key in obs_keys:
-            _choice("observation key", key, OBS_KEYS)
+            if key in BUDGET_KEYS and self.budget_range is None:
+                raise ValueError(f"observation key {key!r} needs a budget: pass budget= to the env")
+            _choice("observation key", key, OBS_KEYS + BUDGET_KEYS)
+        if not budget_weight >= 0.0:
+            raise ValueError(f"budget_weight must be a non-negative weight, got budget_weight={budget_weight!r}")
+        if self.budget_range is not None:
+            obs_keys = (*obs_keys, *(key for key in BUDGET_KEYS if key not in obs_keys))
         if num_envs < 1:
             raise ValueError(f"num_envs must be at least 1, got {num_envs}")
         self.device = torch.device(device)
@@ -358,7 +526,13 @@ class APTPruneVectorEnv(VectorEnv):
         if pv.img_size[0] != pv.img_size[1]:
             raise ValueError(f"square images are needed, the model takes {pv.img_size}")
         self.episodes = PruningEpisodes(
-            self.pv, reward=reward, flops_weight=flops_weight, channels=channels, obs_keys=obs_keys, mode=mode
+            self.pv,
+            reward=reward,
+            flops_weight=flops_weight,
+            channels=channels,
+            obs_keys=obs_keys,
+            mode=mode,
+            budget_weight=budget_weight if self.budget_range is not None else 0.0,
         )
         self.num_envs = num_envs
         n, c, k = pv.num_patches, pv.embed_dim, pv.num_stages
@@ -368,8 +542,12 @@ class APTPruneVectorEnv(VectorEnv):
             "cls_attn": spaces.Box(0.0, 1.0, (n,), np.float32),
             "keep": spaces.MultiBinary(n),
             "stage": spaces.Discrete(k),
+            "budget": spaces.Box(0.0, 1.0, (1,), np.float32),
+            "keep_count": spaces.Box(0, n, (1,), np.int64),
         }
-        self.single_observation_space = spaces.Dict({key: all_spaces[key] for key in OBS_KEYS if key in obs_keys})
+        self.single_observation_space = spaces.Dict(
+            {key: all_spaces[key] for key in OBS_KEYS + BUDGET_KEYS if key in obs_keys}
+        )
         self.single_action_space = spaces.MultiBinary(n)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
@@ -414,7 +592,12 @@ class APTPruneVectorEnv(VectorEnv):
         images, labels = zip(*(self.data[int(i)] for i in idx))
         images = torch.stack(images).to(self.device)
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
-        return self.episodes.start(images, labels)
+        budget = None
+        if self.budget_range is not None:
+            low, high = self.budget_range
+            draws = np.full(self.num_envs, low) if low == high else self.np_random.uniform(low, high, self.num_envs)
+            budget = torch.as_tensor(draws, dtype=torch.float32, device=self.device)
+        return self.episodes.start(images, labels, budget=budget, rng=self.np_random)
 
     def _check_action(self, actions: Any) -> torch.Tensor:
         """A (num_envs, N) bool tensor from any 0/1 array; anything else is a ValueError."""

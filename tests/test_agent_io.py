@@ -48,3 +48,13 @@ def test_agent_folder_moved_aside_by_a_killed_save_is_restored_on_read(tmp_path)
     folder = save_policy(tmp_path / "agent", _policy())
     folder.rename(tmp_path / ".agent.old")  # killed between the two renames
     assert load_policy(tmp_path / "agent") is not None
+
+
+def test_a_budget_policy_round_trips():
+    import tempfile
+    from pathlib import Path
+
+    policy = APTPolicy(32, 16, 3, hidden=8, qk_dim=8, use_budget=True, sampling="topk")
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = load_policy(save_policy(Path(tmp) / "agent", policy))
+    assert loaded.use_budget and loaded.sampling == "topk"

@@ -200,6 +200,29 @@ def test_sb3_trains_the_apt_policy_and_round_trips(algo, tmp_path):
     torch.testing.assert_close(loaded.policy.predict_values(obs_as_tensor(obs, "cpu")), values)
 
 
+def test_sb3_deterministic_prediction_prunes_as_act_does():
+    """SB3's Bernoulli mode thresholds at 0.5, which keeps every token of a policy with keep probabilities
+    of 0.7; the deterministic prediction keeps the expected count, as ``APTPolicy.act``."""
+    venv = SB3VecEnv(_envs(channels=("plain", "multi")))
+    model = PPO(
+        APTActorCriticPolicy,
+        venv,
+        n_steps=6,
+        batch_size=24,
+        seed=0,
+        device="cpu",
+        policy_kwargs=dict(**SMALL, init_keep_prob=0.7),
+    )
+    venv.seed(0)
+    obs = venv.reset()
+    with torch.no_grad():
+        logits, _ = model.policy.net(obs)
+    assert (torch.sigmoid(logits) > 0.5).all()
+    action, _ = model.predict(obs, deterministic=True)
+    assert (action.sum(1) < 16).all() and (action.sum(1) >= 10).all()
+    np.testing.assert_array_equal(action, model.policy.net.act(obs, deterministic=True).numpy())
+
+
 def _trainer(seed: int, **kwargs) -> NativePPO:
     envs = _envs(num_envs=8, flops_weight=1.0, channels=("plain", "multi"))
     args = dict(lr=3e-3, episodes_per_rollout=2, seed=seed, policy_kwargs=dict(**SMALL, init_keep_prob=0.9))

@@ -251,7 +251,8 @@ def test_env_loads_a_checkpoint_folder(tmp_path):
 
 
 def test_default_env_runs_the_shipped_classifier_and_agent():
-    from agents.io import DEFAULT_AGENT, load_policy
+    from agents.io import load_policy
+    from apt_env.defaults import DEFAULT_AGENT
 
     envs = gym.make_vec("APTPrune-v0", num_envs=32, vectorization_mode="vector_entry_point")
     envs.reset(seed=0)
