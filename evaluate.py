@@ -36,6 +36,7 @@ from apt_env.checkpoint import load_backbone, read_backbone_config
 from apt_env.data import build_dataset, dataset_info, make_loader
 from apt_env.defaults import DEFAULT_AGENT, DEFAULT_CHECKPOINT
 from apt_env.distributed import state_digest
+from apt_env.env import BUDGET_KEYS, OBS_KEYS
 from apt_env.evaluate import (
     COLUMNS,
     Contender,
@@ -83,8 +84,8 @@ class Args:
     out: str = "runs/eval"
     """output folder"""
     save_masks: str | None = None
-    """write every mask the deterministic agent chose (or, without an agent, class-attention top-k at
-    --picture-budget) to this file, for --replay"""
+    """write every mask the deterministic agent chose (a budget agent: at --picture-budget; without an agent,
+    class-attention top-k at --picture-budget) to this file, for --replay"""
     replay: str | None = None
     """run the backbone on the masks of this file (from --save-masks), without any policy"""
     device: str = "cpu"
@@ -151,13 +152,23 @@ def check_fits(policy: APTPolicy, pv: PrunableViT, path: str) -> APTPolicy:
 
 
 def agent_contenders(policy: APTPolicy, budgets: dict[float, float], seed: int) -> list[Contender]:
-    """The agent by its own rules (sampled, deterministic) and ranked by its logits at every budget."""
+    """The agent at every budget through its budget input, sampled (as trained) and by its mode; an agent
+    without one runs by its own rules (its own compute) and ranked by its keep logits at every budget."""
     policy.eval()
     generator = torch.Generator().manual_seed(seed)
     cost = policy.decision_flops
+    sampled = lambda o: policy.act(o, deterministic=False, generator=generator)  # noqa: E731
+    mode = lambda o: policy.act(o, deterministic=True)  # noqa: E731
+    if policy.use_budget:
+        keys = (*OBS_KEYS, *BUDGET_KEYS)
+        return [
+            Contender(f"{AGENT}{rule} @ {b:g}", act, b, obs_keys=keys, flops=cost)
+            for b in budgets
+            for rule, act in ((" (sampled)", sampled), ("", mode))
+        ]
     rows = [
-        Contender(f"{AGENT} (sampled)", lambda o: policy.act(o, deterministic=False, generator=generator), flops=cost),
-        Contender(f"{AGENT} (deterministic)", lambda o: policy.act(o, deterministic=True), flops=cost),
+        Contender(f"{AGENT} (sampled)", sampled, flops=cost),
+        Contender(f"{AGENT} (deterministic)", mode, flops=cost),
     ]
     for budget, ratio in budgets.items():
         keep = lambda o, r=ratio: policy.act(o, keep_ratio=r)  # noqa: E731
@@ -229,7 +240,7 @@ def main(args: Args) -> dict[str, dict]:
     first = [Contender("dense", None)] + (agent_contenders(agent, ratios, args.seed) if agent is not None else [])
     rows, decisions = evaluate_accuracy(pv, loader, first, desc="agent")
     budgets = dict(ratios)
-    if agent is not None:  # the heuristics also at the compute the agent reached by its own rule
+    if agent is not None and not agent.use_budget:  # the heuristics also at the compute the agent reached
         reached = next(r["budget"] for r in rows if r["policy"] == f"{AGENT} (deterministic)")
         budgets[round(reached, 3)] = budget_keep_ratio(pv, reached)
     second = heuristic_contenders(budgets, args.seed)
@@ -255,7 +266,7 @@ def main(args: Args) -> dict[str, dict]:
     plot_tradeoff(out / "tradeoff.png", rows, title=source)
 
     b = args.picture_budget
-    pick = [f"{AGENT} logit top-k @ {b:g}"] if agent is not None else []
+    pick = [f"{AGENT} @ {b:g}" if agent.use_budget else f"{AGENT} logit top-k @ {b:g}"] if agent is not None else []
     pick += [f"cls-attn top-k @ {b:.3g}", f"random @ {b:.3g}"]
     if any(name not in decisions for name in pick):
         raise ValueError(f"--picture-budget {b} must be one of --budgets {args.budgets}")
@@ -268,7 +279,9 @@ def main(args: Args) -> dict[str, dict]:
         title=f"kept patches at budget {b:g} ({source})",
     )
     if args.save_masks:
-        name = f"{AGENT} (deterministic)" if agent is not None else f"cls-attn top-k @ {b:.3g}"
+        name = f"cls-attn top-k @ {b:.3g}"
+        if agent is not None:
+            name = f"{AGENT} @ {b:g}" if agent.use_budget else f"{AGENT} (deterministic)"
         row = next(r for r in rows if r["policy"] == name)
         save_decisions(
             args.save_masks, decisions[name], dataset=args.dataset, split=args.split, batch_size=args.batch_size,

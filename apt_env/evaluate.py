@@ -19,6 +19,7 @@ import logging
 import math
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from apt_env.backbone import Mode, PrunableViT
 from apt_env.checkpoint import load_train_state, save_train_state
-from apt_env.env import OBS_KEYS, observe
+from apt_env.env import OBS_KEYS, BudgetKeepRatio, observe
 from apt_env.flops import FlopCounter, cls_attention_flops
 
 __all__ = [
@@ -90,6 +91,12 @@ class Contender:
     flops: PolicyFlops | None = None
     model: PrunableViT | None = None
 
+    def observe_budget(self) -> dict[str, float]:
+        """What a policy with a budget input observes (``budget``, ``keep_count``): this row's budget."""
+        if self.budget is None or not {"budget", "keep_count"} & set(self.obs_keys):
+            return {}
+        return {"budget": self.budget}
+
 
 @dataclass
 class Decisions:
@@ -137,8 +144,9 @@ def forward_policy(
     obs_keys: Sequence[str] = OBS_KEYS,
     mode: Mode = "gathered",
     index: Tensor | None = None,
+    budget: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The model's logits with ``keep_fn`` pruning at every stage.
+    """The model's logits with ``keep_fn`` pruning at every stage (observing ``budget`` where asked).
 
     Returns:
         logits (B, classes); patch tokens entering every block (B, depth) long; the keep mask after every
@@ -153,10 +161,14 @@ def forward_policy(
         index = torch.arange(b, device=images.device)
     bounds = pv.stage_bounds
     state, cls_attn = pv.embed(images), None
+    budgets = ratios = None
+    if budget is not None:
+        budgets = torch.full((b,), budget, dtype=torch.float64, device=images.device)
+        ratios = torch.full_like(budgets, budget_keep_ratio(pv, budget))
     kept, masks = [], []
     for stage in range(k + 1):
         if stage > 0:
-            obs = observe(pv, state, cls_attn, stage - 1, obs_keys)
+            obs = observe(pv, state, cls_attn, stage - 1, obs_keys, budget=budgets, keep_ratio=ratios)
             obs["index"] = index
             state = pv.prune(state, keep_fn(obs), mode)
             masks.append(state.mask(n))
@@ -225,7 +237,7 @@ def evaluate_accuracy(
             for c in contenders:
                 m = models[c.name]
                 logits, kept, stage_masks = forward_policy(
-                    m, images, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index
+                    m, images, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index, **c.observe_budget()
                 )
                 live = torch.cat([torch.full_like(kept[:, :1], m.num_patches), stage_masks.sum(-1)[:, :-1]], 1)
                 s = sums[c.name]
@@ -296,13 +308,15 @@ def measure_throughput(
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     try:
         for c in contenders:  # warm-up: allocator, kernels, lazy inits
-            forward_policy(models[c.name], batch, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index)
+            forward_policy(models[c.name], batch, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index,
+                           **c.observe_budget())  # fmt: skip
         for rep in range(repeats):
             shift = rep % len(contenders)
             for c in [*contenders[shift:], *contenders[:shift]]:
                 runs, start = 0, time.perf_counter()
                 while True:
-                    forward_policy(models[c.name], batch, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index)
+                    forward_policy(models[c.name], batch, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index,
+                           **c.observe_budget())  # fmt: skip
                     _synchronize(device)
                     runs += 1
                     elapsed = time.perf_counter() - start
@@ -315,26 +329,19 @@ def measure_throughput(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def budget_keep_ratio(pv: PrunableViT, budget: float, *, resolution: int = 4096) -> float:
+def budget_keep_ratio(pv: PrunableViT, budget: float) -> float:
     """The keep ratio per stage (of the live tokens, rounded half up) whose backbone GFLOPs are closest to
-    ``budget`` times the dense model's, for rules that keep the same count in every image.
-
-    Counts are integers, so the reachable fractions are a finite set; the closest is returned.
+    ``budget`` times the dense model's, for rules that keep the same count in every image
+    (``BudgetKeepRatio``, the environment's own rule for budgets).
     """
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"a budget is a fraction of the dense GFLOPs in (0, 1], got {budget}")
-    counter = FlopCounter(pv.model)
-    dense = counter.dense()
-    ratios = torch.arange(1, resolution + 1, dtype=torch.float64) / resolution
-    live = torch.full_like(ratios, pv.num_patches)
-    bounds = pv.stage_bounds
-    kept = [live.unsqueeze(1).expand(-1, bounds[1])]
-    for stage in range(pv.num_stages):
-        live = torch.floor(live * ratios + 0.5).clamp(min=max(1, pv.min_keep)).clamp(max=live)
-        kept.append(live.unsqueeze(1).expand(-1, bounds[stage + 2] - bounds[stage + 1]))
-    fractions = counter(torch.cat(kept, 1).long() + pv.num_prefix_tokens) / dense
-    best = int((fractions - budget).abs().argmin())
-    return float(ratios[best])
+    if pv not in _KEEP_RATIOS:  # tabulated once per model: timed forward passes must not pay for it
+        _KEEP_RATIOS[pv] = BudgetKeepRatio(pv)
+    return float(_KEEP_RATIOS[pv](torch.tensor([budget], dtype=torch.float64))[0])
+
+
+_KEEP_RATIOS: weakref.WeakKeyDictionary[PrunableViT, BudgetKeepRatio] = weakref.WeakKeyDictionary()
 
 
 def fixed_masks(decisions: Decisions) -> KeepFn:

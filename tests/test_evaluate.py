@@ -61,7 +61,7 @@ import pytest  # noqa: E402
 
 from agents.io import save_policy  # noqa: E402
 from agents.policy import APTPolicy  # noqa: E402
-from apt_env.checkpoint import save_backbone  # noqa: E402
+from apt_env.checkpoint import load_backbone, save_backbone  # noqa: E402
 from apt_env.evaluate import COLUMNS, Contender, budget_keep_ratio, evaluate_accuracy, wilson_interval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,3 +201,17 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         module.main(_args(module, tmp_path, model, None, replay=str(corrupt)))
     with pytest.raises(FileNotFoundError):
         module.main(_args(module, tmp_path, model, None, replay=str(tmp_path / "none.pt")))
+
+
+def test_a_budget_agent_is_run_through_its_budget_input_and_meets_it(tmp_path):
+    module = _script()
+    model, _ = _checkpoint(tmp_path)
+    pv = load_backbone(model)
+    policy = APTPolicy(pv.embed_dim, pv.num_patches, pv.num_stages, hidden=16, qk_dim=16, use_budget=True,
+                       sampling="topk")  # fmt: skip
+    agent = save_policy(tmp_path / "budget_agent", policy)
+    rows = module.main(_args(module, tmp_path, model, agent, budgets=(0.5, 0.7), picture_budget=0.5))
+    for b in (0.5, 0.7):
+        for name in (f"APT agent @ {b:g}", f"APT agent (sampled) @ {b:g}"):
+            assert abs(rows[name]["gflops_backbone"] / rows["dense"]["gflops_backbone"] - b) <= 0.05 * b
+            assert rows[name]["gflops_backbone"] == rows[f"random @ {b:.3g}"]["gflops_backbone"]  # same counts
