@@ -7,7 +7,7 @@
     tensorboard --logdir runs
 
 The run folder holds the agent (``agent/``, loadable with ``agents.io.load_policy``), the trainer's state for
-``--resume``, TensorBoard logs, and ends with a table on the test split: the agent next to keep-all, random
+``--resume``, TensorBoard logs, and ends with a table on the held-out val split: the agent next to keep-all, random
 and class-attention top-k at the agent's own keep ratio per stage.
 """
 
@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ class Args:
     """the frozen backbone: a checkpoint folder from train_backbone.py or a timm name; default: the one that
     ships with the package"""
     dataset: str = "fashion-mnist"
-    """dataset the episodes draw images from (train split); the table uses its test split"""
+    """dataset the episodes draw images from (train split); the table uses its val split"""
     data_root: str = "data"
     """folder of downloaded datasets"""
     num_envs: int = 64
@@ -62,7 +63,16 @@ class Args:
     total_env_steps: int = 60_000
     """env transitions to train for (num_envs per step); the default takes a few minutes on 2 CPU cores"""
     reward: str = "loss_delta"
-    """reward: loss_delta or prob_delta"""
+    """reward: loss_delta, prob_delta or vs_random (the loss under a random mask of the same per-image count
+    minus the loss under the agent's)"""
+    budget: tuple[float, float] | None = None
+    """a budget range (fractions of the dense GFLOPs), one drawn per episode and observed, e.g. `0.25 1.0`;
+    none: no budget"""
+    budget_weight: float = 2.0
+    """weight of the penalty on GFLOPs above the budget at an episode's end"""
+    sampling: Literal["bernoulli", "topk"] = "bernoulli"
+    """the policy's sampling: a Bernoulli per token, or (with a budget) the budget's token count without
+    replacement, whose mode is its deterministic rule"""
     flops_weight: float = 0.5
     """weight of the compute term of the reward (fraction of FLOPs saved)"""
     min_keep: int = 1
@@ -143,7 +153,9 @@ def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Sum
     rank = torch.distributed.get_rank() if is_distributed() else 0
     with torch.random.fork_rng(devices=[]):  # every rank starts from the same agent
         torch.manual_seed(args.seed)
-        policy = APTPolicy.for_env(envs, hidden=args.hidden, init_keep_prob=args.init_keep_prob)
+        policy = APTPolicy.for_env(
+            envs, hidden=args.hidden, init_keep_prob=args.init_keep_prob, sampling=args.sampling
+        )
     trainer = NativePPO(
         envs,
         policy,
@@ -245,7 +257,7 @@ def train_sb3(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Summar
         model = algo(
             APTActorCriticPolicy,
             venv,
-            policy_kwargs=dict(hidden=args.hidden, init_keep_prob=args.init_keep_prob),
+            policy_kwargs=dict(hidden=args.hidden, init_keep_prob=args.init_keep_prob, sampling=args.sampling),
             seed=args.seed,
             device=envs.device,
             **hyper,
@@ -259,12 +271,16 @@ def train_sb3(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Summar
 
 
 def report(args: Args, envs: APTPruneVectorEnv, policy: APTPolicy, writer: SummaryWriter) -> None:
-    """Episode returns and test accuracy of the agent and the baselines at the agent's keep ratios."""
+    """Episode returns and accuracy on the held-out val split of the agent and the baselines at the agent's
+    keep ratios (the test split is for ``evaluate.py``'s report, not for choices made here)."""
+    if args.budget is not None:
+        print("\na budget agent: compare it at matched budgets with `python evaluate.py --split val --agent RUN/agent`")
+        return
     test_envs = APTPruneVectorEnv(
         args.num_envs,
         model=envs.pv,
         dataset=args.dataset,
-        split="test",
+        split="val",
         data_root=args.data_root,
         reward=args.reward,
         flops_weight=args.flops_weight,
@@ -274,9 +290,9 @@ def report(args: Args, envs: APTPruneVectorEnv, policy: APTPolicy, writer: Summa
     )
     ratios, rows = compare_policies(
         test_envs, policy, dataset=args.dataset, data_root=args.data_root, episodes=args.eval_episodes,
-        images=args.eval_images, seed=args.seed,
+        images=args.eval_images, seed=args.seed, split="val",
     )  # fmt: skip
-    print(f"\n{args.dataset} test split")
+    print(f"\n{args.dataset} val split")
     print(format_comparison(ratios, rows, envs.pv.num_patches))
     for name, results in rows:
         writer.add_text(f"eval/{name}", json.dumps(results))
@@ -303,6 +319,8 @@ def main() -> None:
         min_keep=args.min_keep,
         channels=("plain", "multi"),
         device=device,
+        budget=args.budget,
+        budget_weight=args.budget_weight,
     )
     writer = SummaryWriter(str(run_dir)) if rank == 0 else None
     if writer is not None:

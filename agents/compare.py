@@ -26,17 +26,19 @@ def compare_policies(
     episodes: int = 8,
     images: int = 0,
     seed: int = 0,
+    split: str = "test",
 ) -> tuple[list[float], list[tuple[str, dict[str, Any]]]]:
     """Rows for the agent, keep-all, random and class-attention top-k (both at the agent's stage ratios).
 
     Args:
         test_envs: the environment on the test split (its backbone is evaluated).
         policy: the agent, acting deterministically (its expected keep count, by logit).
-        dataset: the dataset's name, for the accuracy pass over its test split.
+        dataset: the dataset's name, for the accuracy pass over its ``split``.
         data_root: where datasets live.
         episodes: batches of ``num_envs`` test images for the episode returns (the same for every row).
         images: test images for the accuracy pass (0: all).
         seed: seed of the episode draws and of random pruning.
+        split: the split of the accuracy pass (``val`` to tune, ``test`` to report).
 
     Returns:
         The agent's keep ratio per stage, and ``(name, results)`` rows, results holding
@@ -53,7 +55,7 @@ def compare_policies(
         "random (same ratio)": at_stage_ratios(RandomKeep(0.5, seed=seed).act, ratios),
         "cls-attn top-k (same ratio)": at_stage_ratios(ClsAttentionTopK(0.5).act, ratios),
     }
-    test_set = build_dataset(dataset, split="test", img_size=pv.img_size[0], in_chans=pv.in_chans, root=data_root)
+    test_set = build_dataset(dataset, split=split, img_size=pv.img_size[0], in_chans=pv.in_chans, root=data_root)
     if images:
         test_set = torch.utils.data.Subset(test_set, range(min(images, len(test_set))))
     loader = make_loader(test_set, batch_size=256, shuffle=False, seed=seed)

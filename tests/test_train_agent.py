@@ -88,3 +88,12 @@ def test_two_processes_end_with_identical_agents(backbone, tmp_path):
     digests = dict(re.findall(r"rank (\d) agent sha256 (\w+)", proc.stderr))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
     assert "| APT agent |" in proc.stdout and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("algo", ["native", "ppo"])
+def test_a_budget_agent_trains_with_the_variance_reduced_reward(algo, backbone, tmp_path):
+    flags = ["--budget", "0.5", "1.0", "--sampling", "topk", "--reward", "vs_random"]
+    run("--algo", algo, "--model", str(backbone), "--total-env-steps", "96", *flags, out=tmp_path)
+    (run_dir,) = tmp_path.iterdir()
+    policy = load_policy(run_dir / "agent")
+    assert policy.use_budget and policy.sampling == "topk"
