@@ -63,12 +63,11 @@ from apt_env.evaluate import (
     Contender,
     evaluate,
     evaluate_accuracy,
-    forward_policy,
     measure_throughput,
     random_at_counts,
 )
 from apt_env.joint import ChannelLosses
-from apt_env.report import markdown_table, plot_masks
+from apt_env.report import agent_masks_figure, markdown_table
 
 logger = logging.getLogger("train_backbone")
 
@@ -474,7 +473,7 @@ def train(args: Args, run_dir: Path) -> bool:
                 writer.add_scalar("charts/val_acc1", val["acc1"], global_step)
                 writer.add_scalar("charts/val_loss", val["loss"], global_step)
                 if agent is not None:
-                    writer.add_figure("masks", masks_figure(pv, agent.policy, val_set), global_step)
+                    writer.add_figure("masks", agent_masks_figure(pv, agent.policy, val_set), global_step)
                 save_backbone(run_dir / "checkpoint", pv, meta=meta)  # first: a resume rebuilds the model from it
                 if agent is not None:
                     save_policy(run_dir / "agent", agent.policy, meta={"global_step": agent.global_step})
@@ -499,19 +498,6 @@ def train(args: Args, run_dir: Path) -> bool:
     # Every rank reports its weights, so that a test can check that they agree.
     logger.info("rank %d weights sha256 %s", rank, state_digest(pv.model))
     return True
-
-
-def masks_figure(pv: PrunableViT, policy: APTPolicy, dataset, count: int = 8):
-    """The agent's kept patches at every stage on the first ``count`` images (as ``evaluate.py``'s masks.png)."""
-    device = next(pv.parameters()).device
-    images = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
-    was_training = (pv.training, policy.training)
-    pv.eval(), policy.eval()
-    with torch.inference_mode():
-        keep = lambda obs: policy.act(obs, deterministic=True)  # noqa: E731
-        _, _, masks = forward_policy(pv, images.to(device), keep)
-    pv.train(was_training[0]), policy.train(was_training[1])
-    return plot_masks(None, images, {"agent": masks.cpu()}, grid=tuple(pv.model.patch_embed.grid_size))
 
 
 def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]:

@@ -14,7 +14,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["markdown_table", "mean_std", "plot_masks", "plot_tradeoff", "write_csv"]
+__all__ = ["agent_masks_figure", "markdown_table", "mean_std", "plot_masks", "plot_tradeoff", "write_csv"]
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
@@ -148,3 +148,32 @@ def mean_std(values: Sequence[float]) -> str:
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
     return f"{mean:.4g} ± {std:.2g}"
+
+
+def agent_masks_figure(pv: Any, policy: Any, dataset: Any, *, count: int = 8, budget: float | None = None) -> Figure:
+    """A policy's kept patches at every stage (its deterministic rule) on a dataset's first ``count`` images, as
+    ``evaluate.py``'s masks.png, for TensorBoard's ``add_figure``.
+
+    Args:
+        pv: the ``PrunableViT``.
+        policy: anything with ``act(obs, deterministic=True)`` and ``use_budget``, e.g. ``APTPolicy``.
+        dataset: items ``(image, label)``.
+        count: images shown.
+        budget: the budget a policy with a budget input observes (default 0.5).
+    """
+    from apt_env.env import BUDGET_KEYS, OBS_KEYS
+    from apt_env.evaluate import forward_policy
+
+    device = next(pv.parameters()).device
+    images = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+    was_training = (pv.training, policy.training)
+    pv.eval(), policy.eval()
+    use_budget = getattr(policy, "use_budget", False)
+    keys = (*OBS_KEYS, *BUDGET_KEYS) if use_budget else OBS_KEYS
+    with torch.inference_mode():
+        _, _, masks = forward_policy(
+            pv, images.to(device), lambda obs: policy.act(obs, deterministic=True), obs_keys=keys,
+            budget=(0.5 if budget is None else budget) if use_budget else None,
+        )  # fmt: skip
+    pv.train(was_training[0]), policy.train(was_training[1])
+    return plot_masks(None, images, {"agent": masks.cpu()}, grid=tuple(pv.model.patch_embed.grid_size))
