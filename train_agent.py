@@ -38,6 +38,7 @@ from agents.sb3 import APTActorCriticPolicy
 from apt_env.checkpoint import get_rng_state, load_train_state, save_train_state, set_rng_state
 from apt_env.distributed import broadcast_int, gather_objects, init_distributed, is_distributed, state_digest
 from apt_env.env import REWARDS, APTPruneVectorEnv
+from apt_env.report import agent_masks_figure
 from apt_env.sb3 import SB3VecEnv
 
 logger = logging.getLogger("train_agent")
@@ -187,6 +188,7 @@ def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Sum
         ranks = gather_objects({"trainer": trainer.state_dict(), "rng": get_rng_state()})  # every rank its own
         if writer is not None:
             save_policy(run_dir / "agent", trainer.policy, meta={"algo": "native", "global_step": trainer.global_step})
+            writer.add_figure("masks", agent_masks_figure(envs.pv, trainer.policy, envs.data), trainer.global_step)
             save_train_state(run_dir / "train_state.pt", {"ranks": ranks})
     bar.close()
     return trainer.policy
@@ -227,6 +229,9 @@ class SB3Progress(BaseCallback):
         self.rollouts += 1
         if self.rollouts % self.args.checkpoint_every == 0:
             save_sb3(self.model, self.run_dir, self.args)
+            if self.writer is not None:
+                envs, net, step = self.model.get_env().venv, self.model.policy.net, self.model.num_timesteps
+                self.writer.add_figure("masks", agent_masks_figure(envs.pv, net, envs.data), step)
 
     def _on_training_end(self) -> None:
         self.bar.close()

@@ -37,7 +37,8 @@ def run(*flags: str, out: Path, check: bool = True) -> subprocess.CompletedProce
 
 @pytest.mark.parametrize("algo", ["native", "ppo", "a2c"])
 def test_each_algorithm_trains_and_writes_a_loadable_agent(algo, backbone, tmp_path):
-    proc = run("--algo", algo, "--model", str(backbone), "--total-env-steps", "96", out=tmp_path)
+    proc = run("--algo", algo, "--model", str(backbone), "--total-env-steps", "96", "--checkpoint-every", "1",
+               out=tmp_path)  # fmt: skip
     assert "| APT agent |" in proc.stdout and "| cls-attn top-k (same ratio) |" in proc.stdout
     (run_dir,) = tmp_path.iterdir()
     envs = APTPruneVectorEnv(2, model=str(backbone), dataset="synthetic")
