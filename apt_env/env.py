@@ -18,7 +18,7 @@ from gymnasium.vector.utils import batch_space
 from torch import nn
 
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, MODES, Mode, PrunableViT
-from apt_env.checkpoint import load_backbone
+from apt_env.checkpoint import load_backbone, read_backbone_config
 from apt_env.data import build_dataset
 from apt_env.defaults import DEFAULT_CHECKPOINT
 from apt_env.flops import FlopCounter
@@ -79,6 +79,26 @@ def build_backbone(
     if Path(model).exists():
         return load_backbone(model).with_pruning(**pruning)
     return PrunableViT.from_timm(str(model), **pruning)
+
+
+def check_model_fits_data(model: ModelSpec, pv: PrunableViT, dataset: str, num_classes: int) -> None:
+    """Refuse a model whose class count is not the dataset's; warn when a checkpoint runs on data other than
+    it was trained on, and when a bare timm name gives an untrained model (rewards from a model that does not
+    classify)."""
+    if pv.num_classes != num_classes:
+        raise ValueError(
+            f"the model has {pv.num_classes} classes, dataset {dataset!r} has {num_classes}: pass a model trained "
+            "on this dataset, or timm kwargs with num_classes matching it"
+        )
+    if model is None and (DEFAULT_CHECKPOINT / "config.json").is_file():
+        model = DEFAULT_CHECKPOINT
+    if isinstance(model, (str, Path)) and Path(model).exists():
+        trained_on = read_backbone_config(model).get("dataset")
+        if trained_on is not None and trained_on != dataset:
+            _logger.warning("the checkpoint %s was trained on %s, the env runs it on %s", model, trained_on, dataset)
+    elif isinstance(model, (str, tuple)):
+        name = model if isinstance(model, str) else model[0]
+        _logger.warning("%s is built untrained: rewards come from a model that does not classify yet", name)
 
 
 def _one_thread_if_forked() -> None:
@@ -523,6 +543,7 @@ class APTPruneVectorEnv(VectorEnv):
         pv = build_backbone(model, prune_layers=prune_layers, min_keep=min_keep)
         self.pv = pv.to(self.device).eval()
         self.data = build_dataset(dataset, split=split, img_size=pv.img_size[0], in_chans=pv.in_chans, root=data_root)
+        check_model_fits_data(model, pv, dataset, len(self.data.classes))
         if pv.img_size[0] != pv.img_size[1]:
             raise ValueError(f"square images are needed, the model takes {pv.img_size}")
         self.episodes = PruningEpisodes(

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL, tiny_envs
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.preprocessing import preprocess_obs
 from stable_baselines3.common.utils import obs_as_tensor
@@ -9,32 +10,12 @@ from agents.baselines import ClsAttentionTopK, KeepAll, RandomKeep
 from agents.policy import PRUNED_LOGIT, APTPolicy, TokenPolicy
 from agents.ppo import NativePPO
 from agents.sb3 import APTActorCriticPolicy
-from apt_env.env import APTPruneVectorEnv
 from apt_env.sb3 import SB3VecEnv
 
-# The tiny backbone of tests/test_env.py: 16 patch tokens of width 32, 3 pruning stages.
-TINY = dict(
-    model=(
-        "vit_tiny_patch16_224",
-        dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2),
-    ),
-    dataset="synthetic",
-)
-SMALL = dict(hidden=16, qk_dim=16)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on shared cores: more threads only add contention (10x slower when loaded)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _envs(num_envs: int = 4, **kwargs) -> APTPruneVectorEnv:
-    torch.manual_seed(0)
-    return APTPruneVectorEnv(num_envs, **{**TINY, **kwargs})
+_envs = tiny_envs
 
 
 @pytest.fixture(scope="module")

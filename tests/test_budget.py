@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SMALL, TINY, TINY_VIT, tiny_envs
 from gymnasium.utils.env_checker import check_env
 from stable_baselines3 import PPO
 
@@ -24,23 +25,10 @@ from apt_env.env import APTPruneEnv, APTPruneVectorEnv, BudgetKeepRatio, build_b
 from apt_env.evaluate import budget_keep_ratio
 from apt_env.sb3 import SB3VecEnv
 
-TINY_VIT = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2)
-TINY = dict(model=("vit_tiny_patch16_224", TINY_VIT), dataset="synthetic")
-SMALL = dict(hidden=16, qk_dim=16)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on shared cores: more threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _envs(num_envs: int = 4, **kwargs) -> APTPruneVectorEnv:
-    torch.manual_seed(0)
-    return APTPruneVectorEnv(num_envs, **{**TINY, **kwargs})
+_envs = tiny_envs
 
 
 # -- the environment ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, tiny_envs
 from gymnasium.utils.env_checker import check_env
 from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
@@ -17,19 +18,7 @@ from apt_env.backbone import PrunableViT
 from apt_env.checkpoint import save_backbone
 from apt_env.env import APTPruneEnv, APTPruneVectorEnv
 
-# A tiny backbone on the synthetic dataset: fast, and every code path of the env.
-TINY = dict(
-    model=(
-        "vit_tiny_patch16_224",
-        dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2),
-    ),
-    dataset="synthetic",
-)
-
-
-def _vec(num_envs: int = 4, **kwargs) -> APTPruneVectorEnv:
-    torch.manual_seed(0)  # the same untrained weights in every env built here
-    return APTPruneVectorEnv(num_envs, **{**TINY, **kwargs})
+_vec = tiny_envs  # the same untrained weights in every env built here
 
 
 def _rollout(envs: APTPruneVectorEnv, seed: int, steps: int) -> list:
@@ -452,3 +441,15 @@ def test_async_vector_env_runs_with_fork_and_spawn(context, tmp_path):
         proc.communicate()
         pytest.fail(f"gym.make_vec(..., vectorization_mode='async') with context={context!r} hangs")
     assert proc.returncode == 0 and "ok" in stdout, stderr[-3000:]
+
+
+def test_model_and_dataset_that_do_not_fit_are_named(tmp_path, caplog):
+    name, kwargs = TINY["model"]
+    with pytest.raises(ValueError, match="the model has 5 classes, dataset 'synthetic' has 10"):
+        APTPruneVectorEnv(2, model=(name, {**kwargs, "num_classes": 5}), dataset="synthetic")
+    torch.manual_seed(0)
+    path = save_backbone(tmp_path / "ckpt", PrunableViT.from_timm(name, **kwargs), meta={"dataset": "digits"})
+    with caplog.at_level("WARNING"):
+        APTPruneVectorEnv(2, model=str(path), dataset="synthetic")
+        APTPruneVectorEnv(2, **TINY)
+    assert "trained on digits" in caplog.text and "built untrained" in caplog.text

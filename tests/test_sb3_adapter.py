@@ -1,18 +1,11 @@
 import numpy as np
 import torch
+from conftest import TINY
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecEnv
 
 from apt_env.env import APTPruneVectorEnv
 from apt_env.sb3 import SB3VecEnv
-
-TINY = dict(
-    model=(
-        "vit_tiny_patch16_224",
-        dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2),
-    ),
-    dataset="synthetic",
-)
 
 
 def _adapter(num_envs: int = 4, **kwargs) -> SB3VecEnv:

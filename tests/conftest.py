@@ -1,0 +1,30 @@
+"""What the tests share: the tiny model, its environment, and one thread for tests of tiny tensors."""
+
+import pytest
+import torch
+
+from apt_env.env import APTPruneVectorEnv
+
+TINY_VIT = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2)
+"""timm kwargs of the tiny ViT: 16 patch tokens of 4x4 pixels, 4 blocks (pruning before blocks 1, 2, 3)."""
+
+TINY = dict(model=("vit_tiny_patch16_224", TINY_VIT), dataset="synthetic")
+"""Environment arguments for the tiny ViT on synthetic images."""
+
+SMALL = dict(hidden=16, qk_dim=16)
+"""A small APT agent."""
+
+
+def tiny_envs(num_envs: int = 4, **kwargs) -> APTPruneVectorEnv:
+    """The tiny environment, built from a fixed seed."""
+    torch.manual_seed(0)
+    return APTPruneVectorEnv(num_envs, **{**TINY, **kwargs})
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors on shared cores: more threads only add contention (10x slower when loaded)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
