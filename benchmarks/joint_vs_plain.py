@@ -1,4 +1,4 @@
-"""The seed's protocol over seeds: plain ViT vs APT (pruning) vs APT (no pruning), and the random-pruning controls,
+"""The original APT method's protocol over seeds: plain ViT vs APT (pruning) vs APT (no pruning), and the random-pruning controls,
 on the test split.
 
 Runs the README's first command (``train_backbone.py --init-checkpoint apt_env/assets/plain``: the shipped plain
