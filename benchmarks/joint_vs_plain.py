@@ -1,5 +1,5 @@
-"""The original APT method's protocol over seeds: plain ViT vs APT (pruning) vs APT (no pruning), and the random-pruning controls,
-on the test split.
+"""The original APT method's protocol over seeds: plain ViT vs APT (pruning) vs APT (no pruning), and the
+random-pruning controls, on the test split.
 
 Runs the README's first command (``train_backbone.py --init-checkpoint apt_env/assets/plain``: the shipped plain
 ViT fine-tuned plainly and jointly with a fresh agent, same seed and schedule) once per seed and prints each row's
