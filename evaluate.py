@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
@@ -63,7 +64,7 @@ class Args:
     heuristics only"""
     dataset: str = "fashion-mnist"
     """dataset name (see apt_env.data.DATASETS)"""
-    split: str = "test"
+    split: Literal["train", "val", "test"] = "test"
     """split to evaluate: test (report), val (tune) or train"""
     data_root: str = "data"
     """folder of downloaded datasets"""
@@ -97,8 +98,6 @@ def check_args(args: Args) -> None:
     for budget in (*args.budgets, args.picture_budget):
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"a budget is a fraction of the dense GFLOPs in (0, 1], got {budget}")
-    if args.split not in ("train", "val", "test"):
-        raise ValueError(f"--split must be train, val or test, got {args.split!r}")
     if args.images < 0 or args.batch_size < 1 or args.repeats < 1:
         raise ValueError("--images must be >= 0, --batch-size and --repeats >= 1")
 

@@ -98,3 +98,17 @@ def test_a_budget_agent_trains_with_the_variance_reduced_reward(algo, backbone, 
     (run_dir,) = tmp_path.iterdir()
     policy = load_policy(run_dir / "agent")
     assert policy.use_budget and policy.sampling == "topk"
+
+
+def test_reward_choices_are_the_environments():
+    import importlib.util
+    import typing
+
+    from apt_env.env import REWARDS
+
+    spec = importlib.util.spec_from_file_location("train_agent_script", ROOT / "train_agent.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_agent_script"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    hints = typing.get_type_hints(module.Args)
+    assert typing.get_args(hints["reward"]) == REWARDS
