@@ -126,7 +126,8 @@ def load_agent(path: str, pv: PrunableViT) -> APTPolicy:
         data, params, _ = load_from_zip_file(path, device="cpu")
     except Exception as err:  # SB3 raises many types for a bad zip
         raise ValueError(f"{path} is not a readable stable-baselines3 zip: {err}") from err
-    kwargs = {k: v for k, v in (data or {}).get("policy_kwargs", {}).items() if k in APTPolicy.CONFIG_KEYS}
+    keys = APTPolicy.CONFIG_KEYS + APTPolicy.OPTION_KEYS
+    kwargs = {k: v for k, v in (data or {}).get("policy_kwargs", {}).items() if k in keys}
     net = {k[len("net.") :]: v for k, v in (params or {}).get("policy", {}).items() if k.startswith("net.")}
     if not net:
         raise ValueError(f"{path} holds no APTActorCriticPolicy weights (no 'net.' parameters)")

@@ -183,18 +183,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def fine_tuning(args: Args) -> bool:
+    """Whether training starts from trained weights (--init-checkpoint, --pretrained)."""
+    return bool(args.init_checkpoint or args.pretrained)
+
+
 def warmup_epochs(args: Args) -> int:
     """Plain epochs before pruning: as given, else none for trained weights and one from scratch."""
     if args.warmup_epochs is not None:
         return args.warmup_epochs
-    return 0 if args.init_checkpoint or args.pretrained else 1
+    return 0 if fine_tuning(args) else 1
 
 
 def peak_lr(args: Args) -> float:
     """The peak learning rate: as given, else lower for fine-tuning than for training from scratch."""
     if args.lr is not None:
         return args.lr
-    return 2e-4 if args.init_checkpoint or args.pretrained else 1e-3
+    return 2e-4 if fine_tuning(args) else 1e-3
 
 
 def parse_model_kwargs(text: str) -> dict:
@@ -337,6 +342,7 @@ def train(args: Args, run_dir: Path) -> bool:
     data = dict(img_size=pv.img_size[0], in_chans=pv.in_chans, root=args.data_root)
     train_set = build_dataset(args.dataset, split="train", augment=args.augment, **data)
     val_set = build_dataset(args.dataset, split="val", **data)
+    val_loader = make_loader(val_set, batch_size=args.eval_batch_size, shuffle=False, seed=args.seed)
     info = train_set.info  # as the model sees it: resized, channels converted
     batches = len(train_set) // (args.batch_size * world_size)  # drop_last: every step sees a full batch
     if batches == 0:
@@ -381,7 +387,6 @@ def train(args: Args, run_dir: Path) -> bool:
         device, world_size,
     )  # fmt: skip
 
-    meta = checkpoint_meta(info, epoch=start_epoch)
     start_time, start_step = time.time(), global_step
     with logging_redirect_tqdm():
         for epoch in range(start_epoch, args.epochs):
@@ -456,19 +461,18 @@ def train(args: Args, run_dir: Path) -> bool:
 
             # Before anything else could draw, so a resumed run continues identically; every rank its own.
             ranks = gather_objects({"rng": get_rng_state(), "agent": agent.state_dict() if agent is not None else {}})
-            val_loader = make_loader(val_set, batch_size=args.eval_batch_size, shuffle=False, seed=args.seed)
-            val = evaluate(pv, val_loader, desc="val")  # held out of train: what tuning may look at
-            logger.info("epoch %d: val top-1 %.4f loss %.4f", epoch + 1, val["acc1"], val["loss"])
-            meta = checkpoint_meta(
-                info,
-                epoch=epoch + 1,
-                train_loss=sum_loss / seen,
-                train_acc1=sum_correct / seen,
-                val_acc1=val["acc1"],
-                val_loss=val["loss"],
-                weights_digest=state_digest(pv.model),
-            )
-            if main_rank:
+            if main_rank:  # the held-out val split: what tuning may look at
+                val = evaluate(pv, val_loader, desc="val")
+                logger.info("epoch %d: val top-1 %.4f loss %.4f", epoch + 1, val["acc1"], val["loss"])
+                meta = checkpoint_meta(
+                    info,
+                    epoch=epoch + 1,
+                    train_loss=sum_loss / seen,
+                    train_acc1=sum_correct / seen,
+                    val_acc1=val["acc1"],
+                    val_loss=val["loss"],
+                    weights_digest=state_digest(pv.model),
+                )
                 writer.add_scalar("charts/epoch", epoch + 1, global_step)
                 writer.add_scalar("charts/val_acc1", val["acc1"], global_step)
                 writer.add_scalar("charts/val_loss", val["loss"], global_step)

@@ -28,6 +28,8 @@ import torch
 from gymnasium import spaces
 from torch import Tensor, nn
 
+from apt_env.tokens import top_count
+
 PRUNED_LOGIT = -30.0
 """The logit of a token pruned at an earlier stage: finite, so log-probs stay finite, and so low
 that it is never kept and adds ~1e-13 to log-probabilities and entropies."""
@@ -83,11 +85,7 @@ def top_k_live(scores: Tensor, live: Tensor, keep_ratio: float) -> Tensor:
 
 def top_count_live(scores: Tensor, live: Tensor, count: Tensor) -> Tensor:
     """Keep each row's ``count`` (B,) highest-scoring live tokens, rounded half up, at least one."""
-    count = torch.floor(count + 0.5).clamp(min=1)  # (B,)
-    order = scores.float().masked_fill(~live, -math.inf).argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return (rank < count.unsqueeze(1)) & live
+    return top_count(scores, live, torch.floor(count + 0.5).clamp(min=1))
 
 
 def keep_counts(obs: Mapping[str, Any], device: torch.device | str | None = None) -> Tensor:

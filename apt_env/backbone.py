@@ -194,11 +194,11 @@ class PrunableViT(nn.Module):
 
     def run_blocks(self, state: TokenState, start: int, end: int) -> TokenState:
         """Run blocks ``[start, end)`` with pruned tokens removed as attention keys."""
-        attn_mask = state.attn_mask()
         num_buckets = state.x.shape[0] // self.bucket_rows
         # Without gradients only: backward through the scatter back into the batch costs more than
         # the padding saved (measured in benchmarks/bench_joint.py's training step).
-        if attn_mask is not None and state.packed and num_buckets > 1 and not torch.is_grad_enabled():
+        pruned = not bool(state.keep.all())
+        if pruned and state.packed and num_buckets > 1 and not torch.is_grad_enabled():
             counts = state.num_kept()
             x = state.x.clone()
             for rows in length_buckets(counts, num_buckets):
@@ -206,7 +206,7 @@ class PrunableViT(nn.Module):
                 part = state.rows(rows, length)
                 x[rows, : self.num_prefix_tokens + length] = self._run(part.x, start, end, part.attn_mask())
             return state.with_x(x)
-        return state.with_x(self._run(state.x, start, end, attn_mask))
+        return state.with_x(self._run(state.x, start, end, state.attn_mask() if pruned else None))
 
     def _run(self, x: torch.Tensor, start: int, end: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
         for blk in self.model.blocks[start:end]:

@@ -22,7 +22,7 @@ from apt_env.checkpoint import load_backbone, read_backbone_config
 from apt_env.data import build_dataset
 from apt_env.defaults import DEFAULT_CHECKPOINT
 from apt_env.flops import FlopCounter
-from apt_env.tokens import TokenState, live_mean
+from apt_env.tokens import TokenState, live_mean, top_count
 
 _logger = logging.getLogger(__name__)
 
@@ -68,17 +68,21 @@ def build_backbone(
     if isinstance(model, nn.Module):
         return PrunableViT(model, **pruning)
     if model is None:
-        if (DEFAULT_CHECKPOINT / "config.json").is_file():
-            model = DEFAULT_CHECKPOINT
-        else:
-            _logger.warning("no trained default checkpoint ships with this install: using an untrained ViT")
-            model = (DEFAULT_MODEL_NAME, DEFAULT_MODEL_KWARGS)
+        model = default_model()
     if isinstance(model, tuple):
         name, kwargs = model
         return PrunableViT.from_timm(name, **pruning, **kwargs)
     if Path(model).exists():
         return load_backbone(model).with_pruning(**pruning)
     return PrunableViT.from_timm(str(model), **pruning)
+
+
+def default_model() -> ModelSpec:
+    """The checkpoint that ships with the package, else (with a warning) an untrained small ViT."""
+    if (DEFAULT_CHECKPOINT / "config.json").is_file():
+        return DEFAULT_CHECKPOINT
+    _logger.warning("no trained default checkpoint ships with this install: using an untrained ViT")
+    return (DEFAULT_MODEL_NAME, DEFAULT_MODEL_KWARGS)
 
 
 def check_model_fits_data(model: ModelSpec, pv: PrunableViT, dataset: str, num_classes: int) -> None:
@@ -90,8 +94,6 @@ def check_model_fits_data(model: ModelSpec, pv: PrunableViT, dataset: str, num_c
             f"the model has {pv.num_classes} classes, dataset {dataset!r} has {num_classes}: pass a model trained "
             "on this dataset, or timm kwargs with num_classes matching it"
         )
-    if model is None and (DEFAULT_CHECKPOINT / "config.json").is_file():
-        model = DEFAULT_CHECKPOINT
     if isinstance(model, (str, Path)) and Path(model).exists():
         trained_on = read_backbone_config(model).get("dataset")
         if trained_on is not None and trained_on != dataset:
@@ -176,9 +178,7 @@ def keep_count(live: torch.Tensor, ratio: torch.Tensor, min_keep: int) -> torch.
 def random_subset(live: torch.Tensor, count: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """``count`` (B,) tokens drawn uniformly without replacement from each row's ``live`` (B, N) bool,
     with ``rng`` (one uniform draw per position). # (B, N) bool"""
-    scores = torch.from_numpy(rng.random(live.shape)).to(live.device).masked_fill(~live, -1.0)
-    rank = scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
-    return (rank < count.unsqueeze(1)) & live
+    return top_count(torch.from_numpy(rng.random(live.shape)).to(live.device), live, count)
 
 
 class PruningEpisodes:
@@ -540,6 +540,7 @@ class APTPruneVectorEnv(VectorEnv):
         if num_envs < 1:
             raise ValueError(f"num_envs must be at least 1, got {num_envs}")
         self.device = torch.device(device)
+        model = default_model() if model is None else model
         pv = build_backbone(model, prune_layers=prune_layers, min_keep=min_keep)
         self.pv = pv.to(self.device).eval()
         self.data = build_dataset(dataset, split=split, img_size=pv.img_size[0], in_chans=pv.in_chans, root=data_root)

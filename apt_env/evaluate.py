@@ -20,7 +20,8 @@ import math
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from apt_env.backbone import Mode, PrunableViT
 from apt_env.checkpoint import load_train_state, save_train_state
 from apt_env.env import OBS_KEYS, BudgetKeepRatio, observe
 from apt_env.flops import FlopCounter, cls_attention_flops
+from apt_env.tokens import top_count
 
 __all__ = [
     "COLUMNS",
@@ -43,6 +45,7 @@ __all__ = [
     "PolicyFlops",
     "budget_keep_ratio",
     "evaluate",
+    "eval_mode",
     "evaluate_accuracy",
     "fixed_masks",
     "load_decisions",
@@ -91,11 +94,13 @@ class Contender:
     flops: PolicyFlops | None = None
     model: PrunableViT | None = None
 
-    def observe_budget(self) -> dict[str, float]:
-        """What a policy with a budget input observes (``budget``, ``keep_count``): this row's budget."""
-        if self.budget is None or not {"budget", "keep_count"} & set(self.obs_keys):
-            return {}
-        return {"budget": self.budget}
+    def run(self, pv: PrunableViT, images: Tensor, *, mode: Mode, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``forward_policy`` of this row: on its own model if it has one, observing its budget if asked."""
+        observes_budget = bool({"budget", "keep_count"} & set(self.obs_keys))
+        budget = self.budget if observes_budget else None
+        return forward_policy(
+            self.model or pv, images, self.keep_fn, obs_keys=self.obs_keys, mode=mode, index=index, budget=budget
+        )
 
 
 @dataclass
@@ -123,6 +128,19 @@ class Decisions:
         if bool(missing.any()):
             raise ValueError(f"no recorded decision for images {index[missing][:5].tolist()}")
         return rows
+
+
+@contextmanager
+def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """Put ``modules`` in eval mode for the block, then back in the mode each was in."""
+    was_training = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, training in zip(modules, was_training):
+            m.train(training)
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -182,18 +200,22 @@ def forward_policy(
     return pv.head(state), torch.cat(kept, dim=1), torch.stack(masks, dim=1)
 
 
-def _decision_gflops(pv: PrunableViT, contender: Contender, live: Tensor) -> Tensor:
-    """The policy's own GFLOPs per image from the live patch tokens at each stage (B, K)."""
-    cost = torch.zeros(live.shape[0], dtype=torch.float64, device=live.device)
-    if contender.keep_fn is None:
-        return cost
-    if "cls_attn" in contender.obs_keys:
-        for stage, layer in enumerate(pv.prune_layers):
-            per_token, constant = cls_attention_flops(pv.model, layer - 1)
-            cost += per_token * (live[:, stage].double() + pv.num_prefix_tokens) + constant
-    if contender.flops is not None:
-        cost += contender.flops(live).double().to(cost.device)
-    return cost / 1e9
+def _decision_gflops(pv: PrunableViT, contender: Contender) -> Callable[[Tensor], Tensor]:
+    """The policy's own GFLOPs per image (B,) from the live patch tokens at each stage (B, K): its network
+    (``contender.flops``) and the class attention it reads, whose coefficients are read once here."""
+    attn = []
+    if contender.keep_fn is not None and "cls_attn" in contender.obs_keys:
+        attn = [cls_attention_flops(pv.model, layer - 1) for layer in pv.prune_layers]
+
+    def cost(live: Tensor) -> Tensor:
+        total = torch.zeros(live.shape[0], dtype=torch.float64, device=live.device)
+        for stage, (per_token, constant) in enumerate(attn):
+            total += per_token * (live[:, stage].double() + pv.num_prefix_tokens) + constant
+        if contender.keep_fn is not None and contender.flops is not None:
+            total += contender.flops(live).double().to(total.device)
+        return total / 1e9
+
+    return cost
 
 
 @torch.inference_mode()
@@ -224,33 +246,26 @@ def evaluate_accuracy(
     device = next(pv.parameters()).device
     models = {c.name: c.model or pv for c in contenders}
     counters = {c.name: FlopCounter(models[c.name].model) for c in contenders}
+    policy_cost = {c.name: _decision_gflops(models[c.name], c) for c in contenders}
     sums = {c.name: dict(correct=0, loss=0.0, backbone=0.0, policy=0.0, tokens=0.0) for c in contenders}
     masks: dict[str, list[Tensor]] = {c.name: [] for c in contenders}
     num_images = 0
-    was_training = {name: m.training for name, m in models.items()}
-    for m in models.values():
-        m.eval()
-    try:
+    with eval_mode(*set(models.values())):
         for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
             images, labels = images.to(device), labels.to(device)
             index = torch.arange(num_images, num_images + len(labels), device=device)
             for c in contenders:
                 m = models[c.name]
-                logits, kept, stage_masks = forward_policy(
-                    m, images, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index, **c.observe_budget()
-                )
+                logits, kept, stage_masks = c.run(pv, images, mode=mode, index=index)
                 live = torch.cat([torch.full_like(kept[:, :1], m.num_patches), stage_masks.sum(-1)[:, :-1]], 1)
                 s = sums[c.name]
                 s["correct"] += int((logits.argmax(dim=1) == labels).sum())
                 s["loss"] += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
                 s["backbone"] += float(counters[c.name](kept + m.num_prefix_tokens).sum())
-                s["policy"] += float(_decision_gflops(m, c, live).sum())
+                s["policy"] += float(policy_cost[c.name](live).sum())
                 s["tokens"] += float(kept[:, -1].sum())
                 masks[c.name].append(stage_masks.cpu())
             num_images += len(labels)
-    finally:
-        for name, m in models.items():
-            m.train(was_training[name])
     if num_images == 0:
         raise ValueError("the evaluation got no images: the dataset split is empty")
     rows, decisions = [], {}
@@ -301,31 +316,22 @@ def measure_throughput(
     device = next(pv.parameters()).device
     batch = images[:batch_size].to(device)
     index = torch.arange(batch_size, device=device)
-    models = {c.name: c.model or pv for c in contenders}
-    was_training = {name: m.training for name, m in models.items()}
-    for m in models.values():
-        m.eval()
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
-    try:
+    with eval_mode(*{c.model or pv for c in contenders}):
         for c in contenders:  # warm-up: allocator, kernels, lazy inits
-            forward_policy(models[c.name], batch, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index,
-                           **c.observe_budget())  # fmt: skip
+            c.run(pv, batch, mode=mode, index=index)
         for rep in range(repeats):
             shift = rep % len(contenders)
             for c in [*contenders[shift:], *contenders[:shift]]:
                 runs, start = 0, time.perf_counter()
                 while True:
-                    forward_policy(models[c.name], batch, c.keep_fn, obs_keys=c.obs_keys, mode=mode, index=index,
-                           **c.observe_budget())  # fmt: skip
+                    c.run(pv, batch, mode=mode, index=index)
                     _synchronize(device)
                     runs += 1
                     elapsed = time.perf_counter() - start
                     if elapsed >= min_seconds:
                         break
                 times[c.name].append(runs * batch_size / elapsed)
-    finally:
-        for name, m in models.items():
-            m.train(was_training[name])
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -363,9 +369,7 @@ def random_at_counts(decisions: Decisions, *, seed: int) -> KeepFn:
     def keep(obs: dict[str, Tensor]) -> Tensor:
         live = obs["keep"].bool()
         count = counts[decisions.rows(obs["index"]), int(obs["stage"][0])].to(live.device)
-        scores = torch.rand(live.shape, generator=generator).to(live.device).masked_fill(~live, -1.0)
-        rank = scores.argsort(dim=1, descending=True).argsort(dim=1)
-        return (rank < count.unsqueeze(1)) & live
+        return top_count(torch.rand(live.shape, generator=generator).to(live.device), live, count)
 
     return keep
 

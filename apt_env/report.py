@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from apt_env.env import BUDGET_KEYS, OBS_KEYS
+from apt_env.evaluate import eval_mode, forward_policy
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -150,7 +153,7 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{mean:.4g} ± {std:.2g}"
 
 
-def agent_masks_figure(pv: Any, policy: Any, dataset: Any, *, count: int = 8, budget: float | None = None) -> Figure:
+def agent_masks_figure(pv: Any, policy: Any, dataset: Any, *, count: int = 8, budget: float = 0.5) -> Figure:
     """A policy's kept patches at every stage (its deterministic rule) on a dataset's first ``count`` images, as
     ``evaluate.py``'s masks.png, for TensorBoard's ``add_figure``.
 
@@ -159,21 +162,15 @@ def agent_masks_figure(pv: Any, policy: Any, dataset: Any, *, count: int = 8, bu
         policy: anything with ``act(obs, deterministic=True)`` and ``use_budget``, e.g. ``APTPolicy``.
         dataset: items ``(image, label)``.
         count: images shown.
-        budget: the budget a policy with a budget input observes (default 0.5).
+        budget: the budget a policy with a budget input observes.
     """
-    from apt_env.env import BUDGET_KEYS, OBS_KEYS
-    from apt_env.evaluate import forward_policy
-
     device = next(pv.parameters()).device
     images = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
-    was_training = (pv.training, policy.training)
-    pv.eval(), policy.eval()
     use_budget = getattr(policy, "use_budget", False)
     keys = (*OBS_KEYS, *BUDGET_KEYS) if use_budget else OBS_KEYS
-    with torch.inference_mode():
+    with torch.inference_mode(), eval_mode(pv, policy):
         _, _, masks = forward_policy(
             pv, images.to(device), lambda obs: policy.act(obs, deterministic=True), obs_keys=keys,
-            budget=(0.5 if budget is None else budget) if use_budget else None,
+            budget=budget if use_budget else None,
         )  # fmt: skip
-    pv.train(was_training[0]), policy.train(was_training[1])
     return plot_masks(None, images, {"agent": masks.cpu()}, grid=tuple(pv.model.patch_embed.grid_size))

@@ -9,6 +9,7 @@ packed to the front of each row and ``L`` is the largest live count in the batch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -160,3 +161,12 @@ def length_buckets(counts: torch.Tensor, num_buckets: int) -> list[torch.Tensor]
     whole batch to its longest row.
     """
     return list(counts.argsort().tensor_split(num_buckets))
+
+
+def top_count(scores: torch.Tensor, live: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Keep each row's ``count`` (B,) highest-scoring live tokens (all of them where it has fewer); ties go
+    to the lower position. # scores: (B, N) float, live: (B, N) bool -> (B, N) bool, a subset of ``live``"""
+    order = scores.double().masked_fill(~live, -math.inf).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (rank < count.unsqueeze(1)) & live
