@@ -37,7 +37,6 @@ from apt_env.checkpoint import load_backbone, read_backbone_config
 from apt_env.data import build_dataset, dataset_info, make_loader
 from apt_env.defaults import DEFAULT_AGENT, DEFAULT_CHECKPOINT
 from apt_env.distributed import state_digest
-from apt_env.env import BUDGET_KEYS, OBS_KEYS
 from apt_env.evaluate import (
     COLUMNS,
     Contender,
@@ -48,6 +47,7 @@ from apt_env.evaluate import (
     measure_throughput,
     save_decisions,
 )
+from apt_env.observe import BUDGET_KEYS, OBS_KEYS
 from apt_env.report import markdown_table, plot_masks, plot_tradeoff, write_csv
 
 logger = logging.getLogger("evaluate")

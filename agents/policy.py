@@ -48,7 +48,8 @@ _ABSENT = 1e4
 
 @runtime_checkable
 class TokenPolicy(Protocol):
-    """Anything that picks patch tokens to keep: the APT agent and the heuristic baselines."""
+    """The APT agent and the heuristic baselines alike: ``act``, with its options bound, is the ``KeepFn``
+    (``apt_env.observe``) that the env, joint training and evaluation call to pick the patch tokens to keep."""
 
     def act(self, obs: Mapping[str, Any], *, deterministic: bool = True, keep_ratio: float | None = None) -> Tensor:
         """A keep mask (B, N) bool for a batched observation; pruned tokens are never kept."""

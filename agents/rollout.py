@@ -7,13 +7,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 from apt_env.env import APTPruneVectorEnv
-
-ActFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
-"""``act(obs) -> keep`` (B, N) on a batched observation."""
+from apt_env.observe import KeepFn
 
 
 @torch.no_grad()
-def evaluate_returns(envs: APTPruneVectorEnv, act: ActFn, *, episodes: int, seed: int) -> dict[str, float | list]:
+def evaluate_returns(envs: APTPruneVectorEnv, act: KeepFn, *, episodes: int, seed: int) -> dict[str, float | list]:
     """Mean episode return and what it is made of, over ``episodes`` batches of ``num_envs`` images.
 
     The same ``seed`` draws the same images, so policies evaluated with it are compared on the same
@@ -47,7 +45,7 @@ def evaluate_returns(envs: APTPruneVectorEnv, act: ActFn, *, episodes: int, seed
     return results
 
 
-def at_stage_ratios(act: Callable[..., torch.Tensor], ratios: Sequence[float]) -> ActFn:
+def at_stage_ratios(act: Callable[..., torch.Tensor], ratios: Sequence[float]) -> KeepFn:
     """A baseline's ``act`` run at a given keep ratio (of the live tokens) per stage."""
 
     def run(obs: dict[str, torch.Tensor]) -> torch.Tensor:

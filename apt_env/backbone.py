@@ -274,6 +274,26 @@ class PrunableViT(nn.Module):
         probs = probs * state.keep.to(probs.dtype)
         return probs.new_zeros(b, self.num_patches).scatter(1, state.index, probs)
 
+    def advance_to_stage(
+        self, state: TokenState, stage: int, *, take_attn: bool
+    ) -> tuple[TokenState, torch.Tensor | None]:
+        """Run from where stage ``stage - 1`` pruned (the embedding for stage 0) to the input of stage ``stage``.
+
+        The one walk between pruning points that the env, joint training and evaluation share: blocks
+        ``[stage_bounds[stage], prune_layers[stage])``, with the class attention of the last of them taken on
+        the way when ``take_attn`` (else None). The attention is an observation: it carries no gradient.
+
+        Returns:
+            the tokens entering block ``prune_layers[stage]``, and their class attention (B, N) or None.
+        """
+        start, end = self.stage_bounds[stage], self.stage_bounds[stage + 1]
+        if not take_attn:
+            return self.run_blocks(state, start, end), None
+        state = self.run_blocks(state, start, end - 1)
+        with torch.no_grad():
+            attn = self.cls_attention(state, end - 1)
+        return self.run_blocks(state, end - 1, end), attn
+
     # -- whole pass -----------------------------------------------------------------------------
 
     def forward(

@@ -22,17 +22,12 @@ from apt_env.checkpoint import load_backbone, read_backbone_config
 from apt_env.data import build_dataset
 from apt_env.defaults import DEFAULT_CHECKPOINT
 from apt_env.flops import FlopCounter
-from apt_env.tokens import TokenState, live_mean, top_count
+from apt_env.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS, BudgetKeepRatio, observe
+from apt_env.tokens import TokenState, top_count
 
 _logger = logging.getLogger(__name__)
 
 REWARDS: tuple[str, ...] = ("loss_delta", "prob_delta", "vs_random")
-CHANNELS: tuple[str, ...] = ("plain", "single", "multi")
-OBS_KEYS: tuple[str, ...] = ("tokens", "cls", "cls_attn", "keep", "stage")
-BUDGET_KEYS: tuple[str, ...] = ("budget", "keep_count")
-"""Observed exactly when the env has a budget (``budget=``), in addition to ``obs_keys``."""
-BUDGET_RESOLUTION = 4096
-"""Keep ratios tried per budget, as in ``apt_env.evaluate.budget_keep_ratio``."""
 
 ModelSpec = str | Path | nn.Module | tuple[str, dict] | None
 
@@ -138,43 +133,6 @@ def budget_range(budget: float | tuple[float, float] | None) -> tuple[float, flo
     return low, high
 
 
-class BudgetKeepRatio:
-    """The uniform per-stage keep ratio whose backbone GFLOPs are closest to a budget, for many budgets at once.
-
-    The counting of ``apt_env.evaluate.budget_keep_ratio``, tabulated once: at every stage a row keeps
-    ``floor(live * ratio + 0.5)`` of its live patch tokens, at least ``max(1, min_keep)`` and at most all
-    of them (``keep_count``), and the ratio whose dense-relative FLOPs are nearest the budget wins.
-
-    Args:
-        pv: the backbone (its geometry, pruning points and ``min_keep``).
-        flops: its ``FlopCounter``; built here when ``None``.
-        resolution: keep ratios tried, ``1/resolution`` to 1.
-    """
-
-    def __init__(self, pv: PrunableViT, flops: FlopCounter | None = None, resolution: int = BUDGET_RESOLUTION):
-        counter = FlopCounter(pv.model) if flops is None else flops
-        self.ratios = torch.arange(1, resolution + 1, dtype=torch.float64) / resolution  # (R,)
-        live = torch.full_like(self.ratios, pv.num_patches)
-        bounds = pv.stage_bounds
-        kept = [live.unsqueeze(1).expand(-1, bounds[1])]
-        for stage in range(pv.num_stages):
-            live = keep_count(live, self.ratios, pv.min_keep)
-            kept.append(live.unsqueeze(1).expand(-1, bounds[stage + 2] - bounds[stage + 1]))
-        self.fractions = counter(torch.cat(kept, 1).long() + pv.num_prefix_tokens) / counter.dense()  # (R,)
-
-    def __call__(self, budget: torch.Tensor) -> torch.Tensor:
-        """Keep ratios (B,) float64 for budgets (B,), on the budgets' device."""
-        gap = (self.fractions.unsqueeze(0) - budget.detach().cpu().double().unsqueeze(1)).abs()  # (B, R)
-        return self.ratios[gap.argmin(1)].to(budget.device)
-
-
-def keep_count(live: torch.Tensor, ratio: torch.Tensor, min_keep: int) -> torch.Tensor:
-    """Patch tokens a row keeps at a stage under a uniform keep ratio: ``floor(live * ratio + 0.5)``,
-    at least ``max(1, min_keep)``, at most ``live``. # live, ratio: (B,) -> (B,) float64"""
-    live = live.double()
-    return torch.floor(live * ratio.double() + 0.5).clamp(min=max(1, min_keep)).clamp(max=live)
-
-
 def random_subset(live: torch.Tensor, count: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """``count`` (B,) tokens drawn uniformly without replacement from each row's ``live`` (B, N) bool,
     with ``rng`` (one uniform draw per position). # (B, N) bool"""
@@ -206,6 +164,7 @@ class PruningEpisodes:
         self.budget_weight = float(budget_weight)
         self.channels = tuple(channels)
         self.obs_keys = tuple(obs_keys)
+        self.take_attn = "cls_attn" in self.obs_keys  # its class attention costs a partial block
         self.mode = mode
         self.flops = FlopCounter(pv.model)
         self.flops_all = self.flops.dense()
@@ -246,7 +205,7 @@ class PruningEpisodes:
                 self.budget_ratio = BudgetKeepRatio(pv, self.flops)
             self.keep_ratio = self.budget_ratio(budget)
         self.labels = labels
-        self.state, self.cls_attn = self._advance(pv.embed(images), 0, b[1])
+        self.state, self.cls_attn = pv.advance_to_stage(pv.embed(images), 0, take_attn=self.take_attn)
         logits_plain = pv.finish(self.state, b[1])
         if "single" in self.channels:  # the unpruned state entering every stage
             self.plain_states = [self.state]
@@ -281,7 +240,7 @@ class PruningEpisodes:
             if next_attn is not None:
                 next_attn = next_attn * pruned.mask(pv.num_patches)
         else:
-            next_state, next_attn = self._advance(pruned, start, b[k + 2])
+            next_state, next_attn = pv.advance_to_stage(pruned, k + 1, take_attn=self.take_attn)
             logits = pv.finish(next_state, b[k + 2])
 
         counts = pruned.num_kept()
@@ -321,14 +280,6 @@ class PruningEpisodes:
         self.stage = k + 1
         return obs, reward.float(), info
 
-    def _advance(self, state: TokenState, start: int, end: int) -> tuple[TokenState, torch.Tensor | None]:
-        """Run blocks ``[start, end)``; the class attention of the last one is taken on the way, if observed."""
-        if "cls_attn" not in self.obs_keys:
-            return self.pv.run_blocks(state, start, end), None
-        state = self.pv.run_blocks(state, start, end - 1)
-        attn = self.pv.cls_attention(state, end - 1)
-        return self.pv.run_blocks(state, end - 1, end), attn
-
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         """What the reward's first term improves: the loss, or minus the true-class probability."""
         if self.reward != "prob_delta":
@@ -338,60 +289,6 @@ class PruningEpisodes:
     def observe(self, state: TokenState, cls_attn: torch.Tensor | None, stage: int | None = None) -> dict:
         stage = self.stage if stage is None else stage
         return observe(self.pv, state, cls_attn, stage, self.obs_keys, budget=self.budget, keep_ratio=self.keep_ratio)
-
-
-def observe(
-    pv: PrunableViT,
-    state: TokenState,
-    cls_attn: torch.Tensor | None,
-    stage: int,
-    keys: Sequence[str] = OBS_KEYS,
-    *,
-    budget: torch.Tensor | None = None,
-    keep_ratio: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """The observation of ``state`` (the tokens entering stage ``stage``), only the requested keys.
-
-    Every tensor is new: editing it leaves ``state`` and ``cls_attn`` as they are.
-
-    Args:
-        pv: the backbone.
-        state: tokens entering block ``pv.prune_layers[stage]``.
-        cls_attn: class attention in the block before, at the original positions (B, N); needed
-            only for the ``cls_attn`` key.
-        stage: the stage index.
-        keys: which keys to compute, from ``OBS_KEYS`` and ``BUDGET_KEYS``.
-        budget: each row's budget (B,); needed only for the ``budget`` key.
-        keep_ratio: each row's per-stage keep ratio for its budget (B,), ``BudgetKeepRatio(pv)(budget)``;
-            needed only for the ``keep_count`` key.
-    """
-    n = pv.num_patches
-    obs: dict[str, torch.Tensor] = {}
-    if "tokens" in keys:
-        obs["tokens"] = state.patch_features(n).float()
-    if "cls" in keys:
-        if pv.model.cls_token is not None:
-            obs["cls"] = state.x[:, 0].to(torch.float32, copy=True)  # not a view of the episode state
-        else:
-            obs["cls"] = live_mean(state.patches, state.keep).float()
-    if "cls_attn" in keys:
-        if cls_attn is None:
-            raise ValueError("the cls_attn observation needs the class attention of the block before the stage")
-        obs["cls_attn"] = cls_attn.to(torch.float32, copy=True)
-    if "keep" in keys:
-        obs["keep"] = state.mask(n).to(torch.int8)
-    if "stage" in keys:
-        obs["stage"] = torch.full((state.x.shape[0],), stage, dtype=torch.int64, device=state.x.device)
-    if "budget" in keys:
-        if budget is None:
-            raise ValueError("the budget observation needs each row's budget")
-        obs["budget"] = budget.to(torch.float32, copy=True).reshape(-1, 1)
-    if "keep_count" in keys:
-        if keep_ratio is None:
-            raise ValueError("the keep_count observation needs each row's keep ratio for its budget")
-        count = keep_count(state.num_kept(), keep_ratio.to(state.x.device), pv.min_keep)
-        obs["keep_count"] = count.to(torch.int64).reshape(-1, 1)
-    return obs
 
 
 class APTPruneVectorEnv(VectorEnv):

@@ -1,9 +1,9 @@
 """Evaluation of token-pruning policies: top-1 with its interval, GFLOPs with the policy's own cost counted,
 and throughput measured side by side, every policy on the same images.
 
-A policy is a ``KeepFn``: ``keep_fn(obs) -> (B, N) bool`` on a batched observation of ``APTPrune-v0``
-(``apt_env.env.observe``, only the keys the policy asks for) that also carries ``index``, the position of
-each image in the evaluated dataset, so that a policy can replay recorded decisions. The dense model runs
+A policy is a ``KeepFn`` (``apt_env.observe``): ``keep_fn(obs) -> (B, N) bool`` on a batched observation of
+``APTPrune-v0`` (only the keys the policy asks for) that also carries ``index``, the position of each image in
+the evaluated dataset, so that a policy can replay recorded decisions. The dense model runs
 as timm's own ``model(images)``, with nothing observed. The agent, the heuristics (random, EViT's
 class-attention top-k) and replayed masks are all ``KeepFn``s; the environment package never imports
 ``agents``.
@@ -33,15 +33,14 @@ from tqdm import tqdm
 
 from apt_env.backbone import Mode, PrunableViT
 from apt_env.checkpoint import load_train_state, save_train_state
-from apt_env.env import OBS_KEYS, BudgetKeepRatio, observe
 from apt_env.flops import FlopCounter, cls_attention_flops
+from apt_env.observe import OBS_KEYS, BudgetKeepRatio, KeepFn, walk
 from apt_env.tokens import top_count
 
 __all__ = [
     "COLUMNS",
     "Contender",
     "Decisions",
-    "KeepFn",
     "PolicyFlops",
     "budget_keep_ratio",
     "evaluate",
@@ -57,9 +56,6 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
-
-KeepFn = Callable[[dict[str, Tensor]], Tensor]
-"""``keep_fn(obs)``: the keep mask (B, N) bool for a batched observation (tensors, plus ``index`` (B,))."""
 
 PolicyFlops = Callable[[Tensor], Tensor]
 """``flops(live)``: the policy's own FLOPs per image (B,) float64, from the live patch tokens (B, K) it
@@ -178,26 +174,22 @@ def forward_policy(
     if index is None:
         index = torch.arange(b, device=images.device)
     bounds = pv.stage_bounds
-    state, cls_attn = pv.embed(images), None
     budgets = ratios = None
     if budget is not None:
         budgets = torch.full((b,), budget, dtype=torch.float64, device=images.device)
         ratios = torch.full_like(budgets, budget_keep_ratio(pv, budget))
-    kept, masks = [], []
-    for stage in range(k + 1):
-        if stage > 0:
-            obs = observe(pv, state, cls_attn, stage - 1, obs_keys, budget=budgets, keep_ratio=ratios)
-            obs["index"] = index
-            state = pv.prune(state, keep_fn(obs), mode)
-            masks.append(state.mask(n))
-        start, end = bounds[stage], bounds[stage + 1]
-        kept.append(state.num_kept().unsqueeze(1).expand(-1, end - start))
-        if "cls_attn" in obs_keys and stage < k:
-            state = pv.run_blocks(state, start, end - 1)
-            cls_attn = pv.cls_attention(state, end - 1)
-            start = end - 1
-        state = pv.run_blocks(state, start, end)
-    return pv.head(state), torch.cat(kept, dim=1), torch.stack(masks, dim=1)
+
+    def keep(obs: dict[str, Tensor]) -> Tensor:
+        obs["index"] = index  # which images these are, for replayed decisions
+        return keep_fn(obs)
+
+    state, cls_attn = pv.advance_to_stage(pv.embed(images), 0, take_attn="cls_attn" in obs_keys)
+    pruned = walk(pv, state, cls_attn, keep, keys=obs_keys, mode=mode, budget=budgets, keep_ratio=ratios)
+    kept, masks = [state.num_kept().unsqueeze(1).expand(-1, bounds[1])], []
+    for stage, state in enumerate(pruned):
+        masks.append(state.mask(n))
+        kept.append(state.num_kept().unsqueeze(1).expand(-1, bounds[stage + 2] - bounds[stage + 1]))
+    return pv.finish(state, bounds[-2]), torch.cat(kept, dim=1), torch.stack(masks, dim=1)
 
 
 def _decision_gflops(pv: PrunableViT, contender: Contender) -> Callable[[Tensor], Tensor]:

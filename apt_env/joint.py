@@ -11,18 +11,15 @@ actions); its observations are those of ``APTPrune-v0``. One module so that DDP 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from apt_env.backbone import Mode, PrunableViT
-from apt_env.env import OBS_KEYS, observe
+from apt_env.observe import CHANNELS, OBS_KEYS, KeepFn, observe, walk
 from apt_env.tokens import TokenState
-
-CHANNELS = ("plain", "single", "multi")
-KeepFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
 class ChannelLosses(nn.Module):
@@ -71,7 +68,7 @@ class ChannelLosses(nn.Module):
         attns: list[torch.Tensor | None] = []
         state = pv.embed(images)
         for k in range(pv.num_stages):
-            state, attn = self._advance(state, b[k], b[k + 1], observe_attn=bool(pruning))
+            state, attn = pv.advance_to_stage(state, k, take_attn=bool(pruning))
             states.append(state)
             attns.append(attn)
         logits_plain = pv.finish(state, b[-2])
@@ -79,31 +76,19 @@ class ChannelLosses(nn.Module):
 
         if pruning and weights.get("single", 0):
             j = single_stage
-            mask = self._decide(keep_fn, states[j], attns[j], j)
+            with torch.no_grad():
+                mask = _as_bool(keep_fn)(observe(pv, states[j], attns[j], j, OBS_KEYS))
             single = pv.finish(pv.prune(states[j], mask, self.mode), b[j + 1])
             losses["single"] = weights["single"] * self._ce(single, labels)
         if pruning and weights.get("multi", 0):
-            state, attn = states[0], attns[0]
-            for k in range(pv.num_stages):
-                state = pv.prune(state, self._decide(keep_fn, state, attn, k), self.mode)
-                if k + 1 < pv.num_stages:
-                    state, attn = self._advance(state, b[k + 1], b[k + 2], observe_attn=True)
-            losses["multi"] = weights["multi"] * self._ce(pv.finish(state, b[-2]), labels)
+            *_, last = walk(pv, states[0], attns[0], _as_bool(keep_fn), keys=OBS_KEYS, mode=self.mode)
+            losses["multi"] = weights["multi"] * self._ce(pv.finish(last, b[-2]), labels)
         return {c: v for c, v in losses.items() if weights.get(c, 0)}, logits_plain
-
-    def _advance(
-        self, state: TokenState, start: int, end: int, *, observe_attn: bool
-    ) -> tuple[TokenState, torch.Tensor | None]:
-        if not observe_attn:
-            return self.pv.run_blocks(state, start, end), None
-        state = self.pv.run_blocks(state, start, end - 1)
-        with torch.no_grad():  # an observation: no gradient flows through the agent's inputs
-            attn = self.pv.cls_attention(state, end - 1)
-        return self.pv.run_blocks(state, end - 1, end), attn
-
-    @torch.no_grad()
-    def _decide(self, keep_fn: KeepFn, state: TokenState, attn: torch.Tensor | None, stage: int) -> torch.Tensor:
-        return keep_fn(observe(self.pv, state, attn, stage, OBS_KEYS)).bool()
 
     def _ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+
+def _as_bool(keep_fn: KeepFn) -> KeepFn:
+    """``keep_fn`` with its masks cast to bool, so that a 0/1 mask of any dtype trains too."""
+    return lambda obs: keep_fn(obs).bool()

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from apt_env.env import BUDGET_KEYS, OBS_KEYS
 from apt_env.evaluate import eval_mode, forward_policy
+from apt_env.observe import BUDGET_KEYS, OBS_KEYS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -170,3 +170,10 @@ def top_count(scores: torch.Tensor, live: torch.Tensor, count: torch.Tensor) -> 
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     return (rank < count.unsqueeze(1)) & live
+
+
+def keep_count(live: torch.Tensor, ratio: torch.Tensor, min_keep: int) -> torch.Tensor:
+    """Patch tokens a row keeps at a stage under a uniform keep ratio: ``floor(live * ratio + 0.5)``,
+    at least ``max(1, min_keep)``, at most ``live``. # live, ratio: (B,) -> (B,) float64"""
+    live = live.double()
+    return torch.floor(live * ratio.double() + 0.5).clamp(min=max(1, min_keep)).clamp(max=live)

@@ -27,6 +27,7 @@ import tyro
 
 import apt_env  # noqa: F401  (registers APTPrune-v0)
 from apt_env.env import APTPruneVectorEnv
+from apt_env.observe import CHANNELS
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Args:
     """episodes of the SyncVectorEnv baseline (it is slow)"""
     keep_prob: float = 0.7
     """probability that a random action keeps a token"""
-    channels: tuple[str, ...] = ("plain", "single", "multi")
+    channels: tuple[str, ...] = CHANNELS
     """channels the env reports (and the bound computes)"""
     seed: int = 0
     """seed"""
@@ -62,9 +63,7 @@ def time_bound(env: APTPruneVectorEnv, images: torch.Tensor, labels: torch.Tenso
     """The same block passes as one env episode, done directly with PrunableViT."""
     pv, b, single = env.pv, env.pv.stage_bounds, "single" in env.episodes.channels
     t0 = time.perf_counter()
-    state = pv.run_blocks(pv.embed(images), 0, b[1] - 1)
-    pv.cls_attention(state, b[1] - 1)
-    state = pv.run_blocks(state, b[1] - 1, b[1])
+    state, _ = pv.advance_to_stage(pv.embed(images), 0, take_attn=True)
     F.cross_entropy(pv.finish(state, b[1]), labels)
     plain = [state]
     if single:
@@ -73,9 +72,7 @@ def time_bound(env: APTPruneVectorEnv, images: torch.Tensor, labels: torch.Tenso
     for k, mask in enumerate(masks):
         state = pv.prune(state, mask, "gathered")
         if k + 1 < pv.num_stages:
-            state = pv.run_blocks(state, b[k + 1], b[k + 2] - 1)
-            pv.cls_attention(state, b[k + 2] - 1)
-            state = pv.run_blocks(state, b[k + 2] - 1, b[k + 2])
+            state, _ = pv.advance_to_stage(state, k + 1, take_attn=True)
             F.cross_entropy(pv.finish(state, b[k + 2]), labels)
         else:
             F.cross_entropy(pv.finish(state, b[k + 1]), labels)

@@ -21,8 +21,9 @@ from agents.policy import (
 from agents.ppo import NativePPO
 from agents.sb3 import APTActorCriticPolicy
 from apt_env.data import build_dataset
-from apt_env.env import APTPruneEnv, APTPruneVectorEnv, BudgetKeepRatio, build_backbone
+from apt_env.env import APTPruneEnv, APTPruneVectorEnv, build_backbone
 from apt_env.evaluate import budget_keep_ratio
+from apt_env.observe import BudgetKeepRatio
 from apt_env.sb3 import SB3VecEnv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
