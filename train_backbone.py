@@ -56,7 +56,7 @@ from apt_env.checkpoint import (
     save_train_state,
     set_rng_state,
 )
-from apt_env.data import VAL_FRACTION, DatasetInfo, build_dataset, dataset_info, make_loader
+from apt_env.data import VAL_FRACTION, DatasetInfo, build_dataset, dataset_info, make_loader, pretrained_data_config
 from apt_env.distributed import broadcast_int, gather_objects, init_distributed, state_digest
 from apt_env.env import APTPruneVectorEnv
 from apt_env.evaluate import (
@@ -237,6 +237,15 @@ def build_model(args: Args, info: DatasetInfo) -> PrunableViT:
     return PrunableViT.from_timm(args.model_name, pretrained=args.pretrained, **kwargs)
 
 
+def data_kwargs(args: Args, pv: PrunableViT) -> dict:
+    """``build_dataset`` arguments for this model: its size and channels, and for timm's pretrained weights their
+    own preprocessing (mean, std; timm's eval transform)."""
+    data = dict(img_size=pv.img_size[0], in_chans=pv.in_chans, root=args.data_root)
+    if args.pretrained:
+        data["data_config"] = pretrained_data_config(args.model_name, img_size=pv.img_size[0], in_chans=pv.in_chans)
+    return data
+
+
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
     """Learning-rate factor of each step: linear warm-up to 1, then cosine decay to 0."""
 
@@ -339,7 +348,7 @@ def train(args: Args, run_dir: Path) -> bool:
     pv = pv.to(device)
     if world_size > 1:  # augmentation and stage draws: each rank its own stream
         seed_everything(args.seed + rank)
-    data = dict(img_size=pv.img_size[0], in_chans=pv.in_chans, root=args.data_root)
+    data = data_kwargs(args, pv)
     train_set = build_dataset(args.dataset, split="train", augment=args.augment, **data)
     val_set = build_dataset(args.dataset, split="val", **data)
     val_loader = make_loader(val_set, batch_size=args.eval_batch_size, shuffle=False, seed=args.seed)
@@ -513,7 +522,7 @@ def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]
     """
     _, _, device = init_distributed(args.device)
     pv = load_backbone(run_dir / "checkpoint", device=device)
-    data = dict(img_size=pv.img_size[0], in_chans=pv.in_chans, root=args.data_root)
+    data = data_kwargs(args, pv)
     test_set = build_dataset(args.dataset, split="test", **data)
     loader = make_loader(test_set, batch_size=args.eval_batch_size, shuffle=False, seed=args.seed)
     plain_pv = load_backbone(plain_dir / "checkpoint", device=device) if plain_dir is not None else None

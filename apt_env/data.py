@@ -1,16 +1,18 @@
 """Datasets by name, each giving ``(image, label)`` with the transform the model needs.
 
 Every dataset yields ``image``: float32 ``(in_chans, img_size, img_size)`` normalized with the dataset's
-mean/std, and ``label``: int. Names (see ``DATASETS``):
+mean/std (the model's with a ``data_config``), and ``label``: int. Names (see ``DATASETS``):
 
 - ``fashion-mnist`` (default): offline from Debian's ``dataset-fashion-mnist`` (``FASHION_MNIST_DIR``),
   else torchvision's download into ``root``.
-- ``cifar10``, ``cifar100``: CIFAR's python-pickle folders in ``root`` (torchvision downloads them).
+- ``cifar10``, ``cifar100``: torchvision's ``CIFAR10`` / ``CIFAR100`` in ``root`` (downloaded when asked).
 - ``digits``: scikit-learn's 8x8 digits, a fixed stratified 80/20 split.
 - ``synthetic``: seeded images whose class is the location of a bright patch; for tests.
 - ``imagefolder:PATH``: torchvision ``ImageFolder`` on ``PATH/train`` and ``PATH/val`` (or ``test``).
 
-Fixed-size datasets are kept as one uint8 tensor in memory and transformed per item with tensor ops.
+Fixed-size datasets are kept as one uint8 tensor in memory and transformed per item by torchvision's
+transforms v2 (``build_transform``). A model with pretrained weights is evaluated with timm's own
+preprocessing instead: pass its data config, ``timm.data.resolve_data_config(model=model)``.
 """
 
 from __future__ import annotations
@@ -18,32 +20,32 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-import pickle
 import struct
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 from torchvision.datasets.folder import find_classes
-from torchvision.datasets.utils import download_and_extract_archive
-from torchvision.transforms import Compose, PILToTensor
+from torchvision.transforms import v2
 
 __all__ = [
     "DATASETS",
     "FASHION_MNIST_DIR",
     "DatasetInfo",
     "FolderImageDataset",
-    "ImageTransform",
     "TensorImageDataset",
     "build_dataset",
+    "build_transform",
     "dataset_info",
     "make_loader",
+    "pretrained_data_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +81,8 @@ _SYNTHETIC_SEEDS = {"train": 0, "test": 1}
 _SYNTHETIC_SIZES = {"train": 512, "test": 128}
 _SYNTHETIC_GRID = 4  # patch positions on a 4x4 grid: room for the 10 classes
 _NO_HFLIP = frozenset({"digits", "synthetic"})  # a mirrored digit or patch location changes the class
+_CHANNELS = (1, 3)  # gray or RGB: what v2.Grayscale and v2.RGB convert between
+_LUMA = (0.2989, 0.587, 0.114)  # v2.Grayscale's weights of R, G, B (ITU-R 601-2)
 
 
 @dataclass(frozen=True)
@@ -118,77 +122,85 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageTransform:
-    """uint8 image ``(C, H, W)`` -> normalized float32 ``(in_chans, img_size, img_size)``.
+def build_transform(
+    *,
+    img_size: int,
+    in_chans: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: bool = False,
+    hflip: bool = True,
+    input_shape: tuple[int, int, int] | None = None,
+) -> v2.Compose:
+    """uint8 image (PIL or ``(C, H, W)`` tensor) -> normalized float32 ``(in_chans, img_size, img_size)``.
 
-    Channels: gray is repeated to ``in_chans``, RGB is averaged to 1 channel. Size: the short side is
-    resized to ``img_size`` (bilinear, antialias) and the center cropped to a square. Augmentation
-    (random crop with zero padding of ``img_size // 8``, optional horizontal flip) draws from torch's
-    global RNG, which DataLoader workers seed from the loader's generator.
+    Channels: ``v2.Grayscale`` turns RGB into gray (luma) when ``in_chans`` is 1, ``v2.RGB`` repeats gray
+    when it is 3. Size: ``v2.Resize`` of the short side to ``img_size`` (bilinear, antialias), then
+    ``v2.CenterCrop``. Augmentation: ``v2.RandomCrop`` with zero padding of ``img_size // 8``, then
+    ``v2.RandomHorizontalFlip`` when ``hflip``; both draw from torch's global RNG, which DataLoader
+    workers seed from the loader's generator.
 
     Args:
         img_size: output side in pixels.
-        in_chans: output channels.
+        in_chans: output channels, 1 or 3.
         mean: per-channel mean of the output channels, 0..1 scale.
         std: per-channel standard deviation of the output channels.
         augment: add the random crop (and flip when ``hflip``).
         hflip: allow the horizontal flip when augmenting.
+        input_shape: ``(C, H, W)`` of every input when all share it (tensor datasets): the steps that would
+            not change it are left out, saving their per-image cost. None: any PIL image or tensor.
+
+    Returns:
+        The transform.
     """
-
-    def __init__(
-        self,
-        *,
-        img_size: int,
-        in_chans: int,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        augment: bool = False,
-        hflip: bool = True,
-    ) -> None:
-        self.img_size = img_size
-        self.in_chans = in_chans
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.augment = augment
-        self.hflip = hflip
-        self.pad = max(1, img_size // 8)
-
-    def __call__(self, img: Tensor) -> Tensor:
-        x = img.float().div_(255)  # (C, H, W)
-        if x.shape[0] > self.in_chans:  # average before resizing: less work
-            x = x.mean(0, keepdim=True)
-        x = _resize_square(x, self.img_size)
-        if self.augment:
-            x = self._augment(x)
-        x = x.expand(self.in_chans, -1, -1)
-        return (x - self.mean) / self.std
-
-    def _augment(self, x: Tensor) -> Tensor:
-        size, pad = self.img_size, self.pad
-        x = F.pad(x, (pad, pad, pad, pad))
-        top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
-        x = x[:, top : top + size, left : left + size]
-        if self.hflip and torch.rand(()).item() < 0.5:
-            x = x.flip(-1)
-        return x
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(img_size={self.img_size}, in_chans={self.in_chans}, "
-            f"augment={self.augment}, hflip={self.hflip})"
-        )
+    if in_chans not in _CHANNELS:
+        raise ValueError(f"in_chans must be 1 (gray) or 3 (RGB), got {in_chans}")
+    chans, height, width = (None, None, None) if input_shape is None else input_shape
+    steps: list[v2.Transform] = [v2.PILToTensor()] if input_shape is None else []  # PIL to uint8 tensor
+    # x / 255 exactly, as ToTensor and timm's eval transform divide; ToDtype(scale=True) multiplies by 1 / 255,
+    # one ulp away on half of the 256 levels.
+    steps += [v2.ToDtype(torch.float32), v2.Normalize(mean=[0.0], std=[255.0])]
+    if in_chans == 1 and chans != 1:
+        steps.append(v2.Grayscale(1))  # before resizing: less work
+    if (height, width) != (img_size, img_size):
+        steps += [v2.Resize(img_size, interpolation=v2.InterpolationMode.BILINEAR), v2.CenterCrop(img_size)]
+    if augment:
+        steps.append(v2.RandomCrop(img_size, padding=max(1, img_size // 8)))
+        if hflip:
+            steps.append(v2.RandomHorizontalFlip())
+    if in_chans == 3 and chans != 3:
+        steps.append(v2.RGB())  # after resizing: less work
+    steps.append(v2.Normalize(mean=list(mean), std=list(std)))
+    return v2.Compose(steps)
 
 
-def _resize_square(x: Tensor, size: int) -> Tensor:
-    """Resize ``x`` (C, H, W) so its short side is ``size``, then center-crop to ``size x size``."""
-    h, w = x.shape[-2:]
-    if h == w == size:
-        return x
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(x[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return x[:, top : top + size, left : left + size]
+def _timm_eval_transform(data_config: Mapping[str, Any], *, in_chans: int) -> v2.Compose:
+    """timm's eval transform of a model's data config, fed PIL images in the model's channels, as timm's
+    own datasets feed it."""
+    import timm.data  # here: importing timm is slow and only this path needs it
+
+    return v2.Compose(
+        [
+            v2.ToPILImage(),  # uint8 tensors to PIL; PIL images pass through
+            v2.Grayscale(1) if in_chans == 1 else v2.RGB(),
+            timm.data.create_transform(**data_config, is_training=False),
+        ]
+    )
+
+
+def pretrained_data_config(model_name: str, *, img_size: int, in_chans: int) -> dict[str, Any]:
+    """timm's data config (mean, std, interpolation, crop) of ``model_name``'s pretrained weights, at the size
+    and channels the model runs with: what ``build_dataset(data_config=...)`` takes for a pretrained backbone."""
+    import timm.data
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model_name)
+    if cfg is None:
+        raise ValueError(f"timm has no pretrained config for {model_name!r}")
+    config = timm.data.resolve_data_config({"input_size": (in_chans, img_size, img_size)}, pretrained_cfg=cfg.to_dict())
+    if in_chans == 1 and len(config["mean"]) == 3:  # an RGB model adapted to gray: gray statistics
+        config["mean"], config["std"] = (float(np.mean(config["mean"])),), (float(np.mean(config["std"])),)
+    return config
 
 
 class TensorImageDataset(Dataset[tuple[Tensor, int]]):
@@ -208,7 +220,7 @@ class TensorImageDataset(Dataset[tuple[Tensor, int]]):
         targets: Tensor,
         *,
         classes: list[str],
-        transform: ImageTransform,
+        transform: Callable[[Tensor], Tensor],
         info: DatasetInfo,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
@@ -242,7 +254,9 @@ class FolderImageDataset(ImageFolder):
         info: what the transformed samples look like (size, channels, normalization).
     """
 
-    def __init__(self, root: Path, *, classes: list[str], transform: Compose, info: DatasetInfo) -> None:
+    def __init__(
+        self, root: Path, *, classes: list[str], transform: Callable[[Image.Image], Tensor], info: DatasetInfo
+    ) -> None:
         self._fixed_classes = classes
         super().__init__(str(root), transform=transform, allow_empty=True)
         self.info = info
@@ -280,6 +294,7 @@ def build_dataset(
     augment: bool = False,
     root: str | Path = "data",
     download: bool = True,
+    data_config: Mapping[str, Any] | None = None,
 ) -> Dataset[tuple[Tensor, int]]:
     """A dataset of ``(image, label)``: float32 ``(in_chans, img_size, img_size)`` normalized, int.
 
@@ -290,39 +305,37 @@ def build_dataset(
         name: one of ``DATASETS`` (``imagefolder:PATH`` with a real path).
         split: ``"train"``, ``"val"`` or ``"test"``. ``val`` is a fixed, seeded, stratified ``VAL_FRACTION``
             of the original train split, and ``train`` is the rest: tune on ``val``, report on ``test``.
-        img_size: output side in pixels; default the native one. Other sizes are resized (bilinear,
-            antialias). ``synthetic`` is generated at this size instead.
-        in_chans: output channels; default the native ones. Gray is repeated, RGB averaged to 1.
+        img_size: output side in pixels; default the native one (or the data config's). Other sizes are
+            resized (bilinear, antialias). ``synthetic`` is generated at this size instead.
+        in_chans: output channels, 1 or 3; default the native ones (or the data config's). Gray is
+            repeated to RGB, RGB turned to gray by luma (``v2.Grayscale``).
         augment: light training augmentation: random crop with padding, plus a horizontal flip except
             for ``digits`` and ``synthetic``. Randomness comes from torch's RNG.
         root: folder for torchvision datasets (``cifar10``, ``cifar100``, the ``fashion-mnist`` fallback).
         download: let torchvision download a dataset missing from ``root`` (needs internet).
+        data_config: timm's data config of a model with pretrained weights,
+            ``timm.data.resolve_data_config(model=model)``. The size, channels, mean and std then come from it,
+            and without ``augment`` the transform is timm's own eval transform (``timm.data.create_transform``:
+            its resize, interpolation and crop). Leave it None for a backbone trained on this module's
+            transforms: those are its preprocessing.
 
     Returns:
         The dataset.
 
     Raises:
-        ValueError: unknown name, bad split, size or channels, or a corrupt data file.
+        ValueError: unknown name, bad split, size, channels or data config, or a corrupt data file.
         FileNotFoundError: the data is not on disk and could not be downloaded.
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     native = dataset_info(name, root)
-    img_size = native.img_size if img_size is None else img_size
-    in_chans = native.in_chans if in_chans is None else in_chans
-    if img_size < 1 or in_chans < 1:
-        raise ValueError(f"img_size and in_chans must be positive, got {img_size} and {in_chans}")
-    info = _converted_info(native, img_size=img_size, in_chans=in_chans)
-    transform = ImageTransform(
-        img_size=img_size,
-        in_chans=in_chans,
-        mean=info.mean,
-        std=info.std,
-        augment=augment,
-        hflip=name not in _NO_HFLIP,
-    )
+    if data_config is None:
+        info = _converted_info(native, img_size=img_size, in_chans=in_chans)
+    else:
+        info = _data_config_info(native, data_config, img_size=img_size, in_chans=in_chans)
     source = "test" if split == "test" else "train"
     if name.startswith(_IMAGEFOLDER_PREFIX):
+        transform = _dataset_transform(info, augment=augment, data_config=data_config)
         dataset = _build_imagefolder(_imagefolder_path(name), split=source, transform=transform, info=info)
         if split == "test":
             return dataset
@@ -335,14 +348,36 @@ def build_dataset(
     elif name == "digits":
         images, targets, classes = _load_digits(source)
     else:
-        images, targets, classes = _make_synthetic(source, img_size=img_size)
+        images, targets, classes = _make_synthetic(source, img_size=info.img_size)
     if len(classes) != native.num_classes:
         raise ValueError(f"{name}: expected {native.num_classes} class names, got {len(classes)}")
     if split != "test":
         index = torch.from_numpy(holdout_indices(targets, split))
         images, targets = images[index], targets[index]
     logger.info("%s/%s: %d images %s", name, split, len(images), tuple(images.shape[1:]))
+    transform = _dataset_transform(info, augment=augment, data_config=data_config, input_shape=tuple(images.shape[1:]))
     return TensorImageDataset(images, targets, classes=classes, transform=transform, info=info)
+
+
+def _dataset_transform(
+    info: DatasetInfo,
+    *,
+    augment: bool,
+    data_config: Mapping[str, Any] | None,
+    input_shape: tuple[int, ...] | None = None,
+) -> Callable[[Tensor | Image.Image], Tensor]:
+    """timm's eval transform when the model has a data config, else ``build_transform``."""
+    if data_config is not None and not augment:
+        return _timm_eval_transform(data_config, in_chans=info.in_chans)
+    return build_transform(
+        img_size=info.img_size,
+        in_chans=info.in_chans,
+        mean=info.mean,
+        std=info.std,
+        augment=augment,
+        hflip=info.name not in _NO_HFLIP,
+        input_shape=input_shape,
+    )
 
 
 def holdout_indices(targets: Tensor | list[int], split: str) -> np.ndarray:
@@ -418,21 +453,54 @@ def make_loader(
     )
 
 
-def _converted_info(native: DatasetInfo, *, img_size: int, in_chans: int) -> DatasetInfo:
+def _converted_info(native: DatasetInfo, *, img_size: int | None, in_chans: int | None) -> DatasetInfo:
     """``native`` with the size, channels and normalization after channel conversion."""
+    img_size = native.img_size if img_size is None else img_size
+    in_chans = native.in_chans if in_chans is None else in_chans
+    if img_size < 1:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    if in_chans not in _CHANNELS:
+        raise ValueError(
+            f"{native.name} has {native.in_chans} channel(s); in_chans can be 1 (gray) or 3 (RGB), got {in_chans}"
+        )
     mean, std = native.mean, native.std
-    if in_chans != native.in_chans:
-        if native.in_chans == 1:
-            mean, std = mean * in_chans, std * in_chans
-        elif in_chans == 1:
-            # The mean of the averaged channel is exact; the averaged std is an upper bound, close enough.
-            mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
-        else:
-            raise ValueError(
-                f"{native.name} has {native.in_chans} channels; in_chans can be {native.in_chans} or 1, "
-                f"got {in_chans}"
-            )
+    if in_chans > native.in_chans:
+        mean, std = mean * in_chans, std * in_chans
+    elif in_chans < native.in_chans:
+        # The mean of the luma channel is exact; its std is an upper bound (triangle inequality), close enough.
+        mean = (sum(w * m for w, m in zip(_LUMA, mean)),)
+        std = (sum(w * s for w, s in zip(_LUMA, std)),)
     return replace(native, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
+
+
+def _data_config_info(
+    native: DatasetInfo, data_config: Mapping[str, Any], *, img_size: int | None, in_chans: int | None
+) -> DatasetInfo:
+    """``native`` with the size, channels and normalization of a timm data config."""
+    try:
+        chans, height, width = data_config["input_size"]
+        mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            "data_config must be timm's data config of the model, timm.data.resolve_data_config(model=model), "
+            f"with input_size (C, H, W), mean and std; got {data_config!r}"
+        ) from err
+    input_size = (chans, height, width)
+    if height != width or chans not in _CHANNELS:
+        raise ValueError(f"the data config's input_size must be square, gray or RGB (1 or 3, S, S); got {input_size}")
+    if len(mean) != chans or len(std) != chans:
+        raise ValueError(
+            f"the data config has input_size {input_size} but {len(mean)} mean and {len(std)} std values. timm "
+            "keeps a model's pretrained config when it is built with other in_chans: pass data_config only for "
+            "a model that has pretrained weights"
+        )
+    if img_size not in (None, width) or in_chans not in (None, chans):
+        raise ValueError(
+            f"img_size={img_size}, in_chans={in_chans} disagree with the data config's input_size {input_size}; "
+            "leave them None to take the config's, or resolve it at the model's size: "
+            "timm.data.resolve_data_config({'input_size': (C, S, S)}, model=model)"
+        )
+    return replace(native, img_size=width, in_chans=chans, mean=mean, std=std)
 
 
 # ---- fashion-mnist ----
@@ -493,62 +561,25 @@ _CIFAR = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 
 
 def _load_cifar(name: str, split: str, *, root: Path, download: bool) -> tuple[Tensor, Tensor, list[str]]:
-    """Read CIFAR's python-pickle batches ourselves: torchvision's loader insists on the md5 of the
-    official files, which would reject a user-prepared folder in the same format."""
-    tv_cls = _CIFAR[name]  # torchvision's file names, URL and checksum of the archive
+    tv_cls = _CIFAR[name]
     folder = root / tv_cls.base_folder
-    batch_files = [folder / f for f, _md5 in (tv_cls.train_list if split == "train" else tv_cls.test_list)]
-    meta_file = folder / tv_cls.meta["filename"]
-    needed = [*batch_files, meta_file]
-    missing = [p for p in needed if not p.is_file()]
-    expected = (
-        f"expected the folder {folder} with {', '.join(p.name for p in needed)} in CIFAR's python format "
-        f"(the extracted {tv_cls.filename})"
-    )
-    if missing and download:
-        logger.info("%s not found in %s, downloading %s", name, folder, tv_cls.url)
-        try:
-            download_and_extract_archive(tv_cls.url, str(root), filename=tv_cls.filename, md5=tv_cls.tgz_md5)
-        except (OSError, RuntimeError) as err:
-            raise FileNotFoundError(f"{name} not found: {expected}; the download failed: {err}") from err
-        missing = [p for p in needed if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{name} not found: {expected}; missing {', '.join(p.name for p in missing)}. "
-            "Pass download=True to fetch it (needs internet), or put the extracted files there."
-        )
-
-    data, labels = [], []
-    for path in batch_files:
-        entry = _unpickle(path)
-        batch = np.asarray(entry.get("data"))
-        batch_labels = entry.get("labels", entry.get("fine_labels"))
-        if batch.dtype != np.uint8 or batch.ndim != 2 or batch.shape[1] != 3 * 32 * 32:
-            raise ValueError(
-                f"{path}: 'data' must be uint8 of shape (N, 3072), got {batch.dtype} {batch.shape}"
-            )
-        if batch_labels is None or len(batch_labels) != len(batch):
-            raise ValueError(f"{path}: needs 'labels' or 'fine_labels' with one label per row of 'data'")
-        data.append(batch)
-        labels.extend(batch_labels)
-    names = _unpickle(meta_file).get(tv_cls.meta["key"])
-    if names is None:
-        raise ValueError(f"{meta_file}: missing {tv_cls.meta['key']!r}")
-    classes = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
-    images = torch.from_numpy(np.concatenate(data).reshape(-1, 3, 32, 32))  # rows are R, G, B planes
-    return images, torch.tensor(labels, dtype=torch.long), classes
-
-
-def _unpickle(path: Path) -> dict[str, object]:
-    """Load one CIFAR pickle (trusted files only: pickle runs code) with its keys as ``str``."""
     try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")  # latin1 reads the original Python 2 pickles
-    except Exception as err:  # pickle raises many types on bad input
-        raise ValueError(f"{path} is not a readable CIFAR pickle ({type(err).__name__}: {err})") from err
-    if not isinstance(entry, dict):
-        raise ValueError(f"{path} must hold a dict, got {type(entry).__name__}")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+        tv = tv_cls(str(root), train=split == "train", download=download)
+    except (RuntimeError, OSError) as err:  # torchvision: "Dataset not found or corrupted", or a failed download
+        needed = [f for f, _md5 in tv_cls.train_list + tv_cls.test_list] + [tv_cls.meta["filename"]]
+        missing = [f for f in needed if not (folder / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{name} not found: expected the folder {folder} with {', '.join(needed)} (the extracted "
+                f"{tv_cls.filename}); missing {', '.join(missing)} (download={download}: {err}). Pass "
+                "download=True to fetch it (needs internet), or put the extracted files there."
+            ) from err
+        raise ValueError(
+            f"{folder} fails torchvision's md5 check: a file is corrupt or not from the official "
+            f"{tv_cls.filename}. Delete the folder and pass download=True, or extract the archive again."
+        ) from err
+    images = torch.from_numpy(tv.data).permute(0, 3, 1, 2).contiguous()  # torchvision keeps (N, H, W, C)
+    return images, torch.tensor(tv.targets, dtype=torch.long), list(tv.classes)
 
 
 # ---- digits / synthetic ----
@@ -623,15 +654,13 @@ def _imagefolder_classes(path: Path) -> list[str]:
 
 
 def _build_imagefolder(
-    path: Path, *, split: str, transform: ImageTransform, info: DatasetInfo
+    path: Path, *, split: str, transform: Callable[[Image.Image], Tensor], info: DatasetInfo
 ) -> FolderImageDataset:
     classes = _imagefolder_classes(path)
     split_dir = _imagefolder_split_dir(path, split)
     extra = sorted(set(find_classes(split_dir)[0]) - set(classes))
     if extra:
         raise ValueError(f"{split_dir} has classes missing from the train folder: {', '.join(extra)}")
-    dataset = FolderImageDataset(
-        split_dir, classes=classes, transform=Compose([PILToTensor(), transform]), info=info
-    )
+    dataset = FolderImageDataset(split_dir, classes=classes, transform=transform, info=info)
     logger.info("%s/%s: %d images in %d classes", info.name, split, len(dataset), len(classes))
     return dataset

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
+from torch.utils.benchmark import Timer
 
 import apt_env  # noqa: F401  (registers APTPrune-v0)
 from apt_env.env import APTPruneVectorEnv
@@ -82,13 +83,11 @@ def time_bound(env: APTPruneVectorEnv, images: torch.Tensor, labels: torch.Tenso
 
 
 @torch.no_grad()
-def forward_throughput(env: APTPruneVectorEnv, batch: int, repeats: int = 10) -> float:
+def forward_throughput(env: APTPruneVectorEnv, batch: int) -> float:
+    """Images/s of the dense model at ``batch``, with the threads the env runs on."""
     x = torch.randn(batch, env.pv.in_chans, *env.pv.img_size)
-    env.pv(x)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        env.pv(x)
-    return batch * repeats / (time.perf_counter() - t0)
+    timer = Timer("pv(x)", globals={"pv": env.pv, "x": x}, num_threads=torch.get_num_threads())
+    return batch / timer.blocked_autorange(min_run_time=1.0).median
 
 
 def main(args: Args) -> None:
@@ -117,7 +116,7 @@ def main(args: Args) -> None:
     t_sync = [time_env_episode(sync, random_actions(rng, (args.num_envs, n), args.keep_prob, k))
               for _ in range(args.sync_episodes + 1)]
     sync_sps = args.num_envs * k / statistics.median(t_sync[1:])
-    gain = forward_throughput(envs, args.num_envs) / forward_throughput(envs, 1, repeats=64)
+    gain = forward_throughput(envs, args.num_envs) / forward_throughput(envs, 1)
 
     ep = envs.episodes
     kept = [ep.state.x, ep.state.keep, ep.state.index, ep.block_tokens, ep.labels, ep.loss_plain]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pickle
 import shutil
 import struct
@@ -10,12 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from torch.utils.data import SequentialSampler
+from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.transforms import v2
 
 from apt_env import data
-from apt_env.data import DATASETS, build_dataset, dataset_info, make_loader
+from apt_env.data import DATASETS, build_dataset, dataset_info, make_loader, pretrained_data_config
 
 
 def denormalize(x: torch.Tensor, info: data.DatasetInfo) -> torch.Tensor:
@@ -110,72 +114,74 @@ def test_fashion_mnist_missing_everywhere(tmp_path: Path, monkeypatch: pytest.Mo
 # ---- cifar ----
 
 
-def write_cifar(root: Path, name: str, *, per_file: int = 3) -> dict[str, tuple[np.ndarray, list[int]]]:
-    """Write a tiny dataset in CIFAR's own python-pickle format; return ``{split: (images NCHW, labels)}``."""
+def write_cifar(
+    root: Path, name: str, monkeypatch: pytest.MonkeyPatch, *, per_file: int = 3
+) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """Write a tiny dataset in CIFAR's python-pickle layout and make torchvision's md5 check expect its files
+    (as it expects the official ones); return ``{split: (images NCHW, labels)}``."""
     rng = np.random.default_rng(0)
-    if name == "cifar10":
-        folder, num_classes, label_key = root / "cifar-10-batches-py", 10, b"labels"
-        files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-        meta = ("batches.meta", {b"label_names": [f"c10_{i}".encode() for i in range(10)]})
-    else:
-        folder, num_classes, label_key = root / "cifar-100-python", 100, b"fine_labels"
-        files = {"train": ["train"], "test": ["test"]}
-        meta = ("meta", {b"fine_label_names": [f"c100_{i}".encode() for i in range(100)]})
+    tv_cls = {"cifar10": CIFAR10, "cifar100": CIFAR100}[name]
+    folder, num_classes = root / tv_cls.base_folder, 10 if name == "cifar10" else 100
+    label_key = "labels" if name == "cifar10" else "fine_labels"
     folder.mkdir(parents=True)
+    md5 = lambda path: hashlib.md5(path.read_bytes()).hexdigest()  # noqa: E731
     out = {}
-    for split, names in files.items():
-        images, labels = [], []
-        for file_name in names:
+    for split in ("train", "test"):
+        images, labels, files = [], [], []
+        for file_name, _md5 in tv_cls.train_list if split == "train" else tv_cls.test_list:
             batch = rng.integers(0, 256, (per_file, 3, 32, 32), dtype=np.uint8)
             batch_labels = rng.integers(0, num_classes, per_file).tolist()
-            entry = {
-                b"batch_label": file_name.encode(),
-                b"data": batch.reshape(per_file, -1),
-                label_key: batch_labels,
-            }
+            # str keys: what pickle.load(encoding="latin1") gives for the official Python 2 pickles
+            entry = {"batch_label": file_name, "data": batch.reshape(per_file, -1), label_key: batch_labels}
             (folder / file_name).write_bytes(pickle.dumps(entry))
             images.append(batch)
             labels += batch_labels
+            files.append([file_name, md5(folder / file_name)])
+        monkeypatch.setattr(tv_cls, f"{split}_list", files)
         out[split] = (np.concatenate(images), labels)
-    (folder / meta[0]).write_bytes(pickle.dumps(meta[1]))
+    names = [f"c{num_classes}_{i}" for i in range(num_classes)]
+    meta_path = folder / tv_cls.meta["filename"]
+    meta_path.write_bytes(pickle.dumps({tv_cls.meta["key"]: names}))
+    monkeypatch.setattr(tv_cls, "meta", {**tv_cls.meta, "md5": md5(meta_path)})
     return out
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_from_own_format(tmp_path: Path, name: str) -> None:
-    written = write_cifar(tmp_path, name)
+def test_cifar_through_torchvision(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    written = write_cifar(tmp_path, name, monkeypatch)
     train, val = (build_dataset(name, split=s, root=tmp_path, download=False) for s in ("train", "val"))
     assert len(train) + len(val) == len(written["train"][1])
     assert sorted(train.targets.tolist() + val.targets.tolist()) == sorted(written["train"][1])
-    for split, n in (("test", 3),):
-        ds = build_dataset(name, split=split, root=tmp_path, download=False)
-        images, labels = written[split]
-        assert len(ds) == n
-        assert ds.targets.tolist() == labels
-        assert ds.classes[1] == ("c10_1" if name == "cifar10" else "c100_1")
-        x, y = ds[n - 1]
-        assert x.shape == (3, 32, 32) and y == labels[-1]
-        expected = torch.from_numpy(images[-1]).float() / 255  # R, G, B planes in this order
-        assert torch.allclose(denormalize(x, ds.info), expected, atol=1e-5)
+    ds = build_dataset(name, split="test", root=tmp_path, download=False)
+    images, labels = written["test"]
+    assert len(ds) == 3 and ds.targets.tolist() == labels
+    assert ds.classes[1] == ("c10_1" if name == "cifar10" else "c100_1")
+    x, y = ds[2]
+    assert x.shape == (3, 32, 32) and y == labels[-1]
+    rgb = torch.from_numpy(images[-1]).float() / 255  # R, G, B planes in this order
+    assert torch.allclose(denormalize(x, ds.info), rgb, atol=1e-5)
 
-    gray = build_dataset(name, split="test", img_size=16, in_chans=1, root=tmp_path, download=False)
-    assert gray[0][0].shape == (1, 16, 16) and gray.info.in_chans == 1
+    gray = build_dataset(name, split="test", in_chans=1, root=tmp_path, download=False)
+    luma = 0.2989 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]  # v2.Grayscale's weights
+    assert torch.allclose(denormalize(gray[2][0], gray.info), luma[None], atol=1e-5)
+    assert gray.info.mean[0] == pytest.approx(sum(w * m for w, m in zip((0.2989, 0.587, 0.114), ds.info.mean)))
+    small = build_dataset(name, split="test", img_size=16, in_chans=1, root=tmp_path, download=False)
+    assert small[0][0].shape == (1, 16, 16) and small.info.in_chans == 1
 
 
 def test_cifar_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="download=True") as err:
         build_dataset("cifar10", root=tmp_path, download=False)
     assert str(tmp_path / "cifar-10-batches-py") in str(err.value)
+    assert "missing data_batch_1" in str(err.value)
 
 
-def test_cifar_bad_batch(tmp_path: Path) -> None:
-    write_cifar(tmp_path, "cifar100")
-    bad = {b"data": np.zeros((2, 100), np.uint8), b"fine_labels": [0, 1]}
-    (tmp_path / "cifar-100-python" / "test").write_bytes(pickle.dumps(bad))
-    with pytest.raises(ValueError, match=r"cifar-100-python/test: 'data' must be uint8 of shape \(N, 3072\)"):
-        build_dataset("cifar100", split="test", root=tmp_path, download=False)
-    (tmp_path / "cifar-100-python" / "test").write_bytes(b"not a pickle")
-    with pytest.raises(ValueError, match="not a readable CIFAR pickle"):
+def test_cifar_corrupt_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_cifar(tmp_path, "cifar100", monkeypatch)
+    build_dataset("cifar100", split="test", root=tmp_path, download=False)
+    path = tmp_path / "cifar-100-python" / "train"
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")  # torchvision checks every file's md5, whatever the split
+    with pytest.raises(ValueError, match=r"cifar-100-python fails torchvision's md5 check"):
         build_dataset("cifar100", split="test", root=tmp_path, download=False)
 
 
@@ -206,7 +212,58 @@ def test_imagefolder(tmp_path: Path) -> None:
     test = build_dataset(name, split="test", img_size=32, in_chans=1)
     x, y = test[0]
     assert len(test) == 1 and x.shape == (1, 32, 32) and y == 1
-    assert denormalize(x, test.info).mean().item() == pytest.approx(1 / 3, abs=1e-5)  # green averaged
+    assert denormalize(x, test.info).mean().item() == pytest.approx(0.587, abs=1e-5)  # green's luma weight
+
+
+def test_imagefolder_with_a_pretrained_model_uses_timms_eval_transform(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    paths = [tmp_path / "val" / "cat" / "a.png", tmp_path / "val" / "dog" / "b.png"]
+    for path, size in zip(paths, [(300, 260), (180, 240)]):  # not square, not 224: resize and crop matter
+        path.parent.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(path)
+    shutil.copytree(tmp_path / "val", tmp_path / "train")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)  # has its pretrained_cfg, no download
+    cfg = timm.data.resolve_data_config(model=model)
+    assert (cfg["interpolation"], cfg["crop_pct"]) == ("bicubic", 0.9)
+
+    test = build_dataset(f"imagefolder:{tmp_path}", split="test", data_config=cfg)
+    assert (test.info.img_size, test.info.in_chans) == (224, 3)
+    assert (test.info.mean, test.info.std) == (tuple(cfg["mean"]), tuple(cfg["std"]))
+    timm_eval = timm.data.create_transform(**cfg)
+    for i, path in enumerate(paths):
+        assert torch.equal(test[i][0], timm_eval(Image.open(path).convert("RGB")))
+
+    train = build_dataset(f"imagefolder:{tmp_path}", split="train", augment=True, data_config=cfg)
+    assert train[0][0].shape == (3, 224, 224) and train.info == test.info  # our augmentation, the model's mean
+
+    tiny = timm.create_model("vit_tiny_patch16_224", img_size=16, in_chans=1, depth=1)  # no pretrained weights
+    tiny_cfg = timm.data.resolve_data_config(model=tiny)
+    with pytest.raises(ValueError, match="disagree with the data config's input_size"):
+        build_dataset("synthetic", img_size=16, in_chans=1, data_config=tiny_cfg)
+    with pytest.raises(ValueError, match="1 mean and 1 std values"):
+        build_dataset("synthetic", data_config={**cfg, "mean": (0.5,), "std": (0.5,)})
+
+
+def test_our_backbones_data_config_gives_our_eval_transform() -> None:
+    import apt_env  # noqa: F401  (registers vit_apt_tiny_patch4_28)
+
+    cfg = timm.data.resolve_data_config(model=timm.create_model("vit_apt_tiny_patch4_28"))
+    ours = build_dataset("fashion-mnist", split="test", download=False)
+    timms = build_dataset("fashion-mnist", split="test", download=False, data_config=cfg)
+    assert timms.info == ours.info
+    assert all(torch.equal(ours[i][0], timms[i][0]) for i in range(0, 10000, 997))  # PIL and tensor paths agree
+
+
+def test_pretrained_data_config_is_timms_at_the_models_size() -> None:
+    cfg = pretrained_data_config("vit_tiny_patch16_224", img_size=224, in_chans=3)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    assert cfg == timm.data.resolve_data_config(model=model)
+    gray = pretrained_data_config("vit_tiny_patch16_224", img_size=32, in_chans=1)  # adapted to gray, resized
+    assert gray["input_size"] == (1, 32, 32) and len(gray["mean"]) == len(gray["std"]) == 1
+    digits = build_dataset("digits", split="test", data_config=gray)
+    assert digits[0][0].shape == (1, 32, 32) and digits.info.mean == gray["mean"]
+    with pytest.raises(ValueError, match="no pretrained config"):
+        pretrained_data_config("not_a_model", img_size=32, in_chans=1)
 
 
 def test_imagefolder_missing(tmp_path: Path) -> None:
@@ -261,6 +318,10 @@ def test_augment_is_random_but_seeded() -> None:
     assert torch.equal(first, epoch())
     assert first.shape == (32, 1, 28, 28)
     assert not torch.equal(first, torch.stack([plain[i][0] for i in range(32)]))
+    steps = lambda ds: [type(t) for t in ds.transform.transforms]  # noqa: E731
+    assert v2.RandomCrop in steps(aug) and v2.RandomHorizontalFlip not in steps(aug)  # a mirror moves the class
+    fashion = build_dataset("fashion-mnist", split="test", augment=True, download=False)
+    assert {v2.RandomCrop, v2.RandomHorizontalFlip} <= set(steps(fashion))
 
 
 def test_bad_names_and_arguments() -> None:
@@ -269,8 +330,10 @@ def test_bad_names_and_arguments() -> None:
     assert all(name in str(err.value) for name in DATASETS)
     with pytest.raises(ValueError, match="split"):
         build_dataset("synthetic", split="validation")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="in_chans can be 3 or 1"):
+    with pytest.raises(ValueError, match=r"in_chans can be 1 \(gray\) or 3 \(RGB\), got 2"):
         build_dataset("cifar10", in_chans=2, download=False)
+    with pytest.raises(ValueError, match="img_size must be positive"):
+        build_dataset("synthetic", img_size=0)
     with pytest.raises(ValueError, match="imagefolder needs a path"):
         dataset_info("imagefolder:")
 
@@ -290,3 +353,15 @@ def test_make_loader_seeded_order() -> None:
     assert sorted(labels(0)[:128]) == sorted(ds.targets.tolist())
     with pytest.raises(ValueError, match="shuffle=False with a sampler"):
         make_loader(ds, batch_size=4, shuffle=True, seed=0, sampler=SequentialSampler(ds))
+
+
+def test_make_loader_augmentation_reproducible_across_workers() -> None:
+    ds = build_dataset("synthetic", split="test", augment=True)
+
+    def images(seed: int) -> torch.Tensor:
+        loader = make_loader(ds, batch_size=32, shuffle=True, seed=seed, num_workers=2)
+        return torch.cat([x for x, _ in loader])
+
+    first = images(0)
+    assert torch.equal(first, images(0))  # the workers' seeds come from the loader's generator
+    assert not torch.equal(first, images(1))
