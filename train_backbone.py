@@ -303,7 +303,7 @@ def prepare_run(args: Args) -> tuple[Args, Path]:
         check_args(args)
         return args, run_dir
     check_args(args)
-    rank = int(os.environ.get("RANK", "0"))
+    rank, _, _ = init_distributed(args.device)  # joined first, so that the broadcast below reaches every rank
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", args.dataset)  # imagefolder:PATH has slashes
     stamp = broadcast_int(int(time.time()))  # every rank uses rank 0's folder
     run_dir = Path(args.out_dir) / f"{name}__{args.exp_name}__{args.seed}__{stamp}"

@@ -1,5 +1,10 @@
 """What the tests share: the tiny model, its environment, and one thread for tests of tiny tensors."""
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -13,6 +18,19 @@ TINY = dict(model=("vit_tiny_patch16_224", TINY_VIT), dataset="synthetic")
 
 SMALL = dict(hidden=16, qk_dim=16)
 """A small APT agent."""
+
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository: where the scripts are."""
+
+
+def load_script(name: str) -> ModuleType:
+    """A top-level script (``train_backbone``, ``train_agent``, ``evaluate``) as a module, to call its parts."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_envs(num_envs: int = 4, **kwargs) -> APTPruneVectorEnv:

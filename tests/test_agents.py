@@ -10,6 +10,7 @@ from agents.baselines import ClsAttentionTopK, KeepAll, RandomKeep
 from agents.policy import PRUNED_LOGIT, APTPolicy, TokenPolicy
 from agents.ppo import NativePPO
 from agents.sb3 import APTActorCriticPolicy
+from apt_env.checkpoint import load_train_state, save_train_state
 from apt_env.sb3 import SB3VecEnv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -275,3 +276,42 @@ def test_native_ppo_stores_and_credits_the_executed_action(monkeypatch):
     with torch.no_grad():
         _, log_prob, _, _ = trainer.policy.get_action_and_value(flat_obs, rollout["actions"].flatten(0, 1))
     torch.testing.assert_close(rollout["log_probs"].flatten(), log_prob)
+
+
+def test_gae_matches_a_hand_computation_and_stops_at_every_episode_end():
+    """Two episodes of K = 3 stages per sub-environment; the stage after the last has no value (the episode
+    terminated: nothing is bootstrapped across it) and no advantage is carried back over it. Every number is
+    dyadic, so float32 holds it exactly. gamma = lambda = 0.5: delta = r + 0.5 v' - v, A = delta + 0.25 A'."""
+    trainer = NativePPO(_envs(num_envs=2), gamma=0.5, gae_lambda=0.5, seed=0, policy_kwargs=SMALL)
+    assert trainer.num_stages == 3
+    rewards = torch.tensor([[1.0, 0.0, 2.0, 0.0, 1.0, 1.0], [1.0] * 6]).T  # (T, B)
+    values = torch.tensor([[0.5, 1.0, 1.0, 1.0, 0.0, 0.5], [0.0] * 6]).T
+    expected = torch.tensor(
+        [
+            # env 0, episode 2: A5 = 1 - 0.5; A4 = (1 + 0.5 * 0.5 - 0) + 0.25 * 0.5; A3 = (0 + 0 - 1) + 0.25 * 1.375
+            # episode 1: A2 = 2 - 1 (not 2 + 0.5 * v3 - 1 + 0.25 * A3); A1 = (0 + 0.5 - 1) + 0.25; A0 = 1 - 0.0625
+            [0.9375, -0.25, 1.0, -0.65625, 1.375, 0.5],
+            # env 1, every reward 1 and value 0: 1, 1 + 0.25, 1 + 0.25 * 1.25 from each episode's end
+            [1.3125, 1.25, 1.0, 1.3125, 1.25, 1.0],
+        ]
+    ).T
+    torch.testing.assert_close(trainer._gae(rewards, values), expected, rtol=0, atol=0)
+
+
+def test_native_ppo_resumed_from_its_state_ends_with_the_uninterrupted_weights(tmp_path):
+    """Weights after more training, not counters: a trainer built with another seed and loaded from the state
+    after 2 rollouts ends, a rollout later, bit for bit where the saved one ends (it restarts its episodes)."""
+    a = _trainer(seed=3, episodes_per_rollout=1)
+    a.learn(2 * a.steps_per_rollout)
+    # Through a file, as a checkpoint: state_dict() holds a's own tensors (Adam's moments, its step count),
+    # which a's next updates would change under b.
+    saved = save_train_state(tmp_path / "state.pt", a.state_dict())
+    a.restart_episodes()
+    b = _trainer(seed=4, episodes_per_rollout=1)
+    b.load_state_dict(load_train_state(saved))
+    halfway = {k: v.clone() for k, v in a.policy.state_dict().items()}
+    a.learn(1)
+    b.learn(1)
+    expected, resumed = a.policy.state_dict(), b.policy.state_dict()
+    assert not all(torch.equal(halfway[k], v) for k, v in expected.items()), "the last rollout must train"
+    assert [k for k, v in expected.items() if not torch.equal(resumed[k], v)] == []

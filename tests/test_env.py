@@ -215,6 +215,23 @@ def test_prob_delta_reward_is_probability_gain():
     np.testing.assert_allclose(total, 0.0, atol=1e-6)  # nothing pruned: probability unchanged
 
 
+def test_prob_delta_reward_when_pruning_is_the_true_class_probability_gained():
+    """The rewards telescope to p(true class | final mask) - p(true class | all tokens), read back from the
+    final step's cross-entropies; the actions drop tokens, so the probability does change."""
+    envs = _vec(num_envs=4, reward="prob_delta", flops_weight=0.0)
+    envs.reset(seed=0)
+    rng = np.random.default_rng(0)
+    total = np.zeros(4)
+    for _ in range(envs.pv.num_stages):
+        _, reward, _, _, info = envs.step((rng.random((4, envs.pv.num_patches)) < 0.5).astype(np.int8))
+        total += reward
+    final = info["final_info"]
+    assert (final["executed_action"].sum(1) < envs.pv.num_patches).all()  # every row dropped tokens
+    expected = np.exp(-final["loss_multi"]) - np.exp(-final["loss_plain"])
+    np.testing.assert_allclose(total, expected, atol=1e-6)
+    assert (np.abs(total) > 1e-4).all()
+
+
 def test_masked_and_gathered_envs_agree():
     a = _rollout(_vec(mode="masked"), seed=2, steps=4)
     b = _rollout(_vec(mode="gathered"), seed=2, steps=4)

@@ -1,4 +1,5 @@
 import torch
+from conftest import load_script
 from torch.utils.data import TensorDataset
 
 from apt_env.backbone import PrunableViT
@@ -53,8 +54,6 @@ def test_keep_fn_prunes_and_counts_tokens():
 # ---- evaluate.py: budgets, intervals, replay, files ----
 
 import csv  # noqa: E402
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -63,16 +62,6 @@ from agents.io import save_policy  # noqa: E402
 from agents.policy import APTPolicy  # noqa: E402
 from apt_env.checkpoint import load_backbone, save_backbone  # noqa: E402
 from apt_env.evaluate import COLUMNS, Contender, budget_keep_ratio, evaluate_accuracy, wilson_interval  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["evaluate_script"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _checkpoint(tmp_path: Path, seed: int = 0, num_classes: int = 10) -> tuple[Path, Path]:
@@ -132,7 +121,7 @@ def test_random_and_topk_at_a_budget_land_within_5_percent(budget):
 
 
 def test_evaluate_script_writes_the_table_the_plots_and_replays_exactly(tmp_path):
-    module = _script()
+    module = load_script("evaluate")
     model, agent = _checkpoint(tmp_path)
     masks_file = tmp_path / "masks.pt"
     rows = module.main(_args(module, tmp_path, model, agent, budgets=(0.3, 0.5), save_masks=str(masks_file)))
@@ -183,7 +172,7 @@ def test_pictures_have_one_panel_per_image_policy_and_stage(tmp_path):
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
-    module = _script()
+    module = load_script("evaluate")
     model, agent = _checkpoint(tmp_path)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         module.main(_args(module, tmp_path, model, agent, budgets=(0.0,)))
@@ -204,7 +193,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
 
 
 def test_a_budget_agent_is_run_through_its_budget_input_and_meets_it(tmp_path):
-    module = _script()
+    module = load_script("evaluate")
     model, _ = _checkpoint(tmp_path)
     pv = load_backbone(model)
     policy = APTPolicy(pv.embed_dim, pv.num_patches, pv.num_stages, hidden=16, qk_dim=16, use_budget=True,

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import load_script
 
 from apt_env.backbone import PrunableViT
 from apt_env.joint import ChannelLosses
@@ -59,3 +60,61 @@ def test_weights_and_plain_only():
     torch.testing.assert_close(weighted["plain"], 0.5 * plain["plain"])
     with pytest.raises(ValueError, match="valid: plain, single, multi"):
         ChannelLosses(pv)(x, y, keep_fn=keep_half, weights={"double": 1.0})
+
+
+# ---- train_backbone.py's phases: each trains one part and leaves the other as it was ----
+
+import json  # noqa: E402
+
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+
+def _copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_joint_training_freezes_the_agent_in_the_backbone_phase_and_the_backbone_in_the_agent_phase(
+    tmp_path, monkeypatch, one_thread
+):
+    """One epoch of ``train_backbone.py --mode apt``, pruned from the start: weights are taken when the agent
+    is built (the backbone phase begins), when its PPO phase begins and when it ends."""
+    script = load_script("train_backbone")
+    monkeypatch.setattr(script, "agent_masks_figure", lambda *args, **kwargs: None)  # 2/3 of the run, no weights
+    monkeypatch.setattr(SummaryWriter, "add_figure", lambda *args, **kwargs: None)
+    taken: list[tuple[dict, dict, torch.Tensor]] = []
+    build = script.make_agent_trainer
+
+    def make_agent_trainer(args, pv, rank, device):
+        trainer = build(args, pv, rank, device)
+        learn = trainer.learn
+
+        def take() -> None:
+            taken.append((_copy(pv.model), _copy(trainer.policy), trainer.generator.get_state()))
+
+        def learn_between_takes(*a, **kw):
+            take()
+            history = learn(*a, **kw)
+            take()
+            return history
+
+        take()
+        trainer.learn = learn_between_takes
+        return trainer
+
+    monkeypatch.setattr(script, "make_agent_trainer", make_agent_trainer)
+    args = script.Args(
+        dataset="synthetic", model_kwargs=json.dumps({"depth": 2, "embed_dim": 32, "num_heads": 2}), batch_size=16,
+        steps_per_epoch=3, eval_batch_size=64, epochs=1, warmup_epochs=0, num_envs=8, agent_steps=48,
+        compare_plain=False, out_dir=str(tmp_path / "runs"),
+    )  # fmt: skip
+    args, run_dir = script.prepare_run(args)
+    assert script.train(args, run_dir)
+
+    (vit0, agent0, rng0), (vit1, agent1, rng1), (vit2, agent2, _) = taken
+    assert not torch.equal(rng0, rng1), "the agent must sample the backbone phase's masks"
+    assert _same(agent0, agent1) and not _same(vit0, vit1)  # backbone phase: only the backbone trains
+    assert _same(vit1, vit2) and not _same(agent1, agent2)  # agent phase: only the agent trains

@@ -1,6 +1,5 @@
 """train_backbone.py launched as a subprocess with tiny flags, as CleanRL tests its scripts."""
 
-import importlib.util
 import json
 import os
 import re
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from agents.io import load_policy
 from apt_env.checkpoint import load_backbone, load_train_state
@@ -128,15 +128,8 @@ def _agent(tmp_path, run_dir):
     return save_policy(tmp_path / "agent0", APTPolicy(pv.embed_dim, pv.num_patches, pv.num_stages, init_keep_prob=0.7))
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("train_backbone", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bad_arguments_are_refused_early():
-    script = _script()
+    script = load_script("train_backbone")
     with pytest.raises(ValueError, match="--warmup-epochs"):
         script.check_args(script.Args(mode="apt", epochs=2, warmup_epochs=2))
     with pytest.raises(ValueError, match="--model-kwargs must be a JSON object"):
@@ -146,7 +139,7 @@ def test_bad_arguments_are_refused_early():
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
-    factor = _script().cosine_with_warmup(total_steps=100, warmup_steps=10)
+    factor = load_script("train_backbone").cosine_with_warmup(total_steps=100, warmup_steps=10)
     values = [factor(step) for step in range(101)]
     assert values[0] == pytest.approx(0.1) and values[9] == 1.0
     assert all(a >= b for a, b in zip(values[9:], values[10:]))
