@@ -13,6 +13,7 @@ and class-attention top-k at the agent's own keep ratio per stage.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -183,73 +184,75 @@ def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Sum
             log_rollout(writer, stats, stats["global_step"])
             bar.update(trainer.steps_per_rollout)
             bar.set_postfix(ret=f"{stats['episode_return']:.3f}", keep=f"{stats['keep_ratio']:.2f}")
+        if writer is not None:
+            writer.add_figure("masks", agent_masks_figure(envs.pv, trainer.policy, envs.data), trainer.global_step)
         ranks = gather_objects({"trainer": trainer.state_dict(), "rng": get_rng_state()})  # every rank its own
         if writer is not None:
             save_policy(run_dir / "agent", trainer.policy, meta={"algo": "native", "global_step": trainer.global_step})
-            writer.add_figure("masks", agent_masks_figure(envs.pv, trainer.policy, envs.data), trainer.global_step)
             save_train_state(run_dir / "train_state.pt", {"ranks": ranks})
+        # A resumed run starts fresh episodes from the saved env RNG (the env's episodes in flight are not saved);
+        # this run does the same, so that both go on alike.
+        trainer.restart_episodes()
     bar.close()
     return trainer.policy
 
 
 class SB3Progress(BaseCallback):
-    """Episode statistics to TensorBoard, a progress bar, and atomic checkpoints every few rollouts."""
+    """Episode statistics to the log and TensorBoard, and a progress bar, across the ``learn`` calls of a run."""
 
-    def __init__(self, args: Args, run_dir: Path, writer: SummaryWriter) -> None:
+    def __init__(self, writer: SummaryWriter, bar: tqdm) -> None:
         super().__init__()
-        self.args, self.run_dir, self.writer = args, run_dir, writer
+        self.writer, self.bar = writer, bar
         self.returns: np.ndarray | None = None
-        self.rollouts = 0
-        self.start = time.time()
-
-    def _on_training_start(self) -> None:
-        self.bar = tqdm(total=self.args.total_env_steps, initial=self.num_timesteps, desc="env steps", unit="step")
-        self.start_step = self.num_timesteps
+        self.stats: dict[str, float] = {}
+        self.start, self.start_step = time.time(), bar.n
 
     def _on_step(self) -> bool:
         rewards, dones, infos = self.locals["rewards"], self.locals["dones"], self.locals["infos"]
         self.returns = rewards.astype(np.float64) if self.returns is None else self.returns + rewards
         self.bar.update(len(rewards))
         if dones.all():
-            stats = {
+            self.stats = {
                 "episode_return": float(self.returns.mean()),
                 "loss_delta": float(np.mean([i["loss_plain"] - i["loss_multi"] for i in infos])),
                 "keep_ratio": float(np.mean([i["keep_ratio"] for i in infos])),
                 "gflops": float(np.mean([i["gflops"] for i in infos])),
                 "sps": (self.num_timesteps - self.start_step) / (time.time() - self.start),
             }
-            log_rollout(self.writer, stats, self.num_timesteps)
-            self.bar.set_postfix(ret=f"{stats['episode_return']:.3f}", keep=f"{stats['keep_ratio']:.2f}")
+            log_rollout(self.writer, self.stats, self.num_timesteps)
+            self.bar.set_postfix(ret=f"{self.stats['episode_return']:.3f}", keep=f"{self.stats['keep_ratio']:.2f}")
             self.returns = None
         return True
 
     def _on_rollout_end(self) -> None:
-        self.rollouts += 1
-        if self.rollouts % self.args.checkpoint_every == 0:
-            save_sb3(self.model, self.run_dir, self.args)
-            if self.writer is not None:
-                envs, net, step = self.model.get_env().venv, self.model.policy.net, self.model.num_timesteps
-                self.writer.add_figure("masks", agent_masks_figure(envs.pv, net, envs.data), step)
-
-    def _on_training_end(self) -> None:
-        self.bar.close()
+        logger.info(
+            "rollout %d step %d: return %.4f keep %.3f loss_delta %.4f sps %.0f",
+            self.num_timesteps // (self.model.n_steps * self.model.n_envs), self.num_timesteps,
+            self.stats["episode_return"], self.stats["keep_ratio"], self.stats["loss_delta"], self.stats["sps"],
+        )  # fmt: skip
 
 
-def save_sb3(model: OnPolicyAlgorithm, run_dir: Path, args: Args) -> None:
-    """The SB3 model (for --resume) and the agent alone, each replaced atomically."""
-    tmp = run_dir / ".sb3_model.tmp.zip"
-    model.save(tmp)
-    os.replace(tmp, run_dir / "sb3_model.zip")
+def save_sb3(run_dir: Path, model: OnPolicyAlgorithm, envs: APTPruneVectorEnv, args: Args) -> None:
+    """The agent alone, and in one atomically replaced ``train_state.pt`` the SB3 model (weights, optimizer,
+    counters) with the random states its training draws from: SB3's (Python, NumPy and torch) and the env's."""
     save_policy(run_dir / "agent", model.policy.net, meta={"algo": args.algo, "global_step": model.num_timesteps})
+    zipped = io.BytesIO()
+    model.save(zipped)
+    state = {"sb3_model": zipped.getvalue(), "rng": get_rng_state(), "env_rng": envs.np_random.bit_generator.state}
+    save_train_state(run_dir / "train_state.pt", state)
 
 
 def train_sb3(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: SummaryWriter) -> APTPolicy:
     algo = sb3_algorithms()[args.algo]
     venv = SB3VecEnv(envs)
-    venv.seed(args.seed)
-    saved = run_dir / "sb3_model.zip"
-    if args.resume and saved.is_file():
-        model = algo.load(saved, env=venv, device=envs.device)
+    state = load_train_state(run_dir / "train_state.pt") if args.resume else None
+    if state is not None:
+        # Loading seeds the global RNGs and, given an env, its next reset with the run's seed: so the env is set
+        # after, and the saved random states are restored last.
+        model = algo.load(io.BytesIO(state["sb3_model"]), device=envs.device)
+        model.set_env(venv)  # the first rollout starts fresh episodes, as the run did after this checkpoint
+        set_rng_state(state["rng"])
+        envs.np_random.bit_generator.state = state["env_rng"]
         logger.info("resuming %s at step %d", run_dir, model.num_timesteps)
     else:
         k = envs.pv.num_stages
@@ -261,15 +264,23 @@ def train_sb3(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Summar
             APTActorCriticPolicy,
             venv,
             policy_kwargs=dict(hidden=args.hidden, init_keep_prob=args.init_keep_prob, sampling=args.sampling),
-            seed=args.seed,
+            seed=args.seed,  # SB3's global RNGs and the env's first reset
             device=envs.device,
             **hyper,
         )
     model.set_logger(configure(str(run_dir / "sb3"), ["tensorboard"]))
-    remaining = args.total_env_steps - model.num_timesteps
-    if remaining > 0:
-        model.learn(remaining, callback=SB3Progress(args, run_dir, writer), reset_num_timesteps=False)
-    save_sb3(model, run_dir, args)
+    bar = tqdm(total=args.total_env_steps, initial=model.num_timesteps, desc="env steps", unit="step")
+    progress = SB3Progress(writer, bar)
+    # In chunks of whole rollouts, as train_native: SB3's callbacks run before the update of their rollout, so a
+    # checkpoint taken in one would lose that update.
+    while model.num_timesteps < args.total_env_steps:
+        rollout_steps = model.n_steps * model.n_envs
+        chunk = min(args.checkpoint_every * rollout_steps, args.total_env_steps - model.num_timesteps)
+        model.learn(chunk, callback=progress, reset_num_timesteps=False)
+        writer.add_figure("masks", agent_masks_figure(envs.pv, model.policy.net, envs.data), model.num_timesteps)
+        save_sb3(run_dir, model, envs, args)
+        model.set_env(venv)  # fresh episodes from the saved env RNG, as a run resumed from here starts
+    bar.close()
     return model.policy.net
 
 

@@ -102,7 +102,7 @@ class NativePPO:
         return self.episodes_per_rollout * self.num_stages * self.envs.num_envs
 
     def restart_episodes(self) -> None:
-        """Start fresh episodes at the next rollout (e.g. after the backbone changed under the env)."""
+        """Start fresh episodes at the next rollout (after the backbone changed under the env, or a checkpoint)."""
         self._next_obs = None
 
     def learn(self, total_env_steps: int, callback: Callable[[dict], None] | None = None) -> list[dict]:
@@ -252,7 +252,11 @@ class NativePPO:
         return sums
 
     def state_dict(self) -> dict[str, Any]:
-        """Policy, optimizer, counters and random states, for checkpoint and resume."""
+        """Policy, optimizer, counters and random states, for checkpoint and resume.
+
+        The episodes in flight are not saved: a trainer resumed from this state starts fresh ones from the
+        saved env RNG. Call ``restart_episodes()`` after taking it for this trainer to go on exactly as that one.
+        """
         return {
             "policy": self.policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -263,7 +267,8 @@ class NativePPO:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from ``state_dict()``: the next rollout starts fresh episodes from the saved env RNG."""
+        """Resume from ``state_dict()``: the next rollout starts fresh episodes from the saved env RNG, as the
+        saved trainer's does once it calls ``restart_episodes()``."""
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.global_step, self.num_rollouts = int(state["global_step"]), int(state["num_rollouts"])

@@ -1,5 +1,6 @@
 """train_agent.py end to end, launched as a user would, on a tiny backbone and synthetic data."""
 
+import json
 import os
 import re
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from agents.io import load_policy
 from apt_env.backbone import PrunableViT
@@ -61,23 +63,6 @@ def test_agent_for_another_backbone_is_a_clear_error(backbone, tmp_path):
         load_policy(run_dir / "agent", observation_space=other.single_observation_space)
 
 
-def test_resume_continues_to_the_total(backbone, tmp_path):
-    run("--model", str(backbone), "--total-env-steps", "96", "--checkpoint-every", "1", out=tmp_path)
-    (run_dir,) = tmp_path.iterdir()
-    state = torch.load(run_dir / "train_state.pt", weights_only=True)
-    assert state["ranks"][0]["trainer"]["global_step"] >= 96
-    # Ask the finished run for more by editing its saved total: the resumed run continues from its step.
-    args = (run_dir / "args.json").read_text().replace('"total_env_steps": 96', '"total_env_steps": 192')
-    (run_dir / "args.json").write_text(args)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train_agent.py"), "--resume", str(run_dir)],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming" in proc.stderr
-    assert torch.load(run_dir / "train_state.pt", weights_only=True)["ranks"][0]["trainer"]["global_step"] >= 192
-
-
 @pytest.mark.slow
 def test_two_processes_end_with_identical_agents(backbone, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "train_agent.py")]
@@ -101,14 +86,39 @@ def test_a_budget_agent_trains_with_the_variance_reduced_reward(algo, backbone, 
 
 
 def test_reward_choices_are_the_environments():
-    import importlib.util
     import typing
 
     from apt_env.env import REWARDS
 
-    spec = importlib.util.spec_from_file_location("train_agent_script", ROOT / "train_agent.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_agent_script"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    module = load_script("train_agent")
     hints = typing.get_type_hints(module.Args)
     assert typing.get_args(hints["reward"]) == REWARDS
+
+
+def resume(run_dir: Path, **changes) -> subprocess.CompletedProcess:
+    """``--resume`` a run folder, with some of its saved arguments changed first."""
+    saved = run_dir / "args.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), **changes}, indent=2))
+    proc = subprocess.run([sys.executable, str(ROOT / "train_agent.py"), "--resume", str(run_dir)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" in proc.stderr
+    return proc
+
+
+def agent_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_policy(run_dir / "agent").state_dict()
+
+
+@pytest.mark.parametrize("algo", ["native", "ppo"])
+def test_a_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_weights(algo, backbone, tmp_path):
+    flags = ["--algo", algo, "--model", str(backbone), "--episodes-per-rollout", "1", "--checkpoint-every", "2"]
+    run(*flags, "--total-env-steps", "96", out=tmp_path / "whole")
+    run(*flags, "--total-env-steps", "48", out=tmp_path / "part")  # stopped at the checkpoint of step 48
+    (whole,), (part,) = (tmp_path / "whole").iterdir(), (tmp_path / "part").iterdir()
+    expected, halfway = agent_weights(whole), agent_weights(part)
+    assert not all(torch.equal(halfway[k], v) for k, v in expected.items()), "the second half must train"
+    resume(part, total_env_steps=96)
+    assert json.loads((part / "agent" / "config.json").read_text())["global_step"] == 96
+    resumed = agent_weights(part)
+    assert [k for k, v in expected.items() if not torch.equal(resumed[k], v)] == []
