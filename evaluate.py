@@ -49,6 +49,7 @@ from apt_env.evaluate import (
 )
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS
 from apt_env.report import markdown_table, plot_masks, plot_tradeoff, write_csv
+from apt_env.runs import seed_everything
 
 logger = logging.getLogger("evaluate")
 
@@ -203,7 +204,7 @@ def command(args: Args) -> str:
 def main(args: Args) -> dict[str, dict]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_args(args)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     pv = load_model(args)
     dataset = build_dataset(
         args.dataset, split=args.split, img_size=pv.img_size[0], in_chans=pv.in_chans, root=args.data_root

@@ -25,9 +25,11 @@ from typing import Literal
 import numpy as np
 import torch
 import tyro
+from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.vec_env import VecMonitor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -37,9 +39,10 @@ from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from agents.sb3 import APTActorCriticPolicy
 from apt_env.checkpoint import get_rng_state, load_train_state, save_train_state, set_rng_state
-from apt_env.distributed import broadcast_int, gather_objects, init_distributed, is_distributed, state_digest
+from apt_env.distributed import gather_objects, init_distributed, is_distributed, state_digest
 from apt_env.env import APTPruneVectorEnv
 from apt_env.report import agent_masks_figure
+from apt_env.runs import hyperparameters_text, load_args, new_run_dir, seed_everything
 from apt_env.sb3 import SB3VecEnv
 
 logger = logging.getLogger("train_agent")
@@ -51,7 +54,7 @@ class Args:
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of the experiment: policy initialization, sampling and the images drawn"""
-    algo: str = "native"
+    algo: Literal["native", "ppo", "a2c"] = "native"
     """`native` (batched PPO on the env's tensors) or a stable-baselines3 on-policy algorithm: `ppo`, `a2c`"""
     model: str | None = None
     """the frozen backbone: a checkpoint folder from train_backbone.py or a timm name; default: the one that
@@ -107,18 +110,11 @@ class Args:
     """a run folder to continue from its last checkpoint, with the arguments saved in it"""
 
 
-def sb3_algorithms() -> dict[str, type[OnPolicyAlgorithm]]:
-    """stable-baselines3's on-policy algorithms by lower-case name (all handle MultiBinary actions)."""
-    import stable_baselines3
-
-    found = {name: getattr(stable_baselines3, name) for name in stable_baselines3.__all__}
-    return {n.lower(): c for n, c in found.items() if isinstance(c, type) and issubclass(c, OnPolicyAlgorithm)}
+SB3_ALGORITHMS: dict[str, type[OnPolicyAlgorithm]] = {"ppo": PPO, "a2c": A2C}
+"""The stable-baselines3 algorithms of ``--algo``: on-policy, so they handle MultiBinary actions."""
 
 
 def check_args(args: Args) -> None:
-    valid = ["native", *sorted(sb3_algorithms())]
-    if args.algo not in valid:
-        raise ValueError(f"unknown --algo {args.algo!r}; valid: {', '.join(valid)}")
     if args.total_env_steps < 1 or args.num_envs < 1:
         raise ValueError("--total-env-steps and --num-envs must be positive")
 
@@ -127,14 +123,11 @@ def run_folder(args: Args, main_rank: bool) -> tuple[Path, Args]:
     """A new run folder (CleanRL's naming; made by rank 0), or the one to resume with its saved arguments."""
     if args.resume:
         run_dir = Path(args.resume)
-        saved = run_dir / "args.json"
-        if not saved.is_file():
-            raise FileNotFoundError(f"--resume {run_dir}: no args.json there; is it a run folder of train_agent.py?")
-        return run_dir, Args(**{**json.loads(saved.read_text()), "resume": str(run_dir)})
-    run_dir = Path(args.out_dir) / f"APTPrune-v0__{args.exp_name}__{args.seed}__{broadcast_int(int(time.time()))}"
-    if main_rank:
-        run_dir.mkdir(parents=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+        return run_dir, load_args(run_dir, Args, script="train_agent.py", resume=str(run_dir))
+    run_dir = new_run_dir(
+        args.out_dir, env_id="APTPrune-v0", exp_name=args.exp_name, seed=args.seed, config=asdict(args),
+        main_rank=main_rank,
+    )  # fmt: skip
     return run_dir, args
 
 
@@ -243,8 +236,8 @@ def save_sb3(run_dir: Path, model: OnPolicyAlgorithm, envs: APTPruneVectorEnv, a
 
 
 def train_sb3(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: SummaryWriter) -> APTPolicy:
-    algo = sb3_algorithms()[args.algo]
-    venv = SB3VecEnv(envs)
+    algo = SB3_ALGORITHMS[args.algo]
+    venv = VecMonitor(SB3VecEnv(envs))  # episode returns and lengths in SB3's own logs (`rollout/ep_rew_mean`)
     state = load_train_state(run_dir / "train_state.pt") if args.resume else None
     if state is not None:
         # Loading seeds the global RNGs and, given an env, its next reset with the run's seed: so the env is set
@@ -322,7 +315,7 @@ def main() -> None:
     check_args(args)
     if world_size > 1 and args.algo != "native":
         raise ValueError(f"--algo {args.algo} runs in one process; use --algo native with torchrun")
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     envs = APTPruneVectorEnv(
         args.num_envs,
         model=args.model,
@@ -338,8 +331,7 @@ def main() -> None:
     )
     writer = SummaryWriter(str(run_dir)) if rank == 0 else None
     if writer is not None:
-        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        writer.add_text("hyperparameters", hyperparameters_text(vars(args)))
     logger.info("run folder %s: %s on %s x %d for %d env steps", run_dir, args.algo, device, world_size,
                 args.total_env_steps)  # fmt: skip
     train = train_native if args.algo == "native" else train_sb3

@@ -30,11 +30,10 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import tyro
 from timm.optim import param_groups_weight_decay
@@ -57,7 +56,7 @@ from apt_env.checkpoint import (
     set_rng_state,
 )
 from apt_env.data import VAL_FRACTION, DatasetInfo, build_dataset, dataset_info, make_loader, pretrained_data_config
-from apt_env.distributed import broadcast_int, gather_objects, init_distributed, state_digest
+from apt_env.distributed import gather_objects, init_distributed, state_digest
 from apt_env.env import APTPruneVectorEnv
 from apt_env.evaluate import (
     Contender,
@@ -68,6 +67,7 @@ from apt_env.evaluate import (
 )
 from apt_env.joint import ChannelLosses
 from apt_env.report import agent_masks_figure, markdown_table
+from apt_env.runs import hyperparameters_text, load_args, new_run_dir, seed_everything
 
 logger = logging.getLogger("train_backbone")
 
@@ -176,13 +176,6 @@ def check_args(args: Args) -> None:
     parse_model_kwargs(args.model_kwargs)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators, as CleanRL scripts do first."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def fine_tuning(args: Args) -> bool:
     """Whether training starts from trained weights (--init-checkpoint, --pretrained)."""
     return bool(args.init_checkpoint or args.pretrained)
@@ -212,18 +205,6 @@ def parse_model_kwargs(text: str) -> dict:
     if not isinstance(kwargs, dict):
         raise ValueError(f"--model-kwargs must be a JSON object such as '{{\"depth\": 2}}', got {text!r}")
     return kwargs
-
-
-def resume_args(run_dir: Path, args: Args) -> Args:
-    """The arguments saved in ``run_dir``, with this invocation's ``resume`` and ``stop_epoch``."""
-    path = run_dir / "args.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume {run_dir}: no args.json there; is it a run folder of train_backbone.py?")
-    saved = json.loads(path.read_text())
-    unknown = sorted(set(saved) - {f.name for f in fields(Args)})
-    if unknown:
-        raise ValueError(f"--resume {run_dir}: args.json has fields {unknown} that this script does not know")
-    return Args(**{**saved, "resume": str(run_dir), "stop_epoch": args.stop_epoch})
 
 
 def build_model(args: Args, info: DatasetInfo) -> PrunableViT:
@@ -297,19 +278,17 @@ def make_agent_trainer(args: Args, pv: PrunableViT, rank: int, device: torch.dev
 
 def prepare_run(args: Args) -> tuple[Args, Path]:
     """The run folder, new (with ``args.json``) or the one ``--resume`` names (with its saved arguments)."""
-    if args.resume:
+    if args.resume:  # the saved arguments, with this invocation's --stop-epoch
         run_dir = Path(args.resume)
-        args = resume_args(run_dir, args)
+        args = load_args(run_dir, Args, script="train_backbone.py", resume=str(run_dir), stop_epoch=args.stop_epoch)
         check_args(args)
         return args, run_dir
     check_args(args)
-    rank, _, _ = init_distributed(args.device)  # joined first, so that the broadcast below reaches every rank
+    rank, _, _ = init_distributed(args.device)  # joined first: every rank gets rank 0's folder name
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", args.dataset)  # imagefolder:PATH has slashes
-    stamp = broadcast_int(int(time.time()))  # every rank uses rank 0's folder
-    run_dir = Path(args.out_dir) / f"{name}__{args.exp_name}__{args.seed}__{stamp}"
-    if rank == 0:
-        run_dir.mkdir(parents=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    run_dir = new_run_dir(
+        args.out_dir, env_id=name, exp_name=args.exp_name, seed=args.seed, config=asdict(args), main_rank=rank == 0
+    )
     return args, run_dir
 
 
@@ -387,10 +366,7 @@ def train(args: Args, run_dir: Path) -> bool:
 
     writer = SummaryWriter(str(run_dir), purge_step=global_step if state is not None else None) if main_rank else None
     if writer is not None:
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
-        )
+        writer.add_text("hyperparameters", hyperparameters_text(vars(args)))
     logger.info(
         "run folder %s: %s, %d steps of %d images on %s x %d", run_dir, args.mode, total_steps, args.batch_size,
         device, world_size,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,9 +30,11 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequ
     return path
 
 
-def _cell(key: str, value: Any) -> str:
+def _cell(key: str, value: Any, spec: str | None) -> str:
     if isinstance(value, str):
         return value
+    if spec is not None:
+        return format(value, spec)
     if key in ("top1", "top1_low", "top1_high"):
         return f"{100 * value:.2f}"
     if key.startswith("img_per_s") or key == "num_images":
@@ -42,11 +44,27 @@ def _cell(key: str, value: Any) -> str:
     return f"{value:.4g}"
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """Rows as a Markdown table (top-1 in percent, text left-aligned, numbers right-aligned)."""
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    formats: Mapping[str, str] | None = None,
+    left: Collection[str] | None = None,
+) -> str:
+    """Rows as a Markdown table (top-1 in percent, text left-aligned, numbers right-aligned).
+
+    Args:
+        rows: one mapping per row, with a value for every column.
+        columns: the keys shown, in order; also the header.
+        formats: a format spec per column (``".4f"``) in place of the default of its key.
+        left: the left-aligned columns; default: those whose first value is text.
+    """
+    formats = formats or {}
+    if left is None:
+        left = [c for c in columns if isinstance(rows[0][c], str)]
     lines = ["| " + " | ".join(columns) + " |"]
-    lines.append("|" + "|".join("---" if isinstance(rows[0][c], str) else "---:" for c in columns) + "|")
-    lines += ["| " + " | ".join(_cell(c, r[c]) for c in columns) + " |" for r in rows]
+    lines.append("|" + "|".join("---" if c in left else "---:" for c in columns) + "|")
+    lines += ["| " + " | ".join(_cell(c, r[c], formats.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 

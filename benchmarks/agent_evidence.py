@@ -25,6 +25,8 @@ from agents.ppo import NativePPO
 from agents.rollout import at_stage_ratios, evaluate_returns
 from agents.sb3 import APTActorCriticPolicy
 from apt_env.env import APTPruneVectorEnv
+from apt_env.report import markdown_table
+from apt_env.runs import seed_everything
 from apt_env.sb3 import SB3VecEnv
 
 
@@ -66,7 +68,7 @@ def envs_for(args: Args, split: str) -> APTPruneVectorEnv:
 
 
 def main(args: Args) -> None:
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     train, test = envs_for(args, "train"), envs_for(args, "test")
     print(f"default backbone, fashion-mnist, flops_weight={args.flops_weight}, num_envs={args.num_envs}")
 
@@ -90,17 +92,16 @@ def main(args: Args) -> None:
     print(f"\n1. native PPO, {args.native_steps} transitions ({time.perf_counter() - start:.0f} s); test split, "
           f"{args.eval_episodes * args.num_envs} episodes; agent's stage keep ratios "
           + ", ".join(f"{r:.2f}" for r in ratios))  # fmt: skip
-    print("| policy | episode return | loss delta | final keep ratio | GFLOPs |")
-    print("|---|---:|---:|---:|---:|")
-    for name, r in rows.items():
-        print(
-            f"| {name} | {r['episode_return']:.4f} | {r['loss_delta']:.4f} | {r['keep_ratio']:.3f} | "
-            f"{r['gflops']:.4f} |"
-        )
+    table = [
+        {"policy": name, "episode return": r["episode_return"], "loss delta": r["loss_delta"],
+         "final keep ratio": r["keep_ratio"], "GFLOPs": r["gflops"]}
+        for name, r in rows.items()
+    ]  # fmt: skip
+    formats = {"episode return": ".4f", "loss delta": ".4f", "final keep ratio": ".3f", "GFLOPs": ".4f"}
+    print(markdown_table(table, list(table[0]), formats=formats))
 
     print(f"\n2. stable-baselines3, {args.sb3_steps} transitions each: mean episode return, first vs last 10%")
-    print("| algorithm | first 10% | last 10% | episodes |")
-    print("|---|---:|---:|---:|")
+    curves = []
     k = train.pv.num_stages
     for algo, extra in ((PPO, dict(n_steps=4 * k, batch_size=4 * k * args.num_envs // 4)), (A2C, dict(n_steps=k))):
         torch.manual_seed(args.seed)
@@ -109,10 +110,13 @@ def main(args: Args) -> None:
             APTActorCriticPolicy, venv, gamma=1.0, policy_kwargs=dict(init_keep_prob=0.9), seed=args.seed, **extra
         )
         returns = EpisodeReturns()
-        model.learn(args.sb3_steps, callback=returns)
+        model.learn(args.sb3_steps, callback=returns, progress_bar=True)
         tenth = max(1, len(returns.means) // 10)
-        first, last = np.mean(returns.means[:tenth]), np.mean(returns.means[-tenth:])
-        print(f"| {algo.__name__} | {first:.4f} | {last:.4f} | {len(returns.means)} x {args.num_envs} |")
+        curves.append({
+            "algorithm": algo.__name__, "first 10%": np.mean(returns.means[:tenth]),
+            "last 10%": np.mean(returns.means[-tenth:]), "episodes": f"{len(returns.means)} x {args.num_envs}",
+        })  # fmt: skip
+    print(markdown_table(curves, list(curves[0]), formats={"first 10%": ".4f", "last 10%": ".4f"}, left=["algorithm"]))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from stable_baselines3 import PPO
 from agents.ppo import NativePPO
 from agents.sb3 import APTActorCriticPolicy
 from apt_env.env import APTPruneVectorEnv
+from apt_env.runs import seed_everything
 from apt_env.sb3 import SB3VecEnv
 
 
@@ -36,11 +37,6 @@ class Args:
     """episodes per rollout (both trainers)"""
     seed: int = 0
     """seed"""
-
-
-def make_env(args: Args) -> APTPruneVectorEnv:
-    torch.manual_seed(args.seed)
-    return APTPruneVectorEnv(args.num_envs, channels=("plain", "multi"))
 
 
 def env_alone(envs: APTPruneVectorEnv, steps: int) -> float:
@@ -73,7 +69,8 @@ class Stopwatch:
 
 
 def main(args: Args) -> None:
-    envs = make_env(args)
+    seed_everything(args.seed)
+    envs = APTPruneVectorEnv(args.num_envs, channels=("plain", "multi"))
     k = envs.pv.num_stages
     rollout = args.episodes_per_rollout * k * args.num_envs
     policy_kwargs = dict(hidden=64, init_keep_prob=0.9)

@@ -29,6 +29,7 @@ from torch.utils.benchmark import Timer
 import apt_env  # noqa: F401  (registers APTPrune-v0)
 from apt_env.env import APTPruneVectorEnv
 from apt_env.observe import CHANNELS
+from apt_env.runs import seed_everything
 
 
 @dataclass
@@ -91,8 +92,8 @@ def forward_throughput(env: APTPruneVectorEnv, batch: int) -> float:
 
 
 def main(args: Args) -> None:
+    seed_everything(args.seed)
     rng = np.random.default_rng(args.seed)
-    torch.manual_seed(args.seed)
     envs = APTPruneVectorEnv(args.num_envs, channels=args.channels)
     k, n = envs.pv.num_stages, envs.pv.num_patches
     envs.reset(seed=args.seed)

@@ -23,6 +23,8 @@ from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableV
 from apt_env.data import build_dataset, make_loader
 from apt_env.env import APTPruneVectorEnv
 from apt_env.joint import ChannelLosses
+from apt_env.report import markdown_table
+from apt_env.runs import seed_everything
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Args:
 
 
 def main(args: Args) -> None:
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     pv = PrunableViT.from_timm(DEFAULT_MODEL_NAME, **DEFAULT_MODEL_KWARGS)
     data = build_dataset("fashion-mnist", split="train", augment=True)
     batches = iter(make_loader(data, batch_size=args.batch_size, shuffle=True, seed=args.seed, drop_last=True))
@@ -82,11 +84,13 @@ def main(args: Args) -> None:
     print(f"default ViT, batch {args.batch_size}; agent keep ratio at the end {stats[-1]['keep_ratio']:.2f}")
     print(f"step: plain {t_plain:.3f} s, three channels {t_joint:.3f} s ({t_joint / t_plain:.2f}x)")
     print(f"agent phase: {args.agent_steps} transitions in {t_agent:.1f} s")
-    print("| steps/epoch | plain epoch (s) | joint epoch (s) | joint / plain |")
-    print("|---:|---:|---:|---:|")
+    rows = []
     for steps in args.steps_per_epoch:
         plain, joint = steps * t_plain, steps * t_joint + t_agent
-        print(f"| {steps} | {plain:.1f} | {joint:.1f} | {joint / plain:.2f} |")
+        rows.append({"steps/epoch": steps, "plain epoch (s)": plain, "joint epoch (s)": joint,
+                     "joint / plain": joint / plain})  # fmt: skip
+    formats = {"steps/epoch": "d", "plain epoch (s)": ".1f", "joint epoch (s)": ".1f", "joint / plain": ".2f"}
+    print(markdown_table(rows, list(formats), formats=formats))
 
 
 if __name__ == "__main__":

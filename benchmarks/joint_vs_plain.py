@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import tyro
 
 from apt_env.defaults import PLAIN_CHECKPOINT
+from apt_env.report import markdown_table, mean_std
 
 SCRIPT = Path(__file__).resolve().parents[1] / "train_backbone.py"
 
@@ -57,17 +57,14 @@ def main(args: Args) -> None:
                   f"{100 * results['top1_high']:.2f}], {results['gflops']:.4g} GFLOPs, "
                   f"{results['tokens_last']:.1f} tokens", flush=True)  # fmt: skip
 
-    def stat(values: list[float]) -> str:
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.4g} ± {spread:.2g}"
-
+    table = [
+        {"model": name, "top-1 (%)": mean_std([100 * r["top1"] for r in results]),
+         "GFLOPs/img": mean_std([r["gflops"] for r in results]),
+         "tokens (last block)": mean_std([r["tokens_last"] for r in results])}
+        for name, results in rows.items()
+    ]  # fmt: skip
     print(f"\ntest split, seeds {', '.join(map(str, args.seeds))} (mean ± std)")
-    print("| model | top-1 (%) | GFLOPs/img | tokens (last block) |")
-    print("|---|---:|---:|---:|")
-    for name, results in rows.items():
-        acc = stat([100 * r["top1"] for r in results])
-        gflops, tokens = stat([r["gflops"] for r in results]), stat([r["tokens_last"] for r in results])
-        print(f"| {name} | {acc} | {gflops} | {tokens} |")
+    print(markdown_table(table, list(table[0]), left=["model"]))
 
 
 if __name__ == "__main__":
