@@ -37,13 +37,13 @@ from agents.compare import compare_policies, format_comparison
 from agents.io import save_policy
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
-from agents.sb3 import APTActorCriticPolicy
-from apt_env.checkpoint import get_rng_state, load_train_state, save_train_state, set_rng_state
+from agents.sb3_policy import APTActorCriticPolicy
 from apt_env.distributed import gather_objects, init_distributed, is_distributed, state_digest
 from apt_env.env import APTPruneVectorEnv
 from apt_env.report import agent_masks_figure
 from apt_env.runs import hyperparameters_text, load_args, new_run_dir, seed_everything
-from apt_env.sb3 import SB3VecEnv
+from apt_env.sb3_vec_env import SB3VecEnv
+from apt_env.train_state import get_rng_state, load_train_state, save_train_state, set_rng_state
 
 logger = logging.getLogger("train_agent")
 

@@ -47,14 +47,7 @@ from agents.io import load_policy, save_policy
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
-from apt_env.checkpoint import (
-    get_rng_state,
-    load_backbone,
-    load_train_state,
-    save_backbone,
-    save_train_state,
-    set_rng_state,
-)
+from apt_env.checkpoint import load_backbone, save_backbone
 from apt_env.data import VAL_FRACTION, DatasetInfo, build_dataset, dataset_info, make_loader, pretrained_data_config
 from apt_env.distributed import gather_objects, init_distributed, state_digest
 from apt_env.env import APTPruneVectorEnv
@@ -68,6 +61,7 @@ from apt_env.evaluate import (
 from apt_env.joint import ChannelLosses
 from apt_env.report import agent_masks_figure, markdown_table
 from apt_env.runs import hyperparameters_text, load_args, new_run_dir, seed_everything
+from apt_env.train_state import get_rng_state, load_train_state, save_train_state, set_rng_state
 
 logger = logging.getLogger("train_backbone")
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from agents.policy import TokenPolicy, live_mask, top_k_live
+from agents.policy import TokenPolicy, check_keep_ratio, live_mask, obs_tensor, top_k_live
 
 __all__ = ["ClsAttentionTopK", "KeepAll", "RandomKeep", "TokenPolicy"]
 
@@ -34,9 +34,7 @@ class RandomKeep:
     """
 
     def __init__(self, keep_ratio: float, seed: int | None = None) -> None:
-        if not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-        self.keep_ratio = keep_ratio
+        self.keep_ratio = check_keep_ratio(keep_ratio)
         self.generator = torch.Generator()
         if seed is None:
             self.generator.seed()
@@ -58,14 +56,14 @@ class ClsAttentionTopK:
     """
 
     def __init__(self, keep_ratio: float) -> None:
-        if not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-        self.keep_ratio = keep_ratio
+        self.keep_ratio = check_keep_ratio(keep_ratio)
 
     def act(self, obs: Mapping[str, Any], *, deterministic: bool = True, keep_ratio: float | None = None) -> Tensor:
         """The top tokens by ``obs["cls_attn"]`` (B, N) bool; ``keep_ratio`` overrides the constructor's."""
+        live = live_mask(obs)
         if "cls_attn" not in obs:
             raise ValueError("ClsAttentionTopK reads obs['cls_attn']: add 'cls_attn' to the env's obs_keys")
-        live = live_mask(obs)
-        attn = torch.as_tensor(obs["cls_attn"], device=live.device)
+        attn = obs_tensor(obs, "cls_attn", live.device)
+        if attn.shape != live.shape:
+            raise ValueError(f"obs['cls_attn'] must be {tuple(live.shape)} as obs['keep'], got {tuple(attn.shape)}")
         return top_k_live(attn, live, self.keep_ratio if keep_ratio is None else keep_ratio)

@@ -11,7 +11,7 @@ import torch
 from gymnasium import spaces
 
 from agents.policy import APTPolicy
-from apt_env.checkpoint import recover_interrupted_save, write_folder
+from apt_env.atomic import recover_interrupted_save, write_folder
 
 FORMAT = "apt-agent/1"
 WEIGHTS_FILE = "policy.safetensors"
@@ -51,8 +51,11 @@ def load_policy(
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
         tensors = safetensors.torch.load_file(str(folder / WEIGHTS_FILE))
-    except (json.JSONDecodeError, safetensors.SafetensorError, OSError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, safetensors.SafetensorError, OSError) as err:
         raise ValueError(f"agent checkpoint {folder} is corrupt: {err}") from err
+    if not isinstance(config, dict):
+        kind = type(config).__name__
+        raise ValueError(f"agent checkpoint {folder} is corrupt: {CONFIG_FILE} holds a {kind}, not an object")
     if config.get("format") != FORMAT:
         raise ValueError(f"{folder}: format {config.get('format')!r}, expected {FORMAT!r}")
     missing = [k for k in APTPolicy.CONFIG_KEYS if k not in config]

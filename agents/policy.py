@@ -20,6 +20,7 @@ Two ways to turn the logits into a keep mask (``sampling``):
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -28,6 +29,7 @@ import torch
 from gymnasium import spaces
 from torch import Tensor, nn
 
+from apt_env.observe import as_tensor
 from apt_env.tokens import top_count
 
 PRUNED_LOGIT = -30.0
@@ -56,16 +58,40 @@ class TokenPolicy(Protocol):
         ...
 
 
+def obs_tensor(obs: Mapping[str, Any], key: str, device: torch.device | str | None = None) -> Tensor:
+    """``obs[key]`` as a tensor on ``device``; an observation that is not a dict, lacks ``key`` or holds something
+    other than numbers there is a clear error."""
+    if not isinstance(obs, Mapping):
+        raise TypeError(f"an observation is a dict of batched arrays, as the env returns, got {type(obs).__name__}")
+    if key not in obs:
+        raise ValueError(f"the observation has no {key!r} (it has {list(obs)}): add {key!r} to the env's obs_keys")
+    return as_tensor(obs[key], f"obs[{key!r}]", device)
+
+
 def live_mask(obs: Mapping[str, Any], device: torch.device | str | None = None) -> Tensor:
     """The tokens still alive, (B, N) bool, from ``obs["keep"]`` (int8, float or bool).
 
     Without a ``keep`` key every token of ``obs["tokens"]`` or ``obs["cls_attn"]`` is alive.
     """
-    if "keep" in obs:
-        return torch.as_tensor(obs["keep"], device=device) > 0.5
-    ref = obs["tokens"] if "tokens" in obs else obs["cls_attn"]
-    ref = torch.as_tensor(ref, device=device)
+    key = next((k for k in ("keep", "tokens", "cls_attn") if isinstance(obs, Mapping) and k in obs), "keep")
+    ref = obs_tensor(obs, key, device)
+    if ref.dim() != (3 if key == "tokens" else 2):
+        shape = "(B, N, C)" if key == "tokens" else "(B, N)"
+        raise ValueError(f"obs[{key!r}] must be batched {shape}, got shape {tuple(ref.shape)}")
+    if key == "keep":
+        return ref > 0.5
     return torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device)
+
+
+def check_keep_ratio(keep_ratio: Any) -> float:
+    """``keep_ratio`` as a float in (0, 1], else a ValueError."""
+    try:
+        ratio = math.nan if isinstance(keep_ratio, (str, bytes)) else float(keep_ratio)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+        ratio = math.nan
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be a fraction in (0, 1], got {keep_ratio!r}")
+    return ratio
 
 
 def top_k_live(scores: Tensor, live: Tensor, keep_ratio: float) -> Tensor:
@@ -79,9 +105,8 @@ def top_k_live(scores: Tensor, live: Tensor, keep_ratio: float) -> Tensor:
     Returns:
         (B, N) bool keep mask, a subset of ``live``.
     """
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    return top_count_live(scores, live, live.sum(1, dtype=torch.float32) * keep_ratio)
+    ratio = check_keep_ratio(keep_ratio)
+    return top_count_live(scores, live, live.sum(1, dtype=torch.float32) * ratio)
 
 
 def top_count_live(scores: Tensor, live: Tensor, count: Tensor) -> Tensor:
@@ -91,9 +116,11 @@ def top_count_live(scores: Tensor, live: Tensor, count: Tensor) -> Tensor:
 
 def keep_counts(obs: Mapping[str, Any], device: torch.device | str | None = None) -> Tensor:
     """The tokens to keep at this stage, (B,) long, from ``obs["keep_count"]`` ((B,) or (B, 1), any dtype)."""
-    if "keep_count" not in obs:
+    if isinstance(obs, Mapping) and "keep_count" not in obs:
         raise ValueError(_TOPK_NEEDS_BUDGET)
-    count = torch.as_tensor(obs["keep_count"], device=device)
+    count = obs_tensor(obs, "keep_count", device)
+    if count.dim() not in (1, 2) or count.shape[1:] not in ((), (1,)):
+        raise ValueError(f"obs['keep_count'] must be (B,) or (B, 1), got shape {tuple(count.shape)}")
     return count.reshape(count.shape[0]).round().long()
 
 
@@ -217,6 +244,10 @@ class APTPolicy(nn.Module):
         sampling: str = "bernoulli",
     ) -> None:
         super().__init__()
+        sizes = dict(embed_dim=embed_dim, num_patches=num_patches, num_stages=num_stages, hidden=hidden, qk_dim=qk_dim)
+        for name, size in sizes.items():
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+                raise ValueError(f"{name} must be a positive integer, got {size!r}")
         if not 0.0 < init_keep_prob < 1.0:
             raise ValueError(f"init_keep_prob must be in (0, 1), got {init_keep_prob}")
         if sampling not in SAMPLINGS:
@@ -288,7 +319,7 @@ class APTPolicy(nn.Module):
         ``keep`` as int8, bool or float; numpy arrays too.
         """
         device = self.stage_embed.weight.device
-        tokens = torch.as_tensor(obs["tokens"], device=device).float()  # (B, N, C)
+        tokens = obs_tensor(obs, "tokens", device).float()  # (B, N, C)
         if tokens.dim() != 3:
             raise ValueError(f"obs['tokens'] must be batched (B, N, C), got shape {tuple(tokens.shape)}")
         if tuple(tokens.shape[1:]) != (self.num_patches, self.embed_dim):
@@ -297,10 +328,12 @@ class APTPolicy(nn.Module):
                 f"{tokens.shape[1]} tokens of width {tokens.shape[2]}: build the policy for this env"
             )
         b = tokens.shape[0]
-        stage = torch.as_tensor(obs["stage"], device=device)
+        stage = obs_tensor(obs, "stage", device)
         if stage.is_floating_point() and stage.dim() >= 2 and stage.shape[-1] == self.num_stages:
             stage = stage.argmax(-1)  # SB3's one-hot
-        stage = stage.long().reshape(b)
+        stage = _per_row(stage, b, "stage").long()
+        if bool(((stage < 0) | (stage >= self.num_stages)).any()):  # an IndexError inside the embedding else
+            raise ValueError(f"obs['stage'] must be in [0, {self.num_stages}), got {stage.tolist()}")
         cls_attn = None
         if self.use_cls_attn:
             if "cls_attn" not in obs:
@@ -308,11 +341,16 @@ class APTPolicy(nn.Module):
                     "the policy reads obs['cls_attn'], which this env does not observe: add 'cls_attn' to "
                     "obs_keys or build the policy with use_cls_attn=False"
                 )
-            cls_attn = torch.as_tensor(obs["cls_attn"], device=device).float()
-        cls_token = torch.as_tensor(obs["cls"], device=device).float()
+            cls_attn = _batched(obs, "cls_attn", (b, self.num_patches), device).float()
+        cls_token = _batched(obs, "cls", (b, self.embed_dim), device).float()
         _check_budget(self.use_budget, "budget" in obs, "observation")
-        budget = torch.as_tensor(obs["budget"], device=device).float().reshape(b, 1) if self.use_budget else None
-        return Batch(tokens, cls_token, cls_attn, live_mask(obs, device), stage, budget)
+        budget = _per_row(obs_tensor(obs, "budget", device), b, "budget").float()[:, None] if self.use_budget else None
+        if self.sampling == "topk" and "keep_count" in obs:
+            _per_row(keep_counts(obs, device), b, "keep_count")
+        live = live_mask(obs, device)
+        if tuple(live.shape) != (b, self.num_patches):
+            raise ValueError(f"obs['keep'] must be ({b}, {self.num_patches}), got {tuple(live.shape)}")
+        return Batch(tokens, cls_token, cls_attn, live, stage, budget)
 
     def forward(self, obs: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """Keep logits (B, N), ``PRUNED_LOGIT`` where already pruned, and state values (B,)."""
@@ -421,6 +459,21 @@ class APTPolicy(nn.Module):
             return top_count_live(logits, live, count.float()) & (count > 0).unsqueeze(1)
         expected = (torch.sigmoid(logits) * live).sum(1)  # (B,)
         return top_count_live(logits, live, expected)
+
+
+def _per_row(value: Tensor, rows: int, key: str) -> Tensor:
+    """``value`` as (B,), from (B,) or (B, 1): checked to hold one value per row."""
+    if value.numel() != rows:
+        raise ValueError(f"obs[{key!r}] must hold one value for each of {rows} rows, got shape {tuple(value.shape)}")
+    return value.reshape(rows)
+
+
+def _batched(obs: Mapping[str, Any], key: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """``obs[key]``, checked to have ``shape``."""
+    value = obs_tensor(obs, key, device)
+    if tuple(value.shape) != shape:
+        raise ValueError(f"obs[{key!r}] must have shape {shape} (batch, ...), got {tuple(value.shape)}")
+    return value
 
 
 def _check_budget(use_budget: bool, observed: bool, where: str) -> None:

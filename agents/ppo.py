@@ -6,6 +6,11 @@ together, so a rollout is a whole number of episodes and nothing is bootstrapped
 Observations, actions and rewards stay tensors on the env's device. With an env that has budgets and
 a policy with ``sampling="topk"``, the ratio uses the policy's Plackett-Luce surrogate log-probability
 of the kept set, the same function at collection and at update.
+
+References:
+    PPO: Schulman et al., "Proximal Policy Optimization Algorithms", 2017, arXiv:1707.06347.
+    GAE: Schulman et al., "High-Dimensional Continuous Control Using Generalized Advantage Estimation",
+    2016, arXiv:1506.02438.
 """
 
 from __future__ import annotations

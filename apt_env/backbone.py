@@ -94,6 +94,12 @@ class PrunableViT(nn.Module):
         for i, blk in enumerate(model.blocks):
             if "attn_mask" not in inspect.signature(blk.forward).parameters:
                 raise ValueError(f"block {i} ({type(blk).__name__}) takes no attn_mask; cannot prune it")
+        if len(model.blocks) < 2:
+            raise ValueError(
+                f"cannot prune a model of {len(model.blocks)} block(s): stages prune before blocks 1 to depth-1"
+            )
+        if not _is_int(bucket_rows) or bucket_rows < 1:
+            raise ValueError(f"bucket_rows must be a positive integer (rows per length bucket), got {bucket_rows!r}")
         self.model = model
         self.depth = len(model.blocks)
         self.num_prefix_tokens = int(model.num_prefix_tokens)
@@ -122,10 +128,13 @@ class PrunableViT(nn.Module):
         **timm_kwargs,
     ) -> PrunableViT:
         """Build with ``timm.create_model(name, pretrained=pretrained, **timm_kwargs)``."""
-        if not timm.is_model(name):
-            close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+        if not isinstance(name, str) or not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:10] if isinstance(name, str) else []
             raise ValueError(f"unknown timm model {name!r}; similar names: {close}")
-        model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+        except Exception as err:  # timm asserts sizes (embed_dim % num_heads), indexes img_size, looks names up
+            raise ValueError(f"timm cannot build {name!r} with {timm_kwargs}: {type(err).__name__}: {err}") from err
         pv = cls(model, prune_layers=prune_layers, min_keep=min_keep, bucket_rows=bucket_rows)
         pv.timm_name, pv.timm_kwargs = name, dict(timm_kwargs)
         return pv
@@ -303,7 +312,12 @@ class PrunableViT(nn.Module):
         mode: Mode = "masked",
     ) -> torch.Tensor:
         """Logits, pruning with ``keep_masks[k]`` (B, N) bool at stage ``k``; fewer masks prune fewer stages."""
-        keep_masks = list(keep_masks or [])
+        try:
+            keep_masks = [] if keep_masks is None else list(keep_masks)
+        except TypeError:
+            raise ValueError(
+                f"keep_masks must be a sequence of (B, N) bool masks, not {type(keep_masks).__name__}"
+            ) from None
         if len(keep_masks) > self.num_stages:
             raise ValueError(f"got {len(keep_masks)} keep masks for {self.num_stages} pruning stages")
         if mode not in MODES:
@@ -323,6 +337,15 @@ class PrunableViT(nn.Module):
             raise ValueError(f"images must be a tensor (B, {', '.join(map(str, expected))}), got {got}")
         if not images.is_floating_point():
             raise ValueError(f"images must be floating point, got {images.dtype}")
+        if images.layout != torch.strided or images.shape[0] == 0:
+            raise ValueError(
+                f"images must be a dense tensor of one image or more, got {images.layout} {tuple(images.shape)}"
+            )
+        weight = self.model.patch_embed.proj.weight
+        if images.device != weight.device:
+            raise ValueError(f"images are on {images.device}, the model on {weight.device}: move one of them")
+        if images.dtype != weight.dtype and not torch.is_autocast_enabled(images.device.type):
+            raise ValueError(f"images are {images.dtype}, the model {weight.dtype}: pass images.to({weight.dtype})")
 
     def check_mask(self, mask: torch.Tensor, batch_size: int) -> None:
         expected = (batch_size, self.num_patches)
@@ -331,6 +354,8 @@ class PrunableViT(nn.Module):
             raise ValueError(f"keep mask must be a bool tensor of shape {expected} (batch, patches), got {got}")
         if mask.dtype != torch.bool:
             raise ValueError(f"keep mask must have dtype torch.bool, got {mask.dtype}")
+        if mask.layout != torch.strided or mask.is_meta:
+            raise ValueError(f"keep mask must be a dense tensor with data, got layout {mask.layout} on {mask.device}")
 
 
 def _is_int(value: object) -> bool:

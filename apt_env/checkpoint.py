@@ -1,4 +1,4 @@
-"""Reading and writing model files: the one place that does.
+"""The backbone checkpoint format: ``save_backbone``, ``read_backbone_config``, ``load_backbone``.
 
 A backbone checkpoint is a folder in timm's own layout, so ``timm.create_model("local-dir:PATH",
 pretrained=True)`` loads the trained model with no code of ours::
@@ -14,43 +14,32 @@ pretrained=True)`` loads the trained model with no code of ours::
 Folders written before this layout (``timm_name`` and ``timm_kwargs`` instead of ``architecture`` and
 ``model_args``) still load.
 
-A training state for ``--resume`` is one ``torch.save`` file of plain containers and tensors.
-
-Every write is atomic: files go to a temporary sibling, are fsynced, then renamed over the target,
-so a crash leaves either the previous complete checkpoint or the new one, never half of one. One
-writer per path is assumed.
+The folder is written atomically (``apt_env.atomic.write_folder``): a crash leaves either the previous
+complete checkpoint or the new one, never half of one. The training state for ``--resume`` lives in
+``apt_env.train_state``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import random
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import safetensors.torch
 import torch
 
+from apt_env.atomic import recover_interrupted_save, write_folder
 from apt_env.backbone import PrunableViT
 
 __all__ = [
     "CONFIG_FILE",
     "FORMAT",
     "WEIGHTS_FILE",
-    "get_rng_state",
     "load_backbone",
-    "load_train_state",
     "read_backbone_config",
-    "recover_interrupted_save",
     "save_backbone",
-    "save_train_state",
-    "set_rng_state",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -85,8 +74,6 @@ def _canonical(key: str, value: Any) -> Any:
         return value[0]
     return value
 
-
-# ---- backbone ----
 
 
 def save_backbone(path: str | Path, pv: PrunableViT, *, meta: Mapping[str, Any] | None = None) -> Path:
@@ -264,148 +251,3 @@ def load_backbone(
             f"(recorded, rebuilt): {drift}; was it written with another timm version?"
         )
     return pv.to(device).eval()
-
-
-# ---- training state ----
-
-
-def save_train_state(path: str | Path, state: Mapping[str, Any]) -> Path:
-    """Atomically write a training state (optimizer, scheduler, counters, RNG states) for resuming.
-
-    Args:
-        path: the file to write; replaced only once the new one is complete.
-        state: tensors and plain Python containers and scalars, as ``torch.load(weights_only=True)``
-            reads them back; use ``get_rng_state()`` for RNG states.
-
-    Returns:
-        The file written.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        stale.unlink(missing_ok=True)  # left by a save that was killed
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def load_train_state(path: str | Path) -> dict[str, Any] | None:
-    """The training state at ``path`` (tensors on the CPU), or None if there is none.
-
-    Raises:
-        ValueError: the file is corrupt or holds objects other than tensors and plain containers.
-    """
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, bad pickle, disallowed global: all mean "cannot resume"
-        raise ValueError(
-            f"training state {path} is corrupt or unreadable: {err}; delete it to start the run over"
-        ) from err
-    if not isinstance(state, dict):
-        raise ValueError(f"training state {path} is corrupt: it holds a {type(state).__name__}, not a dict")
-    return state
-
-
-def get_rng_state() -> dict[str, Any]:
-    """The global RNG states of Python, NumPy and torch (CPU and CUDA), in a form ``save_train_state`` can store."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore the RNG states captured by ``get_rng_state``."""
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---- atomic file helpers ----
-
-
-def write_folder(target: Path, writers: Mapping[str, Callable[[Path], Any]]) -> None:
-    """Write a folder of files atomically: each ``writers[name](path)`` writes one file into a temp
-    folder beside ``target``; only when all are written and synced does it replace ``target``."""
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted_save(target)
-    for stale in parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-    try:
-        for name, write in writers.items():
-            write(tmp / name)
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Move the complete folder ``tmp`` to ``target``, keeping the old one until the new one is in place.
-
-    A folder cannot be renamed over a non-empty one, so the old checkpoint is first renamed aside to
-    ``.NAME.old``; a crash between the two renames is repaired by the next save (see
-    ``_recover_interrupted_swap``).
-    """
-    backup = target.with_name(f".{target.name}.old")
-    if backup.exists():
-        shutil.rmtree(backup)
-    if target.exists():
-        os.replace(target, backup)
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-    shutil.rmtree(backup, ignore_errors=True)
-
-
-def recover_interrupted_save(target: str | Path) -> None:
-    """Put back the previous checkpoint folder if a save died after moving it aside (between the two renames
-    of ``write_folder``); called before every read and write of a folder."""
-    target = Path(target)
-    backup = target.with_name(f".{target.name}.old")
-    if not target.exists() and backup.is_dir():
-        _logger.warning("restoring %s from %s (a previous save was interrupted)", target, backup)
-        os.replace(backup, target)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames in ``path`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

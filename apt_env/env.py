@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from apt_env.checkpoint import load_backbone, read_backbone_config
 from apt_env.data import build_dataset
 from apt_env.defaults import DEFAULT_CHECKPOINT
 from apt_env.flops import FlopCounter
-from apt_env.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS, BudgetKeepRatio, observe
+from apt_env.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS, BudgetKeepRatio, as_tensor, observe
 from apt_env.tokens import TokenState, top_count
 
 _logger = logging.getLogger(__name__)
@@ -65,8 +67,15 @@ def build_backbone(
     if model is None:
         model = default_model()
     if isinstance(model, tuple):
+        if len(model) != 2 or not isinstance(model[1], Mapping):
+            raise ValueError(f"a model given as a tuple is (timm_name, timm_kwargs dict), got {model!r}")
         name, kwargs = model
         return PrunableViT.from_timm(name, **pruning, **kwargs)
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            "model must be a checkpoint folder, a timm name, (name, timm_kwargs), a timm module or a PrunableViT, "
+            f"got {type(model).__name__}"
+        )
     if Path(model).exists():
         return load_backbone(model).with_pruning(**pruning)
     return PrunableViT.from_timm(str(model), **pruning)
@@ -114,6 +123,19 @@ def _choice(name: str, value: Any, valid: Sequence[str]) -> None:
         raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
+def _names(name: str, values: Any) -> tuple:
+    """A sequence argument of names (``channels``, ``obs_keys``) as a tuple; a lone string is an error."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a sequence of names, got {values!r}")
+    return tuple(values)
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {name}={value!r}")
+    return float(value)
+
+
 def budget_range(budget: float | tuple[float, float] | None) -> tuple[float, float] | None:
     """``(low, high)`` from the env's ``budget`` argument (a fraction, or a range of them), checked."""
     if budget is None:
@@ -121,6 +143,8 @@ def budget_range(budget: float | tuple[float, float] | None) -> tuple[float, flo
     what = "a fraction of the dense backbone's GFLOPs in (0, 1], or a range (low, high) of them"
     if isinstance(budget, (int, float, np.floating, np.integer)) and not isinstance(budget, bool):
         low = high = float(budget)
+    elif isinstance(budget, (str, bytes, Mapping)):  # iterable, but not a range
+        raise ValueError(f"budget must be {what}, got budget={budget!r}")
     else:
         try:
             low, high = (float(v) for v in budget)  # type: ignore[union-attr]
@@ -423,6 +447,7 @@ class APTPruneVectorEnv(VectorEnv):
         _one_thread_if_forked()  # before any torch op
         _choice("reward", reward, REWARDS)
         _choice("mode", mode, MODES)
+        channels, obs_keys = _names("channels", channels), _names("obs_keys", obs_keys)
         for c in channels:
             _choice("channel", c, CHANNELS)
         self.budget_range = budget_range(budget)
@@ -430,13 +455,22 @@ class APTPruneVectorEnv(VectorEnv):
             if key in BUDGET_KEYS and self.budget_range is None:
                 raise ValueError(f"observation key {key!r} needs a budget: pass budget= to the env")
             _choice("observation key", key, OBS_KEYS + BUDGET_KEYS)
-        if not budget_weight >= 0.0:
+        flops_weight = _finite("flops_weight", flops_weight)
+        if _finite("budget_weight", budget_weight) < 0.0:
             raise ValueError(f"budget_weight must be a non-negative weight, got budget_weight={budget_weight!r}")
         if self.budget_range is not None:
             obs_keys = (*obs_keys, *(key for key in BUDGET_KEYS if key not in obs_keys))
-        if num_envs < 1:
-            raise ValueError(f"num_envs must be at least 1, got {num_envs}")
-        self.device = torch.device(device)
+        if isinstance(num_envs, bool) or not isinstance(num_envs, numbers.Integral) or num_envs < 1:
+            raise ValueError(f"num_envs must be an integer of at least 1, got {num_envs!r}")
+        if not isinstance(dataset, str):
+            raise ValueError(f"dataset must be a dataset name such as 'fashion-mnist', got {dataset!r}")
+        try:
+            self.device = torch.device(device)
+            torch.empty(0, device=self.device)  # an unknown or absent device fails here, not inside the model
+        except (RuntimeError, TypeError, AssertionError) as err:
+            raise ValueError(f"device {device!r} cannot be used: {err}") from None
+        if self.device.type == "meta":
+            raise ValueError("device 'meta' holds no data: pass a device that computes, such as 'cpu' or 'cuda'")
         model = default_model() if model is None else model
         pv = build_backbone(model, prune_layers=prune_layers, min_keep=min_keep)
         self.pv = pv.to(self.device).eval()
@@ -453,7 +487,7 @@ class APTPruneVectorEnv(VectorEnv):
             mode=mode,
             budget_weight=budget_weight if self.budget_range is not None else 0.0,
         )
-        self.num_envs = num_envs
+        self.num_envs = int(num_envs)
         n, c, k = pv.num_patches, pv.embed_dim, pv.num_stages
         all_spaces = {
             "tokens": spaces.Box(-np.inf, np.inf, (n, c), np.float32),
@@ -520,22 +554,8 @@ class APTPruneVectorEnv(VectorEnv):
 
     def _check_action(self, actions: Any) -> torch.Tensor:
         """A (num_envs, N) bool tensor from any 0/1 array; anything else is a ValueError."""
-        expected = (self.num_envs, self.pv.num_patches)
         space = f"{self.num_envs} x {self.single_action_space}"
-        if isinstance(actions, torch.Tensor):
-            a = actions.to(self.device)
-        else:
-            arr = np.asarray(actions)
-            if arr.dtype.kind not in "biuf":
-                raise ValueError(f"action must be numeric 0/1 for {space}, got dtype {arr.dtype}")
-            a = torch.from_numpy(arr).to(self.device)
-        if tuple(a.shape) != expected:
-            raise ValueError(f"action must have shape {expected} for {space}, got {tuple(a.shape)}")
-        if a.dtype == torch.bool:
-            return a
-        if a.is_complex() or not bool(((a == 0) | (a == 1)).all()):
-            raise ValueError(f"action values must be 0 or 1 for {space}")
-        return a == 1
+        return keep_mask(actions, (self.num_envs, self.pv.num_patches), space, self.device)
 
 
 class APTPruneEnv(gym.Env):
@@ -562,12 +582,24 @@ class APTPruneEnv(gym.Env):
         return _unbatch(_to_numpy(self.vector._start())), {}
 
     def step(self, action: Any) -> tuple[dict, float, bool, bool, dict]:
-        batched = action[None] if isinstance(action, torch.Tensor) else np.asarray(action)[None]
-        keep = self.vector._check_action(batched)
+        keep = keep_mask(action, self.action_space.shape, str(self.action_space), self.vector.device).unsqueeze(0)
         obs, reward, info = self.vector.episodes.step(keep)
         terminated = self.vector.episodes.stage == self.vector.episodes.num_stages
         info = {key: (v[0] if v.ndim > 1 else float(v[0])) for key, v in _to_numpy(info).items()}
         return _unbatch(_to_numpy(obs)), float(reward[0]), terminated, False, info
+
+
+def keep_mask(actions: Any, shape: tuple[int, ...], space: str, device: torch.device) -> torch.Tensor:
+    """A bool keep mask of ``shape`` on ``device`` from a 0/1 action: a tensor, numpy array or nested lists of
+    any numeric dtype, byte order and strides. Anything else is a ValueError that names the action ``space``."""
+    a = as_tensor(actions, f"action for {space}")
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"action must have shape {tuple(shape)} for {space}, got {tuple(a.shape)}")
+    if a.dtype == torch.bool:
+        return a.to(device)
+    if not bool(((a == 0) | (a == 1)).all()):
+        raise ValueError(f"action values must be 0 or 1 for {space}")
+    return (a == 1).to(device)
 
 
 def _vector_info(info: dict[str, Any], num_envs: int) -> dict[str, Any]:

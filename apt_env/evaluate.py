@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from apt_env.atomic import write_file
 from apt_env.backbone import Mode, PrunableViT
-from apt_env.checkpoint import load_train_state, save_train_state
 from apt_env.flops import FlopCounter, cls_attention_flops
 from apt_env.observe import OBS_KEYS, BudgetKeepRatio, KeepFn, walk
 from apt_env.tokens import top_count
+from apt_env.train_state import load_train_state
 
 __all__ = [
     "COLUMNS",
@@ -406,7 +407,7 @@ def save_decisions(path: str | Path, decisions: Decisions, **facts: Any) -> Path
     """Write ``decisions`` with the facts that make them replayable (dataset, split, image count, batch size,
     backbone digest, policy, budget, and the figures a replay must reproduce), atomically."""
     state = {"format": REPLAY_FORMAT, **facts, "index": decisions.index, "masks": decisions.masks}
-    return save_train_state(path, state)
+    return write_file(path, lambda f: torch.save(state, f))
 
 
 def load_decisions(path: str | Path, *, backbone_digest: str, dataset: str) -> tuple[Decisions, dict[str, Any]]:

@@ -9,7 +9,9 @@ this needs the Gymnasium env, so training and evaluation build observations with
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,6 +30,28 @@ CHANNELS: tuple[str, ...] = ("plain", "single", "multi")
 KeepFn = Callable[[dict[str, Tensor]], Tensor]
 """``keep_fn(obs)``: the keep mask (B, N) bool for a batched observation (tensors); pruned tokens are never
 kept. The agent and the baselines are one through their ``act`` method (``agents.policy.TokenPolicy``)."""
+
+
+def as_tensor(value: Any, what: str, device: torch.device | str | None = None) -> Tensor:
+    """``value`` as a dense tensor on ``device`` (None: where it is): a tensor, or a numpy array or nested lists of
+    numbers in any dtype, byte order and strides. Anything else is a ValueError that names ``what``."""
+    if isinstance(value, Tensor):
+        if value.layout != torch.strided or value.is_meta:
+            raise ValueError(f"{what} must be a dense tensor with data, got layout {value.layout} on {value.device}")
+        if value.is_complex():
+            raise ValueError(f"{what} must be real numbers, got dtype {value.dtype}")
+        return value.to(device)
+    try:
+        arr = np.asarray(value)
+    except ValueError:  # nested sequences of different lengths
+        raise ValueError(f"{what} must be an array of numbers, got a ragged {type(value).__name__}") from None
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{what} must be real numbers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:
+        arr = arr.astype(np.float64)  # torch has no long double
+    if not arr.dtype.isnative or not arr.flags.writeable or any(s < 0 for s in arr.strides):
+        arr = np.array(arr, dtype=arr.dtype.newbyteorder("="))  # a copy torch can share: native, C order
+    return torch.from_numpy(arr).to(device)
 
 
 class BudgetKeepRatio:

@@ -23,11 +23,11 @@ from stable_baselines3.common.callbacks import BaseCallback
 from agents.baselines import ClsAttentionTopK, RandomKeep
 from agents.ppo import NativePPO
 from agents.rollout import at_stage_ratios, evaluate_returns
-from agents.sb3 import APTActorCriticPolicy
+from agents.sb3_policy import APTActorCriticPolicy
 from apt_env.env import APTPruneVectorEnv
 from apt_env.report import markdown_table
 from apt_env.runs import seed_everything
-from apt_env.sb3 import SB3VecEnv
+from apt_env.sb3_vec_env import SB3VecEnv
 
 
 @dataclass

@@ -9,9 +9,9 @@ from stable_baselines3.common.utils import obs_as_tensor
 from agents.baselines import ClsAttentionTopK, KeepAll, RandomKeep
 from agents.policy import PRUNED_LOGIT, APTPolicy, TokenPolicy
 from agents.ppo import NativePPO
-from agents.sb3 import APTActorCriticPolicy
-from apt_env.checkpoint import load_train_state, save_train_state
-from apt_env.sb3 import SB3VecEnv
+from agents.sb3_policy import APTActorCriticPolicy
+from apt_env.sb3_vec_env import SB3VecEnv
+from apt_env.train_state import load_train_state, save_train_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

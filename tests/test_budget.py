@@ -19,12 +19,12 @@ from agents.policy import (
     top_count_live,
 )
 from agents.ppo import NativePPO
-from agents.sb3 import APTActorCriticPolicy
+from agents.sb3_policy import APTActorCriticPolicy
 from apt_env.data import build_dataset
 from apt_env.env import APTPruneEnv, APTPruneVectorEnv, build_backbone
 from apt_env.evaluate import budget_keep_ratio
 from apt_env.observe import BudgetKeepRatio
-from apt_env.sb3 import SB3VecEnv
+from apt_env.sb3_vec_env import SB3VecEnv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,16 +8,8 @@ import torch
 
 from apt_env import checkpoint
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
-from apt_env.checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    get_rng_state,
-    load_backbone,
-    load_train_state,
-    save_backbone,
-    save_train_state,
-    set_rng_state,
-)
+from apt_env.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_backbone, save_backbone
+from apt_env.train_state import get_rng_state, load_train_state, save_train_state, set_rng_state
 
 META = {"dataset": "fashion-mnist", "num_classes": 10, "img_size": 28, "in_chans": 1, "mean": [0.286], "std": [0.353]}
 

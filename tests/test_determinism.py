@@ -19,11 +19,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
-from agents.sb3 import APTActorCriticPolicy
+from agents.sb3_policy import APTActorCriticPolicy
 from apt_env.backbone import PrunableViT
-from apt_env.checkpoint import load_backbone, load_train_state
+from apt_env.checkpoint import load_backbone
 from apt_env.evaluate import budget_keep_ratio, evaluate_accuracy
-from apt_env.sb3 import SB3VecEnv
+from apt_env.sb3_vec_env import SB3VecEnv
+from apt_env.train_state import load_train_state
 
 
 @pytest.fixture

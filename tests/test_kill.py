@@ -14,7 +14,8 @@ from conftest import ROOT, TINY_VIT
 
 from agents.io import load_policy
 from apt_env.backbone import PrunableViT
-from apt_env.checkpoint import load_train_state, save_backbone
+from apt_env.checkpoint import save_backbone
+from apt_env.train_state import load_train_state
 
 TOTAL = 96
 """env steps of a run: 4 rollouts of 1 episode x 3 stages x 8 images"""

@@ -14,9 +14,10 @@ import torch
 from conftest import load_script
 
 from agents.io import load_policy
-from apt_env.checkpoint import load_backbone, load_train_state
+from apt_env.checkpoint import load_backbone
 from apt_env.distributed import state_digest
 from apt_env.env import APTPruneVectorEnv
+from apt_env.train_state import load_train_state
 
 SCRIPT = Path(__file__).resolve().parents[1] / "train_backbone.py"
 TINY_MODEL = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 16}
