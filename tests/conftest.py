@@ -8,6 +8,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from apt_env.backbone import PrunableViT
+from apt_env.checkpoint import save_backbone
 from apt_env.env import APTPruneVectorEnv
 
 TINY_VIT = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2)
@@ -37,6 +39,15 @@ def tiny_envs(num_envs: int = 4, **kwargs) -> APTPruneVectorEnv:
     """The tiny environment, built from a fixed seed."""
     torch.manual_seed(0)
     return APTPruneVectorEnv(num_envs, **{**TINY, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> Path:
+    """A saved checkpoint of the tiny ViT (untrained), for the scripts' tests."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("backbone") / "checkpoint"
+    save_backbone(path, PrunableViT.from_timm("vit_tiny_patch16_224", **TINY_VIT), meta={"dataset": "synthetic"})
+    return path
 
 
 @pytest.fixture

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_VIT
+from conftest import ROOT
 
 from agents.io import load_policy
-from apt_env.backbone import PrunableViT
-from apt_env.checkpoint import save_backbone
 from apt_env.train_state import load_train_state
 
 TOTAL = 96
@@ -22,13 +20,6 @@ TOTAL = 96
 INTERVAL = 48
 """env steps between checkpoints: 2 rollouts"""
 
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("backbone") / "checkpoint"
-    save_backbone(path, PrunableViT.from_timm("vit_tiny_patch16_224", **TINY_VIT), meta={"dataset": "synthetic"})
-    return path
 
 
 def command(algo: str, backbone: Path, out: Path) -> list[str]:

@@ -9,23 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import TINY_VIT, load_script
 
 from agents.io import load_policy
-from apt_env.backbone import PrunableViT
-from apt_env.checkpoint import save_backbone
 from apt_env.env import APTPruneVectorEnv
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_KWARGS = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2)
 
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("backbone") / "checkpoint"
-    save_backbone(path, PrunableViT.from_timm("vit_tiny_patch16_224", **TINY_KWARGS), meta={"dataset": "synthetic"})
-    return path
 
 
 def run(*flags: str, out: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -67,7 +57,7 @@ def test_algo_choices_are_native_and_the_sb3_algorithms():
 def test_agent_for_another_backbone_is_a_clear_error(backbone, tmp_path):
     run("--model", str(backbone), "--total-env-steps", "24", out=tmp_path)
     (run_dir,) = tmp_path.iterdir()
-    other = APTPruneVectorEnv(2, model=("vit_tiny_patch16_224", {**TINY_KWARGS, "embed_dim": 64}), dataset="synthetic")
+    other = APTPruneVectorEnv(2, model=("vit_tiny_patch16_224", {**TINY_VIT, "embed_dim": 64}), dataset="synthetic")
     with pytest.raises(ValueError, match="16 tokens of width 32.*16 tokens of width 64"):
         load_policy(run_dir / "agent", observation_space=other.single_observation_space)
 
