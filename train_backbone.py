@@ -47,7 +47,7 @@ from agents.io import load_policy, save_policy
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
-from apt_env.checkpoint import load_backbone, save_backbone
+from apt_env.checkpoint import checkpoint_data_config, load_backbone, save_backbone
 from apt_env.data import VAL_FRACTION, DatasetInfo, build_dataset, dataset_info, make_loader, pretrained_data_config
 from apt_env.distributed import gather_objects, init_distributed, state_digest
 from apt_env.env import APTPruneVectorEnv
@@ -211,13 +211,23 @@ def build_model(args: Args, info: DatasetInfo) -> PrunableViT:
     return PrunableViT.from_timm(args.model_name, pretrained=args.pretrained, **kwargs)
 
 
-def data_kwargs(args: Args, pv: PrunableViT) -> dict:
-    """``build_dataset`` arguments for this model: its size and channels, and for timm's pretrained weights their
-    own preprocessing (mean, std; timm's eval transform)."""
+def data_kwargs(args: Args, pv: PrunableViT, data_config: dict | None = None) -> dict:
+    """``build_dataset`` arguments for this model: its size and channels, and a timm data config (the
+    preprocessing of timm's pretrained weights: mean, std, eval transform) when it has one."""
     data = dict(img_size=pv.img_size[0], in_chans=pv.in_chans, root=args.data_root)
-    if args.pretrained:
-        data["data_config"] = pretrained_data_config(args.model_name, img_size=pv.img_size[0], in_chans=pv.in_chans)
+    if data_config is not None:
+        data["data_config"] = data_config
     return data
+
+
+def start_data_config(args: Args, pv: PrunableViT, run_dir: Path) -> dict | None:
+    """The data config the run starts from: the resumed checkpoint's, timm's for ``--pretrained``, or the one
+    ``--init-checkpoint`` records (None for a backbone trained on this project's transforms)."""
+    if args.resume:
+        return checkpoint_data_config(run_dir / "checkpoint")
+    if args.pretrained:
+        return pretrained_data_config(args.model_name, img_size=pv.img_size[0], in_chans=pv.in_chans)
+    return checkpoint_data_config(args.init_checkpoint) if args.init_checkpoint else None
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -232,9 +242,11 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
     return factor
 
 
-def checkpoint_meta(info: DatasetInfo, **extra: float) -> dict:
-    """What a checkpoint records besides the model: the data it expects, where it came from, how far it got."""
+def checkpoint_meta(info: DatasetInfo, data_config: dict | None = None, **extra: float) -> dict:
+    """What a checkpoint records besides the model: the data it expects (with the timm data config of its
+    preprocessing, if any), where it came from, how far it got."""
     return {
+        **({"data_config": data_config} if data_config is not None else {}),
         "dataset": info.name,
         "split": "train",
         "val_fraction": VAL_FRACTION,
@@ -248,15 +260,17 @@ def checkpoint_meta(info: DatasetInfo, **extra: float) -> dict:
     }
 
 
-def make_agent_trainer(args: Args, pv: PrunableViT, rank: int, device: torch.device) -> NativePPO:
+def make_agent_trainer(
+    args: Args, pv: PrunableViT, rank: int, device: torch.device, data_config: dict | None
+) -> NativePPO:
     """PPO for the agent on the environment over this very backbone (shared weights, no copy)."""
     envs = APTPruneVectorEnv(
         args.num_envs,
         model=pv,
         dataset=args.dataset,
         data_root=args.data_root,
+        data_config=data_config,
         flops_weight=args.flops_weight,
-        channels=("plain", "multi"),
         device=device,
     )
     # Every rank starts from the same agent (seed), and samples and draws its own images (seed + rank).
@@ -320,7 +334,8 @@ def train(args: Args, run_dir: Path) -> bool:
     pv = pv.to(device)
     if world_size > 1:  # augmentation and stage draws: each rank its own stream
         seed_everything(args.seed + rank)
-    data = data_kwargs(args, pv)
+    data_config = start_data_config(args, pv, run_dir)
+    data = data_kwargs(args, pv, data_config)
     train_set = build_dataset(args.dataset, split="train", augment=args.augment, **data)
     val_set = build_dataset(args.dataset, split="val", **data)
     val_loader = make_loader(val_set, batch_size=args.eval_batch_size, shuffle=False, seed=args.seed)
@@ -340,7 +355,7 @@ def train(args: Args, run_dir: Path) -> bool:
     )
     channels = ChannelLosses(pv, mode=args.train_prune_mode, label_smoothing=args.label_smoothing)
     losses_fn = DDP(channels) if world_size > 1 else channels
-    agent = make_agent_trainer(args, pv, rank, device) if args.mode == "apt" else None
+    agent = make_agent_trainer(args, pv, rank, device, data_config) if args.mode == "apt" else None
     weights = {"plain": args.plain_weight, "single": args.single_weight, "multi": args.multi_weight}
     start_epoch, global_step = 0, 0
     if state is not None:
@@ -444,6 +459,7 @@ def train(args: Args, run_dir: Path) -> bool:
                 logger.info("epoch %d: val top-1 %.4f loss %.4f", epoch + 1, val["acc1"], val["loss"])
                 meta = checkpoint_meta(
                     info,
+                    data_config,
                     epoch=epoch + 1,
                     train_loss=sum_loss / seen,
                     train_acc1=sum_correct / seen,
@@ -491,7 +507,7 @@ def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]
     """
     _, _, device = init_distributed(args.device)
     pv = load_backbone(run_dir / "checkpoint", device=device)
-    data = data_kwargs(args, pv)
+    data = data_kwargs(args, pv, checkpoint_data_config(run_dir / "checkpoint"))
     test_set = build_dataset(args.dataset, split="test", **data)
     loader = make_loader(test_set, batch_size=args.eval_batch_size, shuffle=False, seed=args.seed)
     plain_pv = load_backbone(plain_dir / "checkpoint", device=device) if plain_dir is not None else None

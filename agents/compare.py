@@ -13,6 +13,7 @@ from agents.rollout import at_stage_ratios, evaluate_returns
 from apt_env.data import build_dataset, make_loader
 from apt_env.env import APTPruneVectorEnv
 from apt_env.evaluate import evaluate
+from apt_env.report import markdown_table
 
 _logger = logging.getLogger(__name__)
 
@@ -26,19 +27,19 @@ def compare_policies(
     episodes: int = 8,
     images: int = 0,
     seed: int = 0,
-    split: str = "test",
+    split: str = "val",
 ) -> tuple[list[float], list[tuple[str, dict[str, Any]]]]:
     """Rows for the agent, keep-all, random and class-attention top-k (both at the agent's stage ratios).
 
     Args:
-        test_envs: the environment on the test split (its backbone is evaluated).
+        test_envs: the environment on the split of the returns (its backbone is evaluated).
         policy: the agent, acting deterministically (its expected keep count, by logit).
         dataset: the dataset's name, for the accuracy pass over its ``split``.
         data_root: where datasets live.
         episodes: batches of ``num_envs`` test images for the episode returns (the same for every row).
         images: test images for the accuracy pass (0: all).
         seed: seed of the episode draws and of random pruning.
-        split: the split of the accuracy pass (``val`` to tune, ``test`` to report).
+        split: the split of the accuracy pass (``val``, the default, to tune; ``test`` to report).
 
     Returns:
         The agent's keep ratio per stage, and ``(name, results)`` rows, results holding
@@ -68,14 +69,20 @@ def compare_policies(
 
 def format_comparison(ratios: list[float], rows: list[tuple[str, dict[str, Any]]], num_patches: int) -> str:
     """The rows as a Markdown table, under the agent's keep ratio per stage."""
-    lines = [
-        f"stage keep ratios of the agent: {', '.join(f'{r:.2f}' for r in ratios)}",
-        "| policy | episode return | loss delta | top-1 | GFLOPs/img | tokens (last block) | img/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+    table = [
+        {
+            "policy": name,
+            "episode return": r["episode_return"],
+            "loss delta": r["loss_delta"],
+            "top-1 (%)": 100 * r["acc1"],
+            "GFLOPs/img": r["gflops"],
+            "tokens (last block)": f"{r['tokens']:.1f}/{num_patches}",
+            "img/s": r["img_per_s"],
+        }
+        for name, r in rows
     ]
-    for name, r in rows:
-        lines.append(
-            f"| {name} | {r['episode_return']:.4f} | {r['loss_delta']:.4f} | {100 * r['acc1']:.2f}% | "
-            f"{r['gflops']:.4g} | {r['tokens']:.1f}/{num_patches} | {r['img_per_s']:.0f} |"
-        )
-    return "\n".join(lines)
+    formats = {"episode return": ".4f", "loss delta": ".4f", "top-1 (%)": ".2f", "img/s": ".0f"}
+    ratios_text = ", ".join(f"{r:.2f}" for r in ratios)
+    return f"stage keep ratios of the agent: {ratios_text}\n" + markdown_table(
+        table, list(table[0]), formats=formats, left=["policy"]
+    )

@@ -239,7 +239,7 @@ class APTPolicy(nn.Module):
         hidden: int = 64,
         qk_dim: int = 64,
         use_cls_attn: bool = True,
-        init_keep_prob: float = 0.5,
+        init_keep_prob: float = 0.9,
         use_budget: bool = False,
         sampling: str = "bernoulli",
     ) -> None:

@@ -112,7 +112,7 @@ class APTActorCriticPolicy(MultiInputActorCriticPolicy):
         hidden: int = 64,
         qk_dim: int = 64,
         use_cls_attn: bool | None = None,
-        init_keep_prob: float = 0.5,
+        init_keep_prob: float = 0.9,
         use_budget: bool | None = None,
         sampling: str = "bernoulli",
         **kwargs: Any,

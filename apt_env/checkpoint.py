@@ -186,6 +186,18 @@ def read_backbone_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def checkpoint_data_config(path: str | Path) -> dict[str, Any] | None:
+    """The timm data config (mean, std, interpolation, crop) a checkpoint records for its inputs, or None.
+
+    A backbone started from timm's pretrained weights records theirs (``train_backbone.py --pretrained``),
+    and every checkpoint fine-tuned from it inherits it, so evaluation and the env preprocess as in training.
+    """
+    config = read_backbone_config(path).get("data_config")
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"checkpoint {path} is corrupt: its data_config is a {type(config).__name__}, not an object")
+    return config
+
+
 def load_backbone(
     path: str | Path,
     *,

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium.vector.utils import batch_space
+from gymnasium.vector.utils import batch_space, iterate
 from torch import nn
 
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, MODES, Mode, PrunableViT
-from apt_env.checkpoint import load_backbone, read_backbone_config
+from apt_env.checkpoint import checkpoint_data_config, load_backbone, read_backbone_config
 from apt_env.data import build_dataset
 from apt_env.defaults import DEFAULT_CHECKPOINT
 from apt_env.flops import FlopCounter
@@ -30,6 +30,8 @@ from apt_env.tokens import TokenState, top_count
 _logger = logging.getLogger(__name__)
 
 REWARDS: tuple[str, ...] = ("loss_delta", "prob_delta", "vs_random")
+DEFAULT_CHANNELS: tuple[str, ...] = ("plain", "multi")
+"""The channels the reward needs; ``single`` (``CHANNELS``) costs a pass more and is reported when asked."""
 
 ModelSpec = str | Path | nn.Module | tuple[str, dict] | None
 
@@ -400,6 +402,8 @@ class APTPruneVectorEnv(VectorEnv):
       ``PrunableViT`` (used as is, weights shared), or ``None`` for the default (the shipped
       checkpoint, else an untrained ViT for 28x28 gray images).
     * ``dataset``, ``split``, ``data_root``: a dataset from ``apt_env.data`` and where it lives.
+      ``data_config``: timm's data config of the model's preprocessing (``build_dataset``); default: the
+      one a checkpoint records (a backbone started from timm's pretrained weights), else this project's.
     * ``prune_layers``: blocks before which the stages prune, strictly increasing in ``[1, depth - 1]``.
     * ``reward``: ``"loss_delta"``, ``"prob_delta"`` or ``"vs_random"``; ``flops_weight``: weight of
       the compute term.
@@ -413,14 +417,16 @@ class APTPruneVectorEnv(VectorEnv):
       names the valid range). Unset, they are the model's own (a checkpoint's or a ``PrunableViT``'s),
       else three evenly spaced blocks and 1. A ``PrunableViT`` with other values is a ValueError:
       pass ``pv.with_pruning(...)`` instead.
-    * ``channels``: which of ``plain``, ``single``, ``multi`` to report (``plain`` and ``multi`` are
-      always computed, the reward needs them); ``obs_keys``: which observation keys to compute.
+    * ``channels``: which of ``plain``, ``single``, ``multi`` to report; ``plain`` and ``multi`` are
+      always computed (the reward needs them) and are the default; ``single`` costs one more pass of the
+      remaining blocks per step. ``obs_keys``: which observation keys to compute.
     * ``mode``: ``"gathered"`` (pruned tokens removed, fast) or ``"masked"``; same results.
     * ``device``: where the model and every tensor live.
 
     ## Version History
 
-    * v0: initial version; budgets and the ``vs_random`` reward added as options (the defaults are unchanged).
+    * v0: initial version; budgets and the ``vs_random`` reward added as options (the defaults are unchanged);
+      ``loss_single`` reported only when ``channels`` asks for it (rewards and observations unchanged).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
@@ -433,13 +439,14 @@ class APTPruneVectorEnv(VectorEnv):
         dataset: str = "fashion-mnist",
         split: str = "train",
         data_root: str | Path = "data",
+        data_config: Mapping[str, Any] | None = None,
         prune_layers: Sequence[int] | None = None,
         reward: str = "loss_delta",
         flops_weight: float = 0.0,
         budget: float | tuple[float, float] | None = None,
         budget_weight: float = 2.0,
         min_keep: int | None = None,
-        channels: Sequence[str] = CHANNELS,
+        channels: Sequence[str] = DEFAULT_CHANNELS,
         obs_keys: Sequence[str] = OBS_KEYS,
         mode: str = "gathered",
         device: str | torch.device = "cpu",
@@ -474,7 +481,11 @@ class APTPruneVectorEnv(VectorEnv):
         model = default_model() if model is None else model
         pv = build_backbone(model, prune_layers=prune_layers, min_keep=min_keep)
         self.pv = pv.to(self.device).eval()
-        self.data = build_dataset(dataset, split=split, img_size=pv.img_size[0], in_chans=pv.in_chans, root=data_root)
+        if data_config is None and isinstance(model, (str, Path)) and Path(model).exists():
+            data_config = checkpoint_data_config(model)
+        self.data = build_dataset(
+            dataset, split=split, img_size=pv.img_size[0], in_chans=pv.in_chans, root=data_root, data_config=data_config
+        )
         check_model_fits_data(model, pv, dataset, len(self.data.classes))
         if pv.img_size[0] != pv.img_size[1]:
             raise ValueError(f"square images are needed, the model takes {pv.img_size}")
@@ -535,7 +546,7 @@ class APTPruneVectorEnv(VectorEnv):
 
     def step(self, actions: Any) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, dict]:
         obs, reward, terminated, truncated, info = self.step_tensors(actions)
-        info = _vector_info(info, self.num_envs)
+        info = _vector_info(info, self.num_envs, self.observation_space)
         return _to_numpy(obs), reward.cpu().numpy(), terminated.cpu().numpy(), truncated.cpu().numpy(), info
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -602,17 +613,17 @@ def keep_mask(actions: Any, shape: tuple[int, ...], space: str, device: torch.de
     return (a == 1).to(device)
 
 
-def _vector_info(info: dict[str, Any], num_envs: int) -> dict[str, Any]:
+def _vector_info(info: dict[str, Any], num_envs: int, space: spaces.Dict) -> dict[str, Any]:
     """Gymnasium's vector-env info: numpy arrays, each with its ``_key`` mask (every sub-environment
-    has every key), nested dicts alike, and ``final_obs`` as an object array of per-env observations."""
+    has every key), nested dicts alike, and ``final_obs`` as an object array of per-env observations
+    (split by the batched observation ``space``)."""
     out: dict[str, Any] = {}
     for key, value in info.items():
         if key == "final_obs":
-            final = _to_numpy(value)
             out[key] = np.empty(num_envs, dtype=object)
-            out[key][:] = [{k: v[i] for k, v in final.items()} for i in range(num_envs)]
+            out[key][:] = list(iterate(space, _to_numpy(value)))
         elif isinstance(value, dict):
-            out[key] = _vector_info(value, num_envs)
+            out[key] = _vector_info(value, num_envs, space)
         else:
             out[key] = value.cpu().numpy()
         out[f"_{key}"] = np.ones(num_envs, dtype=bool)

@@ -64,7 +64,7 @@ class EpisodeReturns(BaseCallback):
 
 
 def envs_for(args: Args, split: str) -> APTPruneVectorEnv:
-    return APTPruneVectorEnv(args.num_envs, split=split, flops_weight=args.flops_weight, channels=("plain", "multi"))
+    return APTPruneVectorEnv(args.num_envs, split=split, flops_weight=args.flops_weight)
 
 
 def main(args: Args) -> None:
@@ -73,7 +73,7 @@ def main(args: Args) -> None:
     print(f"default backbone, fashion-mnist, flops_weight={args.flops_weight}, num_envs={args.num_envs}")
 
     start = time.perf_counter()
-    trainer = NativePPO(train, policy_kwargs=dict(init_keep_prob=0.9), seed=args.seed)
+    trainer = NativePPO(train, seed=args.seed)
     trainer.learn(args.native_steps)
     trainer.policy.eval()
     agent = lambda obs: trainer.policy.act(obs, deterministic=True)  # noqa: E731
@@ -107,7 +107,7 @@ def main(args: Args) -> None:
         torch.manual_seed(args.seed)
         venv = SB3VecEnv(envs_for(args, "train"))
         model = algo(
-            APTActorCriticPolicy, venv, gamma=1.0, policy_kwargs=dict(init_keep_prob=0.9), seed=args.seed, **extra
+            APTActorCriticPolicy, venv, gamma=1.0, seed=args.seed, **extra
         )
         returns = EpisodeReturns()
         model.learn(args.sb3_steps, callback=returns, progress_bar=True)

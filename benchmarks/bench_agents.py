@@ -70,10 +70,10 @@ class Stopwatch:
 
 def main(args: Args) -> None:
     seed_everything(args.seed)
-    envs = APTPruneVectorEnv(args.num_envs, channels=("plain", "multi"))
+    envs = APTPruneVectorEnv(args.num_envs)
     k = envs.pv.num_stages
     rollout = args.episodes_per_rollout * k * args.num_envs
-    policy_kwargs = dict(hidden=64, init_keep_prob=0.9)
+    policy_kwargs = dict(hidden=64)
 
     native = NativePPO(envs, policy_kwargs=policy_kwargs, episodes_per_rollout=args.episodes_per_rollout, seed=0)
     native.learn(rollout)  # warm-up

@@ -48,8 +48,8 @@ def main(args: Args) -> None:
     pv = PrunableViT.from_timm(DEFAULT_MODEL_NAME, **DEFAULT_MODEL_KWARGS)
     data = build_dataset("fashion-mnist", split="train", augment=True)
     batches = iter(make_loader(data, batch_size=args.batch_size, shuffle=True, seed=args.seed, drop_last=True))
-    envs = APTPruneVectorEnv(args.num_envs, model=pv, flops_weight=0.5, channels=("plain", "multi"))
-    agent = NativePPO(envs, APTPolicy.for_env(envs, init_keep_prob=0.9), seed=args.seed)
+    envs = APTPruneVectorEnv(args.num_envs, model=pv, flops_weight=0.5)
+    agent = NativePPO(envs, APTPolicy.for_env(envs), seed=args.seed)
     agent.learn(args.agent_steps // 2)  # an agent that already prunes, as after the first agent phase
     agent.policy.eval()
     keep_fn = lambda obs: agent.policy.act(obs, deterministic=False, generator=agent.generator)  # noqa: E731

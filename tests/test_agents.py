@@ -159,7 +159,7 @@ def test_random_keep_ratio_and_seed():
 
 @pytest.mark.parametrize("algo", [PPO, A2C])
 def test_sb3_trains_the_apt_policy_and_round_trips(algo, tmp_path):
-    venv = SB3VecEnv(_envs(channels=("plain", "multi")))
+    venv = SB3VecEnv(_envs())
     kwargs = dict(n_steps=6, seed=0, device="cpu", policy_kwargs=dict(SMALL))  # SB3 edits it in place
     if algo is PPO:
         kwargs.update(batch_size=12, n_epochs=2)
@@ -185,7 +185,7 @@ def test_sb3_trains_the_apt_policy_and_round_trips(algo, tmp_path):
 def test_sb3_deterministic_prediction_prunes_as_act_does():
     """SB3's Bernoulli mode thresholds at 0.5, which keeps every token of a policy with keep probabilities
     of 0.7; the deterministic prediction keeps the expected count, as ``APTPolicy.act``."""
-    venv = SB3VecEnv(_envs(channels=("plain", "multi")))
+    venv = SB3VecEnv(_envs())
     model = PPO(
         APTActorCriticPolicy,
         venv,
@@ -206,7 +206,7 @@ def test_sb3_deterministic_prediction_prunes_as_act_does():
 
 
 def _trainer(seed: int, **kwargs) -> NativePPO:
-    envs = _envs(num_envs=8, flops_weight=1.0, channels=("plain", "multi"))
+    envs = _envs(num_envs=8, flops_weight=1.0)
     args = dict(lr=3e-3, episodes_per_rollout=2, seed=seed, policy_kwargs=dict(**SMALL, init_keep_prob=0.9))
     return NativePPO(envs, **{**args, **kwargs})
 
@@ -257,7 +257,7 @@ def test_deterministic_act_keeps_the_expected_count_by_logit(pruned_obs):
 
 def test_native_ppo_stores_and_credits_the_executed_action(monkeypatch):
     """The env tops rows up to min_keep; PPO must learn from what was done, not what was sampled."""
-    envs = _envs(num_envs=4, min_keep=4, channels=("plain", "multi"))
+    envs = _envs(num_envs=4, min_keep=4)
     trainer = NativePPO(envs, episodes_per_rollout=1, seed=0, policy_kwargs=dict(**SMALL, init_keep_prob=0.05))
     sampled, done = [], []
     step = envs.step_tensors

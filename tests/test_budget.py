@@ -126,11 +126,11 @@ def _random_policy_rewards(envs: APTPruneVectorEnv, episodes: int, seed: int) ->
 
 
 def test_vs_random_is_zero_in_expectation_for_a_random_policy_and_reproducible():
-    envs = _envs(num_envs=64, reward="vs_random", channels=("plain", "multi"))
+    envs = _envs(num_envs=64, reward="vs_random")
     rewards = _random_policy_rewards(envs, episodes=4, seed=0)
     assert rewards.std() > 0  # the masks do matter to the loss
     assert abs(rewards.mean()) < 3 * rewards.std() / math.sqrt(len(rewards)), (rewards.mean(), rewards.std())
-    again = _random_policy_rewards(_envs(num_envs=64, reward="vs_random", channels=("plain", "multi")), 4, 0)
+    again = _random_policy_rewards(_envs(num_envs=64, reward="vs_random"), 4, 0)
     np.testing.assert_array_equal(again, rewards)  # the random masks come from the env's seeded generator
 
 
@@ -328,7 +328,7 @@ def test_policy_and_env_budgets_must_match(budget_obs):
 
 
 def test_native_ppo_trains_the_topk_policy_on_a_budget_range():
-    envs = _envs(num_envs=8, budget=(0.25, 1.0), channels=("plain", "multi"))
+    envs = _envs(num_envs=8, budget=(0.25, 1.0))
     trainer = NativePPO(envs, episodes_per_rollout=1, seed=0, policy_kwargs=dict(**SMALL, sampling="topk"))
     assert trainer.policy.use_budget and trainer.policy.sampling == "topk"
     history = trainer.learn(2 * trainer.steps_per_rollout)
@@ -339,7 +339,7 @@ def test_native_ppo_trains_the_topk_policy_on_a_budget_range():
 
 
 def test_sb3_ppo_trains_the_topk_policy_and_predicts_the_budgets_count():
-    venv = SB3VecEnv(_envs(budget=(0.3, 1.0), channels=("plain", "multi")))
+    venv = SB3VecEnv(_envs(budget=(0.3, 1.0)))
     model = PPO(
         APTActorCriticPolicy,
         venv,

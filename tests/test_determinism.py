@@ -68,7 +68,7 @@ def test_native_ppo_with_budgets_and_top_k_sampling_repeats_exactly():
     """The Gumbel-top-k agent on a budget range (the Bernoulli one: ``test_agents.py``)."""
 
     def train(seed: int) -> tuple[dict, list[dict]]:
-        envs = tiny_envs(num_envs=8, budget=(0.25, 1.0), channels=("plain", "multi"))
+        envs = tiny_envs(num_envs=8, budget=(0.25, 1.0))
         trainer = NativePPO(envs, episodes_per_rollout=1, seed=seed, policy_kwargs=dict(**SMALL, sampling="topk"))
         history = trainer.learn(2 * trainer.steps_per_rollout)
         return trainer.policy.state_dict(), [{k: v for k, v in s.items() if k != "sps"} for s in history]
@@ -84,7 +84,7 @@ def test_sb3_ppo_repeats_exactly(sampling):
 
     def train(seed: int) -> dict[str, torch.Tensor]:
         budget = dict(budget=(0.3, 1.0)) if sampling == "topk" else {}
-        venv = SB3VecEnv(tiny_envs(channels=("plain", "multi"), **budget))
+        venv = SB3VecEnv(tiny_envs(**budget))
         kwargs = dict(policy_kwargs=dict(**SMALL, sampling=sampling), n_steps=6, batch_size=12, n_epochs=2)
         model = PPO(APTActorCriticPolicy, venv, seed=seed, device="cpu", **kwargs)
         model.learn(total_timesteps=48)

@@ -17,6 +17,7 @@ import apt_env  # noqa: F401  (registers APTPrune-v0)
 from apt_env.backbone import PrunableViT
 from apt_env.checkpoint import save_backbone
 from apt_env.env import APTPruneEnv, APTPruneVectorEnv
+from apt_env.observe import CHANNELS
 
 _vec = tiny_envs  # the same untrained weights in every env built here
 
@@ -79,7 +80,7 @@ def test_rewards_telescope_to_plain_minus_final_plus_flops_saved():
 
 
 def test_channels_single_multi_plain():
-    envs = _vec(num_envs=3)
+    envs = _vec(num_envs=3, channels=CHANNELS)
     envs.reset(seed=0)
     n = envs.pv.num_patches
     keep_half = np.zeros((3, n), dtype=np.int8)
@@ -95,7 +96,7 @@ def test_channels_single_multi_plain():
 
 
 def test_loss_plain_is_the_unpruned_model():
-    envs = _vec(num_envs=4, channels=("plain", "multi"), obs_keys=("keep",))
+    envs = _vec(num_envs=4, obs_keys=("keep",))  # the default channels: plain and multi
     envs.reset(seed=0)
     idx = gym.utils.seeding.np_random(0)[0].integers(0, len(envs.data), size=4)
     images = torch.stack([envs.data[int(i)][0] for i in idx])
@@ -377,7 +378,7 @@ INFO_KEYS = ("loss_plain", "loss_multi", "loss_single", "keep_ratio", "gflops", 
 
 
 def test_info_has_key_masks_and_the_terminal_step_info_at_the_top_level():
-    envs = _vec(num_envs=2, prune_layers=(2,))  # one stage: every step ends an episode
+    envs = _vec(num_envs=2, prune_layers=(2,), channels=CHANNELS)  # one stage: every step ends an episode
     envs.reset(seed=0)
     for _ in range(2):
         _, _, terminated, _, info = envs.step(np.ones((2, 16), dtype=np.int8))
@@ -388,7 +389,7 @@ def test_info_has_key_masks_and_the_terminal_step_info_at_the_top_level():
             assert info["final_info"][f"_{key}"].all()
     _, _, _, _, info = envs.step_tensors(torch.ones(2, 16, dtype=torch.bool))
     assert set(INFO_KEYS) <= set(info) and set(INFO_KEYS) <= set(info["final_info"])
-    envs = _vec(num_envs=2)  # three stages: the first step does not end the episode
+    envs = _vec(num_envs=2, channels=CHANNELS)  # three stages: the first step does not end the episode
     envs.reset(seed=0)
     _, _, terminated, _, info = envs.step(np.ones((2, 16), dtype=np.int8))
     assert not terminated.any() and "final_info" not in info

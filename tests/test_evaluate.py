@@ -204,3 +204,32 @@ def test_a_budget_agent_is_run_through_its_budget_input_and_meets_it(tmp_path):
         for name in (f"APT agent @ {b:g}", f"APT agent (sampled) @ {b:g}"):
             assert abs(rows[name]["gflops_backbone"] / rows["dense"]["gflops_backbone"] - b) <= 0.05 * b
             assert rows[name]["gflops_backbone"] == rows[f"random @ {b:.3g}"]["gflops_backbone"]  # same counts
+
+
+def test_a_checkpoints_recorded_preprocessing_is_used_by_evaluation_and_the_env(tmp_path):
+    """A backbone started from timm's pretrained weights records their data config; every reader applies it."""
+    from apt_env.checkpoint import checkpoint_data_config
+    from apt_env.data import build_dataset
+    from apt_env.env import APTPruneVectorEnv
+
+    module = load_script("evaluate")
+    model, _ = _checkpoint(tmp_path)
+    assert checkpoint_data_config(model) is None  # trained on this project's transforms
+    config = {"input_size": (1, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+              "mean": (0.9,), "std": (0.05,)}  # fmt: skip
+    meta = {"dataset": "synthetic", "data_config": config}
+    recorded = save_backbone(tmp_path / "recorded", load_backbone(model), meta=meta)
+    assert checkpoint_data_config(recorded)["mean"] == [0.9]
+
+    dense = {}
+    for path in (model, recorded):
+        dense[path] = module.main(_args(module, tmp_path, path, None, budgets=(0.5,), images=64))["dense"]
+    data = build_dataset("synthetic", split="test", img_size=32, in_chans=1, data_config=config)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(64)), batch_size=32)
+    expected = evaluate(load_backbone(recorded), loader)
+    assert dense[recorded]["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert dense[recorded]["loss"] != pytest.approx(dense[model]["loss"], rel=1e-3)
+
+    envs = APTPruneVectorEnv(2, model=recorded, dataset="synthetic")
+    assert envs.data.info.mean == (0.9,) and envs.data.info.std == (0.05,)
+    assert APTPruneVectorEnv(2, model=model, dataset="synthetic").data.info.mean != (0.9,)

@@ -1,11 +1,15 @@
 """SIGKILL train_agent.py in the middle of training, resume it, and end where an uninterrupted run ends."""
 
+import os
 import random
 import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,6 @@ TOTAL = 96
 """env steps of a run: 4 rollouts of 1 episode x 3 stages x 8 images"""
 INTERVAL = 48
 """env steps between checkpoints: 2 rollouts"""
-
 
 
 def command(algo: str, backbone: Path, out: Path) -> list[str]:
@@ -76,3 +79,114 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(algo, backbone, 
     assert not leftovers, f"a killed save's files survived the resumed run: {leftovers}"
     expected, got = agent_weights(whole), agent_weights(run_dir)
     assert [k for k, v in expected.items() if not torch.equal(got[k], v)] == []
+
+
+TAG = "APT_KILL_TEST_TAG"
+"""An environment variable that marks the processes of one launch: torchrun starts each worker in a session of its
+own, so killing torchrun's process group leaves the ranks running (they go on and finish the run)."""
+
+
+def tagged(tag: str) -> list[int]:
+    """The live processes whose environment holds ``TAG=tag``: torchrun and its workers (Linux's /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"{TAG}={tag}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:  # gone, or not ours
+            continue
+    return pids
+
+
+def kill_all(tag: str) -> None:
+    """SIGKILL torchrun and every rank at once: all their process groups stopped first, then killed; returns once
+    none of them is left to write a file."""
+    groups = set()
+    for pid in tagged(tag):
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for group in groups:
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 30
+    while tagged(tag):  # a killed process's environ reads empty once it is a zombie
+        assert time.monotonic() < deadline, f"processes of {tag} outlived SIGKILL"
+        time.sleep(0.01)
+
+
+@contextmanager
+def torchrun(args: list[str], stderr) -> Iterator[subprocess.Popen]:
+    """``train_agent.py args`` on 2 processes of torchrun, all of them killed on the way out (a timeout, a failed
+    check), so that no rank outlives the test."""
+    tag = uuid.uuid4().hex
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", TAG: tag}
+    proc = subprocess.Popen([*cmd, str(ROOT / "train_agent.py"), *args], stdout=subprocess.DEVNULL, stderr=stderr,
+                            text=True, cwd=ROOT, env=env, start_new_session=True)  # fmt: skip
+    try:
+        yield proc
+    finally:
+        kill_all(tag)
+        proc.wait()
+
+
+def finish_two(args: list[str]) -> str:
+    """Run ``train_agent.py args`` on 2 processes to its end; returns the log, once both ranks reported the same
+    agent."""
+    with torchrun(args, subprocess.PIPE) as proc:
+        _, log = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-4000:]
+    digests = dict(re.findall(r"rank (\d) agent sha256 (\w+)", log))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests
+    return log
+
+
+def rank_states(run_dir: Path) -> list[dict]:
+    """Each rank's saved trainer and global RNG states, in rank order."""
+    ranks = load_train_state(run_dir / "train_state.pt")["ranks"]
+    assert len(ranks) == 2 and all(set(r) == {"trainer", "rng"} for r in ranks)
+    return ranks
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers in /proc")
+def test_a_killed_two_process_run_resumes_on_two_processes(backbone, tmp_path):
+    flags = command("native", backbone, tmp_path / "whole")[2:]  # the flags, without python and the script
+    finish_two(flags)
+    (whole,) = (tmp_path / "whole").iterdir()
+
+    log = tmp_path / "killed.log"
+    with log.open("w") as stderr, torchrun(command("native", backbone, tmp_path / "killed")[2:], stderr) as proc:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "killed").glob("*/train_state.pt")):  # the first checkpoint
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint came"
+            time.sleep(0.01)
+        time.sleep(random.Random("native x 2").uniform(0.0, 0.3))  # in the next rollouts or the last checkpoint
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+    reached = reached_step(log.read_text())
+
+    (run_dir,) = (tmp_path / "killed").iterdir()
+    saved_ranks = rank_states(run_dir)  # whole: a torn file would not load
+    steps = [r["trainer"]["global_step"] for r in saved_ranks]
+    assert steps[0] == steps[1], f"the ranks were saved at different steps: {steps}"
+    trainers = [r["trainer"] for r in saved_ranks]  # each rank draws its own images and samples
+    assert not torch.equal(trainers[0]["generator"], trainers[1]["generator"])
+    assert trainers[0]["env_rng"] != trainers[1]["env_rng"]
+
+    resumed = finish_two(["--resume", str(run_dir)])
+    saved = {int(s) for s in re.findall(r"resuming \S+ at step (\d+)", resumed)}
+    assert saved == {steps[0]}, f"the ranks resumed at steps {saved}, the checkpoint holds {steps[0]}"
+    assert reached - steps[0] <= INTERVAL, f"the run reached step {reached} before the kill, resumed at {steps[0]}"
+    leftovers = [p.name for p in run_dir.iterdir() if ".tmp-" in p.name or p.name.endswith(".old")]
+    assert not leftovers, f"a killed save's files survived the resumed run: {leftovers}"
+    expected, got = agent_weights(whole), agent_weights(run_dir)
+    assert [k for k, v in expected.items() if not torch.equal(got[k], v)] == []
+    for rank, (want, have) in enumerate(zip(rank_states(whole), rank_states(run_dir))):  # each rank went on as its own
+        w, h = want["trainer"], have["trainer"]
+        assert h["global_step"] == w["global_step"] and torch.equal(h["generator"], w["generator"]), rank
+        assert h["env_rng"] == w["env_rng"], rank

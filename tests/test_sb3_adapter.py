@@ -38,7 +38,7 @@ def test_adapter_seed_reproduces():
 
 
 def test_sb3_ppo_learns_through_adapter():
-    venv = _adapter(channels=("plain", "multi"))
+    venv = _adapter()
     model = PPO("MultiInputPolicy", venv, n_steps=6, batch_size=12, n_epochs=1, seed=0, device="cpu")
     model.learn(total_timesteps=48)
     assert model.num_timesteps >= 48
