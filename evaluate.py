@@ -40,6 +40,7 @@ from apt_env.distributed import state_digest
 from apt_env.evaluate import (
     COLUMNS,
     Contender,
+    Decisions,
     budget_keep_ratio,
     evaluate_accuracy,
     fixed_masks,
@@ -54,6 +55,7 @@ from apt_env.runs import seed_everything
 logger = logging.getLogger("evaluate")
 
 AGENT = "APT agent"
+REPLAYED = "agent's masks, no decision"
 
 
 @dataclass
@@ -190,6 +192,41 @@ def heuristic_contenders(budgets: dict[float, float], seed: int) -> list[Contend
     return rows
 
 
+def replay_contenders(rows: list[dict], decisions: dict[str, Decisions]) -> list[Contender]:
+    """The physical reference of every deterministic agent row: the backbone on the masks the agent chose,
+    replayed without observing or deciding anything. Its speed over the agent's is the decision's cost."""
+    return [
+        Contender(
+            f"{REPLAYED} @ {r['budget']:.3g}", fixed_masks(decisions[r["policy"]]), r["budget"], obs_keys=("stage",)
+        )
+        for r in rows
+        if r["policy"].startswith(AGENT) and "sampled" not in r["policy"]
+    ]
+
+
+def decision_cost_text(rows: list[dict]) -> str:
+    """Each deterministic agent row's throughput over its masks replayed (the same blocks, no decision) and over
+    the dense model, at batch 256 and 1."""
+    by_name = {r["policy"]: r for r in rows}
+    dense = by_name["dense"]
+    lines = []
+    for r in rows:
+        replay = by_name.get(f"{REPLAYED} @ {r['budget']:.3g}")
+        if not r["policy"].startswith(AGENT) or "sampled" in r["policy"] or replay is None:
+            continue
+        ratio = {
+            f"{key[len('img_per_s_') :]}": (r[key] / replay[key], r[key] / dense[key])
+            for key in ("img_per_s_b256", "img_per_s_b1")
+        }
+        lines.append(
+            f"{r['policy']}: img/s over its masks replayed without a decision "
+            + ", ".join(f"{b} {a:.2f}" for b, (a, _) in ratio.items())
+            + "; over dense "
+            + ", ".join(f"{b} {d:.2f}" for b, (_, d) in ratio.items())
+        )
+    return "\n".join(lines)
+
+
 def command(args: Args) -> str:
     """The command line that gives ``args`` (the flags that differ from the defaults)."""
     flags = []
@@ -249,7 +286,7 @@ def main(args: Args) -> dict[str, dict]:
     if agent is not None and not agent.use_budget:  # the heuristics also at the compute the agent reached
         reached = next(r["budget"] for r in rows if r["policy"] == f"{AGENT} (deterministic)")
         budgets[round(reached, 3)] = budget_keep_ratio(pv, reached)
-    second = heuristic_contenders(budgets, args.seed)
+    second = heuristic_contenders(budgets, args.seed) + replay_contenders(rows, decisions)
     more_rows, more_decisions = evaluate_accuracy(pv, loader, second, desc="heuristics")
     rows += more_rows
     decisions.update(more_decisions)
@@ -295,6 +332,7 @@ def main(args: Args) -> dict[str, dict]:
             gflops_backbone=row["gflops_backbone"],
         )  # fmt: skip
     print(header + table)
+    print(decision_cost_text(rows))
     print(f"\nwrote {out}/results.csv, results.md, tradeoff.png, masks.png")
     return {r["policy"]: r for r in rows}
 

@@ -352,37 +352,49 @@ class APTPolicy(nn.Module):
             raise ValueError(f"obs['keep'] must be ({b}, {self.num_patches}), got {tuple(live.shape)}")
         return Batch(tokens, cls_token, cls_attn, live, stage, budget)
 
+    def _hidden(self, o: Batch) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
+        """The MLP's hidden features of the live tokens only, (L, H), with their (row, position) indices:
+        pruned tokens cost nothing. Also the class query (B, D) for the value head."""
+        rows, cols = o.live.nonzero(as_tuple=True)  # (L,) each, row-major
+        x = self.token_norm(o.tokens[rows, cols])  # (L, C)
+        q = self.q(self.cls_norm(o.cls))  # (B, D)
+        feats = [self.v(x), q[rows] * self.k(x)]
+        if o.cls_attn is not None:
+            feats.append(o.cls_attn[rows, cols].unsqueeze(-1) * self.num_patches)
+        h = self.fc1(torch.cat(feats, -1)) + self.stage_embed(o.stage)[rows]
+        if o.budget is not None:
+            h = h + self.budget_embed(o.budget)[rows]
+        return self.act_fn(self.fc2(self.act_fn(h))), (rows, cols), q
+
+    def _logits(self, h: Tensor, index: tuple[Tensor, Tensor], live: Tensor) -> Tensor:
+        """Keep logits (B, N) from the live tokens' hidden features, ``PRUNED_LOGIT`` elsewhere."""
+        logits = torch.full(live.shape, PRUNED_LOGIT, dtype=h.dtype, device=h.device)
+        return logits.index_put(index, self.logit_head(h).squeeze(-1))
+
     def forward(self, obs: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """Keep logits (B, N), ``PRUNED_LOGIT`` where already pruned, and state values (B,)."""
         o = self.prepare(obs)
-        x = self.token_norm(o.tokens)  # (B, N, C)
-        q = self.q(self.cls_norm(o.cls))  # (B, D)
-        feats = [self.v(x), q.unsqueeze(1) * self.k(x)]
-        if o.cls_attn is not None:
-            feats.append(o.cls_attn.unsqueeze(-1) * self.num_patches)
-        h = self.fc1(torch.cat(feats, -1)) + self.stage_embed(o.stage).unsqueeze(1)
-        if o.budget is not None:
-            h = h + self.budget_embed(o.budget).unsqueeze(1)
-        h = self.act_fn(self.fc2(self.act_fn(h)))  # (B, N, H)
-        logits = self.logit_head(h).squeeze(-1).masked_fill(~o.live, PRUNED_LOGIT)  # (B, N)
-        live = o.live.unsqueeze(-1).to(h.dtype)
-        pooled = (h * live).sum(1) / live.sum(1).clamp(min=1)  # (B, H)
+        h, index, q = self._hidden(o)
+        pooled = h.new_zeros(o.live.shape[0], h.shape[1]).index_add(0, index[0], h)
+        pooled = pooled / o.live.sum(1, keepdim=True).clamp(min=1).to(h.dtype)  # mean over live tokens (B, H)
         value = self.value_head(torch.cat([pooled, q], -1)).squeeze(-1)  # (B,)
-        return logits, value
+        return self._logits(h, index, o.live), value
+
+    def keep_logits(self, obs: Mapping[str, Any]) -> Tensor:
+        """The keep logits of ``forward`` without the value head: all that a decision needs."""
+        o = self.prepare(obs)
+        h, index, _ = self._hidden(o)
+        return self._logits(h, index, o.live)
 
     def decision_flops(self, live: Tensor) -> Tensor:
         """The FLOPs of ``act`` per image (fvcore's convention: a multiply-add is one, LayerNorm five per
-        element), from the live patch tokens at each stage (B, K).
-
-        The network runs on all ``N`` positions (pruned ones zeroed) and ``forward`` computes the value head
-        too, so the cost does not depend on ``live`` beyond its number of stages.
+        element), from the live patch tokens at each stage (B, K): the network runs on the live tokens only,
+        and a decision skips the value head.
         """
-        c, d, h, n = self.embed_dim, self.qk_dim, self.hidden, self.num_patches
+        c, d, h = self.embed_dim, self.qk_dim, self.hidden
         per_token = 5 * c + 2 * c * d + d + (2 * d + int(self.use_cls_attn)) * h + h * h + h
-        per_image = 5 * c + c * d + (h + d) * h + h  # class-token norm and query, value head
-        per_image += h * int(self.use_budget)  # the budget's projection
-        per_stage = n * per_token + per_image
-        return torch.full(live.shape[:1], float(per_stage * live.shape[1]), dtype=torch.float64)
+        per_stage = 5 * c + c * d + h * int(self.use_budget)  # class-token norm and query, the budget's projection
+        return (live.double() * per_token + per_stage).sum(1).cpu()
 
     def get_action_and_value(
         self, obs: Mapping[str, Any], action: Tensor | None = None, *, generator: torch.Generator | None = None
@@ -440,7 +452,7 @@ class APTPolicy(nn.Module):
                 one), whatever ``deterministic`` says: a fixed budget.
             generator: the random source for sampling.
         """
-        logits, _ = self(obs)
+        logits = self.keep_logits(obs)
         live = live_mask(obs, logits.device)
         if keep_ratio is not None:
             return top_k_live(logits, live, keep_ratio)

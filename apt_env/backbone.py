@@ -24,7 +24,7 @@ from typing import Literal
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+from timm.models.vision_transformer import Attention, ResPostBlock, VisionTransformer
 from torch import nn
 
 from apt_env.models import vit_apt_tiny_patch4_28
@@ -250,31 +250,38 @@ class PrunableViT(nn.Module):
         return self.head(self.run_blocks(state, start, self.depth))
 
     def cls_attention(self, state: TokenState, block: int) -> torch.Tensor:
-        """Attention of the class token to each patch in ``block``, mean over heads.
+        """Attention of the class token to each patch in ``block``, mean over heads, computed apart from the block.
 
         ``state`` is the input of that block. Models without a class token use the mean of the
-        live patch tokens as the query. Only the key projection and one query are computed, so the
-        cost is a fraction of the block's. Pruned positions get 0.
+        live patch tokens as the query. Only the key projection and one query are computed.
+        ``advance_to_stage`` reads the same attention from the block's own ``qkv`` at almost no cost.
 
         Returns:
-            attention weights at the original patch positions. # (B, N)
+            attention weights at the original patch positions, pruned positions 0. # (B, N)
         """
         blk = self.model.blocks[block]
         attn = blk.attn
         if not hasattr(attn, "qkv"):
             raise ValueError(f"block {block} attention ({type(attn).__name__}) has no qkv projection")
         x = state.x if isinstance(blk, ResPostBlock) else blk.norm1(state.x)
-        b, t, _ = x.shape
-        a, h = attn.qkv.out_features // 3, attn.num_heads
+        a = attn.qkv.out_features // 3
         w, bias = attn.qkv.weight, attn.qkv.bias
         k = F.linear(x, w[a : 2 * a], None if bias is None else bias[a : 2 * a])
-        k = attn.k_norm(k.view(b, t, h, a // h).transpose(1, 2))  # (B, H, T, D)
         if self.model.cls_token is not None:
             xq = x[:, :1]
         else:
             xq = live_mean(x[:, self.num_prefix_tokens :], state.keep).unsqueeze(1)
         q = F.linear(xq, w[:a], None if bias is None else bias[:a])
-        q = attn.q_norm(q.view(b, 1, h, a // h).transpose(1, 2))  # (B, H, 1, D)
+        return self._attention_row(attn, q, k, state)
+
+    def _attention_row(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """The class query's attention over the keys, mean over heads, at the original patch positions (B, N).
+
+        ``q`` (B, 1, A) and ``k`` (B, T, A) are the projections before the heads' ``q_norm`` / ``k_norm``."""
+        b, t, a = k.shape
+        h = attn.num_heads
+        k = attn.k_norm(k.reshape(b, t, h, a // h).transpose(1, 2))  # (B, H, T, D)
+        q = attn.q_norm(q.reshape(b, 1, h, a // h).transpose(1, 2))  # (B, H, 1, D)
         scores = (q @ k.transpose(-2, -1)) * attn.scale  # (B, H, 1, T)
         key_mask = state.key_mask()
         if key_mask is not None:
@@ -283,6 +290,33 @@ class PrunableViT(nn.Module):
         probs = probs * state.keep.to(probs.dtype)
         return probs.new_zeros(b, self.num_patches).scatter(1, state.index, probs)
 
+    def reads_attention_from_qkv(self, block: int) -> bool:
+        """Whether ``advance_to_stage`` takes ``block``'s class attention from the block's own ``qkv`` output
+        (timm's ``Attention``, whose forward calls its ``qkv`` module), not from a second key projection."""
+        attn = self.model.blocks[block].attn
+        return type(attn) is Attention and type(attn.qkv) is nn.Linear
+
+    def _run_reading_attention(self, state: TokenState, block: int) -> tuple[TokenState, torch.Tensor]:
+        """Run ``block`` on ``state`` and read its class attention from the ``qkv`` output it computes anyway.
+
+        The whole batch runs as one (padded rows included), so that the captured projections line up with it."""
+        attn = self.model.blocks[block].attn
+        captured: list[torch.Tensor] = []
+        handle = attn.qkv.register_forward_hook(lambda module, args, out: captured.append(out.detach()))
+        try:
+            x = self._run(state.x, block, block + 1, state.attn_mask())
+        finally:
+            handle.remove()
+        (qkv,) = captured
+        a = qkv.shape[-1] // 3
+        with torch.no_grad():
+            if self.model.cls_token is not None:
+                q = qkv[:, :1, :a]
+            else:  # the query of the live patches' mean: the projection is affine, so the mean of their queries
+                q = live_mean(qkv[:, self.num_prefix_tokens :, :a], state.keep).unsqueeze(1)
+            probs = self._attention_row(attn, q, qkv[..., a : 2 * a], state)
+        return state.with_x(x), probs
+
     def advance_to_stage(
         self, state: TokenState, stage: int, *, take_attn: bool
     ) -> tuple[TokenState, torch.Tensor | None]:
@@ -290,7 +324,9 @@ class PrunableViT(nn.Module):
 
         The one walk between pruning points that the env, joint training and evaluation share: blocks
         ``[stage_bounds[stage], prune_layers[stage])``, with the class attention of the last of them taken on
-        the way when ``take_attn`` (else None). The attention is an observation: it carries no gradient.
+        the way when ``take_attn`` (else None): from that block's own query and key projections where
+        ``reads_attention_from_qkv``, else by ``cls_attention``. The attention is an observation: it carries
+        no gradient.
 
         Returns:
             the tokens entering block ``prune_layers[stage]``, and their class attention (B, N) or None.
@@ -299,6 +335,8 @@ class PrunableViT(nn.Module):
         if not take_attn:
             return self.run_blocks(state, start, end), None
         state = self.run_blocks(state, start, end - 1)
+        if self.reads_attention_from_qkv(end - 1):
+            return self._run_reading_attention(state, end - 1)
         with torch.no_grad():
             attn = self.cls_attention(state, end - 1)
         return self.run_blocks(state, end - 1, end), attn

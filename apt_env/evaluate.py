@@ -198,7 +198,10 @@ def _decision_gflops(pv: PrunableViT, contender: Contender) -> Callable[[Tensor]
     (``contender.flops``) and the class attention it reads, whose coefficients are read once here."""
     attn = []
     if contender.keep_fn is not None and "cls_attn" in contender.obs_keys:
-        attn = [cls_attention_flops(pv.model, layer - 1) for layer in pv.prune_layers]
+        attn = [
+            cls_attention_flops(pv.model, layer - 1, from_qkv=pv.reads_attention_from_qkv(layer - 1))
+            for layer in pv.prune_layers
+        ]
 
     def cost(live: Tensor) -> Tensor:
         total = torch.zeros(live.shape[0], dtype=torch.float64, device=live.device)

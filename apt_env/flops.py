@@ -193,9 +193,7 @@ def _attn_pool_flops(pool: nn.Module, where: str) -> tuple[int, int, int]:
         + _linear_flops(pool.proj, f"{where}.proj")
     )
     if pool.mlp is not None:
-        constant += latent_len * (
-            _norm_flops(pool.norm, f"{where}.norm") + _per_token_flops(pool.mlp, f"{where}.mlp")
-        )
+        constant += latent_len * (_norm_flops(pool.norm, f"{where}.norm") + _per_token_flops(pool.mlp, f"{where}.mlp"))
         counted.update(pool.mlp.modules())
     _check_all_counted(pool, counted | {pool}, where)  # pool's own parameter is the latent query
     out_vectors = 1 if pool.pool in ("token", "avg") else latent_len
@@ -294,11 +292,14 @@ class FlopCounter:
         return float(self(full))
 
 
-def cls_attention_flops(model: nn.Module, block: int) -> tuple[int, int]:
-    """Flops of reading the class token's attention in ``block`` (``PrunableViT.cls_attention``).
+def cls_attention_flops(model: nn.Module, block: int, *, from_qkv: bool = False) -> tuple[int, int]:
+    """Flops of reading the class token's attention in ``block``.
 
-    It recomputes ``norm1`` and the key third of ``qkv`` on every token, one query, and one row of
-    ``q @ k^T`` per head; softmax and the head mean are free by convention.
+    Apart from the block (``PrunableViT.cls_attention``) it recomputes ``norm1`` and the key third of ``qkv``
+    on every token, one query, and one row of ``q @ k^T`` per head. ``from_qkv``: read from the block's own
+    ``qkv`` output (``PrunableViT.advance_to_stage``), only the heads' key and query norms and the row of
+    ``q @ k^T`` are extra (and, without a class token, the mean of the queries). Softmax and the head mean
+    are free by convention.
 
     Returns:
         ``(per_token, constant)``: the cost is ``per_token * n + constant`` on ``n`` tokens (prefix included).
@@ -306,7 +307,13 @@ def cls_attention_flops(model: nn.Module, block: int) -> tuple[int, int]:
     blk = model.blocks[block]
     qkv, where = blk.attn.qkv, f"blocks[{block}]"
     attn_dim = qkv.out_features // 3
+    heads = blk.attn.num_heads
+    k_norm = heads * _norm_flops(blk.attn.k_norm, f"{where}.attn.k_norm")
+    q_norm = heads * _norm_flops(blk.attn.q_norm, f"{where}.attn.q_norm")
+    if from_qkv:
+        mean_query = attn_dim if getattr(model, "cls_token", None) is None else 0
+        return k_norm + attn_dim + mean_query, q_norm
     norm = _norm_flops(blk.norm1, f"{where}.norm1")
-    key = qkv.in_features * attn_dim + blk.attn.num_heads * _norm_flops(blk.attn.k_norm, f"{where}.attn.k_norm")
-    query = qkv.in_features * attn_dim + blk.attn.num_heads * _norm_flops(blk.attn.q_norm, f"{where}.attn.q_norm")
+    key = qkv.in_features * attn_dim + k_norm
+    query = qkv.in_features * attn_dim + q_norm
     return norm + key + attn_dim, query

@@ -48,6 +48,24 @@ def test_forward_and_get_action_and_value_shapes(pruned_obs):
     assert (logits[pruned_obs["keep"] == 0] == PRUNED_LOGIT).all()
 
 
+def test_a_decision_runs_on_the_live_tokens_only_and_skips_the_value_head(pruned_obs):
+    policy = _policy()
+    logits, _ = policy(pruned_obs)
+    torch.testing.assert_close(policy.keep_logits(pruned_obs), logits, atol=0, rtol=0)
+    # Pruned positions are not read: garbage there changes nothing.
+    dead = pruned_obs["keep"] == 0
+    garbage = {**pruned_obs, "tokens": pruned_obs["tokens"].masked_fill(dead[..., None], 1e6)}
+    torch.testing.assert_close(policy(garbage), policy(pruned_obs), atol=0, rtol=0)
+    # Its FLOPs grow with the live tokens: one token's worth per token, whatever the positions.
+    live = torch.tensor([[16, 9, 4], [16, 16, 16], [16, 9, 5]])
+    flops = policy.decision_flops(live)
+    assert flops[0] < flops[2] < flops[1] and flops[1] - flops[2] == 18 * (flops[2] - flops[0])
+    calls = []
+    policy.value_head.register_forward_hook(lambda *args: calls.append(1))
+    policy.act(pruned_obs) & policy.act(pruned_obs, deterministic=False)
+    assert calls == []
+
+
 def test_log_prob_and_entropy_are_bernoulli_over_live_tokens(pruned_obs):
     policy = _policy()
     action, log_prob, entropy, _ = policy.get_action_and_value(pruned_obs)
