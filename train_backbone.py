@@ -50,7 +50,7 @@ from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableV
 from apt_env.checkpoint import checkpoint_data_config, load_backbone, save_backbone
 from apt_env.data import VAL_FRACTION, DatasetInfo, build_dataset, dataset_info, make_loader, pretrained_data_config
 from apt_env.distributed import gather_objects, init_distributed, state_digest
-from apt_env.env import APTPruneVectorEnv
+from apt_env.env import APTPruneVectorEnv, budget_range
 from apt_env.evaluate import (
     Contender,
     evaluate,
@@ -59,6 +59,7 @@ from apt_env.evaluate import (
     random_at_counts,
 )
 from apt_env.joint import ChannelLosses
+from apt_env.observe import BUDGET_KEYS, OBS_KEYS
 from apt_env.report import agent_masks_figure, markdown_table
 from apt_env.runs import hyperparameters_text, load_args, new_run_dir, seed_everything
 from apt_env.train_state import get_rng_state, load_train_state, save_train_state, set_rng_state
@@ -141,6 +142,15 @@ class Args:
     """apt mode: images per env batch in the agent phase (per process)"""
     flops_weight: float = 0.5
     """apt mode: weight of the compute term of the agent's reward"""
+    budget: tuple[float, float] | None = None
+    """apt mode: a budget range (fractions of the dense backbone's GFLOPs) for one budget-conditioned agent: it
+    keeps each budget's token count (Gumbel top-k, its mode at test time), every agent episode and every
+    training image drawing a budget from the range, so the backbone trains on the masks it meets at test time;
+    none: the agent chooses how many tokens to keep (a Bernoulli per token)"""
+    reward: Literal["loss_delta", "prob_delta", "vs_random"] = "loss_delta"
+    """apt mode: the agent's reward (``APTPruneVectorEnv``'s ``reward``)"""
+    eval_budget: float = 0.5
+    """apt mode with --budget: the budget of the final table's pruned rows"""
     agent_lr: float = 3e-4
     """apt mode: the agent's learning rate"""
     init_keep_prob: float = 0.9
@@ -158,6 +168,10 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--warmup-epochs must be in [0, --epochs={args.epochs}), got {args.warmup_epochs}")
     if args.init_agent and args.mode != "apt":
         raise ValueError("--init-agent needs --mode apt")
+    if args.budget is not None:
+        budget_range(args.budget)  # a clear error for a bad range
+    if not 0.0 < args.eval_budget <= 1.0:
+        raise ValueError(f"--eval-budget must be a fraction in (0, 1], got {args.eval_budget}")
     if args.pretrained and args.init_checkpoint:
         raise ValueError("pass either --pretrained or --init-checkpoint, not both")
     if args.epochs < 1 or args.steps_per_epoch < 0:
@@ -230,6 +244,14 @@ def start_data_config(args: Args, pv: PrunableViT, run_dir: Path) -> dict | None
     return checkpoint_data_config(args.init_checkpoint) if args.init_checkpoint else None
 
 
+def draw_budgets(budget: tuple[float, float] | None, size: int, device: torch.device) -> torch.Tensor | None:
+    """A budget per training image, uniform in the range as the env draws one per episode (torch's RNG)."""
+    if budget is None:
+        return None
+    low, high = budget
+    return (low + (high - low) * torch.rand(size, dtype=torch.float64)).to(device)
+
+
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
     """Learning-rate factor of each step: linear warm-up to 1, then cosine decay to 0."""
 
@@ -271,6 +293,8 @@ def make_agent_trainer(
         data_root=args.data_root,
         data_config=data_config,
         flops_weight=args.flops_weight,
+        budget=args.budget,
+        reward=args.reward,
         device=device,
     )
     # Every rank starts from the same agent (seed), and samples and draws its own images (seed + rank).
@@ -279,7 +303,8 @@ def make_agent_trainer(
         if args.init_agent:
             policy = load_policy(args.init_agent, observation_space=envs.single_observation_space, device=device)
         else:
-            policy = APTPolicy.for_env(envs, init_keep_prob=args.init_keep_prob)
+            sampling = "bernoulli" if args.budget is None else "topk"
+            policy = APTPolicy.for_env(envs, init_keep_prob=args.init_keep_prob, sampling=sampling)
     return NativePPO(envs, policy, lr=args.agent_lr, seed=args.seed + rank)
 
 
@@ -412,7 +437,8 @@ def train(args: Args, run_dir: Path) -> bool:
             for images, labels in bar:
                 images, labels = images.to(device), labels.to(device)
                 single_stage = random.randrange(pv.num_stages)
-                losses, logits = losses_fn(images, labels, keep_fn, weights, single_stage)
+                budget = draw_budgets(args.budget, len(labels), device) if pruning else None
+                losses, logits = losses_fn(images, labels, keep_fn, weights, single_stage, budget)
                 loss = sum(losses.values())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -515,7 +541,12 @@ def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]
         contenders = [Contender("plain ViT")]
     else:
         policy = load_policy(run_dir / "agent", device=device).eval()
-        agent = Contender("APT (pruning)", lambda obs: policy.act(obs, deterministic=True), flops=policy.decision_flops)
+        act = lambda obs: policy.act(obs, deterministic=True)  # noqa: E731
+        if policy.use_budget:  # run through its budget input
+            budget_keys = (*OBS_KEYS, *BUDGET_KEYS)
+            agent = Contender("APT (pruning)", act, args.eval_budget, obs_keys=budget_keys, flops=policy.decision_flops)
+        else:
+            agent = Contender("APT (pruning)", act, flops=policy.decision_flops)
         contenders = [agent, Contender("APT (no pruning)")]
     rows, decisions = evaluate_accuracy(pv, loader, contenders, desc="test")
     if args.mode == "apt":

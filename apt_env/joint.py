@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apt_env.backbone import Mode, PrunableViT
-from apt_env.observe import CHANNELS, OBS_KEYS, KeepFn, observe, walk
+from apt_env.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS, BudgetKeepRatio, KeepFn, observe, walk
 from apt_env.tokens import TokenState
 
 
@@ -36,6 +36,7 @@ class ChannelLosses(nn.Module):
         self.pv = pv
         self.mode = mode
         self.label_smoothing = label_smoothing
+        self._budget_ratio: BudgetKeepRatio | None = None  # tabulated on the first budget
 
     def forward(
         self,
@@ -44,6 +45,7 @@ class ChannelLosses(nn.Module):
         keep_fn: KeepFn | None = None,
         weights: Mapping[str, float] | None = None,
         single_stage: int = 0,
+        budget: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The losses by channel (only those with a non-zero weight, each already weighted) and the plain logits.
 
@@ -53,6 +55,8 @@ class ChannelLosses(nn.Module):
             keep_fn: pruning decisions; None trains the plain channel only.
             weights: per-channel weights; default 1 for every channel (only ``plain`` without ``keep_fn``).
             single_stage: the stage whose action alone makes the ``single`` channel.
+            budget: each image's budget (B,), observed as the env observes it (``budget``, ``keep_count``), for
+                a budget-conditioned ``keep_fn``: the backbone then trains on the masks it sees at test time.
         """
         pv, b = self.pv, self.pv.stage_bounds
         weights = dict(weights or {c: 1.0 for c in CHANNELS})
@@ -62,6 +66,11 @@ class ChannelLosses(nn.Module):
         if unknown:
             raise ValueError(f"unknown channels {sorted(unknown)}; valid: {', '.join(CHANNELS)}")
         pruning = keep_fn is not None and (weights.get("single", 0) or weights.get("multi", 0))
+        keys, seen = OBS_KEYS, {}
+        if budget is not None:
+            if self._budget_ratio is None:
+                self._budget_ratio = BudgetKeepRatio(pv)
+            keys, seen = (*OBS_KEYS, *BUDGET_KEYS), dict(budget=budget, keep_ratio=self._budget_ratio(budget))
 
         # The plain pass, keeping the tokens (and class attention) entering every stage.
         states: list[TokenState] = []
@@ -77,11 +86,11 @@ class ChannelLosses(nn.Module):
         if pruning and weights.get("single", 0):
             j = single_stage
             with torch.no_grad():
-                mask = _as_bool(keep_fn)(observe(pv, states[j], attns[j], j, OBS_KEYS))
+                mask = _as_bool(keep_fn)(observe(pv, states[j], attns[j], j, keys, **seen))
             single = pv.finish(pv.prune(states[j], mask, self.mode), b[j + 1])
             losses["single"] = weights["single"] * self._ce(single, labels)
         if pruning and weights.get("multi", 0):
-            *_, last = walk(pv, states[0], attns[0], _as_bool(keep_fn), keys=OBS_KEYS, mode=self.mode)
+            *_, last = walk(pv, states[0], attns[0], _as_bool(keep_fn), keys=keys, mode=self.mode, **seen)
             losses["multi"] = weights["multi"] * self._ce(pv.finish(last, b[-2]), labels)
         return {c: v for c, v in losses.items() if weights.get(c, 0)}, logits_plain
 

@@ -88,8 +88,8 @@ def test_joint_training_freezes_the_agent_in_the_backbone_phase_and_the_backbone
     taken: list[tuple[dict, dict, torch.Tensor]] = []
     build = script.make_agent_trainer
 
-    def make_agent_trainer(args, pv, rank, device):
-        trainer = build(args, pv, rank, device)
+    def make_agent_trainer(args, pv, *rest):
+        trainer = build(args, pv, *rest)
         learn = trainer.learn
 
         def take() -> None:
@@ -118,3 +118,32 @@ def test_joint_training_freezes_the_agent_in_the_backbone_phase_and_the_backbone
     assert not torch.equal(rng0, rng1), "the agent must sample the backbone phase's masks"
     assert _same(agent0, agent1) and not _same(vit0, vit1)  # backbone phase: only the backbone trains
     assert _same(vit1, vit2) and not _same(agent1, agent2)  # agent phase: only the agent trains
+
+
+def test_a_budget_agent_is_observed_with_each_images_budget_and_its_count():
+    """With budgets the backbone trains on the masks a budget agent picks at test time: the env's observation."""
+    from agents.policy import APTPolicy
+    from apt_env.observe import BudgetKeepRatio
+    from apt_env.tokens import keep_count
+
+    pv, x, y = _setup()
+    budget = torch.tensor([0.3, 0.5, 0.7, 1.0, 0.25, 0.6], dtype=torch.float64)
+    ratio = BudgetKeepRatio(pv)(budget)
+    policy = APTPolicy(32, 16, 3, hidden=16, qk_dim=16, use_budget=True, sampling="topk")
+    seen = []
+
+    def keep_fn(obs):
+        seen.append(obs)
+        return policy.act(obs, deterministic=False)
+
+    losses, _ = ChannelLosses(pv)(x, y, keep_fn, budget=budget)
+    assert set(losses) == {"plain", "single", "multi"} and len(seen) == 1 + pv.num_stages
+    live = torch.full((6,), 16.0)
+    for obs in seen[1:]:  # the multi channel's walk
+        torch.testing.assert_close(obs["budget"][:, 0], budget.float())
+        count = keep_count(live, ratio, pv.min_keep)
+        assert obs["keep_count"][:, 0].tolist() == count.long().tolist()
+        assert obs["keep"].sum(1).tolist() == live.long().tolist()
+        live = count
+    with pytest.raises(ValueError, match="budget"):
+        ChannelLosses(pv)(x, y, keep_fn)  # a budget agent without budgets

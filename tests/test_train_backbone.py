@@ -78,6 +78,19 @@ def test_joint_training_prints_the_three_rows_and_writes_backbone_and_agent(tmp_
 
 
 @pytest.mark.slow
+def test_joint_training_with_budgets_trains_one_budget_agent_and_reports_it_at_a_budget(tmp_path):
+    flags = ["--budget", "0.3", "0.9", "--reward", "vs_random", "--eval-budget", "0.5", "--no-compare-plain"]
+    run_dir, stdout = _run(tmp_path / "runs", *APT, "--epochs", "2", *flags)
+    policy = load_policy(run_dir / "agent")
+    assert policy.use_budget and policy.sampling == "topk"
+    rows = {r["policy"]: r for r in json.loads((run_dir / "results.json").read_text())}
+    pruned = rows["APT (pruning)"]
+    assert pruned["budget"] == 0.5 and pruned["tokens_last"] < 16
+    assert rows["APT, random at the agent's counts"]["tokens_last"] == pruned["tokens_last"]
+    bad = subprocess.run([sys.executable, str(SCRIPT), *APT, "--budget", "0.8", "0.2"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "needs low <= high" in bad.stderr
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     run_a, _ = _run(tmp_path / "a", "--mode", "plain", "--epochs", "2")
     run_b, stdout = _run(tmp_path / "b", "--mode", "plain", "--epochs", "2", "--stop-epoch", "1")
