@@ -43,8 +43,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from agents.baselines import RandomKeep
 from agents.io import load_policy, save_policy
-from agents.policy import APTPolicy
+from agents.policy import APTPolicy, gumbel_top_count, keep_counts, live_mask
 from agents.ppo import NativePPO
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
 from apt_env.checkpoint import checkpoint_data_config, load_backbone, save_backbone
@@ -53,6 +54,7 @@ from apt_env.distributed import gather_objects, init_distributed, state_digest
 from apt_env.env import APTPruneVectorEnv, budget_range
 from apt_env.evaluate import (
     Contender,
+    budget_keep_ratio,
     evaluate,
     evaluate_accuracy,
     measure_throughput,
@@ -73,8 +75,10 @@ class Args:
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of the experiment: model initialization, data order and augmentation"""
-    mode: Literal["plain", "apt"] = "apt"
-    """`plain`: the ordinary ViT baseline; `apt`: jointly with the pruning agent, in alternating phases"""
+    mode: Literal["plain", "apt", "random"] = "apt"
+    """`plain`: the ordinary ViT baseline; `apt`: jointly with the pruning agent, in alternating phases; `random`:
+    the control that isolates what the agent adds (PatchDropout-style): the same channels and schedule with
+    uniformly random masks of each budget's token count in place of the agent (needs --budget), no agent"""
     compare_plain: bool = True
     """apt mode: first train a plain ViT with the same seed and schedule (in the run folder's `plain/`), and
     put it in the final table"""
@@ -164,12 +168,14 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Raise early on arguments that cannot work."""
-    if args.mode == "apt" and not 0 <= warmup_epochs(args) < args.epochs:
+    if args.mode != "plain" and not 0 <= warmup_epochs(args) < args.epochs:
         raise ValueError(f"--warmup-epochs must be in [0, --epochs={args.epochs}), got {args.warmup_epochs}")
     if args.init_agent and args.mode != "apt":
         raise ValueError("--init-agent needs --mode apt")
     if args.budget is not None:
         budget_range(args.budget)  # a clear error for a bad range
+    elif args.mode == "random":
+        raise ValueError("--mode random draws masks of each budget's token count: pass --budget LOW HIGH")
     if not 0.0 < args.eval_budget <= 1.0:
         raise ValueError(f"--eval-budget must be a fraction in (0, 1], got {args.eval_budget}")
     if args.pretrained and args.init_checkpoint:
@@ -242,6 +248,13 @@ def start_data_config(args: Args, pv: PrunableViT, run_dir: Path) -> dict | None
     if args.pretrained:
         return pretrained_data_config(args.model_name, img_size=pv.img_size[0], in_chans=pv.in_chans)
     return checkpoint_data_config(args.init_checkpoint) if args.init_checkpoint else None
+
+
+def random_budget_masks(obs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``--mode random``'s masks: each image's budget count of its live tokens, uniformly at random (torch's RNG,
+    so a resumed run draws the same)."""
+    live = live_mask(obs)
+    return gumbel_top_count(torch.zeros(live.shape, device=live.device), live, keep_counts(obs))
 
 
 def draw_budgets(budget: tuple[float, float] | None, size: int, device: torch.device) -> torch.Tensor | None:
@@ -421,9 +434,9 @@ def train(args: Args, run_dir: Path) -> bool:
                 drop_last=True,
                 num_workers=args.num_workers,
             )
-            pruning = agent is not None and epoch >= warmup_epochs(args)
-            keep_fn = None
-            if pruning:
+            pruning = args.mode != "plain" and epoch >= warmup_epochs(args)
+            keep_fn = random_budget_masks if pruning else None
+            if pruning and agent is not None:
                 agent.policy.eval()
                 keep_fn = lambda obs: agent.policy.act(obs, deterministic=False, generator=agent.generator)  # noqa: E731
             pv.train()
@@ -539,6 +552,13 @@ def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]
     plain_pv = load_backbone(plain_dir / "checkpoint", device=device) if plain_dir is not None else None
     if args.mode == "plain":
         contenders = [Contender("plain ViT")]
+    elif args.mode == "random":
+        ratio = budget_keep_ratio(pv, args.eval_budget)
+        rand = RandomKeep(ratio, seed=args.seed).act
+        pruned = Contender("random-trained (pruning)", rand, args.eval_budget, obs_keys=("keep", "stage"))
+        contenders = [pruned, Contender("random-trained (no pruning)")]
+        if plain_pv is not None:
+            contenders.append(Contender("plain ViT", model=plain_pv))
     else:
         policy = load_policy(run_dir / "agent", device=device).eval()
         act = lambda obs: policy.act(obs, deterministic=True)  # noqa: E731
@@ -567,7 +587,7 @@ def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]
     speed = measure_throughput(pv, timing, contenders, batch_size=len(timing))
     for row in rows:
         row["img_per_s_b256"] = speed[row["policy"]]
-    order = ["plain ViT", "APT (pruning)", "APT (no pruning)"]
+    order = ["plain ViT", "APT (pruning)", "APT (no pruning)", "random-trained (pruning)"]
     return sorted(rows, key=lambda r: order.index(r["policy"]) if r["policy"] in order else len(order))
 
 
@@ -579,7 +599,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args, run_dir = prepare_run(args)
     plain_dir = None
-    if args.mode == "apt" and args.compare_plain:
+    if args.mode != "plain" and args.compare_plain:
         plain_args, plain_dir = plain_baseline(args, run_dir)
         if not train(plain_args, plain_dir):
             return

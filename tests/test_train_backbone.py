@@ -91,6 +91,16 @@ def test_joint_training_with_budgets_trains_one_budget_agent_and_reports_it_at_a
     assert bad.returncode != 0 and "needs low <= high" in bad.stderr
 
 
+def test_the_random_mask_control_trains_on_each_budgets_count_without_an_agent(tmp_path):
+    flags = ["--mode", "random", "--budget", "0.3", "0.9", "--no-compare-plain"]
+    run_dir, stdout = _run(tmp_path / "runs", *APT[2:], "--epochs", "2", *flags)
+    rows = {r["policy"]: r for r in json.loads((run_dir / "results.json").read_text())}
+    assert set(rows) == {"random-trained (pruning)", "random-trained (no pruning)"} and not (run_dir / "agent").exists()
+    assert rows["random-trained (pruning)"]["budget"] == 0.5 and rows["random-trained (pruning)"]["tokens_last"] < 16
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--mode", "random"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "pass --budget" in bad.stderr
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     run_a, _ = _run(tmp_path / "a", "--mode", "plain", "--epochs", "2")
     run_b, stdout = _run(tmp_path / "b", "--mode", "plain", "--epochs", "2", "--stop-epoch", "1")
