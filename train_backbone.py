@@ -151,6 +151,9 @@ class Args:
     keeps each budget's token count (Gumbel top-k, its mode at test time), every agent episode and every
     training image drawing a budget from the range, so the backbone trains on the masks it meets at test time;
     none: the agent chooses how many tokens to keep (a Bernoulli per token)"""
+    agent_mixer: Literal["none", "attention"] = "none"
+    """apt mode: the agent's token mixer: none (each token scored on its own) or one attention layer over the live
+    tokens (scores that depend on each other)"""
     reward: Literal["loss_delta", "prob_delta", "vs_random"] = "loss_delta"
     """apt mode: the agent's reward (``APTPruneVectorEnv``'s ``reward``)"""
     eval_budget: float = 0.5
@@ -317,7 +320,9 @@ def make_agent_trainer(
             policy = load_policy(args.init_agent, observation_space=envs.single_observation_space, device=device)
         else:
             sampling = "bernoulli" if args.budget is None else "topk"
-            policy = APTPolicy.for_env(envs, init_keep_prob=args.init_keep_prob, sampling=sampling)
+            policy = APTPolicy.for_env(
+                envs, init_keep_prob=args.init_keep_prob, sampling=sampling, mixer=args.agent_mixer
+            )
     return NativePPO(envs, policy, lr=args.agent_lr, seed=args.seed + rank)
 
 

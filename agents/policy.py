@@ -37,6 +37,7 @@ PRUNED_LOGIT = -30.0
 that it is never kept and adds ~1e-13 to log-probabilities and entropies."""
 
 SAMPLINGS: tuple[str, ...] = ("bernoulli", "topk")
+MIXERS: tuple[str, ...] = ("none", "attention")
 
 _TOPK_NEEDS_BUDGET = (
     "sampling='topk' keeps obs['keep_count'] tokens, which only an env with a budget observes: pass budget= "
@@ -229,6 +230,10 @@ class APTPolicy(nn.Module):
             layer; observations must have it exactly when this is set.
         sampling: ``"bernoulli"`` (a keep decision per token) or ``"topk"`` (keep ``obs["keep_count"]``
             tokens, drawn by Gumbel-top-k); see the module docstring.
+        mixer: ``"none"``: every token scored on its own features (and the class token's); ``"attention"``: one
+            pre-norm multi-head self-attention layer over the live tokens' hidden features (residual) before the
+            logit head, so that a token's score depends on the others (what is already covered).
+        mixer_heads: heads of the mixer's attention (dividing ``hidden``).
     """
 
     def __init__(
@@ -242,6 +247,8 @@ class APTPolicy(nn.Module):
         init_keep_prob: float = 0.9,
         use_budget: bool = False,
         sampling: str = "bernoulli",
+        mixer: str = "none",
+        mixer_heads: int = 4,
     ) -> None:
         super().__init__()
         sizes = dict(embed_dim=embed_dim, num_patches=num_patches, num_stages=num_stages, hidden=hidden, qk_dim=qk_dim)
@@ -252,10 +259,15 @@ class APTPolicy(nn.Module):
             raise ValueError(f"init_keep_prob must be in (0, 1), got {init_keep_prob}")
         if sampling not in SAMPLINGS:
             raise ValueError(f"unknown sampling {sampling!r}; valid: {', '.join(SAMPLINGS)}")
+        if mixer not in MIXERS:
+            raise ValueError(f"unknown mixer {mixer!r}; valid: {', '.join(MIXERS)}")
+        if mixer == "attention" and (not isinstance(mixer_heads, int) or mixer_heads < 1 or hidden % mixer_heads):
+            raise ValueError(f"mixer_heads must be a positive divisor of hidden={hidden}, got {mixer_heads!r}")
         self.embed_dim, self.num_patches, self.num_stages = embed_dim, num_patches, num_stages
         self.hidden, self.qk_dim = hidden, qk_dim
         self.use_cls_attn, self.init_keep_prob = use_cls_attn, init_keep_prob
         self.use_budget, self.sampling = bool(use_budget), sampling
+        self.mixer, self.mixer_heads = mixer, mixer_heads
         self.token_norm = nn.LayerNorm(embed_dim)
         self.cls_norm = nn.LayerNorm(embed_dim)
         self.q = nn.Linear(embed_dim, qk_dim)
@@ -272,9 +284,12 @@ class APTPolicy(nn.Module):
         nn.init.constant_(self.logit_head.bias, math.log(init_keep_prob / (1 - init_keep_prob)))
         if self.use_budget:  # only then: a policy without budgets keeps today's parameters
             self.budget_embed = nn.Linear(1, hidden)
+        if mixer == "attention":
+            self.mixer_norm = nn.LayerNorm(hidden)
+            self.mixer_attn = nn.MultiheadAttention(hidden, mixer_heads, batch_first=True)
 
     CONFIG_KEYS = ("embed_dim", "num_patches", "num_stages", "hidden", "qk_dim", "use_cls_attn", "init_keep_prob")
-    OPTION_KEYS = ("use_budget", "sampling")
+    OPTION_KEYS = ("use_budget", "sampling", "mixer", "mixer_heads")
     """Constructor arguments added later, with defaults, so checkpoints without them still load."""
 
     def config(self) -> dict[str, Any]:
@@ -364,7 +379,18 @@ class APTPolicy(nn.Module):
         h = self.fc1(torch.cat(feats, -1)) + self.stage_embed(o.stage)[rows]
         if o.budget is not None:
             h = h + self.budget_embed(o.budget)[rows]
-        return self.act_fn(self.fc2(self.act_fn(h))), (rows, cols), q
+        h = self.act_fn(self.fc2(self.act_fn(h)))
+        if self.mixer == "attention":
+            h = h + self._mix(h, rows, cols, o.live)
+        return h, (rows, cols), q
+
+    def _mix(self, h: Tensor, rows: Tensor, cols: Tensor, live: Tensor) -> Tensor:
+        """Self-attention of the live tokens of each row over each other, (L, H) in and out."""
+        b, n = live.shape
+        padded = h.new_zeros(b, n, h.shape[1]).index_put((rows, cols), self.mixer_norm(h))
+        ignore = ~live & live.any(1, keepdim=True)  # a row with no live token attends to its zeros: no NaN
+        mixed, _ = self.mixer_attn(padded, padded, padded, key_padding_mask=ignore, need_weights=False)
+        return mixed[rows, cols]
 
     def _logits(self, h: Tensor, index: tuple[Tensor, Tensor], live: Tensor) -> Tensor:
         """Keep logits (B, N) from the live tokens' hidden features, ``PRUNED_LOGIT`` elsewhere."""
@@ -394,7 +420,13 @@ class APTPolicy(nn.Module):
         c, d, h = self.embed_dim, self.qk_dim, self.hidden
         per_token = 5 * c + 2 * c * d + d + (2 * d + int(self.use_cls_attn)) * h + h * h + h
         per_stage = 5 * c + c * d + h * int(self.use_budget)  # class-token norm and query, the budget's projection
-        return (live.double() * per_token + per_stage).sum(1).cpu()
+        if self.mixer == "attention":
+            per_token += 5 * h + 4 * h * h  # its norm, the in and out projections
+        live = live.double()
+        flops = live * per_token + per_stage
+        if self.mixer == "attention":
+            flops = flops + 2 * h * live * live  # q k^T and the weighted sum over the live tokens
+        return flops.sum(1).cpu()
 
     def get_action_and_value(
         self, obs: Mapping[str, Any], action: Tensor | None = None, *, generator: torch.Generator | None = None

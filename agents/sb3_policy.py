@@ -101,6 +101,7 @@ class APTActorCriticPolicy(MultiInputActorCriticPolicy):
         init_keep_prob: ``APTPolicy``'s initial keep probability.
         use_budget: read ``budget``; default: whether the space has it.
         sampling: ``APTPolicy``'s ``"bernoulli"`` or ``"topk"``.
+        mixer: ``APTPolicy``'s ``"none"`` or ``"attention"``.
         **kwargs: passed to ``MultiInputActorCriticPolicy`` (optimizer class and kwargs, ...).
     """
 
@@ -115,6 +116,7 @@ class APTActorCriticPolicy(MultiInputActorCriticPolicy):
         init_keep_prob: float = 0.9,
         use_budget: bool | None = None,
         sampling: str = "bernoulli",
+        mixer: str = "none",
         **kwargs: Any,
     ) -> None:
         if not isinstance(action_space, spaces.MultiBinary):
@@ -130,6 +132,7 @@ class APTActorCriticPolicy(MultiInputActorCriticPolicy):
             init_keep_prob=init_keep_prob,
             use_budget=use_budget,
             sampling=sampling,
+            mixer=mixer,
         )
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 

@@ -66,6 +66,32 @@ def test_a_decision_runs_on_the_live_tokens_only_and_skips_the_value_head(pruned
     assert calls == []
 
 
+def test_the_attention_mixer_makes_scores_depend_on_the_other_live_tokens_only(pruned_obs, tmp_path):
+    from agents.io import load_policy, save_policy
+
+    policy = _policy(mixer="attention")
+    logits, value = policy(pruned_obs)
+    assert torch.isfinite(logits).all() and torch.isfinite(value).all()
+    dead = pruned_obs["keep"] == 0
+    garbage = {**pruned_obs, "tokens": pruned_obs["tokens"].masked_fill(dead[..., None], 1e6)}
+    torch.testing.assert_close(policy(garbage)[0], logits)  # pruned tokens are not attended to
+    live = (pruned_obs["keep"] == 1).nonzero()
+    row, col = int(live[0, 0]), int(live[0, 1])
+    other = int(live[1, 1]) if int(live[1, 0]) == row else None
+    edited = pruned_obs["tokens"].clone()
+    edited[row, col] += torch.randn(edited.shape[-1], generator=torch.Generator().manual_seed(0))
+    changed = policy({**pruned_obs, "tokens": edited})[0]
+    assert other is not None and changed[row, other] != logits[row, other]  # another token's score moved
+    solo = _policy()  # without the mixer, scores are per token
+    torch.testing.assert_close(solo({**pruned_obs, "tokens": edited})[0][row, other], solo(pruned_obs)[0][row, other])
+    assert policy.decision_flops(torch.tensor([[16, 8, 4]])) > solo.decision_flops(torch.tensor([[16, 8, 4]]))
+    again = load_policy(save_policy(tmp_path / "agent", policy))
+    assert again.mixer == "attention"
+    torch.testing.assert_close(again(pruned_obs)[0], logits)
+    with pytest.raises(ValueError, match="mixer"):
+        _policy(mixer="transformer")
+
+
 def test_log_prob_and_entropy_are_bernoulli_over_live_tokens(pruned_obs):
     policy = _policy()
     action, log_prob, entropy, _ = policy.get_action_and_value(pruned_obs)
