@@ -190,3 +190,6 @@ def test_a_killed_two_process_run_resumes_on_two_processes(backbone, tmp_path):
         w, h = want["trainer"], have["trainer"]
         assert h["global_step"] == w["global_step"] and torch.equal(h["generator"], w["generator"]), rank
         assert h["env_rng"] == w["env_rng"], rank
+        w, h = want["rng"], have["rng"]  # and the global RNGs
+        assert torch.equal(h["torch"], w["torch"]) and h["python"] == w["python"], rank
+        assert torch.equal(h["numpy"][1], w["numpy"][1]) and h["numpy"][2:] == w["numpy"][2:], rank
