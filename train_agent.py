@@ -94,6 +94,8 @@ class Args:
     """entropy bonus"""
     hidden: int = 64
     """width of the agent's per-token MLP"""
+    mixer: Literal["none", "attention"] = "none"
+    """the agent's token mixer: none (each token scored on its own) or one attention layer over the live tokens"""
     init_keep_prob: float = 0.9
     """initial keep probability of every token"""
     checkpoint_every: int = 5
@@ -147,7 +149,7 @@ def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Sum
     with torch.random.fork_rng(devices=[]):  # every rank starts from the same agent
         torch.manual_seed(args.seed)
         policy = APTPolicy.for_env(
-            envs, hidden=args.hidden, init_keep_prob=args.init_keep_prob, sampling=args.sampling
+            envs, hidden=args.hidden, init_keep_prob=args.init_keep_prob, sampling=args.sampling, mixer=args.mixer
         )
     trainer = NativePPO(
         envs,
@@ -256,7 +258,9 @@ def train_sb3(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Summar
         model = algo(
             APTActorCriticPolicy,
             venv,
-            policy_kwargs=dict(hidden=args.hidden, init_keep_prob=args.init_keep_prob, sampling=args.sampling),
+            policy_kwargs=dict(
+                hidden=args.hidden, init_keep_prob=args.init_keep_prob, sampling=args.sampling, mixer=args.mixer
+            ),
             seed=args.seed,  # SB3's global RNGs and the env's first reset
             device=envs.device,
             **hyper,
@@ -292,12 +296,11 @@ def report(args: Args, envs: APTPruneVectorEnv, policy: APTPolicy, writer: Summa
         reward=args.reward,
         flops_weight=args.flops_weight,
         min_keep=args.min_keep,
-        channels=("plain", "multi"),
         device=envs.device,
     )
     ratios, rows = compare_policies(
         test_envs, policy, dataset=args.dataset, data_root=args.data_root, episodes=args.eval_episodes,
-        images=args.eval_images, seed=args.seed, split="val",
+        images=args.eval_images, seed=args.seed,
     )  # fmt: skip
     print(f"\n{args.dataset} val split")
     print(format_comparison(ratios, rows, envs.pv.num_patches))
@@ -324,7 +327,6 @@ def main() -> None:
         reward=args.reward,
         flops_weight=args.flops_weight,
         min_keep=args.min_keep,
-        channels=("plain", "multi"),
         device=device,
         budget=args.budget,
         budget_weight=args.budget_weight,
