@@ -1,22 +1,23 @@
 """Trainer overhead, side by side in one run on the same env and policy.
 
-Printed: env transitions per second of the env alone under random actions (tensor API), of the native
-PPO trainer and of stable-baselines3 PPO through ``SB3VecEnv``, both with the APT policy, the same rollout
-size and the same PPO epochs and minibatches; and each trainer's *overhead* per transition: its time
-beyond the env's own (``1/trainer - 1/env``), split into the gradient updates (the same learning work in
-both) and the rest (acting, buffers, conversions: the trainer's own plumbing). Targets: native overhead at
-most a fifth of SB3's; native end to end at least 0.7 of the env alone.
+Native PPO and stable-baselines3 PPO (through ``SB3VecEnv``) train the same APT policy with the same rollout
+size, PPO epochs and minibatches, each on its own copy of the default env, timed in turns. Each trainer's time per
+transition is split into the env's own work (the backbone passes of ``PruningEpisodes.step``, measured inside
+each trainer, since what a policy keeps changes the env's cost), the gradient updates and the rest: acting,
+buffers and conversions, the trainer's own plumbing. Printed with their targets, as the median over
+``--repeats`` turns: native transitions/s over SB3's (at least 1.5) and native plumbing per transition over
+SB3's (at most 1/3).
 
-Run: ``python benchmarks/bench_agents.py`` (about 2 minutes on 2 CPU cores).
+Run: ``python benchmarks/bench_agents.py`` (about 3 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 import tyro
 from stable_baselines3 import PPO
 
@@ -31,24 +32,14 @@ from apt_env.sb3_vec_env import SB3VecEnv
 class Args:
     num_envs: int = 64
     """sub-environments"""
-    rollouts: int = 3
-    """rollouts timed per trainer (after one warm-up rollout)"""
+    rollouts: int = 2
+    """rollouts per timed turn (after one warm-up rollout)"""
     episodes_per_rollout: int = 4
     """episodes per rollout (both trainers)"""
+    repeats: int = 3
+    """timed turns per trainer, interleaved; medians are printed"""
     seed: int = 0
     """seed"""
-
-
-def env_alone(envs: APTPruneVectorEnv, steps: int) -> float:
-    """Transitions per second of the env under random keep actions, tensor API."""
-    gen = torch.Generator().manual_seed(0)
-    envs.reset_tensors(seed=0)
-    shape = (envs.num_envs, envs.pv.num_patches)
-    envs.step_tensors(torch.rand(shape, generator=gen) < 0.7)
-    start = time.perf_counter()
-    for _ in range(steps):
-        envs.step_tensors(torch.rand(shape, generator=gen) < 0.7)
-    return steps * envs.num_envs / (time.perf_counter() - start)
 
 
 class Stopwatch:
@@ -68,52 +59,74 @@ class Stopwatch:
         return timed
 
 
+@dataclass
+class Turn:
+    """Seconds per transition of one timed turn of a trainer: in all, in the env's own work, in updates."""
+
+    total: float
+    env: float
+    updates: float
+
+    @property
+    def plumbing(self) -> float:
+        return self.total - self.env - self.updates
+
+
+def timed_turn(learn: Callable[[], None], steps: int, env: Stopwatch, updates: Stopwatch) -> Turn:
+    env.seconds = updates.seconds = 0.0
+    start = time.perf_counter()
+    learn()
+    return Turn((time.perf_counter() - start) / steps, env.seconds / steps, updates.seconds / steps)
+
+
 def main(args: Args) -> None:
     seed_everything(args.seed)
-    envs = APTPruneVectorEnv(args.num_envs)
-    k = envs.pv.num_stages
+    native_envs, sb3_envs = APTPruneVectorEnv(args.num_envs), APTPruneVectorEnv(args.num_envs)
+    k = native_envs.pv.num_stages
     rollout = args.episodes_per_rollout * k * args.num_envs
+    steps = args.rollouts * rollout
     policy_kwargs = dict(hidden=64)
 
-    native = NativePPO(envs, policy_kwargs=policy_kwargs, episodes_per_rollout=args.episodes_per_rollout, seed=0)
-    native.learn(rollout)  # warm-up
-    native_updates = Stopwatch()
-    native._update = native_updates.wrap(native._update)
-    start = time.perf_counter()
-    native.learn(args.rollouts * rollout)
-    native_sps = args.rollouts * rollout / (time.perf_counter() - start)
-
+    native = NativePPO(native_envs, policy_kwargs=policy_kwargs, episodes_per_rollout=args.episodes_per_rollout, seed=0)
     sb3 = PPO(
         APTActorCriticPolicy,
-        SB3VecEnv(envs),
+        SB3VecEnv(sb3_envs),
         n_steps=args.episodes_per_rollout * k,
         batch_size=rollout // 4,
         n_epochs=4,
         gamma=1.0,
         policy_kwargs=dict(policy_kwargs),
         seed=0,
-        device=envs.device,
+        device=native_envs.device,
     )
-    sb3.learn(rollout)  # warm-up
-    sb3_updates = Stopwatch()
-    sb3.train = sb3_updates.wrap(sb3.train)
-    start = time.perf_counter()
-    sb3.learn(args.rollouts * rollout, reset_num_timesteps=False)
-    sb3_sps = args.rollouts * rollout / (time.perf_counter() - start)
+    native.learn(rollout)  # warm-up
+    sb3.learn(rollout)
+    watches = {name: (Stopwatch(), Stopwatch()) for name in ("native", "sb3")}
+    native_envs.episodes.step = watches["native"][0].wrap(native_envs.episodes.step)
+    sb3_envs.episodes.step = watches["sb3"][0].wrap(sb3_envs.episodes.step)
+    native._update = watches["native"][1].wrap(native._update)
+    sb3.train = watches["sb3"][1].wrap(sb3.train)
+    learn = {
+        "native": lambda: native.learn(steps),
+        "sb3": lambda: sb3.learn(steps, reset_num_timesteps=False),
+    }
+    turns: dict[str, list[Turn]] = {"native": [], "sb3": []}
+    for rep in range(args.repeats):
+        for name in ("native", "sb3") if rep % 2 == 0 else ("sb3", "native"):
+            turns[name].append(timed_turn(learn[name], steps, *watches[name]))
 
-    env_sps = env_alone(envs, args.rollouts * args.episodes_per_rollout * k)
-    steps = args.rollouts * rollout
-    native_over, sb3_over = 1 / native_sps - 1 / env_sps, 1 / sb3_sps - 1 / env_sps
-    native_upd, sb3_upd = native_updates.seconds / steps, sb3_updates.seconds / steps
-    print(f"num_envs={args.num_envs} stages={k} rollout={rollout} transitions, {args.rollouts} rollouts timed")
-    print(f"{'':<20}{'transitions/s':>14}{'overhead us/tr':>16}{'of it updates':>15}{'of it the rest':>16}")
-    print(f"{'env alone (random)':<20}{env_sps:>14.0f}")
-    for name, sps, over, upd in (("native PPO", native_sps, native_over, native_upd),
-                                 ("SB3 PPO (adapter)", sb3_sps, sb3_over, sb3_upd)):  # fmt: skip
-        print(f"{name:<20}{sps:>14.0f}{1e6 * over:>16.1f}{1e6 * upd:>15.1f}{1e6 * (over - upd):>16.1f}")
-    print(f"native overhead / SB3 overhead = {native_over / sb3_over:.2f} "
-          f"(without the updates: {(native_over - native_upd) / (sb3_over - sb3_upd):.2f})")  # fmt: skip
-    print(f"native end to end / env alone  = {native_sps / env_sps:.2f}")
+    print(f"num_envs={args.num_envs} stages={k} rollout={rollout} transitions, {args.rollouts} rollouts a turn, "
+          f"{args.repeats} turns each, interleaved; medians")  # fmt: skip
+    print(f"{'':<20}{'transitions/s':>14}{'us/tr in all':>14}{'env':>8}{'updates':>9}{'plumbing':>10}")
+    for name, label in (("native", "native PPO"), ("sb3", "SB3 PPO (adapter)")):
+        t = turns[name]
+        med = {key: statistics.median(getattr(x, key) for x in t) for key in ("total", "env", "updates", "plumbing")}
+        print(f"{label:<20}{1 / med['total']:>14.0f}{1e6 * med['total']:>14.0f}{1e6 * med['env']:>8.0f}"
+              f"{1e6 * med['updates']:>9.0f}{1e6 * med['plumbing']:>10.0f}")  # fmt: skip
+    speed = statistics.median(s.total / n.total for n, s in zip(turns["native"], turns["sb3"]))
+    plumbing = statistics.median(n.plumbing / s.plumbing for n, s in zip(turns["native"], turns["sb3"]))
+    print(f"native transitions/s / SB3's = {speed:.2f} (target >= 1.5)")
+    print(f"native plumbing / SB3's      = {plumbing:.2f} (target <= 0.33)")
 
 
 if __name__ == "__main__":
