@@ -235,3 +235,17 @@ def test_the_default_model_has_a_registered_name_that_states_its_config():
     assert model.patch_embed.num_patches == 49 and len(model.blocks) == 6 and model.embed_dim == 128
     assert timm.data.resolve_data_config({}, model=model)["input_size"] == (1, 28, 28)
     assert PrunableViT.from_timm().timm_name == "vit_apt_tiny_patch4_28"
+
+
+def test_rows_with_equal_counts_take_the_unpadded_path():
+    """A budget gives every row the same count: the gathered batch is then dense, and attention runs unmasked."""
+    from apt_env.tokens import top_count
+
+    pv = _build("vit")
+    state = pv.embed(torch.randn(6, 3, 32, 32))
+    live = torch.ones(6, pv.num_patches, dtype=torch.bool)
+    keep = top_count(torch.rand(6, pv.num_patches), live, torch.full((6,), 7.0))
+    pruned = pv.prune(state, keep, "gathered")
+    assert pruned.x.shape[1] == pv.num_prefix_tokens + 7 and pruned.attn_mask() is None
+    keep[0, keep[0].nonzero()[0]] = False  # one row one token short: padded and masked
+    assert pv.prune(state, keep, "gathered").attn_mask() is not None
