@@ -151,6 +151,9 @@ class Args:
     keeps each budget's token count (Gumbel top-k, its mode at test time), every agent episode and every
     training image drawing a budget from the range, so the backbone trains on the masks it meets at test time;
     none: the agent chooses how many tokens to keep (a Bernoulli per token)"""
+    backbone_masks: Literal["sampled", "mode"] = "sampled"
+    """apt mode: the agent's masks the backbone's pruned channels train on: its samples (as PPO explores) or its
+    mode (what it keeps at test time)"""
     agent_mixer: Literal["none", "attention"] = "none"
     """apt mode: the agent's token mixer: none (each token scored on its own) or one attention layer over the live
     tokens (scores that depend on each other)"""
@@ -443,7 +446,8 @@ def train(args: Args, run_dir: Path) -> bool:
             keep_fn = random_budget_masks if pruning else None
             if pruning and agent is not None:
                 agent.policy.eval()
-                keep_fn = lambda obs: agent.policy.act(obs, deterministic=False, generator=agent.generator)  # noqa: E731
+                mode = args.backbone_masks == "mode"
+                keep_fn = lambda obs: agent.policy.act(obs, deterministic=mode, generator=agent.generator)  # noqa: E731
             pv.train()
             sum_loss, sum_correct, seen = 0.0, 0, 0
             bar = tqdm(

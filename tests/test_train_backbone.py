@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_script
+from test_kill import finish_two, torchrun
 
 from agents.io import load_policy
 from apt_env.checkpoint import load_backbone
@@ -80,6 +82,7 @@ def test_joint_training_prints_the_three_rows_and_writes_backbone_and_agent(tmp_
 @pytest.mark.slow
 def test_joint_training_with_budgets_trains_one_budget_agent_and_reports_it_at_a_budget(tmp_path):
     flags = ["--budget", "0.3", "0.9", "--reward", "vs_random", "--eval-budget", "0.5", "--no-compare-plain"]
+    flags += ["--backbone-masks", "mode"]  # the backbone trains on the agent's test-time masks
     run_dir, stdout = _run(tmp_path / "runs", *APT, "--epochs", "2", *flags)
     policy = load_policy(run_dir / "agent")
     assert policy.use_budget and policy.sampling == "topk"
@@ -222,3 +225,62 @@ def test_two_processes_agree_see_different_data_and_resume_exactly(tmp_path):
     _torchrun(tmp_path, "--resume", str(run_b))
     a, b = (load_backbone(r / "checkpoint").model.state_dict() for r in (run_a, run_b))
     assert all(torch.equal(a[k], b[k]) for k in a)  # as if never stopped, on both ranks
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers in /proc")
+def test_sigkill_two_process_joint_training_then_resume_on_two_ends_as_uninterrupted(tmp_path):
+    """SIGKILL torchrun and both ranks of a joint run at a random moment after its first checkpoint (in an epoch's
+    backbone or agent phase, or in a checkpoint's saves); resumed on 2 processes it ends with the uninterrupted
+    run's backbone, agent and per-rank random states, having lost at most one epoch, with no killed save's files
+    left over."""
+    epochs = 4  # the kill lands in epoch 2 or 3 or their checkpoints: epoch 4 is the margin before the run ends
+    flags = [*TINY, *APT, "--no-compare-plain", "--epochs", str(epochs)]
+    finish_two([*flags, "--out-dir", str(tmp_path / "whole")], SCRIPT, "weights")
+    (whole,) = (tmp_path / "whole").iterdir()
+
+    log, killed = tmp_path / "killed.log", tmp_path / "killed"
+    with log.open("w") as stderr, torchrun([*flags, "--out-dir", str(killed)], stderr, SCRIPT) as proc:
+        deadline, started = time.monotonic() + 240, None
+        while not list(killed.glob("*/train_state.pt")):  # the first checkpoint
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint came"
+            if started is None and "run folder" in log.read_text():  # logged just before the first epoch
+                started = time.monotonic()
+            time.sleep(0.01)
+        assert started is not None, "the run did not log its run folder before its first checkpoint"
+        epoch_s = time.monotonic() - started  # the first epoch and its checkpoint: about as long as the next ones
+        delay = random.uniform(0.0, epoch_s)
+        time.sleep(delay)
+    when = f"killed {delay:.2f} s after the first checkpoint (epoch 1 took {epoch_s:.2f} s)"
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill: {when}"
+    reached = max(int(e) for e in re.findall(r"epoch (\d+): val top-1", log.read_text()))  # rank 0, before saving
+
+    (run_dir,) = killed.iterdir()
+    state = load_train_state(run_dir / "train_state.pt")  # whole: a torn file would not load
+    saved = state["epoch"]
+    assert 1 <= saved < epochs, f"{when}: checkpoint of epoch {saved}, nothing left to resume"
+    assert reached - saved <= 1, f"{when}: epoch {reached} was done, the checkpoint holds epoch {saved}"
+    ranks = state["ranks"]  # each rank draws its own stages, augmentations, masks and images
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"]), when
+    assert not torch.equal(ranks[0]["agent"]["generator"], ranks[1]["agent"]["generator"]), when
+
+    resumed = finish_two(["--resume", str(run_dir)], SCRIPT, "weights")
+    assert re.findall(r"resuming \S+ after epoch (\d+)", resumed) == [str(saved)] * 2, when  # both ranks
+    assert (run_dir / "results.json").exists(), when  # and the run went on to its final table
+    leftovers = [p.relative_to(run_dir) for p in run_dir.rglob("*") if ".tmp-" in p.name or p.name.endswith(".old")]
+    assert not leftovers, f"{when}: a killed save's files survived the resumed run: {leftovers}"
+
+    a, b = (load_backbone(r / "checkpoint").model.state_dict() for r in (whole, run_dir))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == [], when
+    configs = [json.loads((r / "checkpoint" / "config.json").read_text()) for r in (whole, run_dir)]
+    assert configs[0]["weights_digest"] == configs[1]["weights_digest"] and configs[1]["epoch"] == epochs, when
+    a, b = (load_policy(r / "agent").state_dict() for r in (whole, run_dir))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == [], when
+    want, have = (load_train_state(r / "train_state.pt")["ranks"] for r in (whole, run_dir))
+    for rank, (w, h) in enumerate(zip(want, have, strict=True)):  # each rank went on as its own
+        assert h["agent"]["global_step"] == w["agent"]["global_step"], (when, rank)
+        assert torch.equal(h["agent"]["generator"], w["agent"]["generator"]), (when, rank)
+        assert h["agent"]["env_rng"] == w["agent"]["env_rng"], (when, rank)
+        w, h = w["rng"], h["rng"]
+        assert torch.equal(h["torch"], w["torch"]) and h["python"] == w["python"], (when, rank)
+        assert torch.equal(h["numpy"][1], w["numpy"][1]) and h["numpy"][2:] == w["numpy"][2:], (when, rank)
