@@ -120,13 +120,13 @@ def kill_all(tag: str) -> None:
 
 
 @contextmanager
-def torchrun(args: list[str], stderr) -> Iterator[subprocess.Popen]:
-    """``train_agent.py args`` on 2 processes of torchrun, all of them killed on the way out (a timeout, a failed
-    check), so that no rank outlives the test."""
+def torchrun(args: list[str], stderr, script: Path = ROOT / "train_agent.py") -> Iterator[subprocess.Popen]:
+    """``script args`` (train_agent.py by default) on 2 processes of torchrun, all of them killed on the way out
+    (a timeout, a failed check), so that no rank outlives the test."""
     tag = uuid.uuid4().hex
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", TAG: tag}
-    proc = subprocess.Popen([*cmd, str(ROOT / "train_agent.py"), *args], stdout=subprocess.DEVNULL, stderr=stderr,
+    proc = subprocess.Popen([*cmd, str(script), *args], stdout=subprocess.DEVNULL, stderr=stderr,
                             text=True, cwd=ROOT, env=env, start_new_session=True)  # fmt: skip
     try:
         yield proc
@@ -135,13 +135,14 @@ def torchrun(args: list[str], stderr) -> Iterator[subprocess.Popen]:
         proc.wait()
 
 
-def finish_two(args: list[str]) -> str:
-    """Run ``train_agent.py args`` on 2 processes to its end; returns the log, once both ranks reported the same
-    agent."""
-    with torchrun(args, subprocess.PIPE) as proc:
+def finish_two(args: list[str], script: Path = ROOT / "train_agent.py", weights: str = "agent") -> str:
+    """Run ``script args`` (train_agent.py by default) on 2 processes to its end; returns the log, once both ranks
+    reported the same weights (their ``rank R {weights} sha256 DIGEST`` lines: train_agent.py's agent,
+    train_backbone.py's backbone ``weights``)."""
+    with torchrun(args, subprocess.PIPE, script) as proc:
         _, log = proc.communicate(timeout=300)
     assert proc.returncode == 0, log[-4000:]
-    digests = dict(re.findall(r"rank (\d) agent sha256 (\w+)", log))
+    digests = dict(re.findall(rf"rank (\d) {weights} sha256 (\w+)", log))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests
     return log
 
