@@ -265,8 +265,9 @@ def test_default_env_runs_the_shipped_classifier_and_agent():
     envs.reset(seed=0)
     _, _, _, _, info = envs.step(np.ones((32, 49), dtype=np.int8))
     assert info["loss_plain"].mean() < 1.0  # chance is ln(10) = 2.3: the shipped ViT classifies
-    policy = load_policy(DEFAULT_AGENT, observation_space=envs.unwrapped.single_observation_space)
-    assert policy.num_patches == 49
+    budgeted = gym.make_vec("APTPrune-v0", num_envs=32, vectorization_mode="vector_entry_point", budget=(0.25, 1.0))
+    policy = load_policy(DEFAULT_AGENT, observation_space=budgeted.unwrapped.single_observation_space)
+    assert policy.num_patches == 49 and policy.use_budget and policy.sampling == "topk"  # one agent, every budget
 
 
 # The tiny backbone pooling its patch tokens (no class token): min_keep must be at least 1.
