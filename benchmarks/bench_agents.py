@@ -2,8 +2,9 @@
 
 Native PPO and stable-baselines3 PPO (through ``SB3VecEnv``) train the same APT policy with the same rollout
 size, PPO epochs and minibatches, each on its own copy of the default env, timed in turns. Each trainer's time per
-transition is split into the env's own work (the backbone passes of ``PruningEpisodes.step``, measured inside
-each trainer, since what a policy keeps changes the env's cost), the gradient updates and the rest: acting,
+transition is split into the env's own work (drawing and embedding new images and the backbone passes,
+``APTPruneVectorEnv._start`` and ``PruningEpisodes.step``, measured inside each trainer, since what a policy keeps changes the env's
+cost), the gradient updates and the rest: acting,
 buffers and conversions, the trainer's own plumbing. Printed with their targets, as the median over
 ``--repeats`` turns: native transitions/s over SB3's (at least 1.5) and native plumbing per transition over
 SB3's (at most 1/3).
@@ -102,8 +103,9 @@ def main(args: Args) -> None:
     native.learn(rollout)  # warm-up
     sb3.learn(rollout)
     watches = {name: (Stopwatch(), Stopwatch()) for name in ("native", "sb3")}
-    native_envs.episodes.step = watches["native"][0].wrap(native_envs.episodes.step)
-    sb3_envs.episodes.step = watches["sb3"][0].wrap(sb3_envs.episodes.step)
+    for name, envs in (("native", native_envs), ("sb3", sb3_envs)):  # the env's own work: new images, then stages
+        envs._start = watches[name][0].wrap(envs._start)
+        envs.episodes.step = watches[name][0].wrap(envs.episodes.step)
     native._update = watches["native"][1].wrap(native._update)
     sb3.train = watches["sb3"][1].wrap(sb3.train)
     learn = {
