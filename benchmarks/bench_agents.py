@@ -3,11 +3,10 @@
 Native PPO and stable-baselines3 PPO (through ``SB3VecEnv``) train the same APT policy with the same rollout
 size, PPO epochs and minibatches, each on its own copy of the default env, timed in turns. Each trainer's time per
 transition is split into the env's own work (drawing and embedding new images and the backbone passes,
-``APTPruneVectorEnv._start`` and ``PruningEpisodes.step``, measured inside each trainer, since what a policy keeps changes the env's
-cost), the gradient updates and the rest: acting,
-buffers and conversions, the trainer's own plumbing. Printed with their targets, as the median over
-``--repeats`` turns: native transitions/s over SB3's (at least 1.5) and native plumbing per transition over
-SB3's (at most 1/3).
+``APTPruneVectorEnv._start`` and ``PruningEpisodes.step``, measured inside each trainer, since what a policy keeps
+changes the env's cost), the gradient updates and the rest: acting, buffers and conversions, the trainer's own
+plumbing. Printed with their targets, as the median over ``--repeats`` turns: native transitions/s over SB3's (at
+least 1.5) and native plumbing per transition over SB3's (at most 1/3).
 
 Run: ``python benchmarks/bench_agents.py`` (about 3 minutes on 2 CPU cores).
 """
