@@ -192,39 +192,40 @@ def heuristic_contenders(budgets: dict[float, float], seed: int) -> list[Contend
     return rows
 
 
+def is_agent_decision(policy: str) -> bool:
+    """Whether a row is the agent deciding by its mode or logit ranking (not sampling): a row with a replay."""
+    return policy.startswith(AGENT) and "sampled" not in policy
+
+
+def replay_name(budget: float) -> str:
+    return f"{REPLAYED} @ {budget:.3g}"
+
+
 def replay_contenders(rows: list[dict], decisions: dict[str, Decisions]) -> list[Contender]:
     """The physical reference of every deterministic agent row: the backbone on the masks the agent chose,
     replayed without observing or deciding anything. Its speed over the agent's is the decision's cost."""
     return [
-        Contender(
-            f"{REPLAYED} @ {r['budget']:.3g}", fixed_masks(decisions[r["policy"]]), r["budget"], obs_keys=("stage",)
-        )
+        Contender(replay_name(r["budget"]), fixed_masks(decisions[r["policy"]]), r["budget"], obs_keys=("stage",))
         for r in rows
-        if r["policy"].startswith(AGENT) and "sampled" not in r["policy"]
+        if is_agent_decision(r["policy"])
     ]
+
+
+def speed_ratios(row: dict, ref: dict) -> str:
+    """``row``'s images per second over ``ref``'s, at batch 256 and 1."""
+    return ", ".join(f"{b} {row[f'img_per_s_{b}'] / ref[f'img_per_s_{b}']:.2f}" for b in ("b256", "b1"))
 
 
 def decision_cost_text(rows: list[dict]) -> str:
     """Each deterministic agent row's throughput over its masks replayed (the same blocks, no decision) and over
     the dense model, at batch 256 and 1."""
     by_name = {r["policy"]: r for r in rows}
-    dense = by_name["dense"]
-    lines = []
-    for r in rows:
-        replay = by_name.get(f"{REPLAYED} @ {r['budget']:.3g}")
-        if not r["policy"].startswith(AGENT) or "sampled" in r["policy"] or replay is None:
-            continue
-        ratio = {
-            f"{key[len('img_per_s_') :]}": (r[key] / replay[key], r[key] / dense[key])
-            for key in ("img_per_s_b256", "img_per_s_b1")
-        }
-        lines.append(
-            f"{r['policy']}: img/s over its masks replayed without a decision "
-            + ", ".join(f"{b} {a:.2f}" for b, (a, _) in ratio.items())
-            + "; over dense "
-            + ", ".join(f"{b} {d:.2f}" for b, (_, d) in ratio.items())
-        )
-    return "\n".join(lines)
+    return "\n".join(
+        f"{r['policy']}: img/s over its masks replayed without a decision "
+        f"{speed_ratios(r, by_name[replay_name(r['budget'])])}; over dense {speed_ratios(r, by_name['dense'])}"
+        for r in rows
+        if is_agent_decision(r["policy"])
+    )
 
 
 def command(args: Args) -> str:
