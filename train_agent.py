@@ -94,6 +94,8 @@ class Args:
     """entropy bonus"""
     hidden: int = 64
     """width of the agent's per-token MLP"""
+    qk_dim: int = 64
+    """width of the agent's query, key and value projections"""
     mixer: Literal["none", "attention"] = "none"
     """the agent's token mixer: none (each token scored on its own) or one attention layer over the live tokens"""
     init_keep_prob: float = 0.9
@@ -149,7 +151,12 @@ def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Sum
     with torch.random.fork_rng(devices=[]):  # every rank starts from the same agent
         torch.manual_seed(args.seed)
         policy = APTPolicy.for_env(
-            envs, hidden=args.hidden, init_keep_prob=args.init_keep_prob, sampling=args.sampling, mixer=args.mixer
+            envs,
+            hidden=args.hidden,
+            qk_dim=args.qk_dim,
+            init_keep_prob=args.init_keep_prob,
+            sampling=args.sampling,
+            mixer=args.mixer,
         )
     trainer = NativePPO(
         envs,
@@ -259,7 +266,11 @@ def train_sb3(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Summar
             APTActorCriticPolicy,
             venv,
             policy_kwargs=dict(
-                hidden=args.hidden, init_keep_prob=args.init_keep_prob, sampling=args.sampling, mixer=args.mixer
+                hidden=args.hidden,
+                qk_dim=args.qk_dim,
+                init_keep_prob=args.init_keep_prob,
+                sampling=args.sampling,
+                mixer=args.mixer,
             ),
             seed=args.seed,  # SB3's global RNGs and the env's first reset
             device=envs.device,

@@ -60,7 +60,7 @@ from apt_env.evaluate import (
     measure_throughput,
     random_at_counts,
 )
-from apt_env.joint import ChannelLosses
+from apt_env.joint import ChannelLosses, draw_budgets
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS
 from apt_env.report import agent_masks_figure, markdown_table
 from apt_env.runs import hyperparameters_text, load_args, new_run_dir, seed_everything
@@ -157,6 +157,10 @@ class Args:
     agent_mixer: Literal["none", "attention"] = "none"
     """apt mode: the agent's token mixer: none (each token scored on its own) or one attention layer over the live
     tokens (scores that depend on each other)"""
+    agent_hidden: int = 64
+    """apt mode: width of the agent's per-token MLP"""
+    agent_qk_dim: int = 64
+    """apt mode: width of the agent's query, key and value projections (its cost per token grows with both)"""
     reward: Literal["loss_delta", "prob_delta", "vs_random"] = "loss_delta"
     """apt mode: the agent's reward (``APTPruneVectorEnv``'s ``reward``)"""
     eval_budget: float = 0.5
@@ -263,14 +267,6 @@ def random_budget_masks(obs: dict[str, torch.Tensor]) -> torch.Tensor:
     return gumbel_top_count(torch.zeros(live.shape, device=live.device), live, keep_counts(obs))
 
 
-def draw_budgets(budget: tuple[float, float] | None, size: int, device: torch.device) -> torch.Tensor | None:
-    """A budget per training image, uniform in the range as the env draws one per episode (torch's RNG)."""
-    if budget is None:
-        return None
-    low, high = budget
-    return (low + (high - low) * torch.rand(size, dtype=torch.float64)).to(device)
-
-
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
     """Learning-rate factor of each step: linear warm-up to 1, then cosine decay to 0."""
 
@@ -324,7 +320,12 @@ def make_agent_trainer(
         else:
             sampling = "bernoulli" if args.budget is None else "topk"
             policy = APTPolicy.for_env(
-                envs, init_keep_prob=args.init_keep_prob, sampling=sampling, mixer=args.agent_mixer
+                envs,
+                hidden=args.agent_hidden,
+                qk_dim=args.agent_qk_dim,
+                init_keep_prob=args.init_keep_prob,
+                sampling=sampling,
+                mixer=args.agent_mixer,
             )
     return NativePPO(envs, policy, lr=args.agent_lr, seed=args.seed + rank)
 

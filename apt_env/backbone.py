@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import logging
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import timm
@@ -72,9 +72,9 @@ class PrunableViT(nn.Module):
             class-token classifier and ``[1, num_patches]`` for a model that pools its patch tokens.
             When a mask leaves a row fewer, the row keeps the tokens the mask kept plus those it
             dropped that were live before, lowest patch index first, until it has ``min_keep``.
-        bucket_rows: in gathered mode without gradients, a batch whose rows keep different numbers
-            of tokens runs in groups of about this many rows of similar length, each cut to its own
-            longest row.
+        bucket_rows: in gathered mode, a batch whose rows keep different numbers of tokens runs in groups
+            of about this many rows of similar length, each cut to its own longest row, when that saves
+            enough padding (``apt_env.tokens.length_buckets``).
     """
 
     def __init__(
@@ -203,19 +203,32 @@ class PrunableViT(nn.Module):
 
     def run_blocks(self, state: TokenState, start: int, end: int) -> TokenState:
         """Run blocks ``[start, end)`` with pruned tokens removed as attention keys."""
-        num_buckets = state.x.shape[0] // self.bucket_rows
-        # Without gradients only: backward through the scatter back into the batch costs more than
-        # the padding saved (measured in benchmarks/bench_joint.py's training step).
-        pruned = not bool(state.keep.all())
-        if pruned and state.packed and num_buckets > 1 and not torch.is_grad_enabled():
-            counts = state.num_kept()
-            x = state.x.clone()
-            for rows in length_buckets(counts, num_buckets):
-                length = int(counts[rows].max())
-                part = state.rows(rows, length)
-                x[rows, : self.num_prefix_tokens + length] = self._run(part.x, start, end, part.attn_mask())
-            return state.with_x(x)
-        return state.with_x(self._run(state.x, start, end, state.attn_mask() if pruned else None))
+        return self._in_buckets(state, lambda part: (self._run(part.x, start, end, part.attn_mask()), None))[0]
+
+    def _in_buckets(
+        self, state: TokenState, run: Callable[[TokenState], tuple[torch.Tensor, torch.Tensor | None]]
+    ) -> tuple[TokenState, torch.Tensor | None]:
+        """``run(part) -> (x, extra)`` on the whole batch, or, for a gathered batch whose rows keep different
+        numbers of tokens, on groups of rows of similar length, each cut to its own longest row
+        (``length_buckets``), put back in the batch's order. ``extra`` (rows first) or None.
+
+        The groups are put back by padding, concatenating and indexing, all differentiable at the cost of a copy,
+        so training runs in groups too."""
+        buckets = None
+        if state.packed and not bool(state.keep.all()):
+            buckets = length_buckets(state.num_kept(), state.x.shape[0] // self.bucket_rows, self.num_prefix_tokens)
+        if buckets is None:
+            x, extra = run(state)
+            return state.with_x(x), extra
+        length = state.x.shape[1]
+        xs, extras = [], []
+        for rows, kept in buckets:
+            x, extra = run(state.rows(rows, kept))
+            xs.append(F.pad(x, (0, 0, 0, length - x.shape[1])))  # padding slots are not live: any value
+            extras.append(extra)
+        back = torch.cat([rows for rows, _ in buckets]).argsort()
+        extra = None if extras[0] is None else torch.cat(extras).index_select(0, back)
+        return state.with_x(torch.cat(xs).index_select(0, back)), extra
 
     def _run(self, x: torch.Tensor, start: int, end: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
         for blk in self.model.blocks[start:end]:
@@ -297,25 +310,28 @@ class PrunableViT(nn.Module):
         return type(attn) is Attention and type(attn.qkv) is nn.Linear
 
     def _run_reading_attention(self, state: TokenState, block: int) -> tuple[TokenState, torch.Tensor]:
-        """Run ``block`` on ``state`` and read its class attention from the ``qkv`` output it computes anyway.
-
-        The whole batch runs as one (padded rows included), so that the captured projections line up with it."""
+        """Run ``block`` on ``state`` and read its class attention from the ``qkv`` output it computes anyway."""
         attn = self.model.blocks[block].attn
-        captured: list[torch.Tensor] = []
-        handle = attn.qkv.register_forward_hook(lambda module, args, out: captured.append(out.detach()))
-        try:
-            x = self._run(state.x, block, block + 1, state.attn_mask())
-        finally:
-            handle.remove()
-        (qkv,) = captured
-        a = qkv.shape[-1] // 3
-        with torch.no_grad():
-            if self.model.cls_token is not None:
-                q = qkv[:, :1, :a]
-            else:  # the query of the live patches' mean: the projection is affine, so the mean of their queries
-                q = live_mean(qkv[:, self.num_prefix_tokens :, :a], state.keep).unsqueeze(1)
-            probs = self._attention_row(attn, q, qkv[..., a : 2 * a], state)
-        return state.with_x(x), probs
+
+        def run(part: TokenState) -> tuple[torch.Tensor, torch.Tensor]:
+            captured: list[torch.Tensor] = []
+            handle = attn.qkv.register_forward_hook(lambda module, args, out: captured.append(out.detach()))
+            try:
+                x = self._run(part.x, block, block + 1, part.attn_mask())
+            finally:
+                handle.remove()
+            (qkv,) = captured
+            a = qkv.shape[-1] // 3
+            with torch.no_grad():
+                if self.model.cls_token is not None:
+                    q = qkv[:, :1, :a]
+                else:  # the query of the live patches' mean: the projection is affine, so the mean of their queries
+                    q = live_mean(qkv[:, self.num_prefix_tokens :, :a], part.keep).unsqueeze(1)
+                return x, self._attention_row(attn, q, qkv[..., a : 2 * a], part)
+
+        state, probs = self._in_buckets(state, run)
+        assert probs is not None
+        return state, probs
 
     def advance_to_stage(
         self, state: TokenState, stage: int, *, take_attn: bool

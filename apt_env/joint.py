@@ -101,3 +101,12 @@ class ChannelLosses(nn.Module):
 def _as_bool(keep_fn: KeepFn) -> KeepFn:
     """``keep_fn`` with its masks cast to bool, so that a 0/1 mask of any dtype trains too."""
     return lambda obs: keep_fn(obs).bool()
+
+
+def draw_budgets(budget: tuple[float, float] | None, size: int, device: torch.device) -> torch.Tensor | None:
+    """A budget per training image (float64), uniform in the range as the env draws one per episode (torch's
+    RNG); None without a range."""
+    if budget is None:
+        return None
+    low, high = budget
+    return (low + (high - low) * torch.rand(size, dtype=torch.float64)).to(device)

@@ -154,13 +154,31 @@ def gather_kept(state: TokenState) -> TokenState:
     return TokenState(x, keep, state.index.gather(1, order), p, True)
 
 
-def length_buckets(counts: torch.Tensor, num_buckets: int) -> list[torch.Tensor]:
-    """Row indices grouped by similar live count: rows sorted by count, split into equal parts.
+BUCKET_MIN_SAVING = 0.1
+"""Groups run only when they remove at least this fraction of the tokens the padded batch would run: each group
+costs a copy in and out and launches every block once more."""
+
+
+def length_buckets(
+    counts: torch.Tensor, num_buckets: int, num_prefix_tokens: int = 0, min_saving: float = BUCKET_MIN_SAVING
+) -> list[tuple[torch.Tensor, int]] | None:
+    """Rows grouped by similar live count: rows sorted by count, split into ``num_buckets`` equal parts, each
+    with its longest count. None when one group is as good: fewer than two parts, or the parts would run less
+    than ``min_saving`` fewer tokens (prefix included) than the whole batch padded to its longest row.
 
     Running each group cut to its own longest row wastes far less on padding than padding the
-    whole batch to its longest row.
+    whole batch to its longest row when counts vary (e.g. a budget per image).
     """
-    return list(counts.argsort().tensor_split(num_buckets))
+    if num_buckets < 2:
+        return None
+    order = counts.argsort()
+    parts = order.tensor_split(num_buckets)
+    longest = counts[order][torch.tensor([len(p) for p in parts]).cumsum(0) - 1].tolist()
+    padded = (int(counts.max()) + num_prefix_tokens) * len(counts)
+    grouped = sum(len(p) * (n + num_prefix_tokens) for p, n in zip(parts, longest))
+    if grouped > (1.0 - min_saving) * padded:
+        return None
+    return [(p, int(n)) for p, n in zip(parts, longest)]
 
 
 def top_count(scores: torch.Tensor, live: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """Time per epoch of joint (APT) training against plain training, measured side by side in one run.
 
 Per training step of the default ViT on Fashion-MNIST batches: the plain channel alone, and the three
-channels with the agent's sampled masks; plus one agent phase (PPO on the env over the same backbone).
-An epoch of the given schedule is then ``steps x step time`` (plain) and ``steps x joint step time + one
-agent phase`` (joint). Target: joint at most 2x plain.
+channels with the agent's masks, as the shipped default trains (``--budget 0.25 1.0 --backbone-masks mode
+--reward vs_random``: every image its own budget, the agent's mode; ``--budget`` none times a Bernoulli agent's
+samples instead); plus one agent phase (PPO on the env over the same backbone). An epoch of the given schedule
+is then ``steps x step time`` (plain) and ``steps x joint step time + one agent phase`` (joint). Target: joint
+at most 2x plain.
 
 Run: ``python benchmarks/bench_joint.py`` (about 3 minutes on 2 CPU cores).
 """
@@ -22,7 +24,7 @@ from agents.ppo import NativePPO
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
 from apt_env.data import build_dataset, make_loader
 from apt_env.env import APTPruneVectorEnv
-from apt_env.joint import ChannelLosses
+from apt_env.joint import ChannelLosses, draw_budgets
 from apt_env.report import markdown_table
 from apt_env.runs import seed_everything
 
@@ -39,6 +41,12 @@ class Args:
     """env transitions of one agent phase (train_backbone's default)"""
     num_envs: int = 64
     """env batch of the agent phase"""
+    budget: tuple[float, float] | None = (0.25, 1.0)
+    """the budget range of joint training (none: a Bernoulli agent that chooses its count)"""
+    agent_hidden: int = 64
+    """width of the agent's per-token MLP"""
+    agent_qk_dim: int = 64
+    """width of the agent's query, key and value projections"""
     seed: int = 0
     """seed"""
 
@@ -48,17 +56,24 @@ def main(args: Args) -> None:
     pv = PrunableViT.from_timm(DEFAULT_MODEL_NAME, **DEFAULT_MODEL_KWARGS)
     data = build_dataset("fashion-mnist", split="train", augment=True)
     batches = iter(make_loader(data, batch_size=args.batch_size, shuffle=True, seed=args.seed, drop_last=True))
-    envs = APTPruneVectorEnv(args.num_envs, model=pv, flops_weight=0.5)
-    agent = NativePPO(envs, APTPolicy.for_env(envs), seed=args.seed)
+    budgets = args.budget is not None
+    envs = APTPruneVectorEnv(
+        args.num_envs, model=pv, flops_weight=0.5, budget=args.budget, reward="vs_random" if budgets else "loss_delta"
+    )
+    policy = APTPolicy.for_env(
+        envs, hidden=args.agent_hidden, qk_dim=args.agent_qk_dim, sampling="topk" if budgets else "bernoulli"
+    )
+    agent = NativePPO(envs, policy, seed=args.seed)
     agent.learn(args.agent_steps // 2)  # an agent that already prunes, as after the first agent phase
     agent.policy.eval()
-    keep_fn = lambda obs: agent.policy.act(obs, deterministic=False, generator=agent.generator)  # noqa: E731
+    keep_fn = lambda obs: agent.policy.act(obs, deterministic=budgets, generator=agent.generator)  # noqa: E731
     losses = ChannelLosses(pv)
     optimizer = torch.optim.AdamW(pv.parameters(), lr=1e-4)
 
     def step(pruned: bool, stage: int) -> None:
         images, labels = next(batches)
-        out, _ = losses(images, labels, keep_fn if pruned else None, single_stage=stage)
+        budget = draw_budgets(args.budget, len(labels), images.device) if pruned else None
+        out, _ = losses(images, labels, keep_fn if pruned else None, single_stage=stage, budget=budget)
         optimizer.zero_grad()
         sum(out.values()).backward()
         optimizer.step()
@@ -81,7 +96,8 @@ def main(args: Args) -> None:
     stats = agent.learn(args.agent_steps)
     t_agent = time.perf_counter() - start
 
-    print(f"default ViT, batch {args.batch_size}; agent keep ratio at the end {stats[-1]['keep_ratio']:.2f}")
+    kind = f"budgets {args.budget[0]:g}-{args.budget[1]:g}, the agent's mode" if budgets else "Bernoulli agent, sampled"
+    print(f"default ViT, batch {args.batch_size}, {kind}; agent keep ratio at the end {stats[-1]['keep_ratio']:.2f}")
     print(f"step: plain {t_plain:.3f} s, three channels {t_joint:.3f} s ({t_joint / t_plain:.2f}x)")
     print(f"agent phase: {args.agent_steps} transitions in {t_agent:.1f} s")
     rows = []

@@ -191,7 +191,10 @@ def test_bad_construction_is_clear_error():
 
 
 @pytest.mark.parametrize("family", ["vit", "avg_pool"])
-def test_gathered_length_buckets_agree_with_masked(family):
+def test_gathered_length_buckets_agree_with_masked_in_values_and_gradients(family):
+    """Rows of very different counts run in groups, with and without gradients (training runs them too)."""
+    from apt_env.tokens import length_buckets
+
     pv = _build(family, bucket_rows=8)
     x = torch.randn(40, 3, 32, 32)
     ratios = torch.linspace(0.2, 1.0, 40).unsqueeze(1)
@@ -199,8 +202,27 @@ def test_gathered_length_buckets_agree_with_masked(family):
     masks = [torch.rand(40, pv.num_patches, generator=g) < ratios for _ in range(pv.num_stages)]
     with torch.no_grad():
         state = pv.prune(pv.embed(x), masks[0], mode="gathered")
-        assert state.packed and state.x.shape[0] // pv.bucket_rows > 1
-        torch.testing.assert_close(pv(x, masks, mode="masked"), pv(x, masks, mode="gathered"), atol=1e-5, rtol=1e-4)
+    assert state.packed and length_buckets(state.num_kept(), 40 // pv.bucket_rows, pv.num_prefix_tokens)
+    grads = {}
+    for mode in ("masked", "gathered"):
+        pv.zero_grad()
+        logits = pv(x, masks, mode=mode)
+        logits.logsumexp(1).sum().backward()
+        grads[mode] = (logits.detach(), [p.grad.clone() for p in pv.parameters() if p.grad is not None])
+    torch.testing.assert_close(grads["masked"][0], grads["gathered"][0], atol=1e-5, rtol=1e-4)
+    assert len(grads["masked"][1]) == len(grads["gathered"][1]) > 0
+    for a, b in zip(grads["masked"][1], grads["gathered"][1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_length_buckets_group_only_when_they_save_padding():
+    from apt_env.tokens import length_buckets
+
+    varied = torch.tensor([2, 30, 3, 29, 4, 28, 5, 27])
+    buckets = length_buckets(varied, 2, num_prefix_tokens=1)
+    assert [(sorted(r.tolist()), n) for r, n in buckets] == [([0, 2, 4, 6], 5), ([1, 3, 5, 7], 30)]
+    assert length_buckets(torch.tensor([20, 21, 20, 21, 19, 21, 20, 21]), 2, 1) is None  # 2% saved
+    assert length_buckets(varied, 1, 1) is None
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "not_fused"])

@@ -1,0 +1,110 @@
+"""What the APT agent's decision costs in wall time, per backbone and agent size, side by side in one run.
+
+For each backbone and batch size, at one budget: the dense model (timm's forward), a budget agent deciding at
+every stage (``act``, its mode: observe, score the live tokens, keep the budget's count), and the masks it chose
+replayed with nothing observed or decided (the physical reference). The agents are fresh, seeded ones of each
+size: at a budget the count is fixed, so the blocks run and the decision's cost do not depend on the agent's
+weights. ``apt_env.evaluate.measure_throughput`` times every row in one interleaved loop (median of repeats).
+
+Targets (on the shipped default, at budget 0.5): agent / replay at least 0.8 at batch 256, agent / dense at least
+1.3x at batch 256 and 1.0x at batch 1.
+
+Run: ``python benchmarks/bench_decision.py`` (about 3 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import tyro
+
+from agents.policy import APTPolicy
+from apt_env.backbone import PrunableViT
+from apt_env.checkpoint import load_backbone
+from apt_env.defaults import DEFAULT_CHECKPOINT
+from apt_env.evaluate import Contender, Decisions, fixed_masks, forward_policy, measure_throughput
+from apt_env.observe import BUDGET_KEYS, OBS_KEYS
+from apt_env.report import markdown_table
+
+
+@dataclass
+class Args:
+    models: tuple[str, ...] = ("default", "vit_small_patch16_224")
+    """`default` (the shipped default backbone) and/or timm names (10 classes, at their own img_size)"""
+    batch_sizes: tuple[int, ...] = (1, 256)
+    """batch sizes for the default backbone"""
+    timm_batch_sizes: tuple[int, ...] = (1, 16)
+    """batch sizes for the timm backbones (224 px: a batch of 256 takes seconds per pass on a CPU)"""
+    agent_sizes: tuple[int, ...] = (64, 32)
+    """agent widths to time: the hidden width and the query/key/value width of each"""
+    budget: float = 0.5
+    """fraction of the dense backbone's GFLOPs"""
+    repeats: int = 7
+    """timed repetitions (median)"""
+    threads: int = field(default_factory=torch.get_num_threads)
+    """torch CPU threads"""
+    seed: int = 0
+    """seed of the images and the agents"""
+
+
+def build(name: str) -> PrunableViT:
+    if name == "default":
+        return load_backbone(DEFAULT_CHECKPOINT).eval()
+    return PrunableViT.from_timm(name, num_classes=10).eval()
+
+
+def budget_agent(pv: PrunableViT, width: int) -> APTPolicy:
+    """A fresh budget-conditioned agent (Gumbel top-k, its mode at test time) of one width."""
+    return APTPolicy(
+        pv.embed_dim, pv.num_patches, pv.num_stages, hidden=width, qk_dim=width, use_budget=True, sampling="topk"
+    ).eval()
+
+
+def rows_for(pv: PrunableViT, images: torch.Tensor, args: Args) -> list[Contender]:
+    """The dense model, and per agent size the agent and its masks replayed."""
+    keys = (*OBS_KEYS, *BUDGET_KEYS)
+    index = torch.arange(len(images))
+    rows = [Contender("dense")]
+    for width in args.agent_sizes:
+        policy = budget_agent(pv, width)
+        agent = Contender(f"agent {width}", lambda o, p=policy: p.act(o), args.budget, obs_keys=keys)
+        with torch.inference_mode():
+            _, _, masks = forward_policy(pv, images, agent.keep_fn, obs_keys=keys, index=index, budget=args.budget)
+        replay = fixed_masks(Decisions(index, masks))
+        rows += [agent, Contender(f"replay {width}", replay, args.budget, obs_keys=("stage",))]
+    return rows
+
+
+def main(args: Args) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    print(f"threads={args.threads} torch={torch.__version__} budget={args.budget:g}")
+    table = []
+    for name in args.models:
+        pv = build(name)
+        sizes = args.batch_sizes if name == "default" else args.timm_batch_sizes
+        for batch in sizes:
+            images = torch.randn(batch, pv.in_chans, *pv.img_size)
+            contenders = rows_for(pv, images, args)
+            speed = measure_throughput(pv, images, contenders, batch_size=batch, repeats=args.repeats)
+            for width in args.agent_sizes:
+                agent, replay = speed[f"agent {width}"], speed[f"replay {width}"]
+                table.append({
+                    "model": name, "batch": batch, "agent": f"{width}/{width}", "dense img/s": speed["dense"],
+                    "agent img/s": agent, "agent / replay": agent / replay, "agent / dense": agent / speed["dense"],
+                    "replay / dense": replay / speed["dense"],
+                })  # fmt: skip
+            print(markdown_table(table[-len(args.agent_sizes) :], list(table[-1]), formats=FORMATS), flush=True)
+    print("\nTargets on the default: agent / replay >= 0.8 at batch 256; agent / dense >= 1.3 at 256, >= 1.0 at 1")
+    print(markdown_table(table, list(table[0]), formats=FORMATS))
+
+
+FORMATS = {
+    "dense img/s": ".1f", "agent img/s": ".1f", "agent / replay": ".2f", "agent / dense": ".2f",
+    "replay / dense": ".2f",
+}  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
