@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from gymnasium import spaces
 from torch import Tensor, nn
 
@@ -284,6 +285,7 @@ class APTPolicy(nn.Module):
         nn.init.constant_(self.logit_head.bias, math.log(init_keep_prob / (1 - init_keep_prob)))
         if self.use_budget:  # only then: a policy without budgets keeps today's parameters
             self.budget_embed = nn.Linear(1, hidden)
+        self._fold: tuple[tuple, tuple[Tensor, Tensor]] | None = None  # see _keys_and_values
         if mixer == "attention":
             self.mixer_norm = nn.LayerNorm(hidden)
             self.mixer_attn = nn.MultiheadAttention(hidden, mixer_heads, batch_first=True)
@@ -370,19 +372,41 @@ class APTPolicy(nn.Module):
     def _hidden(self, o: Batch) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
         """The MLP's hidden features of the live tokens only, (L, H), with their (row, position) indices:
         pruned tokens cost nothing. Also the class query (B, D) for the value head."""
+        b, n = o.live.shape
         rows, cols = o.live.nonzero(as_tuple=True)  # (L,) each, row-major
-        x = self.token_norm(o.tokens[rows, cols])  # (L, C)
+        flat = rows * n + cols  # index_select on flat rows: a faster gather than o.tokens[rows, cols]
+        x = self.token_norm(o.tokens.reshape(b * n, -1).index_select(0, flat))  # (L, C)
         q = self.q(self.cls_norm(o.cls))  # (B, D)
-        feats = [self.v(x), q[rows] * self.k(x)]
+        weight, bias = self._keys_and_values()
+        k, h_v = F.linear(x, weight, bias).split([self.qk_dim, self.hidden], dim=-1)
+        feats = [q.index_select(0, rows) * k]
         if o.cls_attn is not None:
-            feats.append(o.cls_attn[rows, cols].unsqueeze(-1) * self.num_patches)
-        h = self.fc1(torch.cat(feats, -1)) + self.stage_embed(o.stage)[rows]
+            feats.append(o.cls_attn.reshape(b * n, 1).index_select(0, flat) * self.num_patches)
+        per_row = self.stage_embed(o.stage)  # (B, H): what is the same for every token of a row, gathered once
         if o.budget is not None:
-            h = h + self.budget_embed(o.budget)[rows]
+            per_row = per_row + self.budget_embed(o.budget)
+        h = h_v + F.linear(torch.cat(feats, -1), self.fc1.weight[:, self.qk_dim :]) + per_row.index_select(0, rows)
         h = self.act_fn(self.fc2(self.act_fn(h)))
         if self.mixer == "attention":
             h = h + self._mix(h, rows, cols, o.live)
         return h, (rows, cols), q
+
+    def _keys_and_values(self) -> tuple[Tensor, Tensor]:
+        """The keys' projection and fc1's share of ``v_i`` as one (D + H, C) weight and its bias.
+
+        fc1's share of ``v_i`` is linear in ``x_i``: one product with ``W1_v W_v`` (C x H) replaces v's (C x D)
+        and fc1's (D x H), and the keys come out of the same matmul. Without gradients the fold is kept until a
+        weight changes (their version counters), like a folded norm: a decision does not pay for it."""
+        params = (self.k.weight, self.k.bias, self.v.weight, self.v.bias, self.fc1.weight, self.fc1.bias)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if not torch.is_grad_enabled() and self._fold is not None and self._fold[0] == key:
+            return self._fold[1]
+        w1_v = self.fc1.weight[:, : self.qk_dim]
+        weight = torch.cat([self.k.weight, w1_v @ self.v.weight])
+        bias = torch.cat([self.k.bias, w1_v @ self.v.bias + self.fc1.bias])
+        if not torch.is_grad_enabled():
+            self._fold = (key, (weight, bias))
+        return weight, bias
 
     def _mix(self, h: Tensor, rows: Tensor, cols: Tensor, live: Tensor) -> Tensor:
         """Self-attention of the live tokens of each row over each other, (L, H) in and out."""
@@ -418,7 +442,8 @@ class APTPolicy(nn.Module):
         and a decision skips the value head.
         """
         c, d, h = self.embed_dim, self.qk_dim, self.hidden
-        per_token = 5 * c + 2 * c * d + d + (2 * d + int(self.use_cls_attn)) * h + h * h + h
+        # its norm, keys and fc1's share of v_i (folded: C x (D + H)), q * k_i, the rest of fc1, fc2, the logit
+        per_token = 5 * c + c * (d + h) + d + (d + int(self.use_cls_attn)) * h + h * h + h
         per_stage = 5 * c + c * d + h * int(self.use_budget)  # class-token norm and query, the budget's projection
         if self.mixer == "attention":
             per_token += 5 * h + 4 * h * h  # its norm, the in and out projections

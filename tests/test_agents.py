@@ -66,6 +66,29 @@ def test_a_decision_runs_on_the_live_tokens_only_and_skips_the_value_head(pruned
     assert calls == []
 
 
+def test_the_folded_value_projection_is_fc1_on_v_and_is_folded_again_after_every_update(pruned_obs):
+    policy = _policy()
+    for p in (policy.fc1.bias, policy.v.bias, policy.k.bias):
+        torch.nn.init.normal_(p)  # no zero bias hides a term
+    o = policy.prepare(pruned_obs)
+    rows, cols = o.live.nonzero(as_tuple=True)
+    x = policy.token_norm(o.tokens[rows, cols])
+    feats = [policy.v(x), policy.q(policy.cls_norm(o.cls))[rows] * policy.k(x), o.cls_attn[rows, cols, None] * 16]
+    h = policy.fc1(torch.cat(feats, -1)) + policy.stage_embed(o.stage)[rows]
+    unfolded = policy.logit_head(policy.act_fn(policy.fc2(policy.act_fn(h)))).squeeze(-1)
+    torch.testing.assert_close(policy.keep_logits(pruned_obs)[rows, cols], unfolded)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
+    for _ in range(2):
+        with torch.no_grad():
+            kept = policy.keep_logits(pruned_obs)  # the fold kept from the last call without gradients
+        torch.testing.assert_close(kept, policy.keep_logits(pruned_obs))  # folded anew, with gradients
+        optimizer.zero_grad()
+        policy(pruned_obs)[0].logsumexp(1).sum().backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert not torch.allclose(policy.keep_logits(pruned_obs), kept)
+
+
 def test_the_attention_mixer_makes_scores_depend_on_the_other_live_tokens_only(pruned_obs, tmp_path):
     from agents.io import load_policy, save_policy
 
