@@ -148,15 +148,16 @@ def walk(
     mode: Mode,
     budget: torch.Tensor | None = None,
     keep_ratio: torch.Tensor | None = None,
+    start: int = 0,
 ) -> Iterator[TokenState]:
-    """Prune at every stage with ``keep_fn``'s decisions, from the tokens entering stage 0.
+    """Prune at every stage from ``start`` on with ``keep_fn``'s decisions, from the tokens entering stage ``start``.
 
     At each stage: observe (``keys``; ``budget`` and ``keep_ratio`` as in ``observe``), ask ``keep_fn`` (no
     gradient: a decision is not differentiated), prune, yield; then run to the next stage with
     ``pv.advance_to_stage``, taking the class attention on the way when ``keys`` has ``cls_attn``.
 
     Args:
-        state, cls_attn: the tokens entering stage 0 and their class attention, from
+        state, cls_attn: the tokens entering stage ``start`` and their class attention, e.g. from
             ``pv.advance_to_stage(pv.embed(images), 0, ...)``.
 
     Yields:
@@ -164,7 +165,7 @@ def walk(
         ``pv.finish(state, pv.prune_layers[-1])``.
     """
     take_attn = "cls_attn" in keys
-    for stage in range(pv.num_stages):
+    for stage in range(start, pv.num_stages):
         with torch.no_grad():
             keep = keep_fn(observe(pv, state, cls_attn, stage, keys, budget=budget, keep_ratio=keep_ratio))
         state = pv.prune(state, keep, mode)

@@ -51,6 +51,28 @@ def test_masked_and_gathered_give_the_same_losses_and_gradients(stage):
     torch.testing.assert_close(results["masked"][1], results["gathered"][1], atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_each_channel_is_the_model_under_its_masks(stage):
+    """The single channel is the model under the one action at its stage (at stage 0 the multi channel's first
+    action, shared with it), the multi channel under every action; each as ``pv(x, masks)`` computes it."""
+    import torch.nn.functional as F
+
+    pv, x, y = _setup()
+    masks: list[torch.Tensor] = []
+
+    def keep(obs):
+        mask = keep_half(obs)
+        masks.append(mask)
+        return mask
+
+    losses, _ = ChannelLosses(pv)(x, y, keep_fn=keep, single_stage=stage)
+    single, multi = (masks[0], masks[1:]) if stage else (masks[0], masks)
+    assert len(multi) == pv.num_stages
+    expected_single = pv(x, [torch.ones_like(single)] * stage + [single], mode="gathered")
+    torch.testing.assert_close(losses["single"], F.cross_entropy(expected_single, y))
+    torch.testing.assert_close(losses["multi"], F.cross_entropy(pv(x, multi, mode="gathered"), y))
+
+
 def test_weights_and_plain_only():
     pv, x, y = _setup()
     plain, _ = ChannelLosses(pv)(x, y)
@@ -136,10 +158,10 @@ def test_a_budget_agent_is_observed_with_each_images_budget_and_its_count():
         seen.append(obs)
         return policy.act(obs, deterministic=False)
 
-    losses, _ = ChannelLosses(pv)(x, y, keep_fn, budget=budget)
-    assert set(losses) == {"plain", "single", "multi"} and len(seen) == 1 + pv.num_stages
+    losses, _ = ChannelLosses(pv)(x, y, keep_fn, budget=budget, single_stage=0)
+    assert set(losses) == {"plain", "single", "multi"} and len(seen) == pv.num_stages  # the first action shared
     live = torch.full((6,), 16.0)
-    for obs in seen[1:]:  # the multi channel's walk
+    for obs in seen:  # the multi channel's walk
         torch.testing.assert_close(obs["budget"][:, 0], budget.float())
         count = keep_count(live, ratio, pv.min_keep)
         assert obs["keep_count"][:, 0].tolist() == count.long().tolist()
