@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import tyro
 from stable_baselines3.common.save_util import load_from_zip_file
@@ -56,6 +57,7 @@ logger = logging.getLogger("evaluate")
 
 AGENT = "APT agent"
 REPLAYED = "agent's masks, no decision"
+CONTROL = "control: "
 
 
 @dataclass
@@ -85,6 +87,9 @@ class Args:
     """timing repetitions (median reported)"""
     seed: int = 0
     """seed of random pruning and of the agent's sampling"""
+    control: str | None = None
+    """a backbone checkpoint trained as the control (``train_backbone.py --mode random``): random pruning on it at
+    every budget, and its dense model, join the table and the comparison at equal compute"""
     out: str = "runs/eval"
     """output folder"""
     save_masks: str | None = None
@@ -105,18 +110,20 @@ def check_args(args: Args) -> None:
         raise ValueError("--images must be >= 0, --batch-size and --repeats >= 1")
 
 
-def load_model(args: Args) -> PrunableViT:
-    """The backbone, checked against the dataset: class count refused, other data warned about."""
+def load_model(args: Args, path: str | None = None) -> PrunableViT:
+    """The backbone (``args.model``, or ``path``), checked against the dataset: class count refused, other data
+    warned about."""
+    path = args.model if path is None else path
     info = dataset_info(args.dataset, args.data_root)
-    config = read_backbone_config(args.model)
+    config = read_backbone_config(path)
     if config["num_classes"] != info.num_classes:
         raise ValueError(
-            f"the backbone {args.model} has {config['num_classes']} classes, {args.dataset} has {info.num_classes}"
+            f"the backbone {path} has {config['num_classes']} classes, {args.dataset} has {info.num_classes}"
         )
     trained_on = config.get("dataset")
     if trained_on is not None and trained_on != args.dataset:
-        logger.warning("the backbone %s was trained on %s, evaluated here on %s", args.model, trained_on, args.dataset)
-    return load_backbone(args.model, device=args.device)
+        logger.warning("the backbone %s was trained on %s, evaluated here on %s", path, trained_on, args.dataset)
+    return load_backbone(path, device=args.device)
 
 
 def load_agent(path: str, pv: PrunableViT) -> APTPolicy:
@@ -190,6 +197,41 @@ def heuristic_contenders(budgets: dict[float, float], seed: int) -> list[Contend
             Contender(f"cls-attn top-k @ {budget:.3g}", top.act, budget, obs_keys=("cls_attn", "keep", "stage"))
         )
     return rows
+
+
+def control_contenders(
+    control: PrunableViT, pv: PrunableViT, budgets: dict[float, float], seed: int
+) -> list[Contender]:
+    """The control backbone, dense and with random pruning at every budget (the keep ratio of ``pv``'s geometry)."""
+    if (control.num_patches, control.prune_layers, control.depth) != (pv.num_patches, pv.prune_layers, pv.depth):
+        raise ValueError("--control must have the backbone's tokens, depth and pruning layers")
+    rows = [Contender(f"{CONTROL}dense", None, 1.0, model=control)]
+    for budget, ratio in budgets.items():
+        rand = RandomKeep(ratio, seed=seed)
+        rows.append(
+            Contender(f"{CONTROL}random @ {budget:.3g}", rand.act, budget, obs_keys=("keep", "stage"), model=control)
+        )
+    return rows
+
+
+def equal_compute_text(rows: list[dict]) -> str:
+    """Each deterministic agent row against every baseline family at the agent's GFLOPs, its own cost included:
+    the family's top-1 interpolated linearly in GFLOPs between its budget rows and its dense model."""
+    families = {"random": ("random @ ", "dense"), "cls-attn top-k": ("cls-attn top-k @ ", "dense")}
+    if any(r["policy"].startswith(CONTROL) for r in rows):
+        families["control, random"] = (f"{CONTROL}random @ ", f"{CONTROL}dense")
+    lines = []
+    for agent in (r for r in rows if is_agent_decision(r["policy"])):
+        parts = []
+        for name, (prefix, dense) in families.items():
+            points = sorted(
+                (r["gflops"], r["top1"]) for r in rows if r["policy"].startswith(prefix) or r["policy"] == dense
+            )
+            at = float(np.interp(agent["gflops"], [g for g, _ in points], [t for _, t in points]))
+            parts.append(f"{name} {100 * at:.2f} ({100 * (agent['top1'] - at):+.2f})")
+        lines.append(f"{agent['policy']}: {100 * agent['top1']:.2f} at {agent['gflops']:.4g} GFLOPs with its cost; "
+                     f"at equal GFLOPs " + ", ".join(parts))  # fmt: skip
+    return "\n".join(lines)
 
 
 def is_agent_decision(policy: str) -> bool:
@@ -288,6 +330,8 @@ def main(args: Args) -> dict[str, dict]:
         reached = next(r["budget"] for r in rows if r["policy"] == f"{AGENT} (deterministic)")
         budgets[round(reached, 3)] = budget_keep_ratio(pv, reached)
     second = heuristic_contenders(budgets, args.seed) + replay_contenders(rows, decisions)
+    if args.control:
+        second += control_contenders(load_model(args, args.control), pv, budgets, args.seed)
     more_rows, more_decisions = evaluate_accuracy(pv, loader, second, desc="heuristics")
     rows += more_rows
     decisions.update(more_decisions)
@@ -334,6 +378,7 @@ def main(args: Args) -> dict[str, dict]:
         )  # fmt: skip
     print(header + table)
     print(decision_cost_text(rows))
+    print(equal_compute_text(rows))
     print(f"\nwrote {out}/results.csv, results.md, tradeoff.png, masks.png")
     return {r["policy"]: r for r in rows}
 

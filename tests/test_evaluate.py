@@ -160,6 +160,31 @@ def test_evaluate_script_writes_the_table_the_plots_and_replays_exactly(tmp_path
         module.main(_args(module, tmp_path, other, None, replay=str(masks_file)))
 
 
+def test_a_control_backbone_joins_the_table_and_every_family_is_compared_at_the_agents_compute(tmp_path, capsys):
+    module = load_script("evaluate")
+    model, agent = _checkpoint(tmp_path)
+    control, _ = _checkpoint(tmp_path, seed=1)
+    rows = module.main(_args(module, tmp_path, model, agent, budgets=(0.5,), control=str(control)))
+    assert {"control: dense", "control: random @ 0.5"} <= set(rows)
+    assert rows["control: dense"]["top1"] != rows["dense"]["top1"]  # its own weights
+    assert rows["control: random @ 0.5"]["gflops"] == rows["random @ 0.5"]["gflops"]
+    assert "control, random" in capsys.readouterr().out
+
+    def row(policy, gflops, top1):
+        return {"policy": policy, "gflops": gflops, "top1": top1}
+
+    table = [row("dense", 1.0, 0.9), row("random @ 0.5", 0.5, 0.7), row("cls-attn top-k @ 0.5", 0.5, 0.6)]
+    table += [
+        row("APT agent @ 0.5", 0.6, 0.85),
+        row("control: dense", 1.0, 0.8),
+        row("control: random @ 0.5", 0.5, 0.6),
+    ]
+    text = module.equal_compute_text(table)
+    # random at 0.6 GFLOPs: 0.7 + 0.1 / 0.5 * (0.9 - 0.7) = 0.74; control: 0.6 + 0.2 * 0.2 = 0.64
+    assert text.startswith("APT agent @ 0.5: 85.00 at 0.6 GFLOPs") and "random 74.00 (+11.00)" in text
+    assert "cls-attn top-k 66.00 (+19.00)" in text and "control, random 64.00 (+21.00)" in text
+
+
 def test_pictures_have_one_panel_per_image_policy_and_stage(tmp_path):
     from apt_env.report import plot_masks, plot_tradeoff
 
