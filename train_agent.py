@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -146,18 +146,22 @@ def log_rollout(writer: SummaryWriter | None, stats: dict, step: int) -> None:
             writer.add_scalar(f"losses/{key}", stats[key], step)
 
 
+def policy_kwargs(args: Args) -> dict[str, Any]:
+    """The APT policy's constructor arguments from the flags, for the native trainer and SB3's alike."""
+    return dict(
+        hidden=args.hidden,
+        qk_dim=args.qk_dim,
+        init_keep_prob=args.init_keep_prob,
+        sampling=args.sampling,
+        mixer=args.mixer,
+    )
+
+
 def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: SummaryWriter | None) -> APTPolicy:
     rank = torch.distributed.get_rank() if is_distributed() else 0
     with torch.random.fork_rng(devices=[]):  # every rank starts from the same agent
         torch.manual_seed(args.seed)
-        policy = APTPolicy.for_env(
-            envs,
-            hidden=args.hidden,
-            qk_dim=args.qk_dim,
-            init_keep_prob=args.init_keep_prob,
-            sampling=args.sampling,
-            mixer=args.mixer,
-        )
+        policy = APTPolicy.for_env(envs, **policy_kwargs(args))
     trainer = NativePPO(
         envs,
         policy,
@@ -265,13 +269,7 @@ def train_sb3(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Summar
         model = algo(
             APTActorCriticPolicy,
             venv,
-            policy_kwargs=dict(
-                hidden=args.hidden,
-                qk_dim=args.qk_dim,
-                init_keep_prob=args.init_keep_prob,
-                sampling=args.sampling,
-                mixer=args.mixer,
-            ),
+            policy_kwargs=policy_kwargs(args),
             seed=args.seed,  # SB3's global RNGs and the env's first reset
             device=envs.device,
             **hyper,
