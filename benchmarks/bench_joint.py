@@ -107,6 +107,8 @@ def main(args: Args) -> None:
                      "joint / plain": joint / plain})  # fmt: skip
     formats = {"steps/epoch": "d", "plain epoch (s)": ".1f", "joint epoch (s)": ".1f", "joint / plain": ".2f"}
     print(markdown_table(rows, list(formats), formats=formats))
+    last = rows[-1]
+    print(f"target: a joint epoch at most 2x a plain one; {last['joint / plain']:.2f}x at {last['steps/epoch']} steps")
 
 
 if __name__ == "__main__":
