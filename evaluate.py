@@ -186,12 +186,17 @@ def agent_contenders(policy: APTPolicy, budgets: dict[float, float], seed: int) 
     return rows
 
 
+def random_contender(budget: float, ratio: float, seed: int, model: PrunableViT | None = None) -> Contender:
+    """Random pruning at a budget's keep ratio, on the evaluation's backbone or on ``model`` (the control)."""
+    name = f"{'' if model is None else CONTROL}random @ {budget:.3g}"
+    return Contender(name, RandomKeep(ratio, seed=seed).act, budget, obs_keys=("keep", "stage"), model=model)
+
+
 def heuristic_contenders(budgets: dict[float, float], seed: int) -> list[Contender]:
     """Random pruning and class-attention top-k (EViT) at the keep ratio of every budget."""
     rows = []
     for budget, ratio in budgets.items():
-        rand = RandomKeep(ratio, seed=seed)
-        rows.append(Contender(f"random @ {budget:.3g}", rand.act, budget, obs_keys=("keep", "stage")))
+        rows.append(random_contender(budget, ratio, seed))
         top = ClsAttentionTopK(ratio)
         rows.append(
             Contender(f"cls-attn top-k @ {budget:.3g}", top.act, budget, obs_keys=("cls_attn", "keep", "stage"))
@@ -205,13 +210,8 @@ def control_contenders(
     """The control backbone, dense and with random pruning at every budget (the keep ratio of ``pv``'s geometry)."""
     if (control.num_patches, control.prune_layers, control.depth) != (pv.num_patches, pv.prune_layers, pv.depth):
         raise ValueError("--control must have the backbone's tokens, depth and pruning layers")
-    rows = [Contender(f"{CONTROL}dense", None, 1.0, model=control)]
-    for budget, ratio in budgets.items():
-        rand = RandomKeep(ratio, seed=seed)
-        rows.append(
-            Contender(f"{CONTROL}random @ {budget:.3g}", rand.act, budget, obs_keys=("keep", "stage"), model=control)
-        )
-    return rows
+    dense = Contender(f"{CONTROL}dense", None, 1.0, model=control)
+    return [dense] + [random_contender(budget, ratio, seed, control) for budget, ratio in budgets.items()]
 
 
 def equal_compute_text(rows: list[dict]) -> str:

@@ -85,25 +85,20 @@ class ChannelLosses(nn.Module):
 
         single, multi = pruning and weights.get("single", 0), pruning and weights.get("multi", 0)
         keep, j = _as_bool(keep_fn), single_stage
+        walk_from = (states[0], attns[0], 0)  # where the multi channel starts deciding
         if single:
             with torch.no_grad():
                 mask = keep(observe(pv, states[j], attns[j], j, keys, **seen))
-            state = pv.prune(states[j], mask, self.mode)
-            start = b[j + 1]
-            if j == 0 and multi:
+            state, start = pv.prune(states[j], mask, self.mode), b[j + 1]
+            if j == 0 and multi and pv.num_stages > 1:
                 # The first action alone is also the multi channel's first action: they share it and the blocks up
                 # to the next stage, from which the multi channel goes on pruning.
-                if pv.num_stages > 1:
-                    state, attn = pv.advance_to_stage(state, 1, take_attn="cls_attn" in keys)
-                    start = b[2]
-                    *_, last = walk(pv, state, attn, keep, keys=keys, mode=self.mode, start=1, **seen)
-                    losses["multi"] = weights["multi"] * self._ce(pv.finish(last, b[-2]), labels)
-            logits_single = pv.finish(state, start)
-            losses["single"] = weights["single"] * self._ce(logits_single, labels)
-            if j == 0 and multi and pv.num_stages == 1:  # one stage: all actions are the one action
-                losses["multi"] = weights["multi"] * self._ce(logits_single, labels)
-        if multi and "multi" not in losses:
-            *_, last = walk(pv, states[0], attns[0], keep, keys=keys, mode=self.mode, **seen)
+                state, attn = pv.advance_to_stage(state, 1, take_attn="cls_attn" in keys)
+                start, walk_from = b[2], (state, attn, 1)
+            losses["single"] = weights["single"] * self._ce(pv.finish(state, start), labels)
+        if multi:
+            state, attn, first = walk_from
+            *_, last = walk(pv, state, attn, keep, keys=keys, mode=self.mode, start=first, **seen)
             losses["multi"] = weights["multi"] * self._ce(pv.finish(last, b[-2]), labels)
         return {c: v for c, v in losses.items() if weights.get(c, 0)}, logits_plain
 

@@ -176,8 +176,8 @@ def length_buckets(
         return None
     order = counts.argsort()
     parts = order.tensor_split(num_buckets)
-    longest = counts[order][torch.tensor([len(p) for p in parts]).cumsum(0) - 1].tolist()
-    padded = (int(counts.max()) + num_prefix_tokens) * len(counts)
+    longest = counts[order][torch.tensor([len(p) for p in parts]).cumsum(0) - 1].tolist()  # each part's last
+    padded = (longest[-1] + num_prefix_tokens) * len(counts)
     grouped = sum(len(p) * (n + num_prefix_tokens) for p, n in zip(parts, longest))
     if grouped > (1.0 - min_saving) * padded:
         return None
