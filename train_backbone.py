@@ -151,6 +151,11 @@ class Args:
     keeps each budget's token count (Gumbel top-k, its mode at test time), every agent episode and every
     training image drawing a budget from the range, so the backbone trains on the masks it meets at test time;
     none: the agent chooses how many tokens to keep (a Bernoulli per token)"""
+    budget_groups: int | None = None
+    """apt and random modes with --budget: distinct budgets per training batch, each drawn from its own part of the
+    range and shared by that many consecutive (shuffled) images; default one per image. Fewer groups run the pruned
+    channels in fewer, unpadded groups of rows (faster: benchmarks/bench_joint.py), every image's budget still
+    uniform over the range"""
     backbone_masks: Literal["sampled", "mode"] = "sampled"
     """apt mode: the agent's masks the backbone's pruned channels train on: its samples (as PPO explores) or its
     mode (what it keeps at test time)"""
@@ -182,6 +187,8 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--warmup-epochs must be in [0, --epochs={args.epochs}), got {args.warmup_epochs}")
     if args.init_agent and args.mode != "apt":
         raise ValueError("--init-agent needs --mode apt")
+    if args.budget_groups is not None and (args.budget is None or args.budget_groups < 1):
+        raise ValueError(f"--budget-groups needs --budget and must be at least 1, got {args.budget_groups}")
     if args.budget is not None:
         budget_range(args.budget)  # a clear error for a bad range
     elif args.mode == "random":
@@ -460,7 +467,8 @@ def train(args: Args, run_dir: Path) -> bool:
             for images, labels in bar:
                 images, labels = images.to(device), labels.to(device)
                 single_stage = random.randrange(pv.num_stages)
-                budget = draw_budgets(args.budget, len(labels), device) if pruning else None
+                groups = None if args.budget_groups is None else min(args.budget_groups, len(labels))
+                budget = draw_budgets(args.budget, len(labels), device, groups) if pruning else None
                 losses, logits = losses_fn(images, labels, keep_fn, weights, single_stage, budget)
                 loss = sum(losses.values())
                 optimizer.zero_grad(set_to_none=True)

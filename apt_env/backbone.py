@@ -212,23 +212,28 @@ class PrunableViT(nn.Module):
         numbers of tokens, on groups of rows of similar length, each cut to its own longest row
         (``length_buckets``), put back in the batch's order. ``extra`` (rows first) or None.
 
-        The groups are put back by padding, concatenating and indexing, all differentiable at the cost of a copy,
-        so training runs in groups too."""
+        Each group's output is written into its rows of a new batch by ``index_put_``, differentiable, so
+        training runs in groups too."""
         buckets = None
         if state.packed and not bool(state.keep.all()):
             buckets = length_buckets(state.num_kept(), state.x.shape[0] // self.bucket_rows, self.num_prefix_tokens)
         if buckets is None:
             x, extra = run(state)
             return state.with_x(x), extra
-        length = state.x.shape[1]
-        xs, extras = [], []
-        for rows, kept in buckets:
-            x, extra = run(state.rows(rows, kept))
-            xs.append(F.pad(x, (0, 0, 0, length - x.shape[1])))  # padding slots are not live: any value
+        order = torch.cat([rows for rows, _ in buckets])
+        # Rows already in order of count (e.g. a batch sorted by budget) are cut by a split, not copied by an index.
+        in_order = bool((order == torch.arange(len(order), device=order.device)).all())
+        pieces = state.x.split([len(rows) for rows, _ in buckets]) if in_order else None
+        x = torch.zeros_like(state.x)  # padding slots are not live: any finite value
+        extras = []
+        for i, (rows, kept) in enumerate(buckets):
+            part = state.rows(rows, kept, x=None if pieces is None else pieces[i])
+            out, extra = run(part)
+            # Written straight into its rows and first slots: one copy, differentiable.
+            x.index_put_((rows.unsqueeze(1), torch.arange(out.shape[1], device=x.device)), out)
             extras.append(extra)
-        back = torch.cat([rows for rows, _ in buckets]).argsort()
-        extra = None if extras[0] is None else torch.cat(extras).index_select(0, back)
-        return state.with_x(torch.cat(xs).index_select(0, back)), extra
+        extra = None if extras[0] is None else torch.cat(extras).index_select(0, order.argsort())
+        return state.with_x(x), extra
 
     def _run(self, x: torch.Tensor, start: int, end: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
         for blk in self.model.blocks[start:end]:

@@ -111,10 +111,23 @@ def _as_bool(keep_fn: KeepFn) -> KeepFn:
     return lambda obs: keep_fn(obs).bool()
 
 
-def draw_budgets(budget: tuple[float, float] | None, size: int, device: torch.device) -> torch.Tensor | None:
-    """A budget per training image (float64), uniform in the range as the env draws one per episode (torch's
-    RNG); None without a range."""
+def draw_budgets(
+    budget: tuple[float, float] | None, size: int, device: torch.device, groups: int | None = None
+) -> torch.Tensor | None:
+    """Budgets for a training batch (float64; torch's RNG), None without a range.
+
+    ``groups`` distinct budgets (default one per row), stratified: group ``g`` draws uniformly from the ``g``-th of
+    ``groups`` equal parts of the range, and its rows are consecutive. A training batch comes shuffled, so every
+    image's budget is still uniform over the range, as the env draws one per episode; rows come in order of budget,
+    hence of kept count, so the pruned channels run in groups of rows without an index (``PrunableViT``), and a
+    group's rows all keep the same counts: no padding inside it.
+    """
     if budget is None:
         return None
+    groups = size if groups is None else groups
+    if not isinstance(groups, int) or isinstance(groups, bool) or not 1 <= groups <= size:
+        raise ValueError(f"groups must be an integer in [1, {size}] (distinct budgets per batch), got {groups!r}")
     low, high = budget
-    return (low + (high - low) * torch.rand(size, dtype=torch.float64)).to(device)
+    draws = (torch.arange(groups, dtype=torch.float64) + torch.rand(groups, dtype=torch.float64)) / groups
+    sizes = torch.tensor([len(part) for part in torch.arange(size).tensor_split(groups)])
+    return (low + (high - low) * draws).repeat_interleave(sizes).to(device)

@@ -58,10 +58,11 @@ class TokenState:
     def with_x(self, x: torch.Tensor) -> TokenState:
         return TokenState(x, self.keep, self.index, self.num_prefix_tokens, self.packed)
 
-    def rows(self, rows: torch.Tensor, length: int) -> TokenState:
-        """The given rows cut to their first ``length`` slots (only for packed states)."""
+    def rows(self, rows: torch.Tensor, length: int, x: torch.Tensor | None = None) -> TokenState:
+        """The given rows cut to their first ``length`` slots (only for packed states); ``x``: those rows of
+        ``self.x`` when the caller has them already (e.g. a split of consecutive rows)."""
         p = self.num_prefix_tokens
-        x = self.x[rows, : p + length]
+        x = (self.x[rows] if x is None else x)[:, : p + length]
         return TokenState(x, self.keep[rows, :length], self.index[rows, :length], p, True)
 
     def num_kept(self) -> torch.Tensor:
@@ -165,23 +166,29 @@ costs a copy in and out and launches every block once more."""
 def length_buckets(
     counts: torch.Tensor, num_buckets: int, num_prefix_tokens: int = 0, min_saving: float = BUCKET_MIN_SAVING
 ) -> list[tuple[torch.Tensor, int]] | None:
-    """Rows grouped by similar live count: rows sorted by count, split into ``num_buckets`` equal parts, each
-    with its longest count. None when one group is as good: fewer than two parts, or the parts would run less
-    than ``min_saving`` fewer tokens (prefix included) than the whole batch padded to its longest row.
+    """Rows grouped by similar live count: rows sorted by count (stably), split into ``num_buckets`` equal parts,
+    each with its longest count, neighbours of the same longest count joined. None when one group is as good: fewer
+    than two parts, or the parts would run less than ``min_saving`` fewer tokens (prefix included) than the whole
+    batch padded to its longest row.
 
     Running each group cut to its own longest row wastes far less on padding than padding the
     whole batch to its longest row when counts vary (e.g. a budget per image).
     """
     if num_buckets < 2:
         return None
-    order = counts.argsort()
+    order = counts.argsort(stable=True)  # rows already in order of count keep it: a split, not an index
     parts = order.tensor_split(num_buckets)
     longest = counts[order][torch.tensor([len(p) for p in parts]).cumsum(0) - 1].tolist()  # each part's last
     padded = (longest[-1] + num_prefix_tokens) * len(counts)
     grouped = sum(len(p) * (n + num_prefix_tokens) for p, n in zip(parts, longest))
     if grouped > (1.0 - min_saving) * padded:
         return None
-    return [(p, int(n)) for p, n in zip(parts, longest)]
+    buckets: list[tuple[torch.Tensor, int]] = []
+    for part, n in zip(parts, longest):
+        if buckets and buckets[-1][1] == n:  # as long as the group before: one group runs it at no more padding
+            part = torch.cat([buckets.pop()[0], part])
+        buckets.append((part, int(n)))
+    return buckets
 
 
 def top_count(scores: torch.Tensor, live: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

@@ -3,11 +3,11 @@
 Per training step of the default ViT on Fashion-MNIST batches: the plain channel alone, and the three
 channels with the agent's masks, as the shipped default trains (``--budget 0.25 1.0 --backbone-masks mode
 --reward vs_random``: every image its own budget, the agent's mode; ``--budget`` none times a Bernoulli agent's
-samples instead); plus one agent phase (PPO on the env over the same backbone). An epoch of the given schedule
-is then ``steps x step time`` (plain) and ``steps x joint step time + one agent phase`` (joint). Target: joint
-at most 2x plain.
+samples instead), with one budget per image and with fewer distinct budgets per batch (``--budget-groups``);
+plus one agent phase (PPO on the env over the same backbone). An epoch of the given schedule is then ``steps x
+step time`` (plain) and ``steps x joint step time + one agent phase`` (joint). Target: joint at most 2x plain.
 
-Run: ``python benchmarks/bench_joint.py`` (about 3 minutes on 2 CPU cores).
+Run: ``python benchmarks/bench_joint.py`` (about 4 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from apt_env.runs import seed_everything
 
 @dataclass
 class Args:
-    steps: int = 12
-    """training steps timed per kind (interleaved, after a warm-up step)"""
+    steps: int = 32
+    """training steps timed per kind (interleaved, after a warm-up step; means, as budgets vary by step)"""
     batch_size: int = 128
     """training batch size"""
     steps_per_epoch: tuple[int, ...] = (50, 468)
@@ -43,6 +43,9 @@ class Args:
     """env batch of the agent phase"""
     budget: tuple[float, float] | None = (0.25, 1.0)
     """the budget range of joint training (none: a Bernoulli agent that chooses its count)"""
+    budget_groups: tuple[int | None, ...] = (None, 1)
+    """distinct budgets per batch to time, each a row of its own (train_backbone's --budget-groups; none: one per
+    image)"""
     agent_hidden: int = 64
     """width of the agent's per-token MLP"""
     agent_qk_dim: int = 64
@@ -70,9 +73,11 @@ def main(args: Args) -> None:
     losses = ChannelLosses(pv)
     optimizer = torch.optim.AdamW(pv.parameters(), lr=1e-4)
 
-    def step(pruned: bool, stage: int) -> None:
+    kinds: list[int | None] = list(args.budget_groups) if budgets else [None]
+
+    def step(pruned: bool, stage: int, groups: int | None = None) -> None:
         images, labels = next(batches)
-        budget = draw_budgets(args.budget, len(labels), images.device) if pruned else None
+        budget = draw_budgets(args.budget, len(labels), images.device, groups) if pruned else None
         out, _ = losses(images, labels, keep_fn if pruned else None, single_stage=stage, budget=budget)
         optimizer.zero_grad()
         sum(out.values()).backward()
@@ -80,14 +85,21 @@ def main(args: Args) -> None:
 
     pv.train()
     step(False, 0)
-    step(True, 0)
-    times: dict[bool, list[float]] = {False: [], True: []}
+    for groups in kinds:
+        step(True, 0, groups)
+    plain: list[float] = []
+    joint: dict[int | None, list[float]] = {groups: [] for groups in kinds}
     for i in range(args.steps):
-        for pruned in (False, True):
+        start = time.perf_counter()
+        step(False, 0)
+        plain.append(time.perf_counter() - start)
+        for groups in kinds:
             start = time.perf_counter()
-            step(pruned, i % pv.num_stages)
-            times[pruned].append(time.perf_counter() - start)
-    t_plain, t_joint = statistics.median(times[False]), statistics.median(times[True])
+            step(True, i % pv.num_stages, groups)
+            joint[groups].append(time.perf_counter() - start)
+    # Means, not medians: a step's time follows the budgets it drew, and an epoch is the sum of its steps.
+    t_plain = statistics.mean(plain)
+    t_joint = {groups: statistics.mean(times) for groups, times in joint.items()}
 
     pv.eval()
     agent.policy.train()
@@ -98,17 +110,22 @@ def main(args: Args) -> None:
 
     kind = f"budgets {args.budget[0]:g}-{args.budget[1]:g}, the agent's mode" if budgets else "Bernoulli agent, sampled"
     print(f"default ViT, batch {args.batch_size}, {kind}; agent keep ratio at the end {stats[-1]['keep_ratio']:.2f}")
-    print(f"step: plain {t_plain:.3f} s, three channels {t_joint:.3f} s ({t_joint / t_plain:.2f}x)")
     print(f"agent phase: {args.agent_steps} transitions in {t_agent:.1f} s")
     rows = []
-    for steps in args.steps_per_epoch:
-        plain, joint = steps * t_plain, steps * t_joint + t_agent
-        rows.append({"steps/epoch": steps, "plain epoch (s)": plain, "joint epoch (s)": joint,
-                     "joint / plain": joint / plain})  # fmt: skip
-    formats = {"steps/epoch": "d", "plain epoch (s)": ".1f", "joint epoch (s)": ".1f", "joint / plain": ".2f"}
+    for groups, t in t_joint.items():
+        name = "Bernoulli" if not budgets else "one per image" if groups is None else f"{groups} per batch"
+        for steps in args.steps_per_epoch:
+            plain_epoch, joint_epoch = steps * t_plain, steps * t + t_agent
+            rows.append({"budgets": name, "step joint / plain": t / t_plain, "steps/epoch": steps,
+                         "plain epoch (s)": plain_epoch, "joint epoch (s)": joint_epoch,
+                         "joint / plain": joint_epoch / plain_epoch})  # fmt: skip
+    formats = {"budgets": "s", "step joint / plain": ".2f", "steps/epoch": "d", "plain epoch (s)": ".1f",
+               "joint epoch (s)": ".1f", "joint / plain": ".2f"}  # fmt: skip
+    print(f"step: plain {t_plain:.3f} s (mean of {args.steps})")
     print(markdown_table(rows, list(formats), formats=formats))
-    last = rows[-1]
-    print(f"target: a joint epoch at most 2x a plain one; {last['joint / plain']:.2f}x at {last['steps/epoch']} steps")
+    for row in rows:
+        if row["steps/epoch"] == max(args.steps_per_epoch):
+            print(f"target: a joint epoch at most 2x a plain one; {row['joint / plain']:.2f}x ({row['budgets']})")
 
 
 if __name__ == "__main__":

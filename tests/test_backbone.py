@@ -191,18 +191,26 @@ def test_bad_construction_is_clear_error():
 
 
 @pytest.mark.parametrize("family", ["vit", "avg_pool"])
-def test_gathered_length_buckets_agree_with_masked_in_values_and_gradients(family):
-    """Rows of very different counts run in groups, with and without gradients (training runs them too)."""
+@pytest.mark.parametrize("rows", ["in order of count", "shuffled"])
+def test_gathered_length_buckets_agree_with_masked_in_values_and_gradients(family, rows):
+    """Rows of very different counts run in groups, with and without gradients (training runs them too); rows
+    already in order of count are split, not indexed."""
     from apt_env.tokens import length_buckets
 
     pv = _build(family, bucket_rows=8)
     x = torch.randn(40, 3, 32, 32)
-    ratios = torch.linspace(0.2, 1.0, 40).unsqueeze(1)
     g = torch.Generator().manual_seed(1)
-    masks = [torch.rand(40, pv.num_patches, generator=g) < ratios for _ in range(pv.num_stages)]
+    rank = torch.rand(40, pv.num_patches, generator=g).argsort(1).argsort(1)  # nested masks: counts fall by stage
+    counts = (torch.linspace(0.2, 1.0, 40).unsqueeze(1) ** torch.arange(1, pv.num_stages + 1) * pv.num_patches).ceil()
+    if rows == "shuffled":
+        counts = counts[torch.randperm(40, generator=g)]
+    masks = [rank < counts[:, k : k + 1] for k in range(pv.num_stages)]
     with torch.no_grad():
         state = pv.prune(pv.embed(x), masks[0], mode="gathered")
-    assert state.packed and length_buckets(state.num_kept(), 40 // pv.bucket_rows, pv.num_prefix_tokens)
+    buckets = length_buckets(state.num_kept(), 40 // pv.bucket_rows, pv.num_prefix_tokens)
+    assert state.packed and buckets
+    order = torch.cat([r for r, _ in buckets])
+    assert torch.equal(order, torch.arange(40)) == (rows == "in order of count")
     grads = {}
     for mode in ("masked", "gathered"):
         pv.zero_grad()
@@ -222,6 +230,9 @@ def test_length_buckets_group_only_when_they_save_padding():
     buckets = length_buckets(varied, 2, num_prefix_tokens=1)
     assert [(sorted(r.tolist()), n) for r, n in buckets] == [([0, 2, 4, 6], 5), ([1, 3, 5, 7], 30)]
     assert length_buckets(torch.tensor([20, 21, 20, 21, 19, 21, 20, 21]), 2, 1) is None  # 2% saved
+    # Two budgets in a batch: four parts, but neighbours of the same length make one group each, without padding.
+    two = torch.tensor([9] * 8 + [30] * 8)
+    assert [(r.tolist(), n) for r, n in length_buckets(two, 4, 1)] == [(list(range(8)), 9), (list(range(8, 16)), 30)]
     assert length_buckets(varied, 1, 1) is None
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import load_script
 
-from apt_env.backbone import PrunableViT
+from apt_env.backbone import MODES, PrunableViT
 from apt_env.joint import ChannelLosses
 
 KWARGS = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2)
@@ -169,3 +169,41 @@ def test_a_budget_agent_is_observed_with_each_images_budget_and_its_count():
         live = count
     with pytest.raises(ValueError, match="budget"):
         ChannelLosses(pv)(x, y, keep_fn)  # a budget agent without budgets
+
+
+@pytest.mark.parametrize("groups", [None, 1, 3, 10])
+def test_budgets_come_in_stratified_groups_of_consecutive_rows_in_order(groups):
+    from apt_env.joint import draw_budgets
+
+    torch.manual_seed(0)
+    budget = draw_budgets((0.25, 1.0), 10, torch.device("cpu"), groups)
+    assert budget.dtype == torch.float64 and budget.shape == (10,)
+    values, sizes = budget.unique_consecutive(return_counts=True)
+    g = 10 if groups is None else groups
+    assert len(values) == g and sizes.tolist() == [len(p) for p in torch.arange(10).tensor_split(g)]
+    part = ((values - 0.25) / 0.75 * g).floor()  # each group draws from its own g-th of the range, in order
+    assert part.tolist() == list(range(g))
+    for bad in (0, 11, 2.5, True):
+        with pytest.raises(ValueError, match=r"groups must be an integer in \[1, 10\]"):
+            draw_budgets((0.25, 1.0), 10, torch.device("cpu"), bad)
+    assert draw_budgets(None, 10, torch.device("cpu"), groups) is None
+
+
+def test_one_budget_per_batch_runs_the_pruned_channels_unpadded_and_trains_as_masked():
+    """Rows of one budget keep the same counts: no padding in the gathered channels, masked mode's losses."""
+    from agents.policy import APTPolicy
+    from apt_env.joint import draw_budgets
+
+    pv, x, y = _setup()
+    policy = APTPolicy(32, 16, 3, hidden=16, qk_dim=16, use_budget=True, sampling="topk")
+    budget = draw_budgets((0.25, 1.0), 6, torch.device("cpu"), 1)
+    seen = []
+
+    def keep_fn(obs):
+        seen.append(obs["keep"].sum(1))
+        return policy.act(obs, deterministic=True)
+
+    out = {mode: ChannelLosses(pv, mode=mode)(x, y, keep_fn, budget=budget, single_stage=1)[0] for mode in MODES}
+    for c in out["masked"]:
+        torch.testing.assert_close(out["masked"][c], out["gathered"][c])
+    assert len(seen) == 2 * (pv.num_stages + 1) and all(len(live.unique()) == 1 for live in seen)

@@ -163,6 +163,8 @@ def test_bad_arguments_are_refused_early():
         script.check_args(script.Args(model_kwargs="depth=2"))
     with pytest.raises(ValueError, match="--stop-epoch"):
         script.check_args(script.Args(epochs=2, stop_epoch=3))
+    with pytest.raises(ValueError, match="--budget-groups needs --budget"):
+        script.check_args(script.Args(budget_groups=1))
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
