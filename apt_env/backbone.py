@@ -224,14 +224,17 @@ class PrunableViT(nn.Module):
         # Rows already in order of count (e.g. a batch sorted by budget) are cut by a split, not copied by an index.
         in_order = bool((order == torch.arange(len(order), device=order.device)).all())
         pieces = state.x.split([len(rows) for rows, _ in buckets]) if in_order else None
-        x = torch.zeros_like(state.x)  # padding slots are not live: any finite value
+        x: torch.Tensor | None = None
         extras = []
         for i, (rows, kept) in enumerate(buckets):
             part = state.rows(rows, kept, x=None if pieces is None else pieces[i])
             out, extra = run(part)
+            if x is None:  # in the blocks' output dtype (autocast); padding slots are not live: any finite value
+                x = out.new_zeros(state.x.shape[0], state.x.shape[1], out.shape[-1])
             # Written straight into its rows and first slots: one copy, differentiable.
             x.index_put_((rows.unsqueeze(1), torch.arange(out.shape[1], device=x.device)), out)
             extras.append(extra)
+        assert x is not None
         extra = None if extras[0] is None else torch.cat(extras).index_select(0, order.argsort())
         return state.with_x(x), extra
 

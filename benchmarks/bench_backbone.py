@@ -39,6 +39,8 @@ class Args:
     """`default` (the tiny Fashion-MNIST ViT) and/or timm names, built at their own img_size"""
     spread: float = 0.15
     """half-width of the per-sample keep ratio when counts vary inside the batch"""
+    bucket_rows: int = 32
+    """rows per length group when counts vary (``PrunableViT(bucket_rows=...)``)"""
     threads: int = field(default_factory=torch.get_num_threads)
     """torch CPU threads"""
 
@@ -95,21 +97,21 @@ def timed(fns: list[Callable[[], object]], repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def build(name: str) -> PrunableViT:
+def build(name: str, bucket_rows: int = 32) -> PrunableViT:
     if name == "default":
-        return PrunableViT.from_timm(DEFAULT_MODEL_NAME, **DEFAULT_MODEL_KWARGS).eval()
-    return PrunableViT.from_timm(name, num_classes=10).eval()
+        return PrunableViT.from_timm(DEFAULT_MODEL_NAME, bucket_rows=bucket_rows, **DEFAULT_MODEL_KWARGS).eval()
+    return PrunableViT.from_timm(name, num_classes=10, bucket_rows=bucket_rows).eval()
 
 
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    print(f"threads={args.threads} torch={torch.__version__}")
+    print(f"threads={args.threads} torch={torch.__version__} bucket_rows={args.bucket_rows}")
     header = f"{'model':<22}{'batch':>6}{'ratio':>7}{'counts':>9}{'kept/stage':>16}{'img/s':>10}"
     header += f"{'flops x':>9}{'dense x':>9}{'efficiency':>12}"
     print(header)
     for name in args.models:
-        pv = build(name)
+        pv = build(name, args.bucket_rows)
         flops = FlopCounter(pv.model)
         n = pv.num_patches
         for batch in args.batch_sizes:
