@@ -10,7 +10,8 @@ DynamicViT), with counts uniform or varying inside the batch (``r`` +- 0.15 per 
   plain dense batch whose length at each stage is the batch's mean kept length: no masks, no
   padding, no gathering.
 
-Run: ``python benchmarks/bench_backbone.py`` (about 3 minutes on 2 CPU cores).
+Run: ``python benchmarks/bench_backbone.py`` (about 3 minutes on 2 CPU cores); on a GPU, e.g.
+``--device cuda --models vit_small_patch16_224 vit_base_patch16_224 --batch-sizes 256 --amp bf16``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import tyro
@@ -39,6 +41,10 @@ class Args:
     """`default` (the tiny Fashion-MNIST ViT) and/or timm names, built at their own img_size"""
     spread: float = 0.15
     """half-width of the per-sample keep ratio when counts vary inside the batch"""
+    device: str = "cpu"
+    """torch device (e.g. cuda; timings synchronize it)"""
+    amp: Literal["none", "bf16"] = "none"
+    """bf16: every row under ``torch.autocast`` in bfloat16"""
     bucket_rows: int = 32
     """rows per length group when counts vary (``PrunableViT(bucket_rows=...)``)"""
     threads: int = field(default_factory=torch.get_num_threads)
@@ -84,15 +90,19 @@ def dense_reference(pv: PrunableViT, lengths: list[int]) -> Callable[[torch.Tens
     return run
 
 
-def timed(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds of each function, runs interleaved so that machine noise hits all alike."""
+def timed(fns: list[Callable[[], object]], repeats: int, device: torch.device | None = None) -> list[float]:
+    """Median seconds of each function, runs interleaved so that machine noise hits all alike (a CUDA device
+    synchronized around each run)."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else lambda: None
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[i].append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
 
@@ -106,16 +116,19 @@ def build(name: str, bucket_rows: int = 32) -> PrunableViT:
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    print(f"threads={args.threads} torch={torch.__version__} bucket_rows={args.bucket_rows}")
+    device = torch.device(args.device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU threads"
+    print(f"{where}, torch {torch.__version__}, amp {args.amp}, bucket_rows={args.bucket_rows}")
     header = f"{'model':<22}{'batch':>6}{'ratio':>7}{'counts':>9}{'kept/stage':>16}{'img/s':>10}"
     header += f"{'flops x':>9}{'dense x':>9}{'efficiency':>12}"
     print(header)
     for name in args.models:
-        pv = build(name, args.bucket_rows)
+        pv = build(name, args.bucket_rows).to(device)
         flops = FlopCounter(pv.model)
         n = pv.num_patches
         for batch in args.batch_sizes:
-            images = torch.randn(batch, pv.in_chans, *pv.img_size, generator=gen)
+            images = torch.randn(batch, pv.in_chans, *pv.img_size, generator=gen).to(device)
             full = dense_reference(pv, [n] * pv.num_stages)
             for ratio in args.ratios:
                 kinds = ["uniform"] if ratio == 1.0 or batch == 1 else ["uniform", "varying"]
@@ -123,13 +136,14 @@ def main(args: Args) -> None:
                     spread = args.spread if kind == "varying" else 0.0
                     r = ratio + spread * (2 * torch.rand(batch, generator=gen) - 1)
                     counts = stage_counts(n, r.clamp(0.05, 1.0), pv.num_stages)
-                    masks = nested_masks(counts, n, gen)
+                    masks = [mask.to(device) for mask in nested_masks(counts, n, gen)]
                     lengths = counts.double().mean(0).round().long().tolist()
                     ref = dense_reference(pv, lengths)
-                    with torch.inference_mode():
+                    with torch.inference_mode(), amp:
                         t_ours, t_ref, t_full = timed(
                             [lambda: pv(images, masks, mode="gathered"), lambda: ref(images), lambda: full(images)],
                             args.repeats,
+                            device,
                         )
                     flops_x = flops.dense() / float(flops(tokens_per_block(pv, counts)).mean())
                     print(

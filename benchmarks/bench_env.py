@@ -39,7 +39,9 @@ class Args:
     episodes: int = 6
     """episodes timed per measurement (the median episode is reported)"""
     sync_episodes: int = 2
-    """episodes of the SyncVectorEnv baseline (it is slow)"""
+    """episodes of the SyncVectorEnv baseline (it is slow; 0 skips it and the batching gain)"""
+    device: str = "cpu"
+    """torch device of the env (e.g. cuda; timings synchronize it)"""
     keep_prob: float = 0.7
     """probability that a random action keeps a token"""
     channels: tuple[str, ...] = CHANNELS
@@ -52,8 +54,14 @@ def random_actions(rng: np.random.Generator, shape: tuple[int, ...], p: float, s
     return [(rng.random(shape) < p).astype(np.int8) for _ in range(steps)]
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_env_episode(envs: gym.vector.VectorEnv, actions: list[np.ndarray]) -> float:
-    """Seconds per episode: K steps, the last of which also starts the next episode."""
+    """Seconds per episode: K steps, the last of which also starts the next episode (the numpy API waits for
+    the device)."""
     t0 = time.perf_counter()
     for a in actions:
         envs.step(a)
@@ -64,6 +72,8 @@ def time_env_episode(envs: gym.vector.VectorEnv, actions: list[np.ndarray]) -> f
 def time_bound(env: APTPruneVectorEnv, images: torch.Tensor, labels: torch.Tensor, masks: list[torch.Tensor]) -> float:
     """The same block passes as one env episode, done directly with PrunableViT."""
     pv, b, single = env.pv, env.pv.stage_bounds, "single" in env.episodes.channels
+    images, labels, masks = images.to(env.device), labels.to(env.device), [m.to(env.device) for m in masks]
+    synchronize(env.device)
     t0 = time.perf_counter()
     state, _ = pv.advance_to_stage(pv.embed(images), 0, take_attn=True)
     F.cross_entropy(pv.finish(state, b[1]), labels)
@@ -80,21 +90,22 @@ def time_bound(env: APTPruneVectorEnv, images: torch.Tensor, labels: torch.Tenso
             F.cross_entropy(pv.finish(state, b[k + 1]), labels)
         if single and k > 0:
             F.cross_entropy(pv.finish(pv.prune(plain[k], mask, "gathered"), b[k + 1]), labels)
+    synchronize(env.device)
     return time.perf_counter() - t0
 
 
 @torch.no_grad()
 def forward_throughput(env: APTPruneVectorEnv, batch: int) -> float:
     """Images/s of the dense model at ``batch``, with the threads the env runs on."""
-    x = torch.randn(batch, env.pv.in_chans, *env.pv.img_size)
-    timer = Timer("pv(x)", globals={"pv": env.pv, "x": x}, num_threads=torch.get_num_threads())
+    x = torch.randn(batch, env.pv.in_chans, *env.pv.img_size, device=env.device)
+    timer = Timer("pv(x)", globals={"pv": env.pv, "x": x}, num_threads=torch.get_num_threads())  # syncs CUDA
     return batch / timer.blocked_autorange(min_run_time=1.0).median
 
 
 def main(args: Args) -> None:
     seed_everything(args.seed)
     rng = np.random.default_rng(args.seed)
-    envs = APTPruneVectorEnv(args.num_envs, channels=args.channels)
+    envs = APTPruneVectorEnv(args.num_envs, channels=args.channels, device=args.device)
     k, n = envs.pv.num_stages, envs.pv.num_patches
     envs.reset(seed=args.seed)
     t_env, t_bound = [], []
@@ -108,27 +119,31 @@ def main(args: Args) -> None:
     env_sps = args.num_envs * k / statistics.median(t_env[1:])
     bound_sps = args.num_envs * k / statistics.median(t_bound[1:])
 
-    torch.manual_seed(args.seed)
-    sync = gym.vector.SyncVectorEnv(
-        [lambda: gym.make("APTPrune-v0", channels=args.channels) for _ in range(args.num_envs)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-    )
-    sync.reset(seed=args.seed)
-    t_sync = [time_env_episode(sync, random_actions(rng, (args.num_envs, n), args.keep_prob, k))
-              for _ in range(args.sync_episodes + 1)]
-    sync_sps = args.num_envs * k / statistics.median(t_sync[1:])
-    gain = forward_throughput(envs, args.num_envs) / forward_throughput(envs, 1)
+    sync_sps = gain = None
+    if args.sync_episodes > 0:
+        torch.manual_seed(args.seed)
+        sync = gym.vector.SyncVectorEnv(
+            [lambda: gym.make("APTPrune-v0", channels=args.channels, device=args.device) for _ in range(args.num_envs)],
+            autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        )
+        sync.reset(seed=args.seed)
+        t_sync = [time_env_episode(sync, random_actions(rng, (args.num_envs, n), args.keep_prob, k))
+                  for _ in range(args.sync_episodes + 1)]  # fmt: skip
+        sync_sps = args.num_envs * k / statistics.median(t_sync[1:])
+        gain = forward_throughput(envs, args.num_envs) / forward_throughput(envs, 1)
 
     ep = envs.episodes
     kept = [ep.state.x, ep.state.keep, ep.state.index, ep.block_tokens, ep.labels, ep.loss_plain]
     kept += [s.x for s in getattr(ep, "plain_states", [])[1:]]
     mem = sum(t.numel() * t.element_size() for t in kept) / args.num_envs
 
-    print(f"num_envs={args.num_envs} stages={k} patches={n} channels={','.join(args.channels)}")
+    where = torch.cuda.get_device_name(envs.device) if envs.device.type == "cuda" else "cpu"
+    print(f"num_envs={args.num_envs} stages={k} patches={n} channels={','.join(args.channels)} on {where}")
     print(f"{'APTPruneVectorEnv steps/s':<36}{env_sps:>10.0f}")
     print(f"{'bound (PrunableViT direct) steps/s':<36}{bound_sps:>10.0f}   env/bound = {env_sps / bound_sps:.2f}")
-    print(f"{'SyncVectorEnv x single env steps/s':<36}{sync_sps:>10.0f}   speed-up = {env_sps / sync_sps:.2f}")
-    print(f"{'model batching gain (batch N / 1)':<36}{gain:>10.2f}")
+    if sync_sps is not None and gain is not None:
+        print(f"{'SyncVectorEnv x single env steps/s':<36}{sync_sps:>10.0f}   speed-up = {env_sps / sync_sps:.2f}")
+        print(f"{'model batching gain (batch N / 1)':<36}{gain:>10.2f}")
     print(f"{'memory per sub-env (KiB)':<36}{mem / 1024:>10.1f}")
 
 

@@ -1,0 +1,40 @@
+"""The benchmark scripts' own options, run on tiny settings (their timings are not checked)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict:
+    """This interpreter first on PATH, the repository importable: as in an activated checkout."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return dict(os.environ, PATH=path, PYTHONPATH=str(ROOT))
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_the_gpu_checks_refuse_to_run_without_a_cuda_device(tmp_path):
+    proc = _run("bash", "benchmarks/gpu_checks.sh", str(tmp_path / "out"))
+    assert proc.returncode != 0 and "no CUDA device: these checks need one" in proc.stderr
+
+
+def test_backbone_benchmark_runs_under_bf16_autocast():
+    proc = _run(sys.executable, "benchmarks/bench_backbone.py", "--models", "default", "--batch-sizes", "4",
+                "--ratios", "0.5", "--repeats", "1", "--amp", "bf16")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "amp bf16" in proc.stdout and "varying" in proc.stdout
+
+
+def test_env_benchmark_runs_without_its_sync_baseline():
+    proc = _run(sys.executable, "benchmarks/bench_env.py", "--num-envs", "2", "--episodes", "1", "--sync-episodes", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "env/bound" in proc.stdout and "SyncVectorEnv" not in proc.stdout
