@@ -370,12 +370,10 @@ class APTPruneVectorEnv(VectorEnv):
     that picks tokens at random gets 0 in expectation at every stage, whatever it keeps; the return
     does not telescope. ``info["loss_random"]`` is ``L(c_k)``.
 
-    The default stays ``loss_delta`` (the method's own reward): on the evidence of
-    ``benchmarks/agent_evidence.py`` neither reward lets a generic learner improve faster. Over 24,576
-    transitions of native PPO, SB3 PPO and SB3 A2C on a budget range (on the 5 x 50-step default backbone
-    shipped before the 30 x 50-step one), the mode's gain over random on a fixed val set rose by +0.021 on
-    average with ``loss_delta`` and +0.013 with ``vs_random`` (+0.026 and +0.040 over 12,288 transitions),
-    curves within their noise. In joint training (``train_backbone.py``) the
+    The default stays ``loss_delta`` (the method's own reward), on the evidence of
+    ``benchmarks/agent_evidence.py``: over 24,576 transitions of native PPO, SB3 PPO and SB3 A2C on a budget
+    range, on the shipped default backbone, the mode's gain over random on a fixed val set rose by +0.107 on
+    average with ``loss_delta`` and +0.030 with ``vs_random``. In joint training (``train_backbone.py``) the
     shipped agent was trained on ``vs_random``.
 
     With a budget ``b`` (see ``budget``), the last step also subtracts
