@@ -7,7 +7,7 @@ samples instead), with one budget per image and with fewer distinct budgets per 
 plus one agent phase (PPO on the env over the same backbone). An epoch of the given schedule is then ``steps x
 step time`` (plain) and ``steps x joint step time + one agent phase`` (joint). Target: joint at most 2x plain.
 
-Run: ``python benchmarks/bench_joint.py`` (about 4 minutes on 2 CPU cores).
+Run: ``python benchmarks/bench_joint.py`` (about 6 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Args:
     """env batch of the agent phase"""
     budget: tuple[float, float] | None = (0.25, 1.0)
     """the budget range of joint training (none: a Bernoulli agent that chooses its count)"""
-    budget_groups: tuple[int | None, ...] = (None, 1)
+    budget_groups: tuple[int | None, ...] = (None, 4, 1)
     """distinct budgets per batch to time, each a row of its own (train_backbone's --budget-groups; none: one per
     image)"""
     agent_hidden: int = 64
