@@ -223,19 +223,19 @@ class PrunableViT(nn.Module):
         order = torch.cat([rows for rows, _ in buckets])
         # Rows already in order of count (e.g. a batch sorted by budget) are cut by a split, not copied by an index.
         in_order = bool((order == torch.arange(len(order), device=order.device)).all())
-        pieces = state.x.split([len(rows) for rows, _ in buckets]) if in_order else None
-        x: torch.Tensor | None = None
-        extras = []
-        for i, (rows, kept) in enumerate(buckets):
-            part = state.rows(rows, kept, x=None if pieces is None else pieces[i])
-            out, extra = run(part)
-            if x is None:  # in the blocks' output dtype (autocast); padding slots are not live: any finite value
-                x = out.new_zeros(state.x.shape[0], state.x.shape[1], out.shape[-1])
+        if in_order:
+            pieces = state.x.split([len(rows) for rows, _ in buckets])
+        else:
+            pieces = tuple(state.x[rows] for rows, _ in buckets)
+        outs = [run(state.rows(rows, kept, x=piece)) for (rows, kept), piece in zip(buckets, pieces)]
+        # In the blocks' output dtype (autocast); padding slots are not live: any finite value.
+        x = outs[0][0].new_zeros(state.x.shape[0], state.x.shape[1], outs[0][0].shape[-1])
+        for (rows, _), (out, _) in zip(buckets, outs):
             # Written straight into its rows and first slots: one copy, differentiable.
             x.index_put_((rows.unsqueeze(1), torch.arange(out.shape[1], device=x.device)), out)
-            extras.append(extra)
-        assert x is not None
-        extra = None if extras[0] is None else torch.cat(extras).index_select(0, order.argsort())
+        extra = None if outs[0][1] is None else torch.cat([extra for _, extra in outs])
+        if extra is not None and not in_order:
+            extra = extra.index_select(0, order.argsort())
         return state.with_x(x), extra
 
     def _run(self, x: torch.Tensor, start: int, end: int, attn_mask: torch.Tensor | None) -> torch.Tensor:

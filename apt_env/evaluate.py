@@ -53,6 +53,7 @@ __all__ = [
     "measure_throughput",
     "random_at_counts",
     "save_decisions",
+    "synchronize",
     "wilson_interval",
 ]
 
@@ -322,7 +323,7 @@ def measure_throughput(
                 runs, start = 0, time.perf_counter()
                 while True:
                     c.run(pv, batch, mode=mode, index=index)
-                    _synchronize(device)
+                    synchronize(device)
                     runs += 1
                     elapsed = time.perf_counter() - start
                     if elapsed >= min_seconds:
@@ -398,7 +399,8 @@ def evaluate(
     }  # fmt: skip
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for a CUDA device's queued work, so that a wall-clock timing covers it; nothing on other devices."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

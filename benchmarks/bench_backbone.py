@@ -26,6 +26,7 @@ import torch
 import tyro
 
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
+from apt_env.evaluate import synchronize
 from apt_env.flops import FlopCounter
 
 
@@ -90,19 +91,18 @@ def dense_reference(pv: PrunableViT, lengths: list[int]) -> Callable[[torch.Tens
     return run
 
 
-def timed(fns: list[Callable[[], object]], repeats: int, device: torch.device | None = None) -> list[float]:
+def timed(fns: list[Callable[[], object]], repeats: int, device: torch.device) -> list[float]:
     """Median seconds of each function, runs interleaved so that machine noise hits all alike (a CUDA device
     synchronized around each run)."""
-    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else lambda: None
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
-            sync()
+            synchronize(device)
             t0 = time.perf_counter()
             fn()
-            sync()
+            synchronize(device)
             times[i].append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
 

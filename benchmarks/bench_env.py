@@ -28,6 +28,7 @@ from torch.utils.benchmark import Timer
 
 import apt_env  # noqa: F401  (registers APTPrune-v0)
 from apt_env.env import APTPruneVectorEnv
+from apt_env.evaluate import synchronize
 from apt_env.observe import CHANNELS
 from apt_env.runs import seed_everything
 
@@ -52,11 +53,6 @@ class Args:
 
 def random_actions(rng: np.random.Generator, shape: tuple[int, ...], p: float, steps: int) -> list[np.ndarray]:
     return [(rng.random(shape) < p).astype(np.int8) for _ in range(steps)]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_env_episode(envs: gym.vector.VectorEnv, actions: list[np.ndarray]) -> float:
