@@ -2,8 +2,8 @@
 
 Per training step of the default ViT on Fashion-MNIST batches: the plain channel alone, and the three
 channels with the agent's masks, as the shipped default trains (``--budget 0.25 1.0 --backbone-masks mode
---reward vs_random``: every image its own budget, the agent's mode; ``--budget`` none times a Bernoulli agent's
-samples instead), with one budget per image and with fewer distinct budgets per batch (``--budget-groups``);
+--reward vs_random``, the agent's mode; ``--budget`` none times a Bernoulli agent's samples instead), with one
+budget per batch (``--budget-groups 1``, the default), four, and one per image (how the shipped default was trained);
 plus one agent phase (PPO on the env over the same backbone). An epoch of the given schedule is then ``steps x
 step time`` (plain) and ``steps x joint step time + one agent phase`` (joint). Target: joint at most 2x plain.
 
@@ -43,7 +43,7 @@ class Args:
     """env batch of the agent phase"""
     budget: tuple[float, float] | None = (0.25, 1.0)
     """the budget range of joint training (none: a Bernoulli agent that chooses its count)"""
-    budget_groups: tuple[int | None, ...] = (None, 4, 1)
+    budget_groups: tuple[int | None, ...] = (1, 4, None)
     """distinct budgets per batch to time, each a row of its own (train_backbone's --budget-groups; none: one per
     image)"""
     agent_hidden: int = 64
@@ -75,9 +75,21 @@ def main(args: Args) -> None:
 
     kinds: list[int | None] = list(args.budget_groups) if budgets else [None]
 
-    def step(pruned: bool, stage: int, groups: int | None = None) -> None:
+    strata = torch.randperm(args.steps).tolist()
+
+    def step(pruned: bool, stage: int, groups: int | None = None, timed: int | None = None) -> None:
         images, labels = next(batches)
-        budget = draw_budgets(args.budget, len(labels), images.device, groups) if pruned else None
+        budget = None
+        if pruned:
+            low, high = args.budget
+            if groups == 1 and timed is not None:
+                # One budget per batch: timed step i draws from the strata[i]-th of equal parts of the range, so the
+                # mean over the steps estimates an epoch's without the spread of a few single draws.
+                low, high = (
+                    low + (high - low) * strata[timed] / args.steps,
+                    low + (high - low) * (strata[timed] + 1) / args.steps,
+                )
+            budget = draw_budgets((low, high), len(labels), images.device, groups)
         out, _ = losses(images, labels, keep_fn if pruned else None, single_stage=stage, budget=budget)
         optimizer.zero_grad()
         sum(out.values()).backward()
@@ -95,7 +107,7 @@ def main(args: Args) -> None:
         plain.append(time.perf_counter() - start)
         for groups in kinds:
             start = time.perf_counter()
-            step(True, i % pv.num_stages, groups)
+            step(True, i % pv.num_stages, groups, timed=i)
             joint[groups].append(time.perf_counter() - start)
     # Means, not medians: a step's time follows the budgets it drew, and an epoch is the sum of its steps.
     t_plain = statistics.mean(plain)
@@ -114,6 +126,7 @@ def main(args: Args) -> None:
     rows = []
     for groups, t in t_joint.items():
         name = "Bernoulli" if not budgets else "one per image" if groups is None else f"{groups} per batch"
+        name += " (default)" if budgets and groups == 1 else ""
         for steps in args.steps_per_epoch:
             plain_epoch, joint_epoch = steps * t_plain, steps * t + t_agent
             rows.append({"budgets": name, "step joint / plain": t / t_plain, "steps/epoch": steps,

@@ -163,8 +163,12 @@ def test_bad_arguments_are_refused_early():
         script.check_args(script.Args(model_kwargs="depth=2"))
     with pytest.raises(ValueError, match="--stop-epoch"):
         script.check_args(script.Args(epochs=2, stop_epoch=3))
-    with pytest.raises(ValueError, match="--budget-groups needs --budget"):
-        script.check_args(script.Args(budget_groups=1))
+    with pytest.raises(ValueError, match="--budget-groups 4 needs --budget"):
+        script.check_args(script.Args(budget_groups=4))
+    with pytest.raises(ValueError, match="--budget-groups must be at least 1"):
+        script.check_args(script.Args(budget=(0.25, 1.0), budget_groups=0))
+    script.check_args(script.Args())  # the default (one budget per batch) needs no --budget
+    script.check_args(script.Args(budget=(0.25, 1.0), budget_groups=None))  # one per image
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
