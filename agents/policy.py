@@ -375,17 +375,23 @@ class APTPolicy(nn.Module):
         b, n = o.live.shape
         rows, cols = o.live.nonzero(as_tuple=True)  # (L,) each, row-major
         flat = rows * n + cols  # index_select on flat rows: a faster gather than o.tokens[rows, cols]
-        x = self.token_norm(o.tokens.reshape(b * n, -1).index_select(0, flat))  # (L, C)
+
+        def live_rows(t: Tensor) -> Tensor:  # (B, N, ...) -> (L, ...): a copy only when some token is pruned
+            t = t.reshape(b * n, -1)
+            return t if len(flat) == b * n else t.index_select(0, flat)
+
+        x = self.token_norm(live_rows(o.tokens))  # (L, C)
         q = self.q(self.cls_norm(o.cls))  # (B, D)
         weight, bias = self._keys_and_values()
         k, h_v = F.linear(x, weight, bias).split([self.qk_dim, self.hidden], dim=-1)
         feats = [q.index_select(0, rows) * k]
         if o.cls_attn is not None:
-            feats.append(o.cls_attn.reshape(b * n, 1).index_select(0, flat) * self.num_patches)
+            feats.append(live_rows(o.cls_attn) * self.num_patches)
         per_row = self.stage_embed(o.stage)  # (B, H): what is the same for every token of a row, gathered once
         if o.budget is not None:
             per_row = per_row + self.budget_embed(o.budget)
-        h = h_v + F.linear(torch.cat(feats, -1), self.fc1.weight[:, self.qk_dim :]) + per_row.index_select(0, rows)
+        w1 = self.fc1.weight[:, self.qk_dim :]
+        h = torch.addmm(h_v + per_row.index_select(0, rows), torch.cat(feats, -1), w1.t())
         h = self.act_fn(self.fc2(self.act_fn(h)))
         if self.mixer == "attention":
             h = h + self._mix(h, rows, cols, o.live)

@@ -301,9 +301,15 @@ class PrunableViT(nn.Module):
         ``q`` (B, 1, A) and ``k`` (B, T, A) are the projections before the heads' ``q_norm`` / ``k_norm``."""
         b, t, a = k.shape
         h = attn.num_heads
-        k = attn.k_norm(k.reshape(b, t, h, a // h).transpose(1, 2))  # (B, H, T, D)
         q = attn.q_norm(q.reshape(b, 1, h, a // h).transpose(1, 2))  # (B, H, 1, D)
-        scores = (q @ k.transpose(-2, -1)) * attn.scale  # (B, H, 1, T)
+        if isinstance(attn.k_norm, nn.Identity):
+            # Each head's query on its own slice of the keys' width (a block-diagonal (B, H, A) query): one batched
+            # product that reads the keys in place, a strided slice of qkv, instead of copying them head-major.
+            eye = torch.eye(h, dtype=q.dtype, device=q.device).reshape(1, h, h, 1)
+            scores = torch.bmm((q * eye).reshape(b, h, a), k.transpose(1, 2)).unsqueeze(2) * attn.scale
+        else:
+            k = attn.k_norm(k.reshape(b, t, h, a // h).transpose(1, 2))  # (B, H, T, D)
+            scores = (q @ k.transpose(-2, -1)) * attn.scale  # (B, H, 1, T)
         key_mask = state.key_mask()
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask, float("-inf"))
