@@ -42,6 +42,7 @@ from apt_env.evaluate import (
     COLUMNS,
     Contender,
     Decisions,
+    DenseAtLengths,
     budget_keep_ratio,
     evaluate_accuracy,
     fixed_masks,
@@ -57,6 +58,7 @@ logger = logging.getLogger("evaluate")
 
 AGENT = "APT agent"
 REPLAYED = "agent's masks, no decision"
+PHYSICAL = "dense batch at the agent's kept lengths"
 CONTROL = "control: "
 
 
@@ -253,18 +255,34 @@ def replay_contenders(rows: list[dict], decisions: dict[str, Decisions]) -> list
     ]
 
 
+def physical_name(budget: float) -> str:
+    return f"{PHYSICAL} @ {budget:.3g}"
+
+
+def physical_contenders(rows: list[dict], decisions: dict[str, Decisions]) -> list[Contender]:
+    """The physical reference of every deterministic agent row, timed only: the same blocks on a plain dense batch at
+    the agent's mean kept length per stage, with no decision, mask or gather."""
+    return [
+        DenseAtLengths.of(physical_name(r["budget"]), decisions[r["policy"]])
+        for r in rows
+        if is_agent_decision(r["policy"])
+    ]
+
+
 def speed_ratios(row: dict, ref: dict) -> str:
     """``row``'s images per second over ``ref``'s, at batch 256 and 1."""
     return ", ".join(f"{b} {row[f'img_per_s_{b}'] / ref[f'img_per_s_{b}']:.2f}" for b in ("b256", "b1"))
 
 
-def decision_cost_text(rows: list[dict]) -> str:
-    """Each deterministic agent row's throughput over its masks replayed (the same blocks, no decision) and over
-    the dense model, at batch 256 and 1."""
-    by_name = {r["policy"]: r for r in rows}
+def decision_cost_text(rows: list[dict], physical: dict[str, dict]) -> str:
+    """Each deterministic agent row's throughput over its physical reference (``physical``: images per second by
+    name), over its masks replayed (the same blocks and pruning, no decision) and over the dense model, at batch 256
+    and 1."""
+    by_name = {r["policy"]: r for r in rows} | physical
     return "\n".join(
-        f"{r['policy']}: img/s over its masks replayed without a decision "
-        f"{speed_ratios(r, by_name[replay_name(r['budget'])])}; over dense {speed_ratios(r, by_name['dense'])}"
+        f"{r['policy']}: img/s over the physical reference {speed_ratios(r, by_name[physical_name(r['budget'])])}; "
+        f"over its masks replayed {speed_ratios(r, by_name[replay_name(r['budget'])])}; "
+        f"over dense {speed_ratios(r, by_name['dense'])}"
         for r in rows
         if is_agent_decision(r["policy"])
     )
@@ -336,12 +354,14 @@ def main(args: Args) -> dict[str, dict]:
     rows += more_rows
     decisions.update(more_decisions)
 
-    contenders = first + second
+    physical = physical_contenders(rows, decisions)
+    contenders = first + second + physical
     timing = torch.stack([dataset[i][0] for i in range(min(len(dataset), args.batch_size))])
     b256 = measure_throughput(pv, timing, contenders, batch_size=len(timing), repeats=args.repeats)
     b1 = measure_throughput(pv, timing, contenders, batch_size=1, repeats=args.repeats)
     for row in rows:
         row["img_per_s_b1"], row["img_per_s_b256"] = b1[row["policy"]], b256[row["policy"]]
+    physical_speed = {c.name: {"img_per_s_b1": b1[c.name], "img_per_s_b256": b256[c.name]} for c in physical}
     rows.sort(key=lambda r: (r["policy"] != "dense", r["budget"], r["policy"]))
 
     write_csv(out / "results.csv", rows, COLUMNS)
@@ -377,7 +397,7 @@ def main(args: Args) -> dict[str, dict]:
             gflops_backbone=row["gflops_backbone"],
         )  # fmt: skip
     print(header + table)
-    print(decision_cost_text(rows))
+    print(decision_cost_text(rows, physical_speed))
     print(equal_compute_text(rows))
     print(f"\nwrote {out}/results.csv, results.md, tradeoff.png, masks.png")
     return {r["policy"]: r for r in rows}

@@ -35,13 +35,14 @@ from apt_env.atomic import write_file
 from apt_env.backbone import Mode, PrunableViT
 from apt_env.flops import FlopCounter, cls_attention_flops
 from apt_env.observe import OBS_KEYS, BudgetKeepRatio, KeepFn, walk
-from apt_env.tokens import top_count
+from apt_env.tokens import initial_state, top_count
 from apt_env.train_state import load_train_state
 
 __all__ = [
     "COLUMNS",
     "Contender",
     "Decisions",
+    "DenseAtLengths",
     "PolicyFlops",
     "budget_keep_ratio",
     "evaluate",
@@ -99,6 +100,30 @@ class Contender:
         return forward_policy(
             self.model or pv, images, self.keep_fn, obs_keys=self.obs_keys, mode=mode, index=index, budget=budget
         )
+
+
+@dataclass(frozen=True)
+class DenseAtLengths(Contender):
+    """A physical reference, for ``measure_throughput`` only: the backbone's blocks on a plain dense batch cut before
+    stage ``k`` to ``lengths[k]`` patch tokens (the first ones: only the shapes matter for time), with nothing
+    observed, decided, masked or gathered; the most that any rule keeping those counts can reach. Its logits are of
+    no use."""
+
+    lengths: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, name: str, decisions: Decisions) -> DenseAtLengths:
+        """At the mean count of patch tokens ``decisions`` kept at each stage, rounded."""
+        return cls(name, lengths=tuple(int(n) for n in decisions.masks.sum(-1).double().mean(0).round()))
+
+    def run(self, pv: PrunableViT, images: Tensor, **_: Any) -> tuple[Tensor, Tensor, Tensor]:
+        if len(self.lengths) != pv.num_stages:
+            raise ValueError(f"need a length for each of {pv.num_stages} stages, got {self.lengths}")
+        bounds, p = pv.stage_bounds, pv.num_prefix_tokens
+        state = pv.run_blocks(pv.embed(images), 0, bounds[1])
+        for stage, length in enumerate(self.lengths):
+            state = pv.run_blocks(initial_state(state.x[:, : p + length], p), bounds[stage + 1], bounds[stage + 2])
+        return pv.head(state), torch.empty(0), torch.empty(0)
 
 
 @dataclass

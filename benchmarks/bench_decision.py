@@ -4,7 +4,7 @@ For each backbone and batch size, at one budget: the dense model (timm's forward
 every stage (``act``, its mode: observe, score the live tokens, keep the budget's count), the masks it chose
 replayed with nothing observed or decided (the pruning itself still applied: masks, gathers), and the physical
 reference: the same blocks on a plain dense batch whose length at each stage is the agent's mean kept length, no
-decision, no mask, no gather (``DenseAtLengths``). The agents are fresh, seeded ones of each
+decision, no mask, no gather (``apt_env.evaluate.DenseAtLengths``). The agents are fresh, seeded ones of each
 size: at a budget the count is fixed, so the blocks run and the decision's cost do not depend on the agent's
 weights. ``apt_env.evaluate.measure_throughput`` times every row in one interleaved loop (median of repeats).
 
@@ -17,7 +17,6 @@ Run: ``python benchmarks/bench_decision.py`` (about 3 minutes on 2 CPU cores).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import tyro
@@ -26,10 +25,9 @@ from agents.policy import APTPolicy
 from apt_env.backbone import PrunableViT
 from apt_env.checkpoint import load_backbone
 from apt_env.defaults import DEFAULT_CHECKPOINT
-from apt_env.evaluate import Contender, Decisions, fixed_masks, forward_policy, measure_throughput
+from apt_env.evaluate import Contender, Decisions, DenseAtLengths, fixed_masks, forward_policy, measure_throughput
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS
 from apt_env.report import markdown_table
-from apt_env.tokens import initial_state
 
 
 @dataclass
@@ -65,21 +63,6 @@ def budget_agent(pv: PrunableViT, width: int) -> APTPolicy:
     ).eval()
 
 
-@dataclass(frozen=True)
-class DenseAtLengths(Contender):
-    """The physical reference: the backbone's blocks on a plain dense batch cut, before each stage, to ``lengths[k]``
-    patch tokens (the first ones: only the shapes matter for time); nothing observed, decided, masked or gathered."""
-
-    lengths: tuple[int, ...] = ()
-
-    def run(self, pv: PrunableViT, images: torch.Tensor, **_: Any) -> tuple[torch.Tensor, None, None]:
-        bounds, p = pv.stage_bounds, pv.num_prefix_tokens
-        state = pv.run_blocks(pv.embed(images), 0, bounds[1])
-        for stage, length in enumerate(self.lengths):
-            state = pv.run_blocks(initial_state(state.x[:, : p + length], p), bounds[stage + 1], bounds[stage + 2])
-        return pv.head(state), None, None
-
-
 def rows_for(pv: PrunableViT, images: torch.Tensor, args: Args) -> list[Contender]:
     """The dense model, the physical reference, and per agent size the agent and its masks replayed."""
     keys = (*OBS_KEYS, *BUDGET_KEYS)
@@ -90,11 +73,10 @@ def rows_for(pv: PrunableViT, images: torch.Tensor, args: Args) -> list[Contende
         agent = Contender(f"agent {width}", lambda o, p=policy: p.act(o), args.budget, obs_keys=keys)
         with torch.inference_mode():
             _, _, masks = forward_policy(pv, images, agent.keep_fn, obs_keys=keys, index=index, budget=args.budget)
-        replay = fixed_masks(Decisions(index, masks))
-        rows += [agent, Contender(f"replay {width}", replay, args.budget, obs_keys=("stage",))]
+        decisions = Decisions(index, masks)
+        rows += [agent, Contender(f"replay {width}", fixed_masks(decisions), args.budget, obs_keys=("stage",))]
         if len(rows) == 3:  # a budget fixes the counts: every agent keeps the same
-            lengths = tuple(int(n) for n in masks.sum(-1).float().mean(0).round().long())
-            rows.append(DenseAtLengths("physical", lengths=lengths))
+            rows.append(DenseAtLengths.of("physical", decisions))
     return rows
 
 

@@ -120,11 +120,41 @@ def test_random_and_topk_at_a_budget_land_within_5_percent(budget):
         budget_keep_ratio(pv, 1.5)
 
 
-def test_evaluate_script_writes_the_table_the_plots_and_replays_exactly(tmp_path):
+def test_the_physical_reference_runs_the_blocks_on_a_dense_batch_at_the_mean_kept_lengths():
+    from apt_env.evaluate import Decisions, DenseAtLengths, measure_throughput
+
+    pv, _ = _setup()
+    masks = torch.zeros(4, pv.num_stages, pv.num_patches, dtype=torch.bool)
+    for stage, counts in enumerate(([4, 4, 3, 3], [2, 1, 1, 1])):
+        for row, n in enumerate(counts):
+            masks[row, stage, :n] = True
+    reference = DenseAtLengths.of("physical", Decisions(torch.arange(4), masks))
+    assert pv.num_stages == 2 and reference.lengths == (4, 1)  # means 3.5 and 1.25, rounded half to even
+    lengths = []
+    hooks = [blk.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1])) for blk in pv.model.blocks]
+    with torch.no_grad():
+        logits, _, _ = reference.run(pv, torch.randn(3, 1, 16, 16), mode="gathered", index=torch.arange(3))
+    for hook in hooks:
+        hook.remove()
+    bounds, p = pv.stage_bounds, pv.num_prefix_tokens
+    expected = [pv.num_patches + p] * bounds[1]
+    for stage, n in enumerate(reference.lengths):
+        expected += [n + p] * (bounds[stage + 2] - bounds[stage + 1])
+    assert lengths == expected and logits.shape == (3, pv.num_classes)
+    speed = measure_throughput(pv, torch.randn(2, 1, 16, 16), [reference], batch_size=2, repeats=1, min_seconds=0)
+    assert speed["physical"] > 0
+    with pytest.raises(ValueError, match="a length for each of 2 stages"):
+        DenseAtLengths("short", lengths=(4,)).run(pv, torch.randn(1, 1, 16, 16))
+
+
+def test_evaluate_script_writes_the_table_the_plots_and_replays_exactly(tmp_path, capsys):
     module = load_script("evaluate")
     model, agent = _checkpoint(tmp_path)
     masks_file = tmp_path / "masks.pt"
     rows = module.main(_args(module, tmp_path, model, agent, budgets=(0.3, 0.5), save_masks=str(masks_file)))
+    printed = capsys.readouterr().out
+    assert "APT agent (deterministic): img/s over the physical reference b256 " in printed
+    assert not any(name.startswith(module.PHYSICAL) for name in rows)  # timed, not a row of the table
 
     out = tmp_path / "eval"
     with (out / "results.csv").open() as f:
