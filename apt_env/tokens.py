@@ -76,13 +76,13 @@ class TokenState:
 
     def patch_features(self, num_patches: int) -> torch.Tensor:
         """Patch tokens at their original positions, pruned ones zeroed. # (B, N, C)"""
-        b, length, c = self.patches.shape
+        b, _, c = self.patches.shape
         live = self.patches if bool(self.keep.all()) else self.patches * self.keep.unsqueeze(-1).to(self.x.dtype)
-        # Slots hold distinct positions of their row: a row-wise index_put, far faster than a scatter along dim 1.
-        rows = torch.arange(b, device=self.x.device).unsqueeze(1) * num_patches
-        out = self.x.new_zeros(b * num_patches, c)
-        out.index_put_(((self.index + rows).reshape(-1),), live.reshape(b * length, c))
-        return out.view(b, num_patches, c)
+        # Slots hold distinct positions of their row: an index_put by (row, position), far faster than a scatter
+        # along dim 1, that reads the patches in place (no copy of the strided view).
+        out = self.x.new_zeros(b, num_patches, c)
+        out[torch.arange(b, device=self.x.device).unsqueeze(1), self.index] = live
+        return out
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
