@@ -38,3 +38,17 @@ def test_env_benchmark_runs_without_its_sync_baseline():
     proc = _run(sys.executable, "benchmarks/bench_env.py", "--num-envs", "2", "--episodes", "1", "--sync-episodes", "0")
     assert proc.returncode == 0, proc.stderr
     assert "env/bound" in proc.stdout and "SyncVectorEnv" not in proc.stdout
+
+
+def test_decision_benchmark_times_the_physical_reference():
+    proc = _run(sys.executable, "benchmarks/bench_decision.py", "--models", "default", "--batch-sizes", "2",
+                "--agent-sizes", "8", "--repeats", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "agent / physical" in proc.stdout and "physical / dense" in proc.stdout
+
+
+def test_trainer_benchmark_prints_the_most_native_ppo_could_gain():
+    proc = _run(sys.executable, "benchmarks/bench_agents.py", "--num-envs", "2", "--rollouts", "1",
+                "--episodes-per-rollout", "1", "--repeats", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "with no native plumbing at all" in proc.stdout and "native plumbing / SB3's" in proc.stdout
