@@ -48,7 +48,7 @@ def test_decision_benchmark_times_the_physical_reference():
 
 
 def test_trainer_benchmark_prints_the_most_native_ppo_could_gain():
-    proc = _run(sys.executable, "benchmarks/bench_agents.py", "--num-envs", "2", "--rollouts", "1",
+    proc = _run(sys.executable, "benchmarks/bench_agents.py", "--num-envs", "4", "--rollouts", "1",
                 "--episodes-per-rollout", "1", "--repeats", "1")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "with no native plumbing at all" in proc.stdout and "native plumbing / SB3's" in proc.stdout
