@@ -384,14 +384,18 @@ class APTPolicy(nn.Module):
         q = self.q(self.cls_norm(o.cls))  # (B, D)
         weight, bias = self._keys_and_values()
         k, h_v = F.linear(x, weight, bias).split([self.qk_dim, self.hidden], dim=-1)
-        feats = [q.index_select(0, rows) * k]
-        if o.cls_attn is not None:
-            feats.append(live_rows(o.cls_attn) * self.num_patches)
-        per_row = self.stage_embed(o.stage)  # (B, H): what is the same for every token of a row, gathered once
+        per_row = self.stage_embed(o.stage)  # (B, H): what is the same for every token of a row
         if o.budget is not None:
             per_row = per_row + self.budget_embed(o.budget)
-        w1 = self.fc1.weight[:, self.qk_dim :]
-        h = torch.addmm(h_v + per_row.index_select(0, rows), torch.cat(feats, -1), w1.t())
+        m = len(flat) // b
+        if len(flat) == b * m and bool((o.live.sum(1) == m).all()):  # m tokens in every row (a budget): broadcast
+            qk = (k.view(b, m, -1) * q.unsqueeze(1)).view(len(flat), -1)
+            base = (h_v.view(b, m, -1) + per_row.unsqueeze(1)).view(len(flat), -1)
+        else:  # each row's values gathered for its tokens
+            qk = q.index_select(0, rows) * k
+            base = h_v + per_row.index_select(0, rows)
+        feats = [qk] if o.cls_attn is None else [qk, live_rows(o.cls_attn) * self.num_patches]
+        h = torch.addmm(base, torch.cat(feats, -1), self.fc1.weight[:, self.qk_dim :].t())
         h = self.act_fn(self.fc2(self.act_fn(h)))
         if self.mixer == "attention":
             h = h + self._mix(h, rows, cols, o.live)
@@ -424,8 +428,11 @@ class APTPolicy(nn.Module):
 
     def _logits(self, h: Tensor, index: tuple[Tensor, Tensor], live: Tensor) -> Tensor:
         """Keep logits (B, N) from the live tokens' hidden features, ``PRUNED_LOGIT`` elsewhere."""
+        scores = self.logit_head(h).squeeze(-1)
+        if len(scores) == live.numel():  # every token live: already in (row, position) order
+            return scores.view(live.shape)
         logits = torch.full(live.shape, PRUNED_LOGIT, dtype=h.dtype, device=h.device)
-        return logits.index_put(index, self.logit_head(h).squeeze(-1))
+        return logits.index_put(index, scores)
 
     def forward(self, obs: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """Keep logits (B, N), ``PRUNED_LOGIT`` where already pruned, and state values (B,)."""
