@@ -389,8 +389,8 @@ class APTPolicy(nn.Module):
             per_row = per_row + self.budget_embed(o.budget)
         m = len(flat) // b
         if len(flat) == b * m and bool((o.live.sum(1) == m).all()):  # m tokens in every row (a budget): broadcast
-            qk = (k.view(b, m, -1) * q.unsqueeze(1)).view(len(flat), -1)
-            base = (h_v.view(b, m, -1) + per_row.unsqueeze(1)).view(len(flat), -1)
+            qk = (k.view(b, m, self.qk_dim) * q.unsqueeze(1)).view(len(flat), self.qk_dim)
+            base = (h_v.view(b, m, self.hidden) + per_row.unsqueeze(1)).view(len(flat), self.hidden)
         else:  # each row's values gathered for its tokens
             qk = q.index_select(0, rows) * k
             base = h_v + per_row.index_select(0, rows)

@@ -66,6 +66,23 @@ def test_a_decision_runs_on_the_live_tokens_only_and_skips_the_value_head(pruned
     assert calls == []
 
 
+def test_rows_of_one_count_and_rows_of_all_tokens_score_as_rows_of_any_count(pruned_obs):
+    """The shortcuts for a batch whose rows keep the same count (a budget's), or every token, give the logits and
+    values that each row gets in a batch of mixed counts."""
+    policy = _policy(use_cls_attn=True)
+    keep = torch.zeros(6, 16, dtype=torch.int8)
+    keep[:3, :7] = 1  # three rows of 7 live tokens
+    keep[3:5] = 1  # two rows of all 16
+    keep[5, ::2] = 1  # one of 8
+    obs = {**pruned_obs, "keep": keep}
+    mixed_logits, mixed_values = policy(obs)
+    for rows in (slice(0, 3), slice(3, 5)):  # same-count batches
+        logits, values = policy({key: value[rows] for key, value in obs.items()})
+        torch.testing.assert_close(logits, mixed_logits[rows])
+        torch.testing.assert_close(values, mixed_values[rows])
+    assert (mixed_logits[:3, 7:] == PRUNED_LOGIT).all() and (mixed_logits[3:5] > PRUNED_LOGIT).all()
+
+
 def test_the_folded_value_projection_is_fc1_on_v_and_is_folded_again_after_every_update(pruned_obs):
     policy = _policy()
     for p in (policy.fc1.bias, policy.v.bias, policy.k.bias):
