@@ -35,7 +35,7 @@ from apt_env.atomic import write_file
 from apt_env.backbone import Mode, PrunableViT
 from apt_env.flops import FlopCounter, cls_attention_flops
 from apt_env.observe import OBS_KEYS, BudgetKeepRatio, KeepFn, walk
-from apt_env.tokens import initial_state, top_count
+from apt_env.tokens import top_count
 from apt_env.train_state import load_train_state
 
 __all__ = [
@@ -119,11 +119,11 @@ class DenseAtLengths(Contender):
     def run(self, pv: PrunableViT, images: Tensor, **_: Any) -> tuple[Tensor, Tensor, Tensor]:
         if len(self.lengths) != pv.num_stages:
             raise ValueError(f"need a length for each of {pv.num_stages} stages, got {self.lengths}")
-        bounds, p = pv.stage_bounds, pv.num_prefix_tokens
-        state = pv.run_blocks(pv.embed(images), 0, bounds[1])
+        m, bounds, p = pv.model, pv.stage_bounds, pv.num_prefix_tokens
+        x = m.blocks[: bounds[1]](pv.embed(images).x)  # timm's own blocks and head: no mask, nothing to wait for
         for stage, length in enumerate(self.lengths):
-            state = pv.run_blocks(initial_state(state.x[:, : p + length], p), bounds[stage + 1], bounds[stage + 2])
-        return pv.head(state), torch.empty(0), torch.empty(0)
+            x = m.blocks[bounds[stage + 1] : bounds[stage + 2]](x[:, : p + length])
+        return m.forward_head(m.norm(x)), torch.empty(0), torch.empty(0)
 
 
 @dataclass

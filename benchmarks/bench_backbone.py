@@ -8,7 +8,7 @@ DynamicViT), with counts uniform or varying inside the batch (``r`` +- 0.15 per 
 * ``dense x``: the reference's speed-up over the unpruned model;
 * ``efficiency``: time of the reference / measured time. The reference runs the same blocks on a
   plain dense batch whose length at each stage is the batch's mean kept length: no masks, no
-  padding, no gathering.
+  padding, no gathering (``apt_env.evaluate.DenseAtLengths``).
 
 Run: ``python benchmarks/bench_backbone.py`` (about 3 minutes on 2 CPU cores); on a GPU, e.g.
 ``--device cuda --models vit_small_patch16_224 vit_base_patch16_224 --batch-sizes 256 --amp bf16``.
@@ -26,7 +26,7 @@ import torch
 import tyro
 
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
-from apt_env.evaluate import synchronize
+from apt_env.evaluate import DenseAtLengths, synchronize
 from apt_env.flops import FlopCounter
 
 
@@ -77,20 +77,6 @@ def tokens_per_block(pv: PrunableViT, counts: torch.Tensor) -> torch.Tensor:
     return per_stage.repeat_interleave(repeats, dim=1)
 
 
-def dense_reference(pv: PrunableViT, lengths: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The model run on plain dense sequences cut to ``lengths[k]`` patches at stage ``k``."""
-    m, p, bounds = pv.model, pv.num_prefix_tokens, pv.stage_bounds
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        x = m.norm_pre(m._pos_embed(m.patch_embed(images)))
-        x = m.blocks[: bounds[1]](x)
-        for k, n in enumerate(lengths):
-            x = m.blocks[bounds[k + 1] : bounds[k + 2]](x[:, : p + n].contiguous())
-        return m.forward_head(m.norm(x))
-
-    return run
-
-
 def timed(fns: list[Callable[[], object]], repeats: int, device: torch.device) -> list[float]:
     """Median seconds of each function, runs interleaved so that machine noise hits all alike (a CUDA device
     synchronized around each run)."""
@@ -129,7 +115,7 @@ def main(args: Args) -> None:
         n = pv.num_patches
         for batch in args.batch_sizes:
             images = torch.randn(batch, pv.in_chans, *pv.img_size, generator=gen).to(device)
-            full = dense_reference(pv, [n] * pv.num_stages)
+            full = DenseAtLengths("dense", lengths=(n,) * pv.num_stages)
             for ratio in args.ratios:
                 kinds = ["uniform"] if ratio == 1.0 or batch == 1 else ["uniform", "varying"]
                 for kind in kinds:
@@ -138,10 +124,14 @@ def main(args: Args) -> None:
                     counts = stage_counts(n, r.clamp(0.05, 1.0), pv.num_stages)
                     masks = [mask.to(device) for mask in nested_masks(counts, n, gen)]
                     lengths = counts.double().mean(0).round().long().tolist()
-                    ref = dense_reference(pv, lengths)
+                    ref = DenseAtLengths("reference", lengths=tuple(lengths))
                     with torch.inference_mode(), amp:
                         t_ours, t_ref, t_full = timed(
-                            [lambda: pv(images, masks, mode="gathered"), lambda: ref(images), lambda: full(images)],
+                            [
+                                lambda: pv(images, masks, mode="gathered"),
+                                lambda: ref.run(pv, images),
+                                lambda: full.run(pv, images),
+                            ],
                             args.repeats,
                             device,
                         )

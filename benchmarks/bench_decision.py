@@ -75,9 +75,8 @@ def rows_for(pv: PrunableViT, images: torch.Tensor, args: Args) -> list[Contende
             _, _, masks = forward_policy(pv, images, agent.keep_fn, obs_keys=keys, index=index, budget=args.budget)
         decisions = Decisions(index, masks)
         rows += [agent, Contender(f"replay {width}", fixed_masks(decisions), args.budget, obs_keys=("stage",))]
-        if len(rows) == 3:  # a budget fixes the counts: every agent keeps the same
-            rows.append(DenseAtLengths.of("physical", decisions))
-    return rows
+    # A budget fixes the counts: every agent keeps the same, so the last one's decisions serve all.
+    return [*rows, DenseAtLengths.of("physical", decisions)]
 
 
 def main(args: Args) -> None:
