@@ -2,6 +2,7 @@
 
     python train_agent.py                                   # native batched PPO on the default backbone
     python train_agent.py --algo ppo                        # stable-baselines3 PPO (or a2c)
+    python train_agent.py --algo distill --teacher RUN/agent --hidden 32 --qk-dim 32   # a smaller agent, distilled
     python train_agent.py --model runs/RUN/checkpoint       # a backbone written by train_backbone.py
     python train_agent.py --resume runs/APTPrune-v0__train_agent__1__TIME
     tensorboard --logdir runs
@@ -34,7 +35,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from agents.compare import compare_policies, format_comparison
-from agents.io import save_policy
+from agents.distill import Distiller
+from agents.io import load_policy, save_policy
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from agents.sb3_policy import APTActorCriticPolicy
@@ -54,8 +56,12 @@ class Args:
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of the experiment: policy initialization, sampling and the images drawn"""
-    algo: Literal["native", "ppo", "a2c"] = "native"
-    """`native` (batched PPO on the env's tensors) or a stable-baselines3 on-policy algorithm: `ppo`, `a2c`"""
+    algo: Literal["native", "ppo", "a2c", "distill"] = "native"
+    """`native` (batched PPO on the env's tensors), a stable-baselines3 on-policy algorithm (`ppo`, `a2c`), or
+    `distill`: a new agent learns the decisions of `--teacher` (policy distillation, no reward)"""
+    teacher: str | None = None
+    """with `--algo distill`: the trained agent to distil (an agent folder); the student reads, samples and keeps
+    budgets as it does (`--sampling` is not used) at its own `--hidden`, `--qk-dim` and `--mixer`"""
     model: str | None = None
     """the frozen backbone: a checkpoint folder from train_backbone.py or a timm name; default: the one that
     ships with the package"""
@@ -82,8 +88,8 @@ class Args:
     """weight of the compute term of the reward (fraction of FLOPs saved)"""
     min_keep: int = 1
     """the least number of patch tokens kept"""
-    lr: float = 3e-4
-    """learning rate"""
+    lr: float | None = None
+    """learning rate; default 3e-4 (PPO, A2C), 2e-3 (distill, annealed linearly to 0)"""
     episodes_per_rollout: int = 4
     """episodes of the whole batch per rollout (PPO: n_steps = this x stages)"""
     update_epochs: int = 4
@@ -121,6 +127,24 @@ SB3_ALGORITHMS: dict[str, type[OnPolicyAlgorithm]] = {"ppo": PPO, "a2c": A2C}
 def check_args(args: Args) -> None:
     if args.total_env_steps < 1 or args.num_envs < 1:
         raise ValueError("--total-env-steps and --num-envs must be positive")
+    if (args.algo == "distill") != (args.teacher is not None):
+        raise ValueError("--algo distill needs --teacher (an agent folder), and --teacher is for --algo distill only")
+
+
+def learning_rate(args: Args) -> float:
+    if args.lr is not None:
+        return args.lr
+    return 2e-3 if args.algo == "distill" else 3e-4
+
+
+def load_teacher(args: Args, envs: APTPruneVectorEnv) -> APTPolicy:
+    """The agent to distil, checked against the env: its tokens, and a budget exactly when it reads one."""
+    assert args.teacher is not None
+    teacher = load_policy(args.teacher, observation_space=envs.single_observation_space, device=envs.device)
+    if teacher.use_budget != (args.budget is not None):
+        need = "needs --budget LOW HIGH" if teacher.use_budget else "reads no budget: drop --budget"
+        raise ValueError(f"the teacher {args.teacher} {need}")
+    return teacher
 
 
 def run_folder(args: Args, main_rank: bool) -> tuple[Path, Args]:
@@ -165,7 +189,7 @@ def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Sum
     trainer = NativePPO(
         envs,
         policy,
-        lr=args.lr,
+        lr=learning_rate(args),
         episodes_per_rollout=args.episodes_per_rollout,
         update_epochs=args.update_epochs,
         num_minibatches=args.num_minibatches,
@@ -201,6 +225,35 @@ def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Sum
         trainer.restart_episodes()
     bar.close()
     return trainer.policy
+
+
+def train_distill(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: SummaryWriter) -> APTPolicy:
+    teacher = load_teacher(args, envs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        student = APTPolicy.for_env(
+            envs, **{**policy_kwargs(args), "sampling": teacher.sampling, "use_cls_attn": teacher.use_cls_attn}
+        )
+    trainer = Distiller(envs, teacher, student, lr=learning_rate(args), seed=args.seed)
+    if args.resume:
+        state = load_train_state(run_dir / "train_state.pt")
+        trainer.load_state_dict(state["trainer"])
+        set_rng_state(state["rng"])
+        logger.info("resuming %s at step %d", run_dir, trainer.global_step)
+    bar = tqdm(total=args.total_env_steps, initial=trainer.global_step, desc="env steps", unit="step")
+    while trainer.global_step < args.total_env_steps:
+        chunk = min(args.checkpoint_every * trainer.steps_per_update, args.total_env_steps - trainer.global_step)
+        for stats in trainer.learn(chunk, anneal=args.total_env_steps):
+            for key in ("kl", "agreement", "lr", "sps"):
+                writer.add_scalar(f"distill/{key}", stats[key], stats["global_step"])
+            bar.update(trainer.steps_per_update)
+            bar.set_postfix(kl=f"{stats['kl']:.4f}", agree=f"{stats['agreement']:.3f}")
+        meta = {"algo": "distill", "teacher": args.teacher, "global_step": trainer.global_step}
+        save_policy(run_dir / "agent", trainer.student, meta=meta)
+        save_train_state(run_dir / "train_state.pt", {"trainer": trainer.state_dict(), "rng": get_rng_state()})
+        trainer.restart_episodes()  # as a run resumed from this checkpoint does
+    bar.close()
+    return trainer.student
 
 
 class SB3Progress(BaseCallback):
@@ -262,7 +315,9 @@ def train_sb3(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Summar
         logger.info("resuming %s at step %d", run_dir, model.num_timesteps)
     else:
         k = envs.pv.num_stages
-        hyper = dict(learning_rate=args.lr, n_steps=args.episodes_per_rollout * k, gamma=1.0, ent_coef=args.ent_coef)
+        hyper = dict(
+            learning_rate=learning_rate(args), n_steps=args.episodes_per_rollout * k, gamma=1.0, ent_coef=args.ent_coef
+        )
         if args.algo == "ppo":
             rollout = args.episodes_per_rollout * k * args.num_envs
             hyper.update(batch_size=rollout // args.num_minibatches, n_epochs=args.update_epochs)
@@ -345,7 +400,7 @@ def main() -> None:
         writer.add_text("hyperparameters", hyperparameters_text(vars(args)))
     logger.info("run folder %s: %s on %s x %d for %d env steps", run_dir, args.algo, device, world_size,
                 args.total_env_steps)  # fmt: skip
-    train = train_native if args.algo == "native" else train_sb3
+    train = {"native": train_native, "distill": train_distill}.get(args.algo, train_sb3)
     policy = train(args, envs, run_dir, writer)
     if world_size > 1:  # every rank reports its agent, so a test can check that they agree
         logger.info("rank %d agent sha256 %s", rank, state_digest(policy))

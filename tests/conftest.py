@@ -1,6 +1,7 @@
 """What the tests share: the tiny model, its environment, and one thread for tests of tiny tensors."""
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -48,6 +49,18 @@ def backbone(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("backbone") / "checkpoint"
     save_backbone(path, PrunableViT.from_timm("vit_tiny_patch16_224", **TINY_VIT), meta={"dataset": "synthetic"})
     return path
+
+
+@pytest.fixture(scope="module")
+def teacher(backbone, tmp_path_factory) -> Path:
+    """An agent trained briefly by native PPO on the tiny backbone (no budget): a teacher to distil."""
+    out = tmp_path_factory.mktemp("teacher")
+    cmd = [sys.executable, str(ROOT / "train_agent.py"), "--model", str(backbone), "--dataset", "synthetic"]
+    cmd += ["--num-envs", "8", "--total-env-steps", "48", "--eval-episodes", "1", "--eval-images", "32"]
+    proc = subprocess.run([*cmd, "--out-dir", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = out.iterdir()
+    return run_dir / "agent"
 
 
 @pytest.fixture

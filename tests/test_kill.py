@@ -25,8 +25,9 @@ INTERVAL = 48
 """env steps between checkpoints: 2 rollouts"""
 
 
-def command(algo: str, backbone: Path, out: Path) -> list[str]:
+def command(algo: str, backbone: Path, out: Path, teacher: Path | None = None) -> list[str]:
     flags = ["--algo", algo, "--model", str(backbone), "--dataset", "synthetic", "--num-envs", "8"]
+    flags += [] if teacher is None else ["--teacher", str(teacher)]
     flags += ["--episodes-per-rollout", "1", "--checkpoint-every", "2", "--total-env-steps", str(TOTAL)]
     flags += ["--eval-episodes", "1", "--eval-images", "32", "--out-dir", str(out)]
     return [sys.executable, str(ROOT / "train_agent.py"), *flags]
@@ -40,7 +41,7 @@ def finish(cmd: list[str]) -> str:
 
 def reached_step(log: str) -> int:
     """The env steps of the last rollout the log reports."""
-    return max((int(s) for s in re.findall(r"rollout \d+ step (\d+)", log)), default=0)
+    return max((int(s) for s in re.findall(r"(?:rollout|update) \d+ step (\d+)", log)), default=0)
 
 
 def agent_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -48,14 +49,15 @@ def agent_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["native", "ppo"])
-def test_a_killed_run_resumes_from_its_last_complete_checkpoint(algo, backbone, tmp_path):
-    finish(command(algo, backbone, tmp_path / "whole"))
+@pytest.mark.parametrize("algo", ["native", "ppo", "distill"])
+def test_a_killed_run_resumes_from_its_last_complete_checkpoint(algo, backbone, request, tmp_path):
+    teacher = request.getfixturevalue("teacher") if algo == "distill" else None
+    finish(command(algo, backbone, tmp_path / "whole", teacher))
     (whole,) = (tmp_path / "whole").iterdir()
 
     log = tmp_path / "killed.log"
     with log.open("w") as stderr:
-        proc = subprocess.Popen(command(algo, backbone, tmp_path / "killed"), stderr=stderr,
+        proc = subprocess.Popen(command(algo, backbone, tmp_path / "killed", teacher), stderr=stderr,
                                 stdout=subprocess.DEVNULL, cwd=ROOT)  # fmt: skip
         try:
             deadline = time.monotonic() + 120

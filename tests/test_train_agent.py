@@ -17,7 +17,6 @@ from apt_env.env import APTPruneVectorEnv
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 def run(*flags: str, out: Path, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "train_agent.py"), "--dataset", "synthetic", "--num-envs", "8"]
     cmd += ["--eval-episodes", "1", "--eval-images", "32", "--out-dir", str(out), *flags]
@@ -46,12 +45,34 @@ def test_unknown_algo_lists_valid_ones(tmp_path):
     assert not any(tmp_path.iterdir())  # no run folder for a bad command
 
 
-def test_algo_choices_are_native_and_the_sb3_algorithms():
+def test_algo_choices_are_native_the_sb3_algorithms_and_distillation():
     import typing
 
     module = load_script("train_agent")
     hints = typing.get_type_hints(module.Args)
-    assert typing.get_args(hints["algo"]) == ("native", *module.SB3_ALGORITHMS)
+    assert typing.get_args(hints["algo"]) == ("native", *module.SB3_ALGORITHMS, "distill")
+
+
+def test_distillation_writes_a_smaller_agent_that_reads_as_its_teacher(backbone, teacher, tmp_path):
+    run("--algo", "distill", "--teacher", str(teacher), "--model", str(backbone), "--hidden", "8", "--qk-dim", "8",
+        "--total-env-steps", "96", out=tmp_path)  # fmt: skip
+    (run_dir,) = tmp_path.iterdir()
+    config = json.loads((run_dir / "agent" / "config.json").read_text())
+    assert config["hidden"] == config["qk_dim"] == 8 and config["algo"] == "distill"
+    assert config["teacher"] == str(teacher) and config["global_step"] == 96
+    taught = load_policy(teacher)
+    assert (config["sampling"], config["use_budget"]) == (taught.sampling, taught.use_budget)
+
+
+def test_distillation_needs_a_teacher_that_fits_the_env(backbone, teacher, tmp_path):
+    proc = run("--algo", "distill", "--model", str(backbone), out=tmp_path, check=False)
+    assert proc.returncode != 0 and "--algo distill needs --teacher" in proc.stderr
+    proc = run("--teacher", str(teacher), "--model", str(backbone), out=tmp_path, check=False)
+    assert proc.returncode != 0 and "--teacher is for --algo distill only" in proc.stderr
+    assert not any(tmp_path.iterdir())  # refused before a run folder is made
+    flags = ["--algo", "distill", "--teacher", str(teacher), "--model", str(backbone), "--budget", "0.5", "1.0"]
+    proc = run(*flags, out=tmp_path, check=False)
+    assert proc.returncode != 0 and "reads no budget: drop --budget" in proc.stderr
 
 
 def test_agent_for_another_backbone_is_a_clear_error(backbone, tmp_path):
@@ -109,6 +130,8 @@ def agent_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_policy(run_dir / "agent").state_dict()
 
 
+# Distillation anneals its learning rate to the run's last step: a run extended on resume changes its schedule, so
+# its resume is checked by a kill (tests/test_kill.py).
 @pytest.mark.parametrize("algo", ["native", "ppo"])
 def test_a_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_weights(algo, backbone, tmp_path):
     flags = ["--algo", algo, "--model", str(backbone), "--episodes-per-rollout", "1", "--checkpoint-every", "2"]
