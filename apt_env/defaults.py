@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-__all__ = ["ASSETS", "DEFAULT_AGENT", "DEFAULT_CHECKPOINT", "PLAIN_CHECKPOINT"]
+__all__ = ["ASSETS", "DEFAULT_AGENT", "DEFAULT_CHECKPOINT", "JOINT_AGENT", "PLAIN_CHECKPOINT"]
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -12,5 +12,9 @@ PLAIN_CHECKPOINT = ASSETS / "plain"
 DEFAULT_CHECKPOINT = ASSETS / "default"
 """The backbone ``APTPrune-v0`` runs by default: the plain ViT fine-tuned jointly with its agent."""
 
+JOINT_AGENT = ASSETS / "joint_agent"
+"""The agent trained jointly with ``DEFAULT_CHECKPOINT`` (64 wide): the teacher of ``DEFAULT_AGENT``."""
+
 DEFAULT_AGENT = ASSETS / "default_agent"
-"""The agent trained with ``DEFAULT_CHECKPOINT``."""
+"""The agent ``evaluate.py`` runs by default: ``JOINT_AGENT`` distilled into a 32-wide agent (``train_agent.py --algo
+distill``), the same decisions for less."""

@@ -64,3 +64,27 @@ def test_the_student_must_read_and_sample_as_the_teacher():
     student = APTPolicy.for_env(envs, hidden=8, qk_dim=8, sampling="bernoulli")
     with pytest.raises(ValueError, match="sampling is 'bernoulli' for the student, 'topk' for the teacher"):
         Distiller(envs, teacher, student)
+
+
+def test_the_shipped_agent_decides_as_the_joint_agent_it_was_distilled_from():
+    from agents.io import load_policy
+    from apt_env.checkpoint import load_backbone
+    from apt_env.data import build_dataset
+    from apt_env.defaults import DEFAULT_AGENT, DEFAULT_CHECKPOINT, JOINT_AGENT
+    from apt_env.evaluate import forward_policy
+    from apt_env.observe import BUDGET_KEYS, OBS_KEYS
+
+    pv = load_backbone(DEFAULT_CHECKPOINT).eval()
+    student, teacher = load_policy(DEFAULT_AGENT).eval(), load_policy(JOINT_AGENT).eval()
+    assert student.hidden < teacher.hidden and student.qk_dim < teacher.qk_dim
+    val = build_dataset("fashion-mnist", split="val")
+    images = torch.stack([val[i][0] for i in range(128)])
+    keys = (*OBS_KEYS, *BUDGET_KEYS)
+    with torch.inference_mode():
+        masks = {
+            name: forward_policy(pv, images, lambda o, p=policy: p.act(o), obs_keys=keys, budget=0.5)[2]
+            for name, policy in (("student", student), ("teacher", teacher))
+        }
+    # The same counts (the budget's); most of the same tokens at every stage.
+    assert torch.equal(masks["student"].sum(-1), masks["teacher"].sum(-1))
+    assert decision_agreement(masks["teacher"], masks["student"]) > 0.85
