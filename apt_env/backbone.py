@@ -19,7 +19,7 @@ import inspect
 import logging
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import timm
 import torch
@@ -328,20 +328,25 @@ class PrunableViT(nn.Module):
         attn = self.model.blocks[block].attn
 
         def run(part: TokenState) -> tuple[torch.Tensor, torch.Tensor]:
-            captured: list[torch.Tensor] = []
-            handle = attn.qkv.register_forward_hook(lambda module, args, out: captured.append(out.detach()))
+            rows: list[torch.Tensor] = []
+
+            # Read in the hook, while the block holds qkv anyway: kept until the block ends, its (B, T, 3A) output
+            # would stay allocated through the MLP and cost fresh memory there.
+            def read(module: nn.Module, args: Any, qkv: torch.Tensor) -> None:
+                a = qkv.shape[-1] // 3
+                with torch.no_grad():
+                    if self.model.cls_token is not None:
+                        q = qkv[:, :1, :a]
+                    else:  # the query of the live patches' mean: the projection is affine, so their queries' mean
+                        q = live_mean(qkv[:, self.num_prefix_tokens :, :a], part.keep).unsqueeze(1)
+                    rows.append(self._attention_row(attn, q.detach(), qkv[..., a : 2 * a].detach(), part))
+
+            handle = attn.qkv.register_forward_hook(read)
             try:
                 x = self._run(part.x, block, block + 1, part.attn_mask())
             finally:
                 handle.remove()
-            (qkv,) = captured
-            a = qkv.shape[-1] // 3
-            with torch.no_grad():
-                if self.model.cls_token is not None:
-                    q = qkv[:, :1, :a]
-                else:  # the query of the live patches' mean: the projection is affine, so the mean of their queries
-                    q = live_mean(qkv[:, self.num_prefix_tokens :, :a], part.keep).unsqueeze(1)
-                return x, self._attention_row(attn, q, qkv[..., a : 2 * a], part)
+            return x, rows[0]
 
         state, probs = self._in_buckets(state, run)
         assert probs is not None
