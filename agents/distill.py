@@ -122,7 +122,6 @@ class Distiller:
         obs = self._next_obs
         if obs is None:
             obs = self.envs.reset_tensors(seed=self.seed if self.num_updates == 0 else None)
-        self.student.train()
         losses, agreements = [], []
         for _ in range(self.num_stages):
             live = live_mask(obs, self.device)
@@ -140,7 +139,6 @@ class Distiller:
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        self.student.eval()
         return {"kl": loss.item(), "agreement": sum(agreements) / len(agreements)}
 
     def state_dict(self) -> dict[str, Any]:

@@ -339,7 +339,7 @@ class PrunableViT(nn.Module):
                         q = qkv[:, :1, :a]
                     else:  # the query of the live patches' mean: the projection is affine, so their queries' mean
                         q = live_mean(qkv[:, self.num_prefix_tokens :, :a], part.keep).unsqueeze(1)
-                    rows.append(self._attention_row(attn, q.detach(), qkv[..., a : 2 * a].detach(), part))
+                    rows.append(self._attention_row(attn, q, qkv[..., a : 2 * a], part))
 
             handle = attn.qkv.register_forward_hook(read)
             try:

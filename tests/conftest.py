@@ -51,14 +51,21 @@ def backbone(tmp_path_factory) -> Path:
     return path
 
 
+def run_train_agent(*flags: str, out: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """``train_agent.py`` as a user launches it, on synthetic data with 8 envs and a short final evaluation."""
+    cmd = [sys.executable, str(ROOT / "train_agent.py"), "--dataset", "synthetic", "--num-envs", "8"]
+    cmd += ["--eval-episodes", "1", "--eval-images", "32", "--out-dir", str(out), *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def teacher(backbone, tmp_path_factory) -> Path:
     """An agent trained briefly by native PPO on the tiny backbone (no budget): a teacher to distil."""
     out = tmp_path_factory.mktemp("teacher")
-    cmd = [sys.executable, str(ROOT / "train_agent.py"), "--model", str(backbone), "--dataset", "synthetic"]
-    cmd += ["--num-envs", "8", "--total-env-steps", "48", "--eval-episodes", "1", "--eval-images", "32"]
-    proc = subprocess.run([*cmd, "--out-dir", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_train_agent("--model", str(backbone), "--total-env-steps", "48", out=out)
     (run_dir,) = out.iterdir()
     return run_dir / "agent"
 

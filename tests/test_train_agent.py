@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_VIT, load_script
+from conftest import TINY_VIT, load_script, run_train_agent
 
 from agents.io import load_policy
 from apt_env.env import APTPruneVectorEnv
@@ -17,13 +17,7 @@ from apt_env.env import APTPruneVectorEnv
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*flags: str, out: Path, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "train_agent.py"), "--dataset", "synthetic", "--num-envs", "8"]
-    cmd += ["--eval-episodes", "1", "--eval-images", "32", "--out-dir", str(out), *flags]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+run = run_train_agent
 
 
 @pytest.mark.parametrize("algo", ["native", "ppo", "a2c"])
