@@ -1,8 +1,8 @@
 """``PrunableViT``: any timm ViT run block by block under token keep masks.
 
-This is the only module that knows timm internals. It drives the pieces timm's own forward pass
-uses (``patch_embed``, ``_pos_embed``, ``norm_pre``, ``blocks``, ``norm``, ``forward_head``) and
-passes pruning to the blocks as an attention mask, so no block or attention code is forked.
+This module and ``apt_env.packed`` are the only ones that know timm internals. It drives the pieces timm's own
+forward pass uses (``patch_embed``, ``_pos_embed``, ``norm_pre``, ``blocks``, ``norm``, ``forward_head``) and
+passes pruning to the blocks as an attention mask, so no attention code is forked.
 
 Two modes give the same logits for the same masks:
 
@@ -10,7 +10,8 @@ Two modes give the same logits for the same masks:
   (an additive 0 / -inf mask, which timm's fused and non-fused attention treat alike) and from
   pooling. Differentiable, for training.
 * ``gathered``: pruned tokens are really removed; rows with different keep counts are padded to
-  the batch maximum (padding masked as keys). For speed.
+  the batch maximum (padding masked as keys). For speed. timm's ``Block`` then runs everything but its attention
+  on the live tokens alone (``apt_env.packed``), restating ``Block.forward``'s sequence of timm's own modules.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from timm.models.vision_transformer import Attention, ResPostBlock, VisionTransf
 from torch import nn
 
 from apt_env.models import vit_apt_tiny_patch4_28
+from apt_env.packed import packs, run_packed
 from apt_env.tokens import (
     TokenState,
     additive_mask,
@@ -72,9 +74,9 @@ class PrunableViT(nn.Module):
             class-token classifier and ``[1, num_patches]`` for a model that pools its patch tokens.
             When a mask leaves a row fewer, the row keeps the tokens the mask kept plus those it
             dropped that were live before, lowest patch index first, until it has ``min_keep``.
-        bucket_rows: in gathered mode, a batch whose rows keep different numbers of tokens runs in groups
-            of about this many rows of similar length, each cut to its own longest row, when that saves
-            enough padding (``apt_env.tokens.length_buckets``).
+        bucket_rows: in gathered mode, a batch whose rows keep different numbers of tokens runs timm's ``Block``
+            packed (``apt_env.packed``); other blocks run in groups of about this many rows of similar length, each
+            cut to its own longest row, when that saves enough padding (``apt_env.tokens.length_buckets``).
     """
 
     def __init__(
@@ -203,19 +205,24 @@ class PrunableViT(nn.Module):
 
     def run_blocks(self, state: TokenState, start: int, end: int) -> TokenState:
         """Run blocks ``[start, end)`` with pruned tokens removed as attention keys."""
-        return self._in_buckets(state, lambda part: (self._run(part.x, start, end, part.attn_mask()), None))[0]
+        return self._in_buckets(state, start, end, lambda part: (self._run(part, start, end), None))[0]
 
     def _in_buckets(
-        self, state: TokenState, run: Callable[[TokenState], tuple[torch.Tensor, torch.Tensor | None]]
+        self,
+        state: TokenState,
+        start: int,
+        end: int,
+        run: Callable[[TokenState], tuple[torch.Tensor, torch.Tensor | None]],
     ) -> tuple[TokenState, torch.Tensor | None]:
-        """``run(part) -> (x, extra)`` on the whole batch, or, for a gathered batch whose rows keep different
-        numbers of tokens, on groups of rows of similar length, each cut to its own longest row
-        (``length_buckets``), put back in the batch's order. ``extra`` (rows first) or None.
+        """``run(part) -> (x, extra)`` for blocks ``[start, end)`` on the whole batch, or, for a gathered batch whose
+        rows keep different numbers of tokens and blocks that do not run packed (``apt_env.packed``), on groups of
+        rows of similar length, each cut to its own longest row (``length_buckets``), put back in the batch's order.
+        ``extra`` (rows first) or None.
 
         Each group's output is written into its rows of a new batch by ``index_put_``, differentiable, so
         training runs in groups too."""
         buckets = None
-        if state.packed and not bool(state.keep.all()):
+        if state.packed and not bool(state.keep.all()) and not packs(self.model.blocks[start:end]):
             buckets = length_buckets(state.num_kept(), state.x.shape[0] // self.bucket_rows, self.num_prefix_tokens)
         if buckets is None:
             x, extra = run(state)
@@ -238,8 +245,15 @@ class PrunableViT(nn.Module):
             extra = extra.index_select(0, order.argsort())
         return state.with_x(x), extra
 
-    def _run(self, x: torch.Tensor, start: int, end: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        for blk in self.model.blocks[start:end]:
+    def _run(self, state: TokenState, start: int, end: int) -> torch.Tensor:
+        """Blocks ``[start, end)`` on ``state``'s tokens: a gathered batch with padding runs packed where the blocks
+        allow (``apt_env.packed``), else every slot runs and pruned ones are masked as keys."""
+        blocks, x = self.model.blocks[start:end], state.x
+        key_mask = state.key_mask()
+        attn_mask = None if key_mask is None else additive_mask(key_mask, x.dtype)
+        if key_mask is not None and state.packed and packs(blocks):
+            return run_packed(blocks, x, key_mask[:, 0, 0], attn_mask)
+        for blk in blocks:
             x = blk(x) if attn_mask is None else blk(x, attn_mask=attn_mask)
         return x
 
@@ -343,12 +357,12 @@ class PrunableViT(nn.Module):
 
             handle = attn.qkv.register_forward_hook(read)
             try:
-                x = self._run(part.x, block, block + 1, part.attn_mask())
+                x = self._run(part, block, block + 1)
             finally:
                 handle.remove()
             return x, rows[0]
 
-        state, probs = self._in_buckets(state, run)
+        state, probs = self._in_buckets(state, block, block + 1, run)
         assert probs is not None
         return state, probs
 

@@ -49,12 +49,6 @@ class TokenState:
         prefix = self.keep.new_ones(self.keep.shape[0], self.num_prefix_tokens)
         return torch.cat([prefix, self.keep], dim=1)[:, None, None, :]  # (B, 1, 1, P + L)
 
-    def attn_mask(self) -> torch.Tensor | None:
-        """``key_mask`` as the additive float mask timm's attention takes, in the dtype of ``x``;
-        None when every slot is live. # (B, 1, 1, P + L)"""
-        mask = self.key_mask()
-        return None if mask is None else additive_mask(mask, self.x.dtype)
-
     def with_x(self, x: torch.Tensor) -> TokenState:
         return TokenState(x, self.keep, self.index, self.num_prefix_tokens, self.packed)
 
@@ -134,7 +128,9 @@ def apply_keep_mask(state: TokenState, mask: torch.Tensor, min_keep: int) -> Tok
         min_keep: the least number of patch tokens a row keeps (see ``enforce_min_keep``).
     """
     keep = state.keep & mask.gather(1, state.index)
-    keep = enforce_min_keep(state.keep, keep, min_keep)
+    # Checked before topping up: rows left short are rare, and each small tensor op costs a pass through the model.
+    if min_keep > 0 and bool((keep.sum(dim=1) < min_keep).any()):
+        keep = enforce_min_keep(state.keep, keep, min_keep)
     return TokenState(state.x, keep, state.index, state.num_prefix_tokens, packed=False)
 
 
@@ -155,7 +151,7 @@ def gather_kept(state: TokenState) -> TokenState:
     p = state.num_prefix_tokens
     slots = torch.cat([torch.arange(p, device=order.device).expand(b, p), order + p], dim=1)  # prefix, then live
     # Whole rows of x by one index_select on its flat view: several times faster than a gather along dim 1.
-    flat = (slots + torch.arange(b, device=order.device).unsqueeze(1) * t).reshape(-1)
+    flat = (slots + torch.arange(0, b * t, t, device=order.device).unsqueeze(1)).reshape(-1)
     x = state.x.reshape(b * t, c).index_select(0, flat).view(b, p + length, c)
     keep = torch.arange(length, device=counts.device) < counts.unsqueeze(1)
     return TokenState(x, keep, state.index.gather(1, order), p, True)

@@ -192,12 +192,18 @@ def test_bad_construction_is_clear_error():
 
 @pytest.mark.parametrize("family", ["vit", "avg_pool"])
 @pytest.mark.parametrize("rows", ["in order of count", "shuffled"])
-def test_gathered_length_buckets_agree_with_masked_in_values_and_gradients(family, rows):
-    """Rows of very different counts run in groups, with and without gradients (training runs them too); rows
-    already in order of count are split, not indexed."""
+@pytest.mark.parametrize("path", ["packed", "buckets"])
+def test_gathered_varying_counts_agree_with_masked_in_values_and_gradients(family, rows, path):
+    """Rows of very different counts run packed (timm's ``Block``) or in groups of rows (any other block, here
+    ``ResPostBlock``), with and without gradients (training runs them too); rows already in order of count are
+    split into groups, not indexed."""
+    from timm.models.vision_transformer import ResPostBlock
+
+    from apt_env.packed import packs
     from apt_env.tokens import length_buckets
 
-    pv = _build(family, bucket_rows=8)
+    pv = _build(family, bucket_rows=8, **({} if path == "packed" else {"block_fn": ResPostBlock}))
+    assert packs(pv.model.blocks) == (path == "packed")
     x = torch.randn(40, 3, 32, 32)
     g = torch.Generator().manual_seed(1)
     rank = torch.rand(40, pv.num_patches, generator=g).argsort(1).argsort(1)  # nested masks: counts fall by stage
@@ -279,6 +285,6 @@ def test_rows_with_equal_counts_take_the_unpadded_path():
     live = torch.ones(6, pv.num_patches, dtype=torch.bool)
     keep = top_count(torch.rand(6, pv.num_patches), live, torch.full((6,), 7.0))
     pruned = pv.prune(state, keep, "gathered")
-    assert pruned.x.shape[1] == pv.num_prefix_tokens + 7 and pruned.attn_mask() is None
+    assert pruned.x.shape[1] == pv.num_prefix_tokens + 7 and pruned.key_mask() is None
     keep[0, keep[0].nonzero()[0]] = False  # one row one token short: padded and masked
-    assert pv.prune(state, keep, "gathered").attn_mask() is not None
+    assert pv.prune(state, keep, "gathered").key_mask() is not None
