@@ -44,8 +44,9 @@ def run_packed(
     h = x.reshape(b * t, c).index_select(0, slots)  # (S, C)
     for blk in blocks:
         # The attention's input padded again: slots not live are zeros, masked as keys; their outputs are dropped.
-        padded = h.new_zeros(b * t, c).index_copy_(0, slots, blk.norm1(h)).view(b, t, c)
+        n = blk.norm1(h)
+        padded = n.new_zeros(b * t, c).index_copy_(0, slots, n).view(b, t, c)
         a = blk.attn(padded, attn_mask=attn_mask).reshape(b * t, -1).index_select(0, slots)
         h = h + blk.drop_path1(blk.ls1(a))
         h = h + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(h))))
-    return x.reshape(b * t, c).index_copy(0, slots, h).view(b, t, c)
+    return x.reshape(b * t, c).to(h.dtype).index_copy(0, slots, h).view(b, t, c)  # in the blocks' dtype (autocast)

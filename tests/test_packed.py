@@ -45,3 +45,17 @@ def test_only_timm_blocks_without_active_stochastic_depth_run_packed():
     assert not packs(_model(block_fn=ResPostBlock).blocks)
     dropping = _model(drop_path_rate=0.1).blocks
     assert packs(dropping.eval()) and not packs(dropping.train())  # DropPath drops whole rows: only while training
+
+
+def test_packed_blocks_run_under_bf16_autocast_as_the_padded_path():
+    blocks = _model().eval().blocks
+    x = torch.randn(3, 7, blocks[0].norm1.normalized_shape[0]).to(torch.bfloat16)
+    live = torch.arange(7) < torch.tensor([[7], [3], [5]])
+    mask = additive_mask(live[:, None, None, :], torch.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run_packed(blocks, x, live, mask)
+        padded = x
+        for blk in blocks:
+            padded = blk(padded, attn_mask=mask)
+    assert out.dtype == padded.dtype
+    torch.testing.assert_close(out[live], padded[live], atol=0.1, rtol=0.05)
