@@ -131,7 +131,7 @@ class Distiller:
             student_logits = self.student.keep_logits(obs)
             losses.append(live_kl(teacher_logits, student_logits, live).mean())
             with torch.no_grad():
-                agreements.append(decision_agreement(keep, self.student.mode(student_logits.detach(), live, obs)))
+                agreements.append(decision_agreement(keep, self.student.mode(student_logits, live, obs)))
             obs, _, _, _, _ = self.envs.step_tensors(keep)
         self._next_obs = obs
         self.global_step += self.steps_per_update

@@ -222,7 +222,7 @@ class PrunableViT(nn.Module):
         Each group's output is written into its rows of a new batch by ``index_put_``, differentiable, so
         training runs in groups too."""
         buckets = None
-        if state.packed and not bool(state.keep.all()) and not packs(self.model.blocks[start:end]):
+        if state.packed and not packs(self.model.blocks[start:end]) and not bool(state.keep.all()):
             buckets = length_buckets(state.num_kept(), state.x.shape[0] // self.bucket_rows, self.num_prefix_tokens)
         if buckets is None:
             x, extra = run(state)

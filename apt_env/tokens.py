@@ -113,7 +113,12 @@ def enforce_min_keep(prev: torch.Tensor, new: torch.Tensor, min_keep: int) -> to
         new: live slots after the action, a subset of ``prev``. # (B, L) bool
         min_keep: the least number of patch tokens a row keeps.
     """
-    deficit = (min_keep - new.sum(dim=1, keepdim=True)).clamp(min=0)  # (B, 1)
+    count = new.sum(dim=1, keepdim=True)  # (B, 1)
+    # Rows left short are rare. On CPU, where each small op costs tens of microseconds between the blocks' large ones,
+    # they are looked for first; on an accelerator the top-up runs anyway, rather than wait for the device to answer.
+    if new.device.type == "cpu" and not bool((count < min_keep).any()):
+        return new
+    deficit = (min_keep - count).clamp(min=0)
     dropped = prev & ~new
     rank = dropped.cumsum(dim=1)  # 1-based rank among the dropped slots
     return new | (dropped & (rank <= deficit))
@@ -127,11 +132,7 @@ def apply_keep_mask(state: TokenState, mask: torch.Tensor, min_keep: int) -> Tok
         mask: True for patch positions to keep. # (B, N) bool
         min_keep: the least number of patch tokens a row keeps (see ``enforce_min_keep``).
     """
-    keep = state.keep & mask.gather(1, state.index)
-    # Rows left short are rare. On CPU, where each small op costs tens of microseconds between the blocks' large ones,
-    # they are looked for first; on an accelerator the top-up runs anyway, rather than wait for the device to answer.
-    if min_keep > 0 and (keep.device.type != "cpu" or bool((keep.sum(dim=1) < min_keep).any())):
-        keep = enforce_min_keep(state.keep, keep, min_keep)
+    keep = enforce_min_keep(state.keep, state.keep & mask.gather(1, state.index), min_keep)
     return TokenState(state.x, keep, state.index, state.num_prefix_tokens, packed=False)
 
 
