@@ -250,9 +250,9 @@ class PrunableViT(nn.Module):
         allow (``apt_env.packed``), else every slot runs and pruned ones are masked as keys."""
         blocks, x = self.model.blocks[start:end], state.x
         key_mask = state.key_mask()
-        attn_mask = None if key_mask is None else additive_mask(key_mask, x.dtype)
         if key_mask is not None and state.packed and packs(blocks):
-            return run_packed(blocks, x, key_mask[:, 0, 0], attn_mask)
+            return run_packed(blocks, x, key_mask[:, 0, 0])
+        attn_mask = None if key_mask is None else additive_mask(key_mask, x.dtype)
         for blk in blocks:
             x = blk(x) if attn_mask is None else blk(x, attn_mask=attn_mask)
         return x
