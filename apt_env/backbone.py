@@ -245,13 +245,14 @@ class PrunableViT(nn.Module):
             extra = extra.index_select(0, order.argsort())
         return state.with_x(x), extra
 
-    def _run(self, state: TokenState, start: int, end: int) -> torch.Tensor:
+    def _run(self, state: TokenState, start: int, end: int, *, grouped: bool = True) -> torch.Tensor:
         """Blocks ``[start, end)`` on ``state``'s tokens: a gathered batch with padding runs packed where the blocks
-        allow (``apt_env.packed``), else every slot runs and pruned ones are masked as keys."""
+        allow (``apt_env.packed``, its attention in groups of rows where ``grouped`` and large enough), else every slot
+        runs and pruned ones are masked as keys."""
         blocks, x = self.model.blocks[start:end], state.x
         key_mask = state.key_mask()
         if key_mask is not None and state.packed and packs(blocks):
-            return run_packed(blocks, x, key_mask[:, 0, 0])
+            return run_packed(blocks, x, key_mask[:, 0, 0], grouped=grouped)
         attn_mask = None if key_mask is None else additive_mask(key_mask, x.dtype)
         for blk in blocks:
             x = blk(x) if attn_mask is None else blk(x, attn_mask=attn_mask)
@@ -348,6 +349,7 @@ class PrunableViT(nn.Module):
             # would stay allocated through the MLP and cost fresh memory there.
             def read(module: nn.Module, args: Any, qkv: torch.Tensor) -> None:
                 a = qkv.shape[-1] // 3
+                qkv = qkv[:, : part.x.shape[1]]  # the slots of the part, without padding added for the attention
                 with torch.no_grad():
                     if self.model.cls_token is not None:
                         q = qkv[:, :1, :a]
@@ -357,7 +359,7 @@ class PrunableViT(nn.Module):
 
             handle = attn.qkv.register_forward_hook(read)
             try:
-                x = self._run(part, block, block + 1)
+                x = self._run(part, block, block + 1, grouped=False)  # one attention call, the rows in order
             finally:
                 handle.remove()
             return x, rows[0]

@@ -71,18 +71,23 @@ def attention_groups(blocks: Sequence[nn.Module], live: torch.Tensor) -> list[tu
     return length_buckets(live.sum(1), num_groups)
 
 
-def run_packed(blocks: Sequence[nn.Module], x: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+def run_packed(
+    blocks: Sequence[nn.Module], x: torch.Tensor, live: torch.Tensor, *, grouped: bool = True
+) -> torch.Tensor:
     """Run ``blocks`` on the live tokens of ``x``; slots not live come back as they went in (any finite value).
 
     Args:
         blocks: timm ``Block`` modules (``packs(blocks)``).
         x: a padded batch. # (B, T, C)
         live: the tokens that count, prefix included, first in each row (a gathered batch). # (B, T) bool
+        grouped: whether a large batch may run its attention in groups of rows (``attention_groups``); without, the
+            attention sees the rows of ``x`` in their order, each slot where it is in ``x`` (and padding after them,
+            ``attention_length``), for a hook that reads its input row by row.
     """
     if not len(blocks):
         return x
     b, t, c = x.shape
-    groups = attention_groups(blocks, live)
+    groups = attention_groups(blocks, live) if grouped else None
     if groups is None:
         order, sizes, lengths = None, [b], [t]
     else:

@@ -140,6 +140,30 @@ def test_the_walk_reads_the_class_attention_from_the_blocks_own_qkv(family, mode
     assert hooked[0] * 20 < separate[0] and hooked[0] * (pv.num_patches + 1) < block / 100
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["one_group", "groups"])
+def test_the_walk_reads_the_class_attention_where_packed_rows_are_padded_for_the_attention(grouped, monkeypatch):
+    """Packed rows whose attention runs padded to 16 slots (15 long: a prefix token and at most 14 patches), and with
+    groups allowed: the class attention read from ``qkv`` and the tokens are those of masked mode."""
+    import apt_env.packed
+
+    if grouped:
+        monkeypatch.setattr(apt_env.packed, "ATTENTION_GROUP_ROWS", 2)
+        monkeypatch.setattr(apt_env.packed, "ATTENTION_GROUP_MIN_ELEMENTS", 1)
+    pv = _build("vit")
+    x = torch.randn(8, 3, 32, 32)
+    rank = torch.rand(8, pv.num_patches, generator=torch.Generator().manual_seed(0)).argsort(1).argsort(1)
+    mask = rank < torch.tensor([[14], [3], [13], [6], [14], [9], [2], [11]])
+    seen = {}
+    with torch.no_grad():
+        for mode in ("masked", "gathered"):
+            state = pv.prune(pv.advance_to_stage(pv.embed(x), 0, take_attn=False)[0], mask, mode)
+            state, attn = pv.advance_to_stage(state, 1, take_attn=True)
+            seen[mode] = (attn, pv.finish(state, pv.stage_bounds[2]))
+    assert apt_env.packed.attention_length(pv.model.blocks, 15, x.device) == 16
+    torch.testing.assert_close(seen["gathered"][0], seen["masked"][0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(seen["gathered"][1], seen["masked"][1], atol=1e-5, rtol=1e-4)
+
+
 def test_default_prune_layers_read_depth():
     assert default_prune_layers(12) == (3, 6, 9)
     assert default_prune_layers(4) == (1, 2, 3)
