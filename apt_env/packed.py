@@ -38,10 +38,9 @@ def attention_length(blocks: Sequence[nn.Module], length: int, device: torch.dev
     """The length the padded rows take into the attention: ``length``, or on CPU with timm's fused attention the next
     multiple of ``CPU_ATTENTION_TILE`` when at most 4 slots away.
 
-    torch's CPU flash attention runs a length just short of a multiple of 16 at several times that multiple's cost
-    (with 4 heads of 32 at batch 64, here: 15 slots 3.7x 16, 31 slots 2.0x 32, 47 slots 2.1x 48), so a few more
-    padding slots, masked as keys, cost less than they save; further away, ``qkv`` and ``proj`` on the extra slots
-    cost more."""
+    torch's CPU flash attention runs a length just short of a multiple of 16 at up to about three times that
+    multiple's cost (``benchmarks/bench_attention.py``), so a few more padding slots, masked as keys, cost less than
+    they save; further away, ``qkv`` and ``proj`` on the extra slots cost more."""
     fused = all(getattr(blk.attn, "fused_attn", False) for blk in blocks)
     rem = length % CPU_ATTENTION_TILE
     if device.type != "cpu" or not fused or rem == 0 or CPU_ATTENTION_TILE - rem > 4:

@@ -52,3 +52,11 @@ def test_trainer_benchmark_prints_the_most_native_ppo_could_gain():
                 "--episodes-per-rollout", "1", "--repeats", "1")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "with no native plumbing at all" in proc.stdout and "native plumbing / SB3's" in proc.stdout
+
+
+def test_attention_benchmark_times_each_length_against_its_next_multiple_of_16():
+    proc = _run(sys.executable, "benchmarks/bench_attention.py", "--batch", "2", "--lengths", "15", "--calls", "1",
+                "--repeats", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["15", "16"] and rows[1][2] == "1.00"
