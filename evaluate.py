@@ -279,13 +279,20 @@ def decision_cost_text(rows: list[dict], physical: dict[str, dict]) -> str:
     name), over its masks replayed (the same blocks and pruning, no decision) and over the dense model, at batch 256
     and 1."""
     by_name = {r["policy"]: r for r in rows} | physical
-    return "\n".join(
+    lines = [
         f"{r['policy']}: img/s over the physical reference {speed_ratios(r, by_name[physical_name(r['budget'])])}; "
         f"over its masks replayed {speed_ratios(r, by_name[replay_name(r['budget'])])}; "
         f"over dense {speed_ratios(r, by_name['dense'])}"
         for r in rows
         if is_agent_decision(r["policy"])
-    )
+    ]
+    return "\n".join([*lines, SPEED_TARGETS] if lines else lines)
+
+
+SPEED_TARGETS = (
+    "targets, the shipped default at budget 0.5: over the physical reference b256 >= 0.8; over dense b256 >= 1.3, "
+    "b1 >= 1.0"
+)
 
 
 def command(args: Args) -> str:

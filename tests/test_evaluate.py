@@ -154,6 +154,7 @@ def test_evaluate_script_writes_the_table_the_plots_and_replays_exactly(tmp_path
     rows = module.main(_args(module, tmp_path, model, agent, budgets=(0.3, 0.5), save_masks=str(masks_file)))
     printed = capsys.readouterr().out
     assert "APT agent (deterministic): img/s over the physical reference b256 " in printed
+    assert module.SPEED_TARGETS in printed
     assert not any(name.startswith(module.PHYSICAL) for name in rows)  # timed, not a row of the table
 
     out = tmp_path / "eval"
