@@ -67,6 +67,8 @@ def attention_groups(blocks: Sequence[nn.Module], live: torch.Tensor) -> list[tu
     b, t = live.shape
     width = blocks[0].norm1.normalized_shape[0]
     num_groups = min(b // ATTENTION_GROUP_ROWS, b * t * width // ATTENTION_GROUP_MIN_ELEMENTS)
+    if num_groups < 2:  # decided by shapes alone: no count taken on the common path of one group
+        return None
     return length_buckets(live.sum(1), num_groups)
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import tyro
 
 from apt_env.evaluate import synchronize
+from apt_env.packed import CPU_ATTENTION_TILE
 
 
 @dataclass
@@ -43,10 +44,15 @@ class Args:
     """torch CPU threads"""
 
 
+def next_tile(length: int) -> int:
+    """The smallest multiple of ``CPU_ATTENTION_TILE`` not below ``length``."""
+    return -(-length // CPU_ATTENTION_TILE) * CPU_ATTENTION_TILE
+
+
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    lengths = sorted({*args.lengths, *(-(-n // 16) * 16 for n in args.lengths)})
+    lengths = sorted({*args.lengths, *map(next_tile, args.lengths)})
     gen = torch.Generator().manual_seed(0)
     inputs = {}
     for n in lengths:
@@ -68,8 +74,7 @@ def main(args: Args) -> None:
     print(f"{args.device}, {args.threads} threads, batch {args.batch}, {args.heads} heads of {args.head_dim}")
     print(f"{'length':>7}{'us/call':>10}{'/ next x16':>12}")
     for n in lengths:
-        up = -(-n // 16) * 16
-        print(f"{n:>7}{1e6 * median[n]:>10.0f}{median[n] / median[up]:>12.2f}")
+        print(f"{n:>7}{1e6 * median[n]:>10.0f}{median[n] / median[next_tile(n)]:>12.2f}")
 
 
 if __name__ == "__main__":

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_VIT, load_script, run_train_agent
+from conftest import TINY_VIT, load_script
+from conftest import run_train_agent as run
 
 from agents.io import load_policy
 from apt_env.env import APTPruneVectorEnv
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-run = run_train_agent
 
 
 @pytest.mark.parametrize("algo", ["native", "ppo", "a2c"])
