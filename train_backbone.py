@@ -63,6 +63,7 @@ from apt_env.evaluate import (
 from apt_env.joint import ChannelLosses, draw_budgets
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS
 from apt_env.report import agent_masks_figure, markdown_table
+from apt_env.resample import patch_size, resample_into
 from apt_env.runs import hyperparameters_text, load_args, new_run_dir, seed_everything
 from apt_env.train_state import get_rng_state, load_train_state, save_train_state, set_rng_state
 
@@ -96,7 +97,12 @@ class Args:
     """start from timm's pretrained weights (downloads them: needs internet)"""
     init_checkpoint: str | None = None
     """start from this local checkpoint folder (written by save_backbone); --model-name and --model-kwargs are
-    then ignored"""
+    then ignored, unless --resample"""
+    resample: bool = False
+    """with --init-checkpoint: build --model-name (with --model-kwargs) and start it from the checkpoint's weights,
+    its patch and position embeddings resampled to the new patch size (FlexiViT's method, timm's
+    resample_patch_embed and resample_abs_pos_embed), e.g. --model-name vit_apt_tiny_patch2_28 from the shipped
+    patch-4 ViT"""
     epochs: int = 5
     """epochs to train; the learning-rate schedule spans them all"""
     steps_per_epoch: int = 50
@@ -200,6 +206,8 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--eval-budget must be a fraction in (0, 1], got {args.eval_budget}")
     if args.pretrained and args.init_checkpoint:
         raise ValueError("pass either --pretrained or --init-checkpoint, not both")
+    if args.resample and not args.init_checkpoint:
+        raise ValueError("--resample starts --model-name from the weights of --init-checkpoint: pass one")
     if args.epochs < 1 or args.steps_per_epoch < 0:
         raise ValueError(f"need --epochs >= 1 and --steps-per-epoch >= 0, got {args.epochs}, {args.steps_per_epoch}")
     if args.stop_epoch is not None and not 1 <= args.stop_epoch <= args.epochs:
@@ -242,13 +250,30 @@ def parse_model_kwargs(text: str) -> dict:
 
 def build_model(args: Args, info: DatasetInfo) -> PrunableViT:
     """A fresh timm model (optionally pretrained), or the one in ``--init-checkpoint``."""
+    if args.init_checkpoint and not args.resample:
+        pv = load_backbone(args.init_checkpoint, expect={"num_classes": info.num_classes})
+        if args.model_name != DEFAULT_MODEL_NAME or args.model_kwargs.strip() not in ("", "{}"):
+            wanted = fresh_model(args, info)
+            if wanted.num_patches != pv.num_patches:
+                raise ValueError(
+                    f"--init-checkpoint {args.init_checkpoint} has {pv.num_patches} patch tokens (patch "
+                    f"{patch_size(pv)}), --model-name {args.model_name} has {wanted.num_patches} (patch "
+                    f"{patch_size(wanted)}): pass --resample to start it from the checkpoint's weights resampled"
+                )
+        return pv
     if args.init_checkpoint:
-        return load_backbone(args.init_checkpoint, expect={"num_classes": info.num_classes})
+        source = load_backbone(args.init_checkpoint, expect={"num_classes": info.num_classes})
+        return resample_into(source, fresh_model(args, info, prune_layers=source.prune_layers))
+    return fresh_model(args, info)
+
+
+def fresh_model(args: Args, info: DatasetInfo, prune_layers: tuple[int, ...] | None = None) -> PrunableViT:
+    """``--model-name`` with ``--model-kwargs``, as timm builds it (optionally pretrained)."""
     defaults = {}
     if args.model_name == DEFAULT_MODEL_NAME:
         defaults = {**DEFAULT_MODEL_KWARGS, "img_size": info.img_size, "in_chans": info.in_chans}
     kwargs = {**defaults, "num_classes": info.num_classes, **parse_model_kwargs(args.model_kwargs)}
-    return PrunableViT.from_timm(args.model_name, pretrained=args.pretrained, **kwargs)
+    return PrunableViT.from_timm(args.model_name, pretrained=args.pretrained, prune_layers=prune_layers, **kwargs)
 
 
 def data_kwargs(args: Args, pv: PrunableViT, data_config: dict | None = None) -> dict:

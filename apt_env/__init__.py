@@ -1,6 +1,7 @@
 """APT: the Vision Transformer as a Gymnasium environment for token pruning.
 
-Importing the package registers ``APTPrune-v0``::
+Importing the package registers ``APTPrune-v0`` (the 49-token default backbone) and ``APTPrune196-v0`` (the same
+environment on the 196-token backbone, ``apt_env.defaults.P2_CHECKPOINT``)::
 
     import gymnasium as gym
     import apt_env
@@ -12,6 +13,7 @@ Importing the package registers ``APTPrune-v0``::
 from gymnasium.envs.registration import register, registry
 
 from apt_env.backbone import PrunableViT
+from apt_env.defaults import P2_CHECKPOINT
 
 __all__ = ["PrunableViT"]
 
@@ -20,4 +22,11 @@ if "APTPrune-v0" not in registry:
         id="APTPrune-v0",
         entry_point="apt_env.env:APTPruneEnv",
         vector_entry_point="apt_env.env:APTPruneVectorEnv",
+    )
+if "APTPrune196-v0" not in registry:
+    register(
+        id="APTPrune196-v0",
+        entry_point="apt_env.env:APTPruneEnv",
+        vector_entry_point="apt_env.env:APTPruneVectorEnv",
+        kwargs={"model": str(P2_CHECKPOINT)},
     )

@@ -2,7 +2,15 @@
 
 from pathlib import Path
 
-__all__ = ["ASSETS", "DEFAULT_AGENT", "DEFAULT_CHECKPOINT", "JOINT_AGENT", "PLAIN_CHECKPOINT"]
+__all__ = [
+    "ASSETS",
+    "DEFAULT_AGENT",
+    "DEFAULT_CHECKPOINT",
+    "JOINT_AGENT",
+    "PLAIN_CHECKPOINT",
+    "P2_AGENT",
+    "P2_CHECKPOINT",
+]
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -18,3 +26,10 @@ JOINT_AGENT = ASSETS / "joint_agent"
 DEFAULT_AGENT = ASSETS / "default_agent"
 """The agent ``evaluate.py`` runs by default: ``JOINT_AGENT`` distilled into a 32-wide agent (``train_agent.py --algo
 distill``), the same decisions for less."""
+
+P2_CHECKPOINT = ASSETS / "p2_default"
+"""The 196-token backbone (``vit_apt_tiny_patch2_28``, patch 2): the plain ViT resampled from ``PLAIN_CHECKPOINT``'s
+weights, trained plainly, then fine-tuned jointly with ``P2_AGENT``. ``APTPrune196-v0`` runs it."""
+
+P2_AGENT = ASSETS / "p2_agent"
+"""The budget-conditioned agent trained jointly with ``P2_CHECKPOINT``."""

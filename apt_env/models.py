@@ -11,15 +11,18 @@ from typing import Any
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, _cfg, _create_vision_transformer
 
-__all__ = ["vit_apt_tiny_patch4_28"]
+__all__ = ["vit_apt_tiny_patch2_28", "vit_apt_tiny_patch4_28"]
+
+# Fashion-MNIST's statistics, no crop: the data config of both names.
+_FASHION_MNIST_CFG = dict(
+    input_size=(1, 28, 28), mean=(0.2860,), std=(0.3530,), num_classes=10, crop_pct=1.0, interpolation="bilinear"
+)
 
 # timm's registry reads this module's ``default_cfgs``: the data config (Fashion-MNIST statistics, no crop).
 default_cfgs = generate_default_cfgs(
     {
-        "vit_apt_tiny_patch4_28.untrained": _cfg(
-            input_size=(1, 28, 28), mean=(0.2860,), std=(0.3530,), num_classes=10, crop_pct=1.0,
-            interpolation="bilinear",
-        ),
+        "vit_apt_tiny_patch4_28.untrained": _cfg(**_FASHION_MNIST_CFG),
+        "vit_apt_tiny_patch2_28.untrained": _cfg(**_FASHION_MNIST_CFG),
     }
 )  # fmt: skip
 
@@ -30,3 +33,11 @@ def vit_apt_tiny_patch4_28(pretrained: bool = False, **kwargs: Any) -> VisionTra
     10 classes (1.2M parameters). The default backbone of ``APTPrune-v0``."""
     model_args = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4)
     return _create_vision_transformer("vit_apt_tiny_patch4_28", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_apt_tiny_patch2_28(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT for 28x28 gray images: patch 2 (196 patch tokens and a class token), width 128, depth 6, 4 heads,
+    10 classes (1.2M parameters). The sequence length of ViT-B/16 at 224 px, on Fashion-MNIST."""
+    model_args = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4)
+    return _create_vision_transformer("vit_apt_tiny_patch2_28", pretrained=pretrained, **dict(model_args, **kwargs))
