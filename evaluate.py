@@ -274,13 +274,6 @@ def speed_ratios(row: dict, ref: dict) -> str:
     return ", ".join(f"{b} {row[f'img_per_s_{b}'] / ref[f'img_per_s_{b}']:.2f}" for b in ("b256", "b1"))
 
 
-SPEED_TARGETS = (
-    "targets, the shipped default at budget 0.5: over the physical reference b256 >= 0.8; over dense b256 >= 1.3, "
-    "b1 >= 1.0"
-)
-"""What ``decision_cost_text`` prints under the ratios: the targets they are held to."""
-
-
 def decision_cost_text(rows: list[dict], physical: dict[str, dict]) -> str:
     """Each deterministic agent row's throughput over its physical reference (``physical``: images per second by
     name), over its masks replayed (the same blocks and pruning, no decision) and over the dense model, at batch 256
@@ -293,7 +286,7 @@ def decision_cost_text(rows: list[dict], physical: dict[str, dict]) -> str:
         for r in rows
         if is_agent_decision(r["policy"])
     ]
-    return "\n".join([*lines, SPEED_TARGETS] if lines else lines)
+    return "\n".join(lines)
 
 
 def command(args: Args) -> str:

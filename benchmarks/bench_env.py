@@ -5,12 +5,15 @@ Printed, all measured in this run on the default config under random keep action
 * env steps/s of ``APTPruneVectorEnv`` (numpy API, as a Gymnasium user sees it);
 * the bound: the same block passes done directly with ``PrunableViT`` on the same masks (embed,
   prefix, the plain pass, one pass to the end per stage with the class attention on the way),
-  and the ratio env / bound (target >= 0.8);
+  and the ratio env / bound;
 * steps/s of ``gymnasium.vector.SyncVectorEnv`` over ``num_envs`` single envs, our speed-up over it,
   next to the model's own batching gain (forward throughput at batch ``num_envs`` over batch 1);
 * memory per sub-environment (the episode tensors the env keeps between steps).
 
-Run: ``python benchmarks/bench_env.py`` (about 2 minutes on 2 CPU cores).
+Each registered env id in ``--env-ids`` is measured in turn: ``APTPrune-v0`` (the 49-token default) and
+``APTPrune196-v0`` (the 196-token backbone).
+
+Run: ``python benchmarks/bench_env.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from apt_env.runs import seed_everything
 
 @dataclass
 class Args:
+    env_ids: tuple[str, ...] = ("APTPrune-v0", "APTPrune196-v0")
+    """registered env ids to measure, each with its registered kwargs"""
     num_envs: int = 64
     """sub-environments (images per batch)"""
     episodes: int = 6
@@ -99,9 +104,16 @@ def forward_throughput(env: APTPruneVectorEnv, batch: int) -> float:
 
 
 def main(args: Args) -> None:
+    for env_id in args.env_ids:
+        measure(env_id, args)
+
+
+def measure(env_id: str, args: Args) -> None:
+    """Print one env id's figures."""
     seed_everything(args.seed)
     rng = np.random.default_rng(args.seed)
-    envs = APTPruneVectorEnv(args.num_envs, channels=args.channels, device=args.device)
+    registered = gym.spec(env_id).kwargs
+    envs = APTPruneVectorEnv(args.num_envs, **registered, channels=args.channels, device=args.device)
     k, n = envs.pv.num_stages, envs.pv.num_patches
     envs.reset(seed=args.seed)
     t_env, t_bound = [], []
@@ -119,7 +131,7 @@ def main(args: Args) -> None:
     if args.sync_episodes > 0:
         torch.manual_seed(args.seed)
         sync = gym.vector.SyncVectorEnv(
-            [lambda: gym.make("APTPrune-v0", channels=args.channels, device=args.device) for _ in range(args.num_envs)],
+            [lambda: gym.make(env_id, channels=args.channels, device=args.device) for _ in range(args.num_envs)],
             autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
         )
         sync.reset(seed=args.seed)
@@ -134,7 +146,7 @@ def main(args: Args) -> None:
     mem = sum(t.numel() * t.element_size() for t in kept) / args.num_envs
 
     where = torch.cuda.get_device_name(envs.device) if envs.device.type == "cuda" else "cpu"
-    print(f"num_envs={args.num_envs} stages={k} patches={n} channels={','.join(args.channels)} on {where}")
+    print(f"{env_id}: num_envs={args.num_envs} stages={k} patches={n} channels={','.join(args.channels)} on {where}")
     print(f"{'APTPruneVectorEnv steps/s':<36}{env_sps:>10.0f}")
     print(f"{'bound (PrunableViT direct) steps/s':<36}{bound_sps:>10.0f}   env/bound = {env_sps / bound_sps:.2f}")
     if sync_sps is not None and gain is not None:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL, tiny_envs
+from helpers import SMALL, tiny_envs
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.preprocessing import preprocess_obs
 from stable_baselines3.common.utils import obs_as_tensor

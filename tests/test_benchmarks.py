@@ -10,6 +10,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # each test launches a benchmark script
+
 
 def _env() -> dict:
     """This interpreter first on PATH, the repository importable: as in an activated checkout."""
@@ -35,7 +37,10 @@ def test_backbone_benchmark_runs_under_bf16_autocast():
 
 
 def test_env_benchmark_runs_without_its_sync_baseline():
-    proc = _run(sys.executable, "benchmarks/bench_env.py", "--num-envs", "2", "--episodes", "1", "--sync-episodes", "0")
+    proc = _run(
+        sys.executable, "benchmarks/bench_env.py", "--env-ids", "APTPrune-v0", "--num-envs", "2", "--episodes", "1",
+        "--sync-episodes", "0",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "env/bound" in proc.stdout and "SyncVectorEnv" not in proc.stdout
 

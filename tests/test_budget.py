@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMALL, TINY, TINY_VIT, tiny_envs
 from gymnasium.utils.env_checker import check_env
+from helpers import SMALL, TINY, TINY_VIT, tiny_envs
 from stable_baselines3 import PPO
 
 from agents.policy import (

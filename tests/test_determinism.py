@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import SMALL, load_script, tiny_envs
+from helpers import SMALL, load_script, tiny_envs
 from stable_baselines3 import PPO
 from torch.utils.data import TensorDataset
 from torch.utils.tensorboard import SummaryWriter

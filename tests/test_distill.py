@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_envs
+from helpers import tiny_envs
 
 from agents.distill import Distiller, decision_agreement, live_kl
 from agents.policy import APTPolicy, live_mask

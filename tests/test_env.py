@@ -8,9 +8,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, tiny_envs
 from gymnasium.utils.env_checker import check_env
 from gymnasium.vector import AutoresetMode
+from helpers import TINY, tiny_envs
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import apt_env  # noqa: F401  (registers APTPrune-v0)

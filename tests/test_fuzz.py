@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import SMALL, TINY, TINY_VIT, tiny_envs
+from helpers import SMALL, TINY, TINY_VIT, tiny_envs
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import load_script
+from helpers import load_script
 
 from apt_env.backbone import MODES, PrunableViT
 from apt_env.joint import ChannelLosses

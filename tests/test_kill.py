@@ -1,20 +1,16 @@
 """SIGKILL train_agent.py in the middle of training, resume it, and end where an uninterrupted run ends."""
 
-import os
 import random
 import re
 import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT, finish_two, torchrun
 
 from agents.io import load_policy
 from apt_env.train_state import load_train_state
@@ -81,72 +77,6 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(algo, backbone, 
     assert not leftovers, f"a killed save's files survived the resumed run: {leftovers}"
     expected, got = agent_weights(whole), agent_weights(run_dir)
     assert [k for k, v in expected.items() if not torch.equal(got[k], v)] == []
-
-
-TAG = "APT_KILL_TEST_TAG"
-"""An environment variable that marks the processes of one launch: torchrun starts each worker in a session of its
-own, so killing torchrun's process group leaves the ranks running (they go on and finish the run)."""
-
-
-def tagged(tag: str) -> list[int]:
-    """The live processes whose environment holds ``TAG=tag``: torchrun and its workers (Linux's /proc)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and f"{TAG}={tag}".encode() in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:  # gone, or not ours
-            continue
-    return pids
-
-
-def kill_all(tag: str) -> None:
-    """SIGKILL torchrun and every rank at once: all their process groups stopped first, then killed; returns once
-    none of them is left to write a file."""
-    groups = set()
-    for pid in tagged(tag):
-        try:
-            groups.add(os.getpgid(pid))
-        except ProcessLookupError:
-            pass
-    for sig in (signal.SIGSTOP, signal.SIGKILL):
-        for group in groups:
-            try:
-                os.killpg(group, sig)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + 30
-    while tagged(tag):  # a killed process's environ reads empty once it is a zombie
-        assert time.monotonic() < deadline, f"processes of {tag} outlived SIGKILL"
-        time.sleep(0.01)
-
-
-@contextmanager
-def torchrun(args: list[str], stderr, script: Path = ROOT / "train_agent.py") -> Iterator[subprocess.Popen]:
-    """``script args`` (train_agent.py by default) on 2 processes of torchrun, all of them killed on the way out
-    (a timeout, a failed check), so that no rank outlives the test."""
-    tag = uuid.uuid4().hex
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", TAG: tag}
-    proc = subprocess.Popen([*cmd, str(script), *args], stdout=subprocess.DEVNULL, stderr=stderr,
-                            text=True, cwd=ROOT, env=env, start_new_session=True)  # fmt: skip
-    try:
-        yield proc
-    finally:
-        kill_all(tag)
-        proc.wait()
-
-
-def finish_two(args: list[str], script: Path = ROOT / "train_agent.py", weights: str = "agent") -> str:
-    """Run ``script args`` (train_agent.py by default) on 2 processes to its end; returns the log, once both ranks
-    reported the same weights (their ``rank R {weights} sha256 DIGEST`` lines: train_agent.py's agent,
-    train_backbone.py's backbone ``weights``)."""
-    with torchrun(args, subprocess.PIPE, script) as proc:
-        _, log = proc.communicate(timeout=300)
-    assert proc.returncode == 0, log[-4000:]
-    digests = dict(re.findall(rf"rank (\d) {weights} sha256 (\w+)", log))
-    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests
-    return log
 
 
 def rank_states(run_dir: Path) -> list[dict]:

@@ -82,3 +82,28 @@ def test_train_backbone_resamples_only_when_asked(tmp_path):
     assert pv.num_patches == 64 and pv.prune_layers == _tiny(4).prune_layers
     with pytest.raises(ValueError, match="--resample"):
         script.check_args(script.Args(resample=True))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "names"),
+    [("prune_layers", [1, 2, 9], r"\[1, 3\].*4 blocks.*\[1, 2, 9\]"), ("min_keep", 65, r"\[0, 64\].*65")],
+)
+def test_a_checkpoint_whose_pruning_does_not_fit_its_model_names_both(tmp_path, key, value, names):
+    import json
+
+    save_backbone(tmp_path / "p2", _tiny(2), meta={"dataset": "synthetic"})
+    config = json.loads((tmp_path / "p2" / "config.json").read_text())
+    (tmp_path / "p2" / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=names):
+        load_backbone(tmp_path / "p2")
+
+
+def test_an_agent_for_one_token_count_on_a_backbone_of_another_names_both(tmp_path):
+    from agents.policy import APTPolicy
+    from apt_env.env import APTPruneVectorEnv
+
+    envs = APTPruneVectorEnv(2, model=_tiny(2), dataset="synthetic")
+    other = APTPolicy.for_env(APTPruneVectorEnv(2, model=_tiny(4), dataset="synthetic"), hidden=8, qk_dim=8)
+    script = load_script("evaluate")
+    with pytest.raises(ValueError, match=r"16 tokens.*64 tokens"):
+        script.check_fits(other, envs.pv, "AGENT")

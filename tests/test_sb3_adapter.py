@@ -1,6 +1,6 @@
 import numpy as np
 import torch
-from conftest import TINY
+from helpers import TINY
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecEnv
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_VIT, load_script
-from conftest import run_train_agent as run
+from helpers import TINY_VIT, load_script
+from helpers import run_train_agent as run
 
 from agents.io import load_policy
 from apt_env.env import APTPruneVectorEnv
@@ -18,6 +18,7 @@ from apt_env.env import APTPruneVectorEnv
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["native", "ppo", "a2c"])
 def test_each_algorithm_trains_and_writes_a_loadable_agent(algo, backbone, tmp_path):
     proc = run("--algo", algo, "--model", str(backbone), "--total-env-steps", "96", "--checkpoint-every", "1",
@@ -30,6 +31,7 @@ def test_each_algorithm_trains_and_writes_a_loadable_agent(algo, backbone, tmp_p
     assert any(run_dir.glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_unknown_algo_lists_valid_ones(tmp_path):
     proc = run("--algo", "dqn-ish", out=tmp_path, check=False)
     assert proc.returncode != 0 and "dqn-ish" in proc.stderr
@@ -45,6 +47,7 @@ def test_algo_choices_are_native_the_sb3_algorithms_and_distillation():
     assert typing.get_args(hints["algo"]) == ("native", *module.SB3_ALGORITHMS, "distill")
 
 
+@pytest.mark.slow
 def test_distillation_writes_a_smaller_agent_that_reads_as_its_teacher(backbone, teacher, tmp_path):
     run("--algo", "distill", "--teacher", str(teacher), "--model", str(backbone), "--hidden", "8", "--qk-dim", "8",
         "--total-env-steps", "96", out=tmp_path)  # fmt: skip
@@ -56,6 +59,7 @@ def test_distillation_writes_a_smaller_agent_that_reads_as_its_teacher(backbone,
     assert (config["sampling"], config["use_budget"]) == (taught.sampling, taught.use_budget)
 
 
+@pytest.mark.slow
 def test_distillation_needs_a_teacher_that_fits_the_env(backbone, teacher, tmp_path):
     proc = run("--algo", "distill", "--model", str(backbone), out=tmp_path, check=False)
     assert proc.returncode != 0 and "--algo distill needs --teacher" in proc.stderr
@@ -67,6 +71,7 @@ def test_distillation_needs_a_teacher_that_fits_the_env(backbone, teacher, tmp_p
     assert proc.returncode != 0 and "reads no budget: drop --budget" in proc.stderr
 
 
+@pytest.mark.slow
 def test_agent_for_another_backbone_is_a_clear_error(backbone, tmp_path):
     run("--model", str(backbone), "--total-env-steps", "24", out=tmp_path)
     (run_dir,) = tmp_path.iterdir()
@@ -88,6 +93,7 @@ def test_two_processes_end_with_identical_agents(backbone, tmp_path):
     assert "| APT agent |" in proc.stdout and len(list(tmp_path.iterdir())) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["native", "ppo"])
 def test_a_budget_agent_trains_with_the_variance_reduced_reward(algo, backbone, tmp_path):
     flags = ["--budget", "0.5", "1.0", "--sampling", "topk", "--reward", "vs_random"]
@@ -124,6 +130,7 @@ def agent_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 # Distillation anneals its learning rate to the run's last step: a run extended on resume changes its schedule, so
 # its resume is checked by a kill (tests/test_kill.py).
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["native", "ppo"])
 def test_a_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_weights(algo, backbone, tmp_path):
     flags = ["--algo", algo, "--model", str(backbone), "--episodes-per-rollout", "1", "--checkpoint-every", "2"]

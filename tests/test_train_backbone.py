@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
-from test_kill import finish_two, torchrun
+from helpers import finish_two, load_script, torchrun
 
 from agents.io import load_policy
 from apt_env.checkpoint import load_backbone
@@ -47,6 +46,7 @@ def _run(out_dir: Path, *flags: str) -> tuple[Path, str]:
     return run_dir, proc.stdout
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_a_loadable_checkpoint_and_prints_the_table(tmp_path):
     run_dir, stdout = _run(tmp_path / "runs", "--mode", "plain", "--epochs", "1")
     assert run_dir.name.startswith("synthetic__train_backbone__1__")
@@ -64,6 +64,7 @@ def test_end_to_end_writes_a_loadable_checkpoint_and_prints_the_table(tmp_path):
     assert list(run_dir.glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_joint_training_prints_the_three_rows_and_writes_backbone_and_agent(tmp_path):
     run_dir, stdout = _run(tmp_path / "runs", *APT, "--epochs", "2")
     rows = {r["policy"]: r for r in json.loads((run_dir / "results.json").read_text())}
@@ -94,6 +95,7 @@ def test_joint_training_with_budgets_trains_one_budget_agent_and_reports_it_at_a
     assert bad.returncode != 0 and "needs low <= high" in bad.stderr
 
 
+@pytest.mark.slow
 def test_the_random_mask_control_trains_on_each_budgets_count_without_an_agent(tmp_path):
     flags = ["--mode", "random", "--budget", "0.3", "0.9", "--no-compare-plain"]
     run_dir, stdout = _run(tmp_path / "runs", *APT[2:], "--epochs", "2", *flags)
@@ -104,6 +106,7 @@ def test_the_random_mask_control_trains_on_each_budgets_count_without_an_agent(t
     assert bad.returncode != 0 and "pass --budget" in bad.stderr
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     run_a, _ = _run(tmp_path / "a", "--mode", "plain", "--epochs", "2")
     run_b, stdout = _run(tmp_path / "b", "--mode", "plain", "--epochs", "2", "--stop-epoch", "1")
@@ -119,6 +122,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert json.loads((run_b / "checkpoint" / "config.json").read_text())["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_init_checkpoint_fine_tunes_a_trained_backbone_in_both_modes(tmp_path):
     first, _ = _run(tmp_path / "first", "--mode", "plain", "--epochs", "1")
     init = str(first / "checkpoint")
