@@ -7,7 +7,7 @@ PPO on the environment (APTPrune-v0 over this very backbone). The first ``--warm
 With ``--compare-plain`` (the default in apt mode) a plain ViT is first trained with the same seed and
 schedule, and the final table puts plain ViT | APT (pruning) | APT (no pruning) side by side.
 
-The default run is short (5 epochs of 50 batches on Fashion-MNIST, about 5 minutes on 2 CPU cores); see
+The default run is short (5 epochs of 50 batches on Fashion-MNIST); see
 ``--steps-per-epoch`` for the full schedule. Each epoch ends with an atomic checkpoint in the run folder
 (``checkpoint/``, loadable with ``apt_env.checkpoint.load_backbone``) and a training state for
 ``--resume``; the run ends with a test-split evaluation table.
@@ -107,8 +107,8 @@ class Args:
     """epochs to train; the learning-rate schedule spans them all"""
     steps_per_epoch: int = 50
     """batches per epoch, each epoch from a new seeded shuffle of the whole train split; 0: all of it. The
-    default, 5 x 50 steps of 128 images, takes about 5 minutes on 2 CPU cores (a step of the default ViT:
-    ~0.4-0.6 s). The shipped plain ViT's schedule, 15 then 25 full epochs (429 steps each), is in the README"""
+    default is 5 x 50 steps of 128 images. The shipped plain ViT's schedule, 15 then 25 full epochs (429 steps
+    each), is in docs/training.md"""
     stop_epoch: int | None = None
     """stop after this epoch's checkpoint (e.g. for a time-limited job) and continue later with --resume; the
     learning-rate schedule still spans --epochs"""
@@ -160,9 +160,9 @@ class Args:
     budget_groups: int | None = 1
     """apt and random modes with --budget: distinct budgets per training batch, each drawn from its own part of the
     range and shared by that many consecutive (shuffled) images; None: one per image (how the shipped default was
-    trained). Fewer groups run the pruned channels in fewer, unpadded groups of rows (one: 15% less time per joint
-    epoch than one per image, at the same accuracy over 3 seeds; benchmarks/bench_joint.py, README), every image's
-    budget still uniform over the range"""
+    trained). Fewer groups run the pruned channels in fewer, unpadded groups of rows (one budget per batch is the
+    fastest, at the same accuracy over 3 seeds; see docs/results.md), every image's budget still uniform over
+    the range"""
     backbone_masks: Literal["sampled", "mode"] = "sampled"
     """apt mode: the agent's masks the backbone's pruned channels train on: its samples (as PPO explores) or its
     mode (what it keeps at test time)"""

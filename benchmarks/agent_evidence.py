@@ -11,7 +11,7 @@ the mode of near-equal logits is a fixed, mostly positional set of tokens, worse
 Writes TensorBoard logs (``--out``/ALGO_REWARD) and ``--png`` (the curves); prints each curve's start, end and
 best, and the reward on which the learners improve fastest (the mean over learners of the end minus the start).
 
-Run: ``python benchmarks/agent_evidence.py`` (about 15 minutes on 2 CPU cores).
+Run: ``python benchmarks/agent_evidence.py``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ its ratio to the time at the next multiple of 16 (above 1: padding up to it make
 packed blocks pay ``qkv`` and ``proj`` on the extra slots too, so they pad only within 4 slots). Lengths are timed
 in turns, median of ``--repeats``.
 
-Run: ``python benchmarks/bench_attention.py`` (the default backbone's 4 heads of 32 at batch 64, under a minute);
+Run: ``python benchmarks/bench_attention.py`` (the default backbone's 4 heads of 32 at batch 64);
 ``--heads 3 --head-dim 64 --lengths 60 64 76 80`` for ``vit_tiny_patch16_224``'s.
 """
 

@@ -2,7 +2,7 @@
 # The CUDA checks in one run: the env at 1,024 envs, vit_small and vit_base at batch 256 in fp32 and under bf16
 # autocast, a one-process nccl group under torchrun, and joint training under torchrun on the GPU. Each benchmark
 # prints its ratios, measured side by side in its own run; everything is also written under OUT.
-# Run: bash benchmarks/gpu_checks.sh [OUT]   (needs a CUDA device; about 10 minutes on one)
+# Run: bash benchmarks/gpu_checks.sh [OUT]   (needs a CUDA device)
 set -euo pipefail
 out=${1:-runs/gpu_checks}
 mkdir -p "$out"

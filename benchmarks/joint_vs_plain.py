@@ -1,8 +1,9 @@
 """The original APT method's protocol over seeds: plain ViT vs APT (pruning) vs APT (no pruning), and the
 random-pruning controls, on the test split.
 
-Runs the README's first command (``train_backbone.py --init-checkpoint apt_env/assets/plain``: the shipped plain
-ViT fine-tuned plainly and jointly with a fresh agent, same seed and schedule) once per seed and prints each row's
+Runs the README's first command (``train_backbone.py --init-checkpoint apt_env/assets/plain`` with the shipped method's
+flags, ``--method``: the shipped plain ViT fine-tuned plainly and jointly with a fresh budget agent, same seed and
+schedule) once per seed and prints each row's
 mean and standard deviation: top-1, GFLOPs per image (the agent's cost included), kept tokens. Extra flags go to
 every run, e.g. ``--extra="--epochs 10 --steps-per-epoch 0"``.
 
@@ -35,6 +36,9 @@ class Args:
     """parent folder of the runs"""
     init_checkpoint: str = str(PLAIN_CHECKPOINT)
     """the trained backbone both runs start from"""
+    method: str = "--budget 0.25 1.0 --reward vs_random --backbone-masks mode"
+    """the method's flags, as in the README's first command: one budget agent for [0.25, 1], the backbone trained on
+    its test-time masks; the pruned rows at --eval-budget (0.5)"""
     extra: str = ""
     """flags passed to every train_backbone.py run, as one string"""
 
@@ -45,7 +49,7 @@ def main(args: Args) -> None:
         out = Path(args.out_dir) / f"seed{seed}"
         cmd = [sys.executable, str(SCRIPT), "--mode", "apt", "--seed", str(seed), "--out-dir", str(out)]
         cmd += ["--init-checkpoint", args.init_checkpoint]
-        cmd += shlex.split(args.extra)
+        cmd += shlex.split(args.method) + shlex.split(args.extra)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)

@@ -3,10 +3,10 @@
 Runs ``gym.make_vec("APTPrune-v0")`` (the default config) under random keep actions for
 ``--sub-env-steps`` sub-environment steps (one vector step is ``num_envs`` of them) and prints:
 
-* resident memory (RSS) after a warm-up and at the end, and its growth (target: under 5%);
-* steps/s in each tenth of the run, and the last tenth over the first (target: no drift down).
+* resident memory (RSS) after a warm-up and at the end, and its growth;
+* steps/s in each tenth of the run, the last tenth over the first and the slowest over the fastest.
 
-Run: ``python benchmarks/soak_env.py`` (200,000 sub-env steps; about 12 minutes on 2 CPU cores).
+Run: ``python benchmarks/soak_env.py`` (200,000 sub-env steps by default).
 """
 
 from __future__ import annotations
