@@ -241,6 +241,10 @@ def is_agent_decision(policy: str) -> bool:
     return policy.startswith(AGENT) and "sampled" not in policy
 
 
+REPLAY_RECORDED = ("top1", "gflops_backbone")
+"""What a replay file records of its evaluation, printed and written beside the replayed figures."""
+
+
 def replay_name(budget: float) -> str:
     return f"{REPLAYED} @ {budget:.3g}"
 
@@ -300,6 +304,34 @@ def command(args: Args) -> str:
     return " ".join(["python evaluate.py", *flags])
 
 
+def replay(args: Args, pv: PrunableViT, dataset, digest: str, out: Path, source: str) -> dict[str, dict]:
+    """``--replay``: the backbone on a file's recorded masks, no policy; ``results.csv`` and ``results.md`` as an
+    evaluation writes them, with the recorded top-1 and GFLOPs beside the replayed ones."""
+    decisions, facts = load_decisions(args.replay, backbone_digest=digest, dataset=args.dataset)
+    if (facts["split"], facts["batch_size"]) != (args.split, args.batch_size):
+        raise ValueError(
+            f"{args.replay} was recorded on split {facts['split']!r} at batch {facts['batch_size']}; "
+            f"pass --split {facts['split']} --batch-size {facts['batch_size']}"
+        )
+    if int(decisions.index.max()) >= len(dataset):
+        raise ValueError(f"{args.replay} holds images up to {int(decisions.index.max())}; {source} is shorter")
+    replayed = Subset(dataset, decisions.index.tolist())
+    loader = make_loader(replayed, batch_size=args.batch_size, shuffle=False, seed=args.seed)
+    name = f"replay of {facts.get('policy', '?')}"
+    rows, _ = evaluate_accuracy(pv, loader, [Contender(name, fixed_masks(decisions), obs_keys=("stage",))])
+    row = {**rows[0], "budget": facts.get("budget", rows[0].get("budget"))}
+    row.update({f"recorded_{key}": facts.get(key) for key in REPLAY_RECORDED})
+    columns = [c for c in COLUMNS if c in row and not c.startswith("img_per_s")]
+    columns += [f"recorded_{key}" for key in REPLAY_RECORDED]
+    write_csv(out / "results.csv", [row], columns)
+    table = markdown_table([row], columns)
+    (out / "results.md").write_text(f"`{command(args)}`: {args.model} on {source}, masks of {args.replay}\n\n{table}\n")
+    print(table)
+    for key in REPLAY_RECORDED:
+        print(f"{key}: replayed {row[key]!r}, recorded {row[f'recorded_{key}']!r}")
+    return {name: row}
+
+
 def main(args: Args) -> dict[str, dict]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_args(args)
@@ -324,21 +356,7 @@ def main(args: Args) -> dict[str, dict]:
     source = f"{args.dataset}/{args.split}, {len(dataset)} images"
 
     if args.replay:
-        decisions, facts = load_decisions(args.replay, backbone_digest=digest, dataset=args.dataset)
-        if (facts["split"], facts["batch_size"]) != (args.split, args.batch_size):
-            raise ValueError(
-                f"{args.replay} was recorded on split {facts['split']!r} at batch {facts['batch_size']}; "
-                f"pass --split {facts['split']} --batch-size {facts['batch_size']}"
-            )
-        if int(decisions.index.max()) >= len(dataset):
-            raise ValueError(f"{args.replay} holds images up to {int(decisions.index.max())}; {source} is shorter")
-        replayed = Subset(dataset, decisions.index.tolist())
-        loader = make_loader(replayed, batch_size=args.batch_size, shuffle=False, seed=args.seed)
-        name = f"replay of {facts.get('policy', '?')}"
-        rows, _ = evaluate_accuracy(pv, loader, [Contender(name, fixed_masks(decisions), obs_keys=("stage",))])
-        for key in ("top1", "gflops_backbone"):
-            print(f"{key}: replayed {rows[0][key]!r}, recorded {facts.get(key)!r}")
-        return {name: rows[0]}
+        return replay(args, pv, dataset, digest, out, source)
 
     agent = None if args.agent in (None, "", "none") else load_agent(args.agent, pv)
     ratios = {b: budget_keep_ratio(pv, b) for b in args.budgets}

@@ -182,6 +182,11 @@ def test_evaluate_script_writes_the_table_the_plots_and_replays_exactly(tmp_path
     (row,) = replayed.values()
     assert row["top1"] == rows["APT agent (deterministic)"]["top1"]
     assert row["gflops_backbone"] == rows["APT agent (deterministic)"]["gflops_backbone"]
+    with (out / "results.csv").open() as f:  # the replay's own table, the recorded figures beside
+        (written,) = list(csv.DictReader(f))
+    assert float(written["top1"]) == float(written["recorded_top1"]) == row["top1"]
+    assert float(written["gflops_backbone"]) == float(written["recorded_gflops_backbone"])
+    assert "recorded_top1" in (out / "results.md").read_text()
 
     other, _ = _checkpoint(tmp_path, seed=1)
     with pytest.raises(ValueError, match="backbone weights .* these are"):

@@ -107,3 +107,19 @@ def test_an_agent_for_one_token_count_on_a_backbone_of_another_names_both(tmp_pa
     script = load_script("evaluate")
     with pytest.raises(ValueError, match=r"16 tokens.*64 tokens"):
         script.check_fits(other, envs.pv, "AGENT")
+
+
+def test_the_196_token_env_is_one_id_away_and_runs_the_shipped_backbone():
+    import gymnasium as gym
+
+    from apt_env.defaults import P2_AGENT, P2_CHECKPOINT
+
+    envs = gym.make_vec("APTPrune196-v0", num_envs=2, vectorization_mode="vector_entry_point", budget=0.5)
+    obs, _ = envs.reset(seed=0)
+    assert obs["tokens"].shape == (2, 196, 128)
+    obs, reward, *_ = envs.step(envs.action_space.sample())
+    assert reward.shape == (2,)
+    default = gym.make_vec("APTPrune-v0", num_envs=1, vectorization_mode="vector_entry_point")
+    assert default.unwrapped.pv.num_patches == 49
+    policy = load_script("evaluate").load_agent(str(P2_AGENT), load_backbone(P2_CHECKPOINT))
+    assert policy.num_patches == 196
