@@ -250,21 +250,20 @@ def parse_model_kwargs(text: str) -> dict:
 
 def build_model(args: Args, info: DatasetInfo) -> PrunableViT:
     """A fresh timm model (optionally pretrained), or the one in ``--init-checkpoint``."""
-    if args.init_checkpoint and not args.resample:
-        pv = load_backbone(args.init_checkpoint, expect={"num_classes": info.num_classes})
-        if args.model_name != DEFAULT_MODEL_NAME or args.model_kwargs.strip() not in ("", "{}"):
-            wanted = fresh_model(args, info)
-            if wanted.num_patches != pv.num_patches:
-                raise ValueError(
-                    f"--init-checkpoint {args.init_checkpoint} has {pv.num_patches} patch tokens (patch "
-                    f"{patch_size(pv)}), --model-name {args.model_name} has {wanted.num_patches} (patch "
-                    f"{patch_size(wanted)}): pass --resample to start it from the checkpoint's weights resampled"
-                )
-        return pv
-    if args.init_checkpoint:
-        source = load_backbone(args.init_checkpoint, expect={"num_classes": info.num_classes})
+    if not args.init_checkpoint:
+        return fresh_model(args, info)
+    source = load_backbone(args.init_checkpoint, expect={"num_classes": info.num_classes})
+    if args.resample:
         return resample_into(source, fresh_model(args, info, prune_layers=source.prune_layers))
-    return fresh_model(args, info)
+    if args.model_name != DEFAULT_MODEL_NAME or args.model_kwargs.strip() not in ("", "{}"):
+        wanted = fresh_model(args, info)  # named, so it must fit the checkpoint it would be ignored for
+        if wanted.num_patches != source.num_patches:
+            raise ValueError(
+                f"--init-checkpoint {args.init_checkpoint} has {source.num_patches} patch tokens (patch "
+                f"{patch_size(source)}), --model-name {args.model_name} has {wanted.num_patches} (patch "
+                f"{patch_size(wanted)}): pass --resample to start it from the checkpoint's weights resampled"
+            )
+    return source
 
 
 def fresh_model(args: Args, info: DatasetInfo, prune_layers: tuple[int, ...] | None = None) -> PrunableViT:

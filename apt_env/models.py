@@ -27,17 +27,23 @@ default_cfgs = generate_default_cfgs(
 )  # fmt: skip
 
 
+def _fashion_mnist_vit(name: str, patch_size: int, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:
+    """The project's ViT for 28x28 gray images at ``patch_size``: width 128, depth 6, 4 heads, 10 classes."""
+    model_args = dict(
+        img_size=28, patch_size=patch_size, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4
+    )
+    return _create_vision_transformer(name, pretrained=pretrained, **dict(model_args, **kwargs))
+
+
 @register_model
 def vit_apt_tiny_patch4_28(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT for 28x28 gray images: patch 4 (49 patch tokens and a class token), width 128, depth 6, 4 heads,
     10 classes (1.2M parameters). The default backbone of ``APTPrune-v0``."""
-    model_args = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4)
-    return _create_vision_transformer("vit_apt_tiny_patch4_28", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _fashion_mnist_vit("vit_apt_tiny_patch4_28", 4, pretrained, kwargs)
 
 
 @register_model
 def vit_apt_tiny_patch2_28(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT for 28x28 gray images: patch 2 (196 patch tokens and a class token), width 128, depth 6, 4 heads,
     10 classes (1.2M parameters). The sequence length of ViT-B/16 at 224 px, on Fashion-MNIST."""
-    model_args = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4)
-    return _create_vision_transformer("vit_apt_tiny_patch2_28", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _fashion_mnist_vit("vit_apt_tiny_patch2_28", 2, pretrained, kwargs)
