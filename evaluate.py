@@ -34,8 +34,8 @@ from agents.baselines import ClsAttentionTopK, RandomKeep
 from agents.io import load_policy
 from agents.policy import APTPolicy
 from apt_env.backbone import PrunableViT
-from apt_env.checkpoint import checkpoint_data_config, load_backbone, read_backbone_config
-from apt_env.data import build_dataset, dataset_info, make_loader
+from apt_env.checkpoint import load_backbone, read_backbone_config
+from apt_env.data import dataset_for, dataset_info, make_loader
 from apt_env.defaults import DEFAULT_AGENT, DEFAULT_CHECKPOINT
 from apt_env.distributed import state_digest
 from apt_env.evaluate import (
@@ -337,14 +337,7 @@ def main(args: Args) -> dict[str, dict]:
     check_args(args)
     seed_everything(args.seed)
     pv = load_model(args)
-    dataset = build_dataset(
-        args.dataset,
-        split=args.split,
-        img_size=pv.img_size[0],
-        in_chans=pv.in_chans,
-        root=args.data_root,
-        data_config=checkpoint_data_config(args.model),  # a pretrained backbone's own preprocessing
-    )
+    dataset = dataset_for(pv, args.dataset, args.split, root=args.data_root)
     if args.images:
         dataset = Subset(dataset, range(min(args.images, len(dataset))))
     if len(dataset) == 0:

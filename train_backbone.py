@@ -48,8 +48,8 @@ from agents.io import load_policy, save_policy
 from agents.policy import APTPolicy, gumbel_top_count, keep_counts, live_mask
 from agents.ppo import NativePPO
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
-from apt_env.checkpoint import checkpoint_data_config, load_backbone, save_backbone
-from apt_env.data import VAL_FRACTION, DatasetInfo, build_dataset, dataset_info, make_loader, pretrained_data_config
+from apt_env.checkpoint import load_backbone, save_backbone
+from apt_env.data import VAL_FRACTION, DatasetInfo, dataset_data_config, dataset_for, dataset_info, make_loader
 from apt_env.distributed import gather_objects, init_distributed, state_digest
 from apt_env.env import APTPruneVectorEnv, budget_range
 from apt_env.evaluate import (
@@ -267,31 +267,17 @@ def build_model(args: Args, info: DatasetInfo) -> PrunableViT:
 
 
 def fresh_model(args: Args, info: DatasetInfo, prune_layers: tuple[int, ...] | None = None) -> PrunableViT:
-    """``--model-name`` with ``--model-kwargs``, as timm builds it (optionally pretrained)."""
+    """``--model-name`` with ``--model-kwargs``, as timm builds it: with timm's preprocessing of its pretrained
+    weights (``--pretrained``), else to be trained on the dataset's statistics."""
     defaults = {}
     if args.model_name == DEFAULT_MODEL_NAME:
         defaults = {**DEFAULT_MODEL_KWARGS, "img_size": info.img_size, "in_chans": info.in_chans}
     kwargs = {**defaults, "num_classes": info.num_classes, **parse_model_kwargs(args.model_kwargs)}
-    return PrunableViT.from_timm(args.model_name, pretrained=args.pretrained, prune_layers=prune_layers, **kwargs)
-
-
-def data_kwargs(args: Args, pv: PrunableViT, data_config: dict | None = None) -> dict:
-    """``build_dataset`` arguments for this model: its size and channels, and a timm data config (the
-    preprocessing of timm's pretrained weights: mean, std, eval transform) when it has one."""
-    data = dict(img_size=pv.img_size[0], in_chans=pv.in_chans, root=args.data_root)
-    if data_config is not None:
-        data["data_config"] = data_config
-    return data
-
-
-def start_data_config(args: Args, pv: PrunableViT, run_dir: Path) -> dict | None:
-    """The data config the run starts from: the resumed checkpoint's, timm's for ``--pretrained``, or the one
-    ``--init-checkpoint`` records (None for a backbone trained on this project's transforms)."""
-    if args.resume:
-        return checkpoint_data_config(run_dir / "checkpoint")
-    if args.pretrained:
-        return pretrained_data_config(args.model_name, img_size=pv.img_size[0], in_chans=pv.in_chans)
-    return checkpoint_data_config(args.init_checkpoint) if args.init_checkpoint else None
+    pv = PrunableViT.from_timm(args.model_name, pretrained=args.pretrained, prune_layers=prune_layers, **kwargs)
+    if not args.pretrained:
+        size, chans = pv.img_size[0], pv.in_chans
+        pv.data_config = dataset_data_config(args.dataset, img_size=size, in_chans=chans, root=args.data_root)
+    return pv
 
 
 def random_budget_masks(obs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -313,11 +299,10 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
     return factor
 
 
-def checkpoint_meta(info: DatasetInfo, data_config: dict | None = None, **extra: float) -> dict:
-    """What a checkpoint records besides the model: the data it expects (with the timm data config of its
-    preprocessing, if any), where it came from, how far it got."""
+def checkpoint_meta(info: DatasetInfo, **extra: float) -> dict:
+    """What a checkpoint records besides the model and its preprocessing (``pv.data_config``): the data it
+    expects, where it came from, how far it got."""
     return {
-        **({"data_config": data_config} if data_config is not None else {}),
         "dataset": info.name,
         "split": "train",
         "val_fraction": VAL_FRACTION,
@@ -325,22 +310,17 @@ def checkpoint_meta(info: DatasetInfo, data_config: dict | None = None, **extra:
         "num_classes": info.num_classes,
         "img_size": info.img_size,
         "in_chans": info.in_chans,
-        "mean": list(info.mean),
-        "std": list(info.std),
         **extra,
     }
 
 
-def make_agent_trainer(
-    args: Args, pv: PrunableViT, rank: int, device: torch.device, data_config: dict | None
-) -> NativePPO:
+def make_agent_trainer(args: Args, pv: PrunableViT, rank: int, device: torch.device) -> NativePPO:
     """PPO for the agent on the environment over this very backbone (shared weights, no copy)."""
     envs = APTPruneVectorEnv(
         args.num_envs,
         model=pv,
         dataset=args.dataset,
         data_root=args.data_root,
-        data_config=data_config,
         flops_weight=args.flops_weight,
         budget=args.budget,
         reward=args.reward,
@@ -415,10 +395,9 @@ def train(args: Args, run_dir: Path) -> bool:
     pv = pv.to(device)
     if world_size > 1:  # augmentation and stage draws: each rank its own stream
         seed_everything(args.seed + rank)
-    data_config = start_data_config(args, pv, run_dir)
-    data = data_kwargs(args, pv, data_config)
-    train_set = build_dataset(args.dataset, split="train", augment=args.augment, **data)
-    val_set = build_dataset(args.dataset, split="val", **data)
+    # The model's own preprocessing: the dataset's statistics from scratch, else what its weights were trained with.
+    train_set = dataset_for(pv, args.dataset, "train", augment=args.augment, root=args.data_root)
+    val_set = dataset_for(pv, args.dataset, "val", root=args.data_root)
     val_loader = make_loader(val_set, batch_size=args.eval_batch_size, shuffle=False, seed=args.seed)
     info = train_set.info  # as the model sees it: resized, channels converted
     batches = len(train_set) // (args.batch_size * world_size)  # drop_last: every step sees a full batch
@@ -436,7 +415,7 @@ def train(args: Args, run_dir: Path) -> bool:
     )
     channels = ChannelLosses(pv, mode=args.train_prune_mode, label_smoothing=args.label_smoothing)
     losses_fn = DDP(channels) if world_size > 1 else channels
-    agent = make_agent_trainer(args, pv, rank, device, data_config) if args.mode == "apt" else None
+    agent = make_agent_trainer(args, pv, rank, device) if args.mode == "apt" else None
     weights = {"plain": args.plain_weight, "single": args.single_weight, "multi": args.multi_weight}
     start_epoch, global_step = 0, 0
     if state is not None:
@@ -543,7 +522,6 @@ def train(args: Args, run_dir: Path) -> bool:
                 logger.info("epoch %d: val top-1 %.4f loss %.4f", epoch + 1, val["acc1"], val["loss"])
                 meta = checkpoint_meta(
                     info,
-                    data_config,
                     epoch=epoch + 1,
                     train_loss=sum_loss / seen,
                     train_acc1=sum_correct / seen,
@@ -591,10 +569,11 @@ def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]
     """
     _, _, device = init_distributed(args.device)
     pv = load_backbone(run_dir / "checkpoint", device=device)
-    data = data_kwargs(args, pv, checkpoint_data_config(run_dir / "checkpoint"))
-    test_set = build_dataset(args.dataset, split="test", **data)
+    test_set = dataset_for(pv, args.dataset, "test", root=args.data_root)
     loader = make_loader(test_set, batch_size=args.eval_batch_size, shuffle=False, seed=args.seed)
     plain_pv = load_backbone(plain_dir / "checkpoint", device=device) if plain_dir is not None else None
+    if plain_pv is not None and plain_pv.data_config != pv.data_config:  # both rows are scored on one loader
+        raise ValueError(f"{plain_dir} preprocesses its images otherwise than {run_dir}: they cannot share a table")
     if args.mode == "plain":
         contenders = [Contender("plain ViT")]
     elif args.mode == "random":

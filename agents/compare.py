@@ -10,7 +10,7 @@ import torch
 from agents.baselines import ClsAttentionTopK, KeepAll, RandomKeep
 from agents.policy import APTPolicy
 from agents.rollout import at_stage_ratios, evaluate_returns
-from apt_env.data import build_dataset, make_loader
+from apt_env.data import dataset_for, make_loader
 from apt_env.env import APTPruneVectorEnv
 from apt_env.evaluate import evaluate
 from apt_env.report import markdown_table
@@ -56,7 +56,7 @@ def compare_policies(
         "random (same ratio)": at_stage_ratios(RandomKeep(0.5, seed=seed).act, ratios),
         "cls-attn top-k (same ratio)": at_stage_ratios(ClsAttentionTopK(0.5).act, ratios),
     }
-    test_set = build_dataset(dataset, split=split, img_size=pv.img_size[0], in_chans=pv.in_chans, root=data_root)
+    test_set = dataset_for(pv, dataset, split, root=data_root)  # as the backbone preprocesses, as the env does
     if images:
         test_set = torch.utils.data.Subset(test_set, range(min(images, len(test_set))))
     loader = make_loader(test_set, batch_size=256, shuffle=False, seed=seed)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import timm
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, ResPostBlock, VisionTransformer
 from torch import nn
 
+from apt_env.data import check_data_config, model_data_config
 from apt_env.models import vit_apt_tiny_patch4_28
 from apt_env.packed import packs, run_packed
 from apt_env.tokens import (
@@ -77,6 +78,15 @@ class PrunableViT(nn.Module):
         bucket_rows: in gathered mode, a batch whose rows keep different numbers of tokens runs timm's ``Block``
             packed (``apt_env.packed``); other blocks run in groups of about this many rows of similar length, each
             cut to its own longest row, when that saves enough padding (``apt_env.tokens.length_buckets``).
+        data_config: the model's preprocessing (``data_config``); default the model's own, ``model_data_config``
+            of its timm ``pretrained_cfg`` without pretrained weights (``from_timm`` says when it loaded them).
+
+    Attributes:
+        data_config: the model's preprocessing, as timm's ``pretrained_cfg`` carries it on a timm model: timm's data
+            config (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``) and
+            ``preprocessing``, ``"apt_env"`` (``apt_env.data``'s transform with this ``mean`` and ``std``) or
+            ``"timm"`` (timm's eval transform of pretrained weights). Checked when set (``check_data_config``);
+            reading it gives a copy. ``apt_env.data.dataset_for`` builds data with it; checkpoints record it.
     """
 
     def __init__(
@@ -85,6 +95,7 @@ class PrunableViT(nn.Module):
         prune_layers: Sequence[int] | None = None,
         min_keep: int = 1,
         bucket_rows: int = 32,
+        data_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, VisionTransformer):
@@ -117,6 +128,23 @@ class PrunableViT(nn.Module):
         # What from_timm built, so a checkpoint can rebuild the model; None/{} for a given module.
         self.timm_name: str | None = None
         self.timm_kwargs: dict = {}
+        if data_config is None:
+            data_config = model_data_config(getattr(model, "pretrained_cfg", {}), input_size=self.input_size,
+                                            pretrained=False)  # fmt: skip
+        self.data_config = data_config
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """``(in_chans, height, width)`` of the images the model takes, as timm's data config states it."""
+        return (self.in_chans, *self.img_size)
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        return dict(self._data_config)  # a copy: a change goes through the setter's checks
+
+    @data_config.setter
+    def data_config(self, config: Mapping[str, Any]) -> None:
+        self._data_config = check_data_config(config, input_size=self.input_size)
 
     @classmethod
     def from_timm(
@@ -138,17 +166,20 @@ class PrunableViT(nn.Module):
         except Exception as err:  # timm asserts sizes (embed_dim % num_heads), indexes img_size, looks names up
             raise ValueError(f"timm cannot build {name!r} with {timm_kwargs}: {type(err).__name__}: {err}") from err
         pv = cls(model, prune_layers=prune_layers, min_keep=min_keep, bucket_rows=bucket_rows)
+        if pretrained:  # timm's preprocessing of its weights, at the size and channels the model runs with
+            pv.data_config = model_data_config(model.pretrained_cfg, input_size=pv.input_size, pretrained=True)
         pv.timm_name, pv.timm_kwargs = name, dict(timm_kwargs)
         return pv
 
     def with_pruning(self, *, prune_layers: Sequence[int] | None = None, min_keep: int | None = None) -> PrunableViT:
-        """The same timm model (shared weights) with other pruning points or ``min_keep``, checked as
+        """The same timm model (shared weights, data config) with other pruning points or ``min_keep``, checked as
         by the constructor; ``None`` keeps this model's value."""
         pv = type(self)(
             self.model,
             prune_layers=self.prune_layers if prune_layers is None else prune_layers,
             min_keep=self.min_keep if min_keep is None else min_keep,
             bucket_rows=self.bucket_rows,
+            data_config=self._data_config,
         )
         pv.timm_name, pv.timm_kwargs = self.timm_name, dict(self.timm_kwargs)
         return pv.train(self.training)

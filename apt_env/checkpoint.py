@@ -5,14 +5,18 @@ pretrained=True)`` loads the trained model with no code of ours::
 
     PATH/
       model.safetensors   the timm model's state_dict
-      config.json         {"architecture", "model_args", "num_classes", "pretrained_cfg" (input size, mean,
-                           std, interpolation, crop: timm's data config)} and ours: {"format":
-                           "apt-backbone/1", "prune_layers", "min_keep", "bucket_rows", the model's
-                           num_classes, img_size, in_chans, depth, embed_dim, num_prefix_tokens, num_patches,
-                           and the caller's ``meta`` (dataset, split, command, weights digest, accuracy, ...)}
+      config.json         {"architecture", "model_args", "num_classes", "pretrained_cfg" (the backbone's data config,
+                           ``PrunableViT.data_config``: input size, mean, std, interpolation, crop, as timm's
+                           ``resolve_data_config`` reads it)} and ours: {"format": "apt-backbone/1", "preprocessing"
+                           ("apt_env" or "timm": whose transform the data config is), "prune_layers", "min_keep",
+                           "bucket_rows", the model's num_classes, img_size, in_chans, depth, embed_dim,
+                           num_prefix_tokens, num_patches, and the caller's ``meta`` (dataset, split, command, weights
+                           digest, accuracy, ...)}
 
-Folders written before this layout (``timm_name`` and ``timm_kwargs`` instead of ``architecture`` and
-``model_args``) still load.
+Folders written before this layout still load, with the preprocessing they were used with: ``timm_name`` and
+``timm_kwargs`` instead of ``architecture`` and ``model_args``; no ``preprocessing`` key, with timm's pretrained data
+config in a ``data_config`` key (``train_backbone.py --pretrained``), else this project's transforms with the
+statistics of ``pretrained_cfg`` (``recorded_data_config``).
 
 The folder is written atomically (``apt_env.atomic.write_folder``): a crash leaves either the previous
 complete checkpoint or the new one, never half of one. The training state for ``--resume`` lives in
@@ -32,6 +36,7 @@ import torch
 
 from apt_env.atomic import recover_interrupted_save, write_folder
 from apt_env.backbone import PrunableViT
+from apt_env.data import apt_env_data_config
 
 __all__ = [
     "CONFIG_FILE",
@@ -39,6 +44,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "load_backbone",
     "read_backbone_config",
+    "recorded_data_config",
     "save_backbone",
 ]
 
@@ -51,6 +57,8 @@ CONFIG_FILE = "config.json"
 # Keys that describe how to rebuild the model; ``meta`` may not set them.
 _BUILD_KEYS = ("format", "timm_name", "timm_kwargs", "prune_layers", "min_keep", "bucket_rows")
 _TIMM_KEYS = ("architecture", "model_args", "pretrained_cfg")
+# The data config is the model's (``pv.data_config``); ``meta`` may not state another beside it.
+_DATA_KEYS = ("preprocessing", "data_config", "mean", "std")
 
 
 def _model_facts(pv: PrunableViT) -> dict[str, Any]:
@@ -83,8 +91,8 @@ def save_backbone(path: str | Path, pv: PrunableViT, *, meta: Mapping[str, Any] 
         path: the checkpoint folder; created, or replaced if it already holds a checkpoint.
         pv: a model built by ``PrunableViT.from_timm`` (its timm name and kwargs are recorded).
         meta: JSON-serializable facts stored in config.json next to the build keys, e.g. ``dataset``,
-            ``mean``, ``std``, ``test_acc1``. ``num_classes``, ``img_size`` and ``in_chans`` are
-            recorded from the model; if given here they must agree with it.
+            ``test_acc1``. ``num_classes``, ``img_size`` and ``in_chans`` are recorded from the model; if given
+            here they must agree with it. The preprocessing is ``pv.data_config``'s, not meta's.
 
     Returns:
         The checkpoint folder.
@@ -101,25 +109,24 @@ def save_backbone(path: str | Path, pv: PrunableViT, *, meta: Mapping[str, Any] 
         )
     facts = _model_facts(pv)
     meta = dict(meta or {})
-    clashes = sorted(k for k in meta if k in _BUILD_KEYS or k in _TIMM_KEYS)
+    clashes = sorted(k for k in meta if k in _BUILD_KEYS or k in _TIMM_KEYS or k in _DATA_KEYS)
     if clashes:
-        raise ValueError(f"meta may not set {clashes}: they are written from the model")
+        raise ValueError(
+            f"meta may not set {clashes}: they are written from the model (its preprocessing: set pv.data_config)"
+        )
     for key, value in meta.items():
         if key in facts and _canonical(key, value) != facts[key]:
             raise ValueError(f"meta[{key!r}] = {value!r} but the model has {key} = {facts[key]!r}")
-    h, w = pv.img_size
-    pretrained_cfg = {
-        "input_size": [pv.in_chans, h, w],
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-        "num_classes": pv.num_classes,
-        **{k: list(meta[k]) for k in ("mean", "std") if k in meta},
-    }
+    data_config = pv.data_config
+    # timm's own key, so that timm.create_model("local-dir:PATH") and resolve_data_config preprocess as we do;
+    # ``preprocessing`` is not a field of timm's PretrainedCfg (it would refuse the folder), so it sits beside it.
+    pretrained_cfg = {k: v for k, v in data_config.items() if k != "preprocessing"}
     config = {
         "architecture": pv.timm_name,
         "model_args": pv.timm_kwargs,
-        "pretrained_cfg": pretrained_cfg,
+        "pretrained_cfg": {**pretrained_cfg, "num_classes": pv.num_classes},
         "format": FORMAT,
+        "preprocessing": data_config["preprocessing"],
         "prune_layers": list(pv.prune_layers),
         "min_keep": pv.min_keep,
         "bucket_rows": pv.bucket_rows,
@@ -186,16 +193,23 @@ def read_backbone_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def checkpoint_data_config(path: str | Path) -> dict[str, Any] | None:
-    """The timm data config (mean, std, interpolation, crop) a checkpoint records for its inputs, or None.
+def recorded_data_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The data config a checkpoint's config.json records, in ``PrunableViT.data_config``'s form; None for an old
+    folder that records no statistics (the model keeps its own default).
 
-    A backbone started from timm's pretrained weights records theirs (``train_backbone.py --pretrained``),
-    and every checkpoint fine-tuned from it inherits it, so evaluation and the env preprocess as in training.
+    This format: ``pretrained_cfg`` with ``preprocessing`` beside it. Older folders: timm's pretrained data config
+    in ``data_config``, else this project's transforms with ``pretrained_cfg``'s mean and std.
     """
-    config = read_backbone_config(path).get("data_config")
-    if config is not None and not isinstance(config, dict):
-        raise ValueError(f"checkpoint {path} is corrupt: its data_config is a {type(config).__name__}, not an object")
-    return config
+    pretrained_cfg = config.get("pretrained_cfg") or {}
+    if "preprocessing" in config:
+        return {**pretrained_cfg, "preprocessing": config["preprocessing"]}
+    if "data_config" in config:
+        if not isinstance(config["data_config"], dict):
+            raise ValueError(f"its data_config is a {type(config['data_config']).__name__}, not an object")
+        return {"crop_mode": "center", **config["data_config"], "preprocessing": "timm"}
+    if "mean" in pretrained_cfg and "std" in pretrained_cfg:
+        return apt_env_data_config(pretrained_cfg["input_size"], mean=pretrained_cfg["mean"], std=pretrained_cfg["std"])
+    return None
 
 
 def load_backbone(
@@ -262,4 +276,17 @@ def load_backbone(
             f"checkpoint {folder}: rebuilding {described} gives a different model than recorded "
             f"(recorded, rebuilt): {drift}; was it written with another timm version?"
         )
+    _set_recorded_data_config(pv, config, folder)
     return pv.to(device).eval()
+
+
+def _set_recorded_data_config(pv: PrunableViT, config: Mapping[str, Any], folder: Path) -> None:
+    """Give ``pv`` the preprocessing its checkpoint records, checked against the model."""
+    try:
+        data_config = recorded_data_config(config)
+        if data_config is not None:
+            pv.data_config = data_config
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint {folder} is corrupt: its data config: {err}") from err
+    if data_config is None:
+        _logger.warning("checkpoint %s records no mean and std: using the model's own, %s", folder, pv.data_config)

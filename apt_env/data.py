@@ -8,11 +8,18 @@ mean/std (the model's with a ``data_config``), and ``label``: int. Names (see ``
 - ``cifar10``, ``cifar100``: torchvision's ``CIFAR10`` / ``CIFAR100`` in ``root`` (downloaded when asked).
 - ``digits``: scikit-learn's 8x8 digits, a fixed stratified 80/20 split.
 - ``synthetic``: seeded images whose class is the location of a bright patch; for tests.
-- ``imagefolder:PATH``: torchvision ``ImageFolder`` on ``PATH/train`` and ``PATH/val`` (or ``test``).
+- ``imagefolder:PATH``: torchvision ``ImageFolder`` on ``PATH/train`` and ``PATH/val`` (or ``test``). A folder with
+  no split subfolders (``PATH/<class>/<image>``) holds out a fixed, seeded, stratified ``TEST_FRACTION`` of every
+  class as ``test`` (logged when built); ``train`` and ``val`` share the rest.
 
 Fixed-size datasets are kept as one uint8 tensor in memory and transformed per item by torchvision's
-transforms v2 (``build_transform``). A model with pretrained weights is evaluated with timm's own
-preprocessing instead: pass its data config, ``timm.data.resolve_data_config(model=model)``.
+transforms v2 (``build_transform``).
+
+A backbone carries its preprocessing, ``PrunableViT.data_config``: timm's data config form (``input_size``, ``mean``,
+``std``, ``interpolation``, ``crop_pct``, ``crop_mode``) and ``preprocessing``, either ``"apt_env"`` (this module's
+transform, normalised with the recorded statistics: those of the dataset the backbone was trained on) or ``"timm"``
+(timm's own eval transform: a backbone started from timm's pretrained weights). ``dataset_for(pv, name, split)``
+builds a dataset as that backbone sees it; every script reads its data through it.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -35,17 +42,26 @@ from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
+if TYPE_CHECKING:  # a type only: the backbone imports this module
+    from apt_env.backbone import PrunableViT
+
 __all__ = [
     "DATASETS",
-    "FASHION_MNIST_DIR",
     "DatasetInfo",
+    "FASHION_MNIST_DIR",
     "FolderImageDataset",
+    "PREPROCESSING",
+    "TEST_FRACTION",
     "TensorImageDataset",
+    "apt_env_data_config",
     "build_dataset",
     "build_transform",
+    "check_data_config",
+    "dataset_data_config",
+    "dataset_for",
     "dataset_info",
     "make_loader",
-    "pretrained_data_config",
+    "model_data_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +92,13 @@ VAL_FRACTION = 1 / 12
 """Share of the original train split held out as ``val`` (5,000 of Fashion-MNIST's 60,000 images): tuning and
 model selection happen there, never on ``test``."""
 _VAL_SEED = 0
+TEST_FRACTION = 0.1
+"""Share of an ``imagefolder:PATH`` without split subfolders held out as ``test`` (stratified, seeded)."""
+_TEST_SEED = 1  # another stream than the val split's, which is drawn from what is left
+PREPROCESSING: tuple[str, ...] = ("apt_env", "timm")
+"""What a data config's ``preprocessing`` names: this module's ``build_transform`` or timm's eval transform."""
+_OWN_TRANSFORM = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}  # build_transform's resize
+_TIMM_DATA_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 _DIGITS_SEED = 0
 _SYNTHETIC_SEEDS = {"train": 0, "test": 1}
 _SYNTHETIC_SIZES = {"train": 512, "test": 128}
@@ -179,28 +202,96 @@ def _timm_eval_transform(data_config: Mapping[str, Any], *, in_chans: int) -> v2
     own datasets feed it."""
     import timm.data  # here: importing timm is slow and only this path needs it
 
+    timm_config = {k: v for k, v in data_config.items() if k in _TIMM_DATA_KEYS}  # not ``preprocessing``
     return v2.Compose(
         [
             v2.ToPILImage(),  # uint8 tensors to PIL; PIL images pass through
             v2.Grayscale(1) if in_chans == 1 else v2.RGB(),
-            timm.data.create_transform(**data_config, is_training=False),
+            timm.data.create_transform(**timm_config, is_training=False),
         ]
     )
 
 
-def pretrained_data_config(model_name: str, *, img_size: int, in_chans: int) -> dict[str, Any]:
-    """timm's data config (mean, std, interpolation, crop) of ``model_name``'s pretrained weights, at the size
-    and channels the model runs with: what ``build_dataset(data_config=...)`` takes for a pretrained backbone."""
-    import timm.data
-    from timm.models import get_pretrained_cfg
+def check_data_config(config: Mapping[str, Any], *, input_size: Sequence[int]) -> dict[str, Any]:
+    """``config`` as a backbone keeps it: timm's data config keys and ``preprocessing``, sizes as int tuples and
+    statistics as float tuples, checked against the model's ``input_size`` ``(C, H, W)``.
 
-    cfg = get_pretrained_cfg(model_name)
-    if cfg is None:
-        raise ValueError(f"timm has no pretrained config for {model_name!r}")
-    config = timm.data.resolve_data_config({"input_size": (in_chans, img_size, img_size)}, pretrained_cfg=cfg.to_dict())
-    if in_chans == 1 and len(config["mean"]) == 3:  # an RGB model adapted to gray: gray statistics
-        config["mean"], config["std"] = (float(np.mean(config["mean"])),), (float(np.mean(config["std"])),)
-    return config
+    Raises:
+        ValueError: a key missing or malformed, an input size other than the model's, statistics for other channels,
+            an unknown ``preprocessing``, or an ``apt_env`` config that does not resize as ``build_transform`` does.
+    """
+    missing = [k for k in (*_TIMM_DATA_KEYS, "preprocessing") if k not in config]
+    if missing:
+        raise ValueError(f"a data config needs {missing} (timm's data config keys and preprocessing), got {config!r}")
+    out = {k: config[k] for k in (*_TIMM_DATA_KEYS, "preprocessing")}
+    try:
+        out["input_size"] = tuple(int(v) for v in out["input_size"])
+        out["mean"], out["std"] = (tuple(float(v) for v in out[k]) for k in ("mean", "std"))
+        out["crop_pct"] = float(out["crop_pct"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"a data config's input_size, mean and std are sequences, crop_pct a number: {config!r}"
+        ) from err
+    input_size = tuple(int(v) for v in input_size)
+    if out["input_size"] != input_size:
+        raise ValueError(f"the data config's input_size {out['input_size']} is not the model's {input_size}")
+    if not len(out["mean"]) == len(out["std"]) == input_size[0]:
+        raise ValueError(
+            f"the data config has {len(out['mean'])} mean and {len(out['std'])} std values for a model of "
+            f"{input_size[0]} channel(s)"
+        )
+    if out["preprocessing"] not in PREPROCESSING:
+        raise ValueError(f"a data config's preprocessing is one of {PREPROCESSING}, got {out['preprocessing']!r}")
+    if out["preprocessing"] == "apt_env" and any(out[k] != v for k, v in _OWN_TRANSFORM.items()):
+        raise ValueError(
+            f"an apt_env data config resizes as build_transform does, {_OWN_TRANSFORM}; got {config!r}: pass "
+            "preprocessing='timm' for timm's eval transform"
+        )
+    return out
+
+
+def apt_env_data_config(input_size: Sequence[int], *, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+    """The data config of this module's transform (``build_transform``) at ``input_size`` with ``mean`` and ``std``."""
+    config = {"input_size": input_size, **_OWN_TRANSFORM, "mean": mean, "std": std, "preprocessing": "apt_env"}
+    return check_data_config(config, input_size=input_size)
+
+
+def dataset_data_config(name: str, *, img_size: int, in_chans: int, root: str | Path = "data") -> dict[str, Any]:
+    """The data config of a backbone trained from scratch on ``name``: this module's transform with the dataset's
+    statistics, converted to the model's channels (``build_dataset`` without a data config)."""
+    info = _converted_info(dataset_info(name, root), img_size=img_size, in_chans=in_chans)
+    return apt_env_data_config((in_chans, img_size, img_size), mean=info.mean, std=info.std)
+
+
+def model_data_config(
+    pretrained_cfg: Mapping[str, Any], *, input_size: Sequence[int], pretrained: bool
+) -> dict[str, Any]:
+    """A timm model's own data config at the size and channels it runs with.
+
+    With ``pretrained`` weights: timm's preprocessing of them (its eval transform). Else this module's transform
+    with the statistics its timm config names (the registered ``vit_apt_*`` names name Fashion-MNIST's). An RGB
+    model's statistics adapted to gray are their mean; gray ones are repeated for RGB.
+    """
+    import timm.data  # here: importing timm is slow and only this path needs it
+
+    input_size = tuple(int(v) for v in input_size)
+    config = timm.data.resolve_data_config({"input_size": input_size}, pretrained_cfg=dict(pretrained_cfg))
+    mean, std = (_for_channels(config[k], input_size[0]) for k in ("mean", "std"))
+    if pretrained:
+        config = {**config, "mean": mean, "std": std, "preprocessing": "timm"}
+        return check_data_config(config, input_size=input_size)
+    return apt_env_data_config(input_size, mean=mean, std=std)
+
+
+def _for_channels(values: Sequence[float], chans: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == chans:
+        return values
+    if chans == 1:  # an RGB model adapted to gray: gray statistics
+        return (float(np.mean(values)),)
+    if len(values) == 1:
+        return values * chans
+    raise ValueError(f"cannot adapt statistics of {len(values)} channels to {chans}")
 
 
 class TensorImageDataset(Dataset[tuple[Tensor, int]]):
@@ -313,11 +404,11 @@ def build_dataset(
             for ``digits`` and ``synthetic``. Randomness comes from torch's RNG.
         root: folder for torchvision datasets (``cifar10``, ``cifar100``, the ``fashion-mnist`` fallback).
         download: let torchvision download a dataset missing from ``root`` (needs internet).
-        data_config: timm's data config of a model with pretrained weights,
-            ``timm.data.resolve_data_config(model=model)``. The size, channels, mean and std then come from it,
-            and without ``augment`` the transform is timm's own eval transform (``timm.data.create_transform``:
-            its resize, interpolation and crop). Leave it None for a backbone trained on this module's
-            transforms: those are its preprocessing.
+        data_config: a backbone's data config (``PrunableViT.data_config``; ``dataset_for`` passes it), or timm's
+            data config of a model, ``timm.data.resolve_data_config(model=model)`` (``preprocessing`` then reads as
+            ``"timm"``). The size, channels, mean and std then come from it, and without ``augment`` a ``"timm"``
+            config's transform is timm's own eval transform (``timm.data.create_transform``: its resize,
+            interpolation and crop). None: the dataset's own statistics, at ``img_size`` and ``in_chans``.
 
     Returns:
         The dataset.
@@ -336,10 +427,7 @@ def build_dataset(
     source = "test" if split == "test" else "train"
     if name.startswith(_IMAGEFOLDER_PREFIX):
         transform = _dataset_transform(info, augment=augment, data_config=data_config)
-        dataset = _build_imagefolder(_imagefolder_path(name), split=source, transform=transform, info=info)
-        if split == "test":
-            return dataset
-        return _Subset(dataset, holdout_indices(dataset.targets, split))
+        return _build_imagefolder(_imagefolder_path(name), split=split, transform=transform, info=info)
 
     if name == "fashion-mnist":
         images, targets, classes = _load_fashion_mnist(source, root=Path(root), download=download)
@@ -359,6 +447,25 @@ def build_dataset(
     return TensorImageDataset(images, targets, classes=classes, transform=transform, info=info)
 
 
+def dataset_for(
+    pv: PrunableViT,
+    name: str,
+    split: Literal["train", "val", "test"] = "train",
+    *,
+    augment: bool = False,
+    root: str | Path = "data",
+    download: bool = True,
+) -> Dataset[tuple[Tensor, int]]:
+    """``build_dataset`` as backbone ``pv`` sees it: at its size and channels, with its own preprocessing
+    (``pv.data_config``), so that no caller can leave it out.
+
+    Args:
+        pv: the backbone.
+        name, split, augment, root, download: as for ``build_dataset``.
+    """
+    return build_dataset(name, split=split, augment=augment, root=root, download=download, data_config=pv.data_config)
+
+
 def _dataset_transform(
     info: DatasetInfo,
     *,
@@ -366,8 +473,8 @@ def _dataset_transform(
     data_config: Mapping[str, Any] | None,
     input_shape: tuple[int, ...] | None = None,
 ) -> Callable[[Tensor | Image.Image], Tensor]:
-    """timm's eval transform when the model has a data config, else ``build_transform``."""
-    if data_config is not None and not augment:
+    """timm's eval transform for a ``"timm"`` data config, else ``build_transform``."""
+    if data_config is not None and data_config.get("preprocessing", "timm") == "timm" and not augment:
         return _timm_eval_transform(data_config, in_chans=info.in_chans)
     return build_transform(
         img_size=info.img_size,
@@ -386,22 +493,29 @@ def holdout_indices(targets: Tensor | list[int], split: str) -> np.ndarray:
     A stratified ``VAL_FRACTION`` of every class (at least one image where a class has two or more) goes to
     ``val``, drawn with a fixed seed, so the same images are held out in every run and on every machine.
     """
+    is_val = _stratified_holdout(targets, VAL_FRACTION, seed=_VAL_SEED)
+    return np.flatnonzero(is_val if split == "val" else ~is_val)
+
+
+def _stratified_holdout(targets: Tensor | list[int], fraction: float, *, seed: int) -> np.ndarray:
+    """Which items are held out: ``fraction`` of every class (at least one where a class has two or more), drawn with
+    ``seed``. Not scikit-learn's ``train_test_split``: it refuses a class of one image, which small folders have."""
     labels = np.asarray(targets, dtype=np.int64)
-    rng = np.random.default_rng(_VAL_SEED)
-    val = []
+    rng = np.random.default_rng(seed)
+    held = []
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
-        count = max(1, round(len(members) * VAL_FRACTION)) if len(members) > 1 else 0
-        val.append(rng.permutation(members)[:count])
-    is_val = np.zeros(len(labels), dtype=bool)
-    is_val[np.concatenate(val) if val else []] = True
-    return np.flatnonzero(is_val if split == "val" else ~is_val)
+        count = max(1, round(len(members) * fraction)) if len(members) > 1 else 0
+        held.append(rng.permutation(members)[:count])
+    out = np.zeros(len(labels), dtype=bool)
+    out[np.concatenate(held) if held else []] = True
+    return out
 
 
 class _Subset(torch.utils.data.Subset):
     """``Subset`` that keeps the dataset's ``info``, ``classes`` and ``targets``."""
 
-    def __init__(self, dataset: FolderImageDataset, indices: np.ndarray) -> None:
+    def __init__(self, dataset: FolderImageDataset, indices: np.ndarray) -> None:  # indices: sorted
         super().__init__(dataset, indices.tolist())
         self.info = dataset.info
         self.classes = dataset.classes
@@ -634,33 +748,60 @@ def _imagefolder_path(name: str) -> Path:
     return path
 
 
-def _imagefolder_split_dir(path: Path, split: str) -> Path:
-    """``PATH/train`` or ``PATH/val|test`` when the folder has split subfolders, else ``PATH`` itself."""
+def _imagefolder_split_dir(path: Path, split: str) -> Path | None:
+    """``PATH/train`` or ``PATH/val|test`` when the folder has split subfolders, else None (no splits)."""
     candidates = ("train",) if split == "train" else ("val", "test")
     for sub in candidates:
         if (path / sub).is_dir():
             return path / sub
-    if any((path / sub).is_dir() for sub in ("train", "val", "test")):
+    if any((path / sub).is_dir() for sub in _SPLITS):
         raise FileNotFoundError(
             f"{path} has split subfolders but no {' or '.join(candidates)} for split={split!r}"
         )
-    logger.warning("%s has no train/val/test subfolders: train and test are the same images", path)
-    return path
+    return None
 
 
 def _imagefolder_classes(path: Path) -> list[str]:
-    classes, _ = find_classes(_imagefolder_split_dir(path, "train"))
+    classes, _ = find_classes(_imagefolder_split_dir(path, "train") or path)
     return classes
 
 
 def _build_imagefolder(
     path: Path, *, split: str, transform: Callable[[Image.Image], Tensor], info: DatasetInfo
-) -> FolderImageDataset:
+) -> FolderImageDataset | _Subset:
+    """``split`` of an image folder: its split subfolder (``val`` held out of ``train``), or held out of the folder
+    itself when it has none (``_held_out_of_folder``)."""
     classes = _imagefolder_classes(path)
-    split_dir = _imagefolder_split_dir(path, split)
+    split_dir = _imagefolder_split_dir(path, "test" if split == "test" else "train")
+    if split_dir is None:
+        dataset = FolderImageDataset(path, classes=classes, transform=transform, info=info)
+        return _held_out_of_folder(dataset, split)
     extra = sorted(set(find_classes(split_dir)[0]) - set(classes))
     if extra:
         raise ValueError(f"{split_dir} has classes missing from the train folder: {', '.join(extra)}")
     dataset = FolderImageDataset(split_dir, classes=classes, transform=transform, info=info)
     logger.info("%s/%s: %d images in %d classes", info.name, split, len(dataset), len(classes))
-    return dataset
+    if split == "test":
+        return dataset
+    return _Subset(dataset, holdout_indices(dataset.targets, split))
+
+
+def _held_out_of_folder(dataset: FolderImageDataset, split: str) -> _Subset:
+    """A folder without split subfolders: a fixed stratified ``TEST_FRACTION`` of it is ``test`` (so that nothing is
+    scored on its training images), and ``train`` / ``val`` split the rest as an original train split."""
+    is_test = _stratified_holdout(dataset.targets, TEST_FRACTION, seed=_TEST_SEED)
+    if split == "test":
+        index = np.flatnonzero(is_test)
+        per_class = np.bincount(np.asarray(dataset.targets)[index], minlength=len(dataset.classes))
+        logger.info(
+            "%s has no train/val/test subfolders: held out %d of its %d images as test (%.0f%% of every class, "
+            "seed %d; per class %s)",
+            dataset.root, len(index), len(dataset), 100 * TEST_FRACTION, _TEST_SEED, per_class.tolist(),
+        )  # fmt: skip
+        logger.debug("held out as test: %s", [dataset.samples[i][0] for i in index])
+    else:
+        rest = np.flatnonzero(~is_test)
+        index = rest[holdout_indices([dataset.targets[i] for i in rest], split)]
+        logger.info("%s/%s: %d images of the folder's %d not held out as test", dataset.root, split, len(index),
+                    len(dataset))  # fmt: skip
+    return _Subset(dataset, index)

@@ -20,8 +20,8 @@ from gymnasium.vector.utils import batch_space, iterate
 from torch import nn
 
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, MODES, Mode, PrunableViT
-from apt_env.checkpoint import checkpoint_data_config, load_backbone, read_backbone_config
-from apt_env.data import build_dataset
+from apt_env.checkpoint import load_backbone, read_backbone_config
+from apt_env.data import dataset_data_config, dataset_for
 from apt_env.defaults import DEFAULT_CHECKPOINT
 from apt_env.flops import FlopCounter
 from apt_env.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS, BudgetKeepRatio, as_tensor, observe
@@ -100,13 +100,18 @@ def check_model_fits_data(model: ModelSpec, pv: PrunableViT, dataset: str, num_c
             f"the model has {pv.num_classes} classes, dataset {dataset!r} has {num_classes}: pass a model trained "
             "on this dataset, or timm kwargs with num_classes matching it"
         )
-    if isinstance(model, (str, Path)) and Path(model).exists():
+    if _is_checkpoint(model):
         trained_on = read_backbone_config(model).get("dataset")
         if trained_on is not None and trained_on != dataset:
             _logger.warning("the checkpoint %s was trained on %s, the env runs it on %s", model, trained_on, dataset)
     elif isinstance(model, (str, tuple)):
         name = model if isinstance(model, str) else model[0]
         _logger.warning("%s is built untrained: rewards come from a model that does not classify yet", name)
+
+
+def _is_checkpoint(model: ModelSpec) -> bool:
+    """A model given as a path that exists: a checkpoint folder (``build_backbone`` loads it)."""
+    return isinstance(model, (str, os.PathLike)) and Path(model).exists()
 
 
 def _one_thread_if_forked() -> None:
@@ -407,9 +412,9 @@ class APTPruneVectorEnv(VectorEnv):
     * ``model``: a checkpoint folder, a timm name, ``(name, timm_kwargs)``, a timm module, a
       ``PrunableViT`` (used as is, weights shared), or ``None`` for the default (the shipped
       checkpoint, else an untrained ViT for 28x28 gray images).
-    * ``dataset``, ``split``, ``data_root``: a dataset from ``apt_env.data`` and where it lives.
-      ``data_config``: timm's data config of the model's preprocessing (``build_dataset``); default: the
-      one a checkpoint records (a backbone started from timm's pretrained weights), else this project's.
+    * ``dataset``, ``split``, ``data_root``: a dataset from ``apt_env.data`` and where it lives, preprocessed as
+      the backbone says (``PrunableViT.data_config``: a checkpoint's recorded one, a ``PrunableViT``'s own); a model
+      built here untrained (a timm name, ``(name, kwargs)``, a module) takes the dataset's statistics.
     * ``prune_layers``: blocks before which the stages prune, strictly increasing in ``[1, depth - 1]``.
     * ``reward``: ``"loss_delta"``, ``"prob_delta"`` or ``"vs_random"``; ``flops_weight``: weight of
       the compute term.
@@ -432,7 +437,9 @@ class APTPruneVectorEnv(VectorEnv):
     ## Version History
 
     * v0: initial version; budgets and the ``vs_random`` reward added as options (the defaults are unchanged);
-      ``loss_single`` reported only when ``channels`` asks for it (rewards and observations unchanged).
+      ``loss_single`` reported only when ``channels`` asks for it (rewards and observations unchanged); the
+      ``data_config`` argument removed: the backbone carries its preprocessing (``PrunableViT.data_config``), the
+      same a checkpoint's reader got before.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
@@ -445,7 +452,6 @@ class APTPruneVectorEnv(VectorEnv):
         dataset: str = "fashion-mnist",
         split: str = "train",
         data_root: str | Path = "data",
-        data_config: Mapping[str, Any] | None = None,
         prune_layers: Sequence[int] | None = None,
         reward: str = "loss_delta",
         flops_weight: float = 0.0,
@@ -487,11 +493,9 @@ class APTPruneVectorEnv(VectorEnv):
         model = default_model() if model is None else model
         pv = build_backbone(model, prune_layers=prune_layers, min_keep=min_keep)
         self.pv = pv.to(self.device).eval()
-        if data_config is None and isinstance(model, (str, Path)) and Path(model).exists():
-            data_config = checkpoint_data_config(model)
-        self.data = build_dataset(
-            dataset, split=split, img_size=pv.img_size[0], in_chans=pv.in_chans, root=data_root, data_config=data_config
-        )
+        if not isinstance(model, PrunableViT) and not _is_checkpoint(model):  # built here, untrained: no data yet
+            pv.data_config = dataset_data_config(dataset, img_size=pv.img_size[0], in_chans=pv.in_chans, root=data_root)
+        self.data = dataset_for(pv, dataset, split, root=data_root)
         check_model_fits_data(model, pv, dataset, len(self.data.classes))
         if pv.img_size[0] != pv.img_size[1]:
             raise ValueError(f"square images are needed, the model takes {pv.img_size}")

@@ -3,7 +3,7 @@
 ``resample_into`` loads a trained ``PrunableViT``'s weights into a model of another patch size (and so another token
 count): timm's ``checkpoint_filter_fn`` resamples the patch embedding (``timm.layers.resample_patch_embed``, the
 pseudo-inverse resize of FlexiViT) and the position embedding (``timm.layers.resample_abs_pos_embed``); every other
-weight is shape-independent and copied as is.
+weight is shape-independent and copied as is. The images are the same, and so is the data config.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def patch_size(pv: PrunableViT) -> tuple[int, int]:
 
 
 def resample_into(source: PrunableViT, target: PrunableViT) -> PrunableViT:
-    """Load ``source``'s weights into ``target``, resampling its patch and position embeddings to ``target``'s.
+    """Load ``source``'s weights and data config into ``target``, resampling its patch and position embeddings to
+    ``target``'s.
 
     Raises:
         ValueError: the two differ in anything but patch size and token count (width, depth, heads, classes,
@@ -42,6 +43,7 @@ def resample_into(source: PrunableViT, target: PrunableViT) -> PrunableViT:
     with torch.no_grad():
         state = checkpoint_filter_fn(source.model.state_dict(), target.model)
         target.model.load_state_dict(state, strict=True)
+    target.data_config = source.data_config  # the same images at the same size: the same preprocessing
     _logger.info(
         "resampled patch %s (%d tokens) to patch %s (%d tokens)",
         patch_size(source), source.num_patches, patch_size(target), target.num_patches,

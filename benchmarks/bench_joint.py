@@ -22,7 +22,7 @@ import tyro
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
-from apt_env.data import build_dataset, make_loader
+from apt_env.data import dataset_for, make_loader
 from apt_env.env import APTPruneVectorEnv
 from apt_env.joint import ChannelLosses, draw_budgets
 from apt_env.report import markdown_table
@@ -57,7 +57,7 @@ class Args:
 def main(args: Args) -> None:
     seed_everything(args.seed)
     pv = PrunableViT.from_timm(DEFAULT_MODEL_NAME, **DEFAULT_MODEL_KWARGS)
-    data = build_dataset("fashion-mnist", split="train", augment=True)
+    data = dataset_for(pv, "fashion-mnist", "train", augment=True)
     batches = iter(make_loader(data, batch_size=args.batch_size, shuffle=True, seed=args.seed, drop_last=True))
     budgets = args.budget is not None
     envs = APTPruneVectorEnv(

@@ -10,6 +10,7 @@ from helpers import TINY_VIT, run_train_agent
 
 from apt_env.backbone import PrunableViT
 from apt_env.checkpoint import save_backbone
+from apt_env.data import dataset_data_config
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,9 @@ def backbone(tmp_path_factory) -> Path:
     """A saved checkpoint of the tiny ViT (untrained), for the scripts' tests."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("backbone") / "checkpoint"
-    save_backbone(path, PrunableViT.from_timm("vit_tiny_patch16_224", **TINY_VIT), meta={"dataset": "synthetic"})
+    pv = PrunableViT.from_timm("vit_tiny_patch16_224", **TINY_VIT)
+    pv.data_config = dataset_data_config("synthetic", img_size=16, in_chans=1)  # as train_backbone.py records it
+    save_backbone(path, pv, meta={"dataset": "synthetic"})
     return path
 
 

@@ -11,7 +11,7 @@ from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableV
 from apt_env.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_backbone, save_backbone
 from apt_env.train_state import get_rng_state, load_train_state, save_train_state, set_rng_state
 
-META = {"dataset": "fashion-mnist", "num_classes": 10, "img_size": 28, "in_chans": 1, "mean": [0.286], "std": [0.353]}
+META = {"dataset": "fashion-mnist", "num_classes": 10, "img_size": 28, "in_chans": 1}
 
 
 def _tiny(seed: int = 0, **extra) -> PrunableViT:
@@ -193,7 +193,8 @@ def test_timm_alone_loads_a_saved_backbone_from_its_folder(tmp_path):
         "vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, num_classes=5, depth=2, embed_dim=32,
         num_heads=2,
     )  # fmt: skip
-    path = save_backbone(tmp_path / "ckpt", pv, meta={"dataset": "synthetic", "mean": [0.2], "std": [0.3]})
+    pv.data_config = {**pv.data_config, "mean": (0.2,), "std": (0.3,)}
+    path = save_backbone(tmp_path / "ckpt", pv, meta={"dataset": "synthetic"})
     model = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():

@@ -19,7 +19,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.transforms import v2
 
 from apt_env import data
-from apt_env.data import DATASETS, build_dataset, dataset_info, make_loader, pretrained_data_config
+from apt_env.data import DATASETS, build_dataset, dataset_info, make_loader, model_data_config
 
 
 def denormalize(x: torch.Tensor, info: data.DatasetInfo) -> torch.Tensor:
@@ -254,16 +254,16 @@ def test_our_backbones_data_config_gives_our_eval_transform() -> None:
     assert all(torch.equal(ours[i][0], timms[i][0]) for i in range(0, 10000, 997))  # PIL and tensor paths agree
 
 
-def test_pretrained_data_config_is_timms_at_the_models_size() -> None:
-    cfg = pretrained_data_config("vit_tiny_patch16_224", img_size=224, in_chans=3)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
-    assert cfg == timm.data.resolve_data_config(model=model)
-    gray = pretrained_data_config("vit_tiny_patch16_224", img_size=32, in_chans=1)  # adapted to gray, resized
+def test_a_pretrained_models_data_config_is_timms_at_the_models_size() -> None:
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)  # timm's config, no download
+    cfg = model_data_config(model.pretrained_cfg, input_size=(3, 224, 224), pretrained=True)
+    assert cfg == {**timm.data.resolve_data_config(model=model), "preprocessing": "timm"}
+    gray = model_data_config(model.pretrained_cfg, input_size=(1, 32, 32), pretrained=True)  # adapted to gray
     assert gray["input_size"] == (1, 32, 32) and len(gray["mean"]) == len(gray["std"]) == 1
     digits = build_dataset("digits", split="test", data_config=gray)
     assert digits[0][0].shape == (1, 32, 32) and digits.info.mean == gray["mean"]
-    with pytest.raises(ValueError, match="no pretrained config"):
-        pretrained_data_config("not_a_model", img_size=32, in_chans=1)
+    untrained = model_data_config(model.pretrained_cfg, input_size=(1, 32, 32), pretrained=False)
+    assert untrained == {**gray, "interpolation": "bilinear", "crop_pct": 1.0, "preprocessing": "apt_env"}
 
 
 def test_imagefolder_missing(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from agents.io import save_policy
 from agents.policy import APTPolicy
 from apt_env.backbone import PrunableViT
 from apt_env.checkpoint import load_backbone, save_backbone
+from apt_env.data import dataset_data_config
 from apt_env.evaluate import COLUMNS, Contender, budget_keep_ratio, evaluate, evaluate_accuracy, wilson_interval
 from apt_env.flops import FlopCounter
 
@@ -68,6 +69,7 @@ def _checkpoint(tmp_path: Path, seed: int = 0, num_classes: int = 10) -> tuple[P
         "vit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, num_classes=num_classes, depth=4,
         embed_dim=32, num_heads=2,
     )  # fmt: skip
+    pv.data_config = dataset_data_config("synthetic", img_size=32, in_chans=1)  # as train_backbone.py records it
     model = save_backbone(tmp_path / f"backbone{seed}", pv, meta={"dataset": "synthetic"})
     policy = APTPolicy(pv.embed_dim, pv.num_patches, pv.num_stages, hidden=16, qk_dim=16)
     agent = save_policy(tmp_path / f"agent{seed}", policy)
@@ -269,23 +271,23 @@ def test_a_budget_agent_is_run_through_its_budget_input_and_meets_it(tmp_path):
 @pytest.mark.slow
 def test_a_checkpoints_recorded_preprocessing_is_used_by_evaluation_and_the_env(tmp_path):
     """A backbone started from timm's pretrained weights records their data config; every reader applies it."""
-    from apt_env.checkpoint import checkpoint_data_config
     from apt_env.data import build_dataset
     from apt_env.env import APTPruneVectorEnv
 
     module = load_script("evaluate")
     model, _ = _checkpoint(tmp_path)
-    assert checkpoint_data_config(model) is None  # trained on this project's transforms
+    assert load_backbone(model).data_config["preprocessing"] == "apt_env"  # trained on this project's transforms
     config = {"input_size": (1, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
-              "mean": (0.9,), "std": (0.05,)}  # fmt: skip
-    meta = {"dataset": "synthetic", "data_config": config}
-    recorded = save_backbone(tmp_path / "recorded", load_backbone(model), meta=meta)
-    assert checkpoint_data_config(recorded)["mean"] == [0.9]
+              "mean": (0.9,), "std": (0.05,), "preprocessing": "timm"}  # fmt: skip
+    pv = load_backbone(model)
+    pv.data_config = config
+    recorded = save_backbone(tmp_path / "recorded", pv, meta={"dataset": "synthetic"})
+    assert load_backbone(recorded).data_config == config
 
     dense = {}
     for path in (model, recorded):
         dense[path] = module.main(_args(module, tmp_path, path, None, budgets=(0.5,), images=64))["dense"]
-    data = build_dataset("synthetic", split="test", img_size=32, in_chans=1, data_config=config)
+    data = build_dataset("synthetic", split="test", data_config=config)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(64)), batch_size=32)
     expected = evaluate(load_backbone(recorded), loader)
     assert dense[recorded]["loss"] == pytest.approx(expected["loss"], rel=1e-6)

@@ -53,15 +53,15 @@ class Recording(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-build_dataset = script.build_dataset
+dataset_for = script.dataset_for
 
 
-def recording_build_dataset(name, *, split, **kwargs):
-    dataset = build_dataset(name, split=split, **kwargs)
+def recording_dataset_for(pv, name, split, **kwargs):
+    dataset = dataset_for(pv, name, split, **kwargs)
     return Recording(dataset) if split == "train" else dataset
 
 
-script.build_dataset = recording_build_dataset
+script.dataset_for = recording_dataset_for
 start = PruningEpisodes.start
 
 
