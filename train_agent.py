@@ -43,9 +43,9 @@ from agents.sb3_policy import APTActorCriticPolicy
 from apt_env.distributed import gather_objects, init_distributed, is_distributed, state_digest
 from apt_env.env import APTPruneVectorEnv
 from apt_env.report import agent_masks_figure
-from apt_env.runs import hyperparameters_text, load_args, new_run_dir, seed_everything
+from apt_env.runs import hyperparameters_text, new_run_dir, resume_args, seed_everything
 from apt_env.sb3_vec_env import SB3VecEnv
-from apt_env.train_state import get_rng_state, load_train_state, save_train_state, set_rng_state
+from apt_env.train_state import TRAIN_STATE_FILE, get_rng_state, resume_state, save_train_state
 
 logger = logging.getLogger("train_agent")
 
@@ -150,8 +150,8 @@ def load_teacher(args: Args, envs: APTPruneVectorEnv) -> APTPolicy:
 def run_folder(args: Args, main_rank: bool) -> tuple[Path, Args]:
     """A new run folder (CleanRL's naming; made by rank 0), or the one to resume with its saved arguments."""
     if args.resume:
-        run_dir = Path(args.resume)
-        return run_dir, load_args(run_dir, Args, script="train_agent.py", resume=str(run_dir))
+        args = resume_args(args, script="train_agent.py")
+        return Path(args.resume), args
     run_dir = new_run_dir(
         args.out_dir, env_id="APTPrune-v0", exp_name=args.exp_name, seed=args.seed, config=asdict(args),
         main_rank=main_rank,
@@ -196,14 +196,11 @@ def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Sum
         ent_coef=args.ent_coef,
         seed=args.seed + rank,  # each rank its own images and samples
     )
-    state = load_train_state(run_dir / "train_state.pt") if args.resume else None
-    if state is not None:
-        ranks = state.get("ranks", [{"trainer": state.get("trainer"), "rng": state.get("rng")}])
-        world_size = torch.distributed.get_world_size() if is_distributed() else 1
-        if len(ranks) != world_size:
-            raise ValueError(f"{run_dir} was trained on {len(ranks)} processes; resume it on as many, not {world_size}")
-        trainer.load_state_dict(ranks[rank]["trainer"])
-        set_rng_state(ranks[rank]["rng"])
+    world_size = torch.distributed.get_world_size() if is_distributed() else 1
+    resumed = resume_state(args.resume, rank=rank, world_size=world_size)
+    if resumed is not None:
+        trainer.load_state_dict(resumed.own["trainer"])
+        resumed.restore_rng()
         logger.info("resuming %s at step %d", run_dir, trainer.global_step)
     bar = tqdm(
         total=args.total_env_steps, initial=trainer.global_step, desc="env steps", unit="step", disable=writer is None
@@ -219,7 +216,7 @@ def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Sum
         ranks = gather_objects({"trainer": trainer.state_dict(), "rng": get_rng_state()})  # every rank its own
         if writer is not None:
             save_policy(run_dir / "agent", trainer.policy, meta={"algo": "native", "global_step": trainer.global_step})
-            save_train_state(run_dir / "train_state.pt", {"ranks": ranks})
+            save_train_state(run_dir / TRAIN_STATE_FILE, {"ranks": ranks})
         # A resumed run starts fresh episodes from the saved env RNG (the env's episodes in flight are not saved);
         # this run does the same, so that both go on alike.
         trainer.restart_episodes()
@@ -235,10 +232,10 @@ def train_distill(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Su
             envs, **{**policy_kwargs(args), "sampling": teacher.sampling, "use_cls_attn": teacher.use_cls_attn}
         )
     trainer = Distiller(envs, teacher, student, lr=learning_rate(args), seed=args.seed)
-    if args.resume:
-        state = load_train_state(run_dir / "train_state.pt")
-        trainer.load_state_dict(state["trainer"])
-        set_rng_state(state["rng"])
+    resumed = resume_state(args.resume)
+    if resumed is not None:
+        trainer.load_state_dict(resumed.own["trainer"])
+        resumed.restore_rng()
         logger.info("resuming %s at step %d", run_dir, trainer.global_step)
     bar = tqdm(total=args.total_env_steps, initial=trainer.global_step, desc="env steps", unit="step")
     while trainer.global_step < args.total_env_steps:
@@ -250,7 +247,7 @@ def train_distill(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Su
             bar.set_postfix(kl=f"{stats['kl']:.4f}", agree=f"{stats['agreement']:.3f}")
         meta = {"algo": "distill", "teacher": args.teacher, "global_step": trainer.global_step}
         save_policy(run_dir / "agent", trainer.student, meta=meta)
-        save_train_state(run_dir / "train_state.pt", {"trainer": trainer.state_dict(), "rng": get_rng_state()})
+        save_train_state(run_dir / TRAIN_STATE_FILE, {"trainer": trainer.state_dict(), "rng": get_rng_state()})
         trainer.restart_episodes()  # as a run resumed from this checkpoint does
     bar.close()
     return trainer.student
@@ -298,20 +295,20 @@ def save_sb3(run_dir: Path, model: OnPolicyAlgorithm, envs: APTPruneVectorEnv, a
     zipped = io.BytesIO()
     model.save(zipped)
     state = {"sb3_model": zipped.getvalue(), "rng": get_rng_state(), "env_rng": envs.np_random.bit_generator.state}
-    save_train_state(run_dir / "train_state.pt", state)
+    save_train_state(run_dir / TRAIN_STATE_FILE, state)
 
 
 def train_sb3(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: SummaryWriter) -> APTPolicy:
     algo = SB3_ALGORITHMS[args.algo]
     venv = VecMonitor(SB3VecEnv(envs))  # episode returns and lengths in SB3's own logs (`rollout/ep_rew_mean`)
-    state = load_train_state(run_dir / "train_state.pt") if args.resume else None
-    if state is not None:
+    resumed = resume_state(args.resume)
+    if resumed is not None:
         # Loading seeds the global RNGs and, given an env, its next reset with the run's seed: so the env is set
         # after, and the saved random states are restored last.
-        model = algo.load(io.BytesIO(state["sb3_model"]), device=envs.device)
+        model = algo.load(io.BytesIO(resumed.state["sb3_model"]), device=envs.device)
         model.set_env(venv)  # the first rollout starts fresh episodes, as the run did after this checkpoint
-        set_rng_state(state["rng"])
-        envs.np_random.bit_generator.state = state["env_rng"]
+        resumed.restore_rng()
+        envs.np_random.bit_generator.state = resumed.state["env_rng"]
         logger.info("resuming %s at step %d", run_dir, model.num_timesteps)
     else:
         k = envs.pv.num_stages

@@ -44,8 +44,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from agents.baselines import RandomKeep
+from agents.distributions import gumbel_top_count
 from agents.io import load_policy, save_policy
-from agents.policy import APTPolicy, gumbel_top_count, keep_counts, live_mask
+from agents.observation import keep_counts, live_mask
+from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
 from apt_env.checkpoint import load_backbone, save_backbone
@@ -64,8 +66,8 @@ from apt_env.joint import ChannelLosses, draw_budgets
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS
 from apt_env.report import agent_masks_figure, markdown_table
 from apt_env.resample import patch_size, resample_into
-from apt_env.runs import hyperparameters_text, load_args, new_run_dir, seed_everything
-from apt_env.train_state import get_rng_state, load_train_state, save_train_state, set_rng_state
+from apt_env.runs import hyperparameters_text, new_run_dir, resume_args, seed_everything
+from apt_env.train_state import get_rng_state, resume_state, save_train_state
 
 logger = logging.getLogger("train_backbone")
 
@@ -347,10 +349,9 @@ def make_agent_trainer(args: Args, pv: PrunableViT, rank: int, device: torch.dev
 def prepare_run(args: Args) -> tuple[Args, Path]:
     """The run folder, new (with ``args.json``) or the one ``--resume`` names (with its saved arguments)."""
     if args.resume:  # the saved arguments, with this invocation's --stop-epoch
-        run_dir = Path(args.resume)
-        args = load_args(run_dir, Args, script="train_backbone.py", resume=str(run_dir), stop_epoch=args.stop_epoch)
+        args = resume_args(args, script="train_backbone.py", keep=("stop_epoch",))
         check_args(args)
-        return args, run_dir
+        return args, Path(args.resume)
     check_args(args)
     rank, _, _ = init_distributed(args.device)  # joined first: every rank gets rank 0's folder name
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", args.dataset)  # imagefolder:PATH has slashes
@@ -382,10 +383,10 @@ def train(args: Args, run_dir: Path) -> bool:
     seed_everything(args.seed)  # the same model on every rank
 
     info = dataset_info(args.dataset, args.data_root)
-    state = load_train_state(run_dir / "train_state.pt") if args.resume else None
-    if state is not None:
+    resumed = resume_state(args.resume, rank=rank, world_size=world_size)
+    if resumed is not None:
         pv = load_backbone(run_dir / "checkpoint", expect={"dataset": args.dataset})
-        pv.model.load_state_dict(state["model"])
+        pv.model.load_state_dict(resumed.state["model"])
     else:
         pv = build_model(args, info)
     if pv.num_classes != info.num_classes:
@@ -418,21 +419,16 @@ def train(args: Args, run_dir: Path) -> bool:
     agent = make_agent_trainer(args, pv, rank, device) if args.mode == "apt" else None
     weights = {"plain": args.plain_weight, "single": args.single_weight, "multi": args.multi_weight}
     start_epoch, global_step = 0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ranks = state.get("ranks", [{"rng": state.get("rng"), "agent": state.get("agent")}])
-        if len(ranks) != world_size:
-            raise ValueError(f"{run_dir} was trained on {len(ranks)} processes; resume it on as many, not {world_size}")
+    if resumed is not None:
+        optimizer.load_state_dict(resumed.state["optimizer"])
+        scheduler.load_state_dict(resumed.state["scheduler"])
         if agent is not None:
-            agent.load_state_dict(ranks[rank]["agent"])
-        start_epoch, global_step = state["epoch"], state["global_step"]
-        set_rng_state(ranks[rank]["rng"])  # last: building the model drew from the same RNGs
+            agent.load_state_dict(resumed.own["agent"])
+        start_epoch, global_step = resumed.state["epoch"], resumed.state["global_step"]
+        resumed.restore_rng()  # last: building the model drew from the same RNGs
         logger.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, global_step)
-    elif args.resume:
-        logger.warning("%s has no training state yet: starting it over", run_dir)
 
-    writer = SummaryWriter(str(run_dir), purge_step=global_step if state is not None else None) if main_rank else None
+    writer = SummaryWriter(str(run_dir), purge_step=global_step if resumed is not None else None) if main_rank else None
     if writer is not None:
         writer.add_text("hyperparameters", hyperparameters_text(vars(args)))
     logger.info(

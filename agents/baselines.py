@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from agents.policy import TokenPolicy, check_keep_ratio, live_mask, obs_tensor, top_k_live
+from agents.distributions import check_keep_ratio, top_k_live
+from agents.observation import live_mask, obs_tensor
+from agents.policy import TokenPolicy
 
 __all__ = ["ClsAttentionTopK", "KeepAll", "RandomKeep", "TokenPolicy"]
 

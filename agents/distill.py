@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from agents.policy import APTPolicy, live_mask
+from agents.observation import live_mask
+from agents.policy import APTPolicy
 
 _logger = logging.getLogger(__name__)
 

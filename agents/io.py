@@ -58,24 +58,28 @@ def load_policy(
         raise ValueError(f"agent checkpoint {folder} is corrupt: {CONFIG_FILE} holds a {kind}, not an object")
     if config.get("format") != FORMAT:
         raise ValueError(f"{folder}: format {config.get('format')!r}, expected {FORMAT!r}")
-    missing = [k for k in APTPolicy.CONFIG_KEYS if k not in config]
-    if missing:
-        raise ValueError(f"agent checkpoint {folder} is corrupt: {CONFIG_FILE} lacks {missing}")
-    kwargs = {k: config[k] for k in APTPolicy.CONFIG_KEYS}
-    kwargs.update({k: config[k] for k in APTPolicy.OPTION_KEYS if k in config})  # newer options, when saved
-    if observation_space is not None:
-        n, c = observation_space["tokens"].shape
-        if (n, c) != (kwargs["num_patches"], kwargs["embed_dim"]):
-            raise ValueError(
-                f"agent checkpoint {folder} expects {kwargs['num_patches']} tokens of width {kwargs['embed_dim']}, "
-                f"the environment has {n} tokens of width {c}"
-            )
-        stages = observation_space["stage"].n if "stage" in observation_space.spaces else kwargs["num_stages"]
-        if stages != kwargs["num_stages"]:
-            raise ValueError(f"agent checkpoint {folder} has {kwargs['num_stages']} stages, the environment {stages}")
     try:
-        policy = APTPolicy(**kwargs)
+        policy = APTPolicy.from_config(config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"agent checkpoint {folder} is corrupt: {CONFIG_FILE}: {err}") from err
+    try:
         policy.load_state_dict(tensors)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"agent checkpoint {folder}: the weights do not fit its config {kwargs}: {err}") from err
+    except RuntimeError as err:
+        fit = f"the weights do not fit its config {policy.config()}"
+        raise ValueError(f"agent checkpoint {folder}: {fit}: {err}") from err
+    if observation_space is not None:
+        _check_fits_space(folder, policy, observation_space)
     return policy.to(device)
+
+
+def _check_fits_space(folder: Path, policy: APTPolicy, space: spaces.Dict) -> None:
+    """A ``ValueError`` naming both when the policy is sized for other tokens or stages than ``space``'s."""
+    n, c = space["tokens"].shape
+    if (n, c) != (policy.num_patches, policy.embed_dim):
+        raise ValueError(
+            f"agent checkpoint {folder} expects {policy.num_patches} tokens of width {policy.embed_dim}, "
+            f"the environment has {n} tokens of width {c}"
+        )
+    stages = space["stage"].n if "stage" in space.spaces else policy.num_stages
+    if stages != policy.num_stages:
+        raise ValueError(f"agent checkpoint {folder} has {policy.num_stages} stages, the environment {stages}")

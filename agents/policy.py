@@ -15,6 +15,10 @@ Two ways to turn the logits into a keep mask (``sampling``):
   ``count`` tokens without replacement with weights ``exp(l_i)`` (Kool et al., "Stochastic Beams and
   Where to Find Them", 2019). It is trained as it is evaluated: the deterministic action, the
   ``count`` live tokens with the highest logits, is the mode of this distribution.
+
+The distributions live in ``agents.distributions``, the reading of observations in ``agents.observation``.
+One way builds a fresh policy: ``APTPolicy.from_space`` (or ``for_env``, its env's space), which sizes it from
+the observation space; a saved one is rebuilt from its ``config()`` by ``APTPolicy.from_config``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -30,8 +33,21 @@ import torch.nn.functional as F
 from gymnasium import spaces
 from torch import Tensor, nn
 
-from apt_env.observe import as_tensor
-from apt_env.tokens import top_count
+from agents.distributions import (
+    gumbel_top_count,
+    plackett_luce_entropy,
+    plackett_luce_log_prob,
+    top_count_live,
+    top_k_live,
+)
+from agents.observation import (
+    TOPK_NEEDS_BUDGET,
+    Batch,
+    check_budget_observed,
+    keep_counts,
+    live_mask,
+    read_batch,
+)
 
 PRUNED_LOGIT = -30.0
 """The logit of a token pruned at an earlier stage: finite, so log-probs stay finite, and so low
@@ -39,15 +55,6 @@ that it is never kept and adds ~1e-13 to log-probabilities and entropies."""
 
 SAMPLINGS: tuple[str, ...] = ("bernoulli", "topk")
 MIXERS: tuple[str, ...] = ("none", "attention")
-
-_TOPK_NEEDS_BUDGET = (
-    "sampling='topk' keeps obs['keep_count'] tokens, which only an env with a budget observes: pass budget= "
-    "to the env, or use sampling='bernoulli'"
-)
-
-_ABSENT = 1e4
-"""How far below a row's lowest logit the Plackett-Luce terms put tokens that cannot be picked:
-``exp(-1e4)`` is 0 in float32, and finite values keep the gradients of ``logcumsumexp`` finite."""
 
 
 @runtime_checkable
@@ -58,161 +65,6 @@ class TokenPolicy(Protocol):
     def act(self, obs: Mapping[str, Any], *, deterministic: bool = True, keep_ratio: float | None = None) -> Tensor:
         """A keep mask (B, N) bool for a batched observation; pruned tokens are never kept."""
         ...
-
-
-def obs_tensor(obs: Mapping[str, Any], key: str, device: torch.device | str | None = None) -> Tensor:
-    """``obs[key]`` as a tensor on ``device``; an observation that is not a dict, lacks ``key`` or holds something
-    other than numbers there is a clear error."""
-    if not isinstance(obs, Mapping):
-        raise TypeError(f"an observation is a dict of batched arrays, as the env returns, got {type(obs).__name__}")
-    if key not in obs:
-        raise ValueError(f"the observation has no {key!r} (it has {list(obs)}): add {key!r} to the env's obs_keys")
-    return as_tensor(obs[key], f"obs[{key!r}]", device)
-
-
-def live_mask(obs: Mapping[str, Any], device: torch.device | str | None = None) -> Tensor:
-    """The tokens still alive, (B, N) bool, from ``obs["keep"]`` (int8, float or bool).
-
-    Without a ``keep`` key every token of ``obs["tokens"]`` or ``obs["cls_attn"]`` is alive.
-    """
-    key = next((k for k in ("keep", "tokens", "cls_attn") if isinstance(obs, Mapping) and k in obs), "keep")
-    ref = obs_tensor(obs, key, device)
-    if ref.dim() != (3 if key == "tokens" else 2):
-        shape = "(B, N, C)" if key == "tokens" else "(B, N)"
-        raise ValueError(f"obs[{key!r}] must be batched {shape}, got shape {tuple(ref.shape)}")
-    if key == "keep":
-        return ref > 0.5
-    return torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device)
-
-
-def check_keep_ratio(keep_ratio: Any) -> float:
-    """``keep_ratio`` as a float in (0, 1], else a ValueError."""
-    try:
-        ratio = math.nan if isinstance(keep_ratio, (str, bytes)) else float(keep_ratio)
-    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
-        ratio = math.nan
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be a fraction in (0, 1], got {keep_ratio!r}")
-    return ratio
-
-
-def top_k_live(scores: Tensor, live: Tensor, keep_ratio: float) -> Tensor:
-    """Keep the highest-scoring ``keep_ratio`` of each row's live tokens (at least one).
-
-    Args:
-        scores: (B, N) float, higher is kept first.
-        live: (B, N) bool, the tokens that may be kept.
-        keep_ratio: fraction in (0, 1] of the live count, rounded half up.
-
-    Returns:
-        (B, N) bool keep mask, a subset of ``live``.
-    """
-    ratio = check_keep_ratio(keep_ratio)
-    return top_count_live(scores, live, live.sum(1, dtype=torch.float32) * ratio)
-
-
-def top_count_live(scores: Tensor, live: Tensor, count: Tensor) -> Tensor:
-    """Keep each row's ``count`` (B,) highest-scoring live tokens, rounded half up, at least one."""
-    return top_count(scores, live, torch.floor(count + 0.5).clamp(min=1))
-
-
-def keep_counts(obs: Mapping[str, Any], device: torch.device | str | None = None) -> Tensor:
-    """The tokens to keep at this stage, (B,) long, from ``obs["keep_count"]`` ((B,) or (B, 1), any dtype)."""
-    if isinstance(obs, Mapping) and "keep_count" not in obs:
-        raise ValueError(_TOPK_NEEDS_BUDGET)
-    count = obs_tensor(obs, "keep_count", device)
-    if count.dim() not in (1, 2) or count.shape[1:] not in ((), (1,)):
-        raise ValueError(f"obs['keep_count'] must be (B,) or (B, 1), got shape {tuple(count.shape)}")
-    return count.reshape(count.shape[0]).round().long()
-
-
-def gumbel_top_count(logits: Tensor, live: Tensor, count: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Sample ``count`` (B,) live tokens per row without replacement, with probabilities ``softmax(logits)``
-    at each pick (Plackett-Luce), by perturbing the logits with Gumbel noise and keeping the top ones.
-
-    Returns:
-        (B, N) bool keep mask, a subset of ``live`` with ``min(count, live)`` tokens per row.
-    """
-    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(min=1e-20)
-    gumbel = -torch.log(-torch.log(u))
-    return top_count_live(logits.detach().float() + gumbel, live, count.float()) & (count > 0).unsqueeze(1)
-
-
-def _sequential_logsumexp(logits: Tensor, live: Tensor, first: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Sort each row for sequential picks: the ``first`` tokens by descending logit, then the other live
-    ones, then the rest pushed ``_ABSENT`` below the row's lowest logit.
-
-    Returns:
-        the sorted logits (B, N), ``lse[:, j]`` = logsumexp of sorted positions ``>= j`` (what is left
-        to pick from after ``j`` picks), and whether each sorted position is live (B, N) bool.
-    """
-    z = logits.float()
-    low = z.detach().amin(1, keepdim=True) - _ABSENT
-    key = torch.where(first, z.detach(), torch.where(live, low, 2 * low))  # picks, then live, then absent
-    order = key.argsort(dim=1, descending=True, stable=True)
-    zs = z.masked_fill(~live, 0.0).gather(1, order)
-    live_sorted = live.gather(1, order)
-    zs = torch.where(live_sorted, zs, low)
-    lse = torch.logcumsumexp(zs.flip(1), dim=1).flip(1)
-    return zs, lse, live_sorted
-
-
-def plackett_luce_log_prob(logits: Tensor, live: Tensor, keep: Tensor) -> Tensor:
-    """A consistent surrogate for the log-probability of the *set* ``keep`` under Gumbel-top-k sampling.
-
-    The exact probability of a set of ``m`` tokens sums the Plackett-Luce probabilities of its ``m!``
-    orders. The surrogate is the log-probability of one of them, the most likely: the set in
-    descending logit order, ``sum_j [l_(j) - logsumexp(l over the live tokens not yet picked)]``.
-    It is a lower bound of the exact value, equal when ``m <= 1``, and a function of the set alone,
-    so sampling time and PPO's re-evaluation of a stored action agree exactly.
-
-    Args:
-        logits: (B, N) float.
-        live: (B, N) bool, the tokens that can be picked.
-        keep: (B, N) bool or 0/1, the set (only its live tokens count).
-
-    Returns:
-        (B,) float log-probability surrogate.
-    """
-    picks = keep.bool() & live
-    zs, lse, _ = _sequential_logsumexp(logits, live, picks)
-    taken = torch.arange(zs.shape[1], device=zs.device) < picks.sum(1, keepdim=True)  # (B, N)
-    return torch.where(taken, zs - lse, torch.zeros_like(zs)).sum(1)
-
-
-def plackett_luce_entropy(logits: Tensor, live: Tensor, count: Tensor) -> Tensor:
-    """A surrogate of the entropy of Gumbel-top-k with ``count`` (B,) picks: the sum over the picks of
-    the entropy of the pick distribution (softmax over the live tokens not yet picked), along the most
-    likely order (descending logits). It is 0 for a deterministic policy and grows with the spread of
-    the logits; it depends on the distribution only, not on an action.
-
-    Returns:
-        (B,) float.
-    """
-    mode = top_count_live(logits.detach(), live, count.float()) & (count > 0).unsqueeze(1)
-    zs, lse, live_sorted = _sequential_logsumexp(logits, live, mode)
-    # Entropy of pick j: lse_j - E_j[z], with E_j[z] from a second logcumsumexp of z + log(z - c + 1),
-    # c the lowest live logit, so that every term is well defined and nothing cancels badly.
-    c = zs.detach().masked_fill(~live_sorted, math.inf).amin(1, keepdim=True)
-    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
-    shifted = (zs - c).clamp(min=0) + 1
-    weighted = torch.where(live_sorted, zs + shifted.log(), zs)
-    lse_weighted = torch.logcumsumexp(weighted.flip(1), dim=1).flip(1)
-    mean_z = (lse_weighted - lse).exp() + c - 1
-    taken = torch.arange(zs.shape[1], device=zs.device) < mode.sum(1, keepdim=True)
-    return torch.where(taken, lse - mean_z, torch.zeros_like(zs)).sum(1)
-
-
-@dataclass
-class Batch:
-    """An observation in the policy's own terms (see ``APTPolicy.prepare``)."""
-
-    tokens: Tensor  # (B, N, C) float
-    cls: Tensor  # (B, C) float
-    cls_attn: Tensor | None  # (B, N) float
-    live: Tensor  # (B, N) bool
-    stage: Tensor  # (B,) long
-    budget: Tensor | None = None  # (B, 1) float
 
 
 class APTPolicy(nn.Module):
@@ -295,79 +147,70 @@ class APTPolicy(nn.Module):
     """Constructor arguments added later, with defaults, so checkpoints without them still load."""
 
     def config(self) -> dict[str, Any]:
-        """The constructor arguments, to rebuild this policy (``APTPolicy(**config)``)."""
+        """The sizes and options that rebuild this policy (``APTPolicy.from_config``); what an agent folder saves."""
         return {key: getattr(self, key) for key in self.CONFIG_KEYS + self.OPTION_KEYS}
 
     @classmethod
-    def from_space(cls, space: spaces.Dict, **kwargs: Any) -> APTPolicy:
-        """A policy sized for one sub-environment's observation space.
+    def from_config(cls, config: Mapping[str, Any]) -> APTPolicy:
+        """Rebuild a policy from its ``config()``, e.g. a saved agent's ``config.json``.
 
         Args:
-            space: a ``Dict`` with ``tokens`` (N, C) and ``stage`` ``Discrete(K)``.
-            **kwargs: the other constructor arguments; ``use_cls_attn`` defaults to whether the
+            config: the arguments every saved config holds (``CONFIG_KEYS``) and those added later
+                (``OPTION_KEYS``; absent ones, as in older checkpoints, take their defaults); other keys (format,
+                metadata) are ignored.
+
+        Raises:
+            ValueError: one of ``CONFIG_KEYS`` is missing, or a value is not valid.
+        """
+        missing = [key for key in cls.CONFIG_KEYS if key not in config]
+        if missing:
+            raise ValueError(f"the policy config lacks {missing}")
+        return cls(**{key: config[key] for key in cls.CONFIG_KEYS + cls.OPTION_KEYS if key in config})
+
+    @classmethod
+    def from_space(cls, space: spaces.Dict, **options: Any) -> APTPolicy:
+        """A fresh policy sized for one sub-environment's observation space (what every new agent is built by).
+
+        Args:
+            space: a ``Dict`` with ``tokens`` (N, C), ``cls`` and ``stage`` ``Discrete(K)``.
+            **options: the other constructor arguments; ``use_cls_attn`` defaults to whether the
                 space has ``cls_attn``, ``use_budget`` to whether it has ``budget``.
         """
         missing = [key for key in ("tokens", "cls", "stage") if key not in space.spaces]
         if missing:
             raise ValueError(f"the APT policy needs observation keys {missing}; add them to the env's obs_keys")
         n, c = space["tokens"].shape
-        kwargs.setdefault("use_cls_attn", "cls_attn" in space.spaces)
-        kwargs.setdefault("use_budget", "budget" in space.spaces)
-        _check_budget(bool(kwargs["use_budget"]), "budget" in space.spaces, "space")
-        if kwargs.get("sampling") == "topk" and "keep_count" not in space.spaces:
-            raise ValueError(_TOPK_NEEDS_BUDGET)
-        return cls(int(c), int(n), int(space["stage"].n), **kwargs)
+        options.setdefault("use_cls_attn", "cls_attn" in space.spaces)
+        options.setdefault("use_budget", "budget" in space.spaces)
+        check_budget_observed(bool(options["use_budget"]), "budget" in space.spaces, "space")
+        if options.get("sampling") == "topk" and "keep_count" not in space.spaces:
+            raise ValueError(TOPK_NEEDS_BUDGET)
+        return cls(int(c), int(n), int(space["stage"].n), **options)
 
     @classmethod
-    def for_env(cls, envs: Any, **kwargs: Any) -> APTPolicy:
-        """A policy sized for a vector env (Gymnasium ``VectorEnv`` or SB3 ``VecEnv``).
+    def for_env(cls, envs: Any, **options: Any) -> APTPolicy:
+        """``from_space`` for a vector env (Gymnasium ``VectorEnv`` or SB3 ``VecEnv``).
 
         Args:
             envs: an env with ``single_observation_space`` (or an unbatched ``observation_space``).
-            **kwargs: the other constructor arguments.
+            **options: the other constructor arguments.
         """
         space = getattr(envs, "single_observation_space", None)
-        return cls.from_space(envs.observation_space if space is None else space, **kwargs)
+        return cls.from_space(envs.observation_space if space is None else space, **options)
 
     def prepare(self, obs: Mapping[str, Any]) -> Batch:
-        """Tensors on the policy's device from an env observation or an SB3-preprocessed one.
-
-        Accepts ``stage`` as indices (B,) or (B, 1), or one-hot (B, K) or (B, 1, K) float, and
-        ``keep`` as int8, bool or float; numpy arrays too.
-        """
-        device = self.stage_embed.weight.device
-        tokens = obs_tensor(obs, "tokens", device).float()  # (B, N, C)
-        if tokens.dim() != 3:
-            raise ValueError(f"obs['tokens'] must be batched (B, N, C), got shape {tuple(tokens.shape)}")
-        if tuple(tokens.shape[1:]) != (self.num_patches, self.embed_dim):
-            raise ValueError(
-                f"policy expects {self.num_patches} tokens of width {self.embed_dim}, observation has "
-                f"{tokens.shape[1]} tokens of width {tokens.shape[2]}: build the policy for this env"
-            )
-        b = tokens.shape[0]
-        stage = obs_tensor(obs, "stage", device)
-        if stage.is_floating_point() and stage.dim() >= 2 and stage.shape[-1] == self.num_stages:
-            stage = stage.argmax(-1)  # SB3's one-hot
-        stage = _per_row(stage, b, "stage").long()
-        if bool(((stage < 0) | (stage >= self.num_stages)).any()):  # an IndexError inside the embedding else
-            raise ValueError(f"obs['stage'] must be in [0, {self.num_stages}), got {stage.tolist()}")
-        cls_attn = None
-        if self.use_cls_attn:
-            if "cls_attn" not in obs:
-                raise ValueError(
-                    "the policy reads obs['cls_attn'], which this env does not observe: add 'cls_attn' to "
-                    "obs_keys or build the policy with use_cls_attn=False"
-                )
-            cls_attn = _batched(obs, "cls_attn", (b, self.num_patches), device).float()
-        cls_token = _batched(obs, "cls", (b, self.embed_dim), device).float()
-        _check_budget(self.use_budget, "budget" in obs, "observation")
-        budget = _per_row(obs_tensor(obs, "budget", device), b, "budget").float()[:, None] if self.use_budget else None
-        if self.sampling == "topk" and "keep_count" in obs:
-            _per_row(keep_counts(obs, device), b, "keep_count")
-        live = live_mask(obs, device)
-        if tuple(live.shape) != (b, self.num_patches):
-            raise ValueError(f"obs['keep'] must be ({b}, {self.num_patches}), got {tuple(live.shape)}")
-        return Batch(tokens, cls_token, cls_attn, live, stage, budget)
+        """Tensors on the policy's device from an env observation or an SB3-preprocessed one, checked against
+        this policy's sizes and inputs (``agents.observation.read_batch``)."""
+        return read_batch(
+            obs,
+            num_patches=self.num_patches,
+            embed_dim=self.embed_dim,
+            num_stages=self.num_stages,
+            use_cls_attn=self.use_cls_attn,
+            use_budget=self.use_budget,
+            topk=self.sampling == "topk",
+            device=self.stage_embed.weight.device,
+        )
 
     def _hidden(self, o: Batch) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
         """The MLP's hidden features of the live tokens only, (L, H), with their (row, position) indices:
@@ -541,32 +384,3 @@ class APTPolicy(nn.Module):
             return top_count_live(logits, live, count.float()) & (count > 0).unsqueeze(1)
         expected = (torch.sigmoid(logits) * live).sum(1)  # (B,)
         return top_count_live(logits, live, expected)
-
-
-def _per_row(value: Tensor, rows: int, key: str) -> Tensor:
-    """``value`` as (B,), from (B,) or (B, 1): checked to hold one value per row."""
-    if value.numel() != rows:
-        raise ValueError(f"obs[{key!r}] must hold one value for each of {rows} rows, got shape {tuple(value.shape)}")
-    return value.reshape(rows)
-
-
-def _batched(obs: Mapping[str, Any], key: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
-    """``obs[key]``, checked to have ``shape``."""
-    value = obs_tensor(obs, key, device)
-    if tuple(value.shape) != shape:
-        raise ValueError(f"obs[{key!r}] must have shape {shape} (batch, ...), got {tuple(value.shape)}")
-    return value
-
-
-def _check_budget(use_budget: bool, observed: bool, where: str) -> None:
-    """A policy reads a budget exactly when the env observes one."""
-    if use_budget and not observed:
-        raise ValueError(
-            f"the policy was built with use_budget=True but the {where} has no 'budget': build the env with "
-            "budget=... or the policy with use_budget=False"
-        )
-    if observed and not use_budget:
-        raise ValueError(
-            f"the {where} has a 'budget' (an env built with budget=...) but the policy was built with "
-            "use_budget=False, so it would ignore it: build it with use_budget=True (APTPolicy.for_env does)"
-        )

@@ -21,14 +21,9 @@ from stable_baselines3.common.preprocessing import preprocess_obs
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import Tensor
 
-from agents.policy import (
-    APTPolicy,
-    gumbel_top_count,
-    keep_counts,
-    live_mask,
-    plackett_luce_entropy,
-    plackett_luce_log_prob,
-)
+from agents.distributions import gumbel_top_count, plackett_luce_entropy, plackett_luce_log_prob
+from agents.observation import keep_counts, live_mask
+from agents.policy import APTPolicy
 
 
 class ExpectedCountBernoulli(BernoulliDistribution):
@@ -52,7 +47,7 @@ class ExpectedCountBernoulli(BernoulliDistribution):
 class GumbelTopK(Distribution):
     """``APTPolicy``'s ``"topk"`` distribution in SB3's terms: ``obs["keep_count"]`` live tokens drawn by
     Gumbel-top-k (torch's global generator, which SB3 seeds), the Plackett-Luce surrogates of
-    ``agents.policy`` as log-probability and entropy, and the top-count tokens by logit as the mode."""
+    ``agents.distributions`` as log-probability and entropy, and the top-count tokens by logit as the mode."""
 
     def proba_distribution_net(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("the logits come from APTPolicy")

@@ -8,22 +8,31 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from apt_env.distributed import broadcast_int
 
-__all__ = ["ARGS_FILE", "hyperparameters_text", "load_args", "new_run_dir", "seed_everything"]
+__all__ = ["ARGS_FILE", "hyperparameters_text", "load_args", "new_run_dir", "resume_args", "seed_everything"]
 
 ARGS_FILE = "args.json"
 """The file in a run folder that holds the arguments of the run."""
 
 T = TypeVar("T")
+
+
+class _Resumable(Protocol):
+    """A script's ``Args``: what ``resume_args`` reads."""
+
+    resume: str | None
+
+
+R = TypeVar("R", bound=_Resumable)
 
 
 def seed_everything(seed: int) -> None:
@@ -78,6 +87,22 @@ def load_args(run_dir: str | Path, args_type: type[T], *, script: str, **changes
     if unknown:
         raise ValueError(f"--resume {run_dir}: {ARGS_FILE} has fields {unknown} that {script} does not know")
     return args_type(**{**saved, **changes})
+
+
+def resume_args(args: R, *, script: str, keep: Sequence[str] = ()) -> R:
+    """The arguments of the run that ``args.resume`` names, to resume it: those saved in its ``args.json``, with
+    ``resume`` and the fields in ``keep`` (e.g. ``stop_epoch``) taken from ``args``, this invocation's.
+
+    Args:
+        args: the script's parsed ``Args``, with ``resume`` set to the run folder.
+        script: the script's file name, for the error messages.
+        keep: fields that this invocation sets, not the saved run.
+    """
+    run_dir = args.resume
+    if run_dir is None:
+        raise ValueError(f"{script}: resume_args needs --resume RUN_DIR")
+    changes = {name: getattr(args, name) for name in keep}
+    return load_args(run_dir, type(args), script=script, resume=str(run_dir), **changes)
 
 
 def hyperparameters_text(config: Mapping[str, Any]) -> str:

@@ -1,12 +1,14 @@
 """The training state for ``--resume``: one ``torch.save`` file of plain containers and tensors
 (optimizer, scheduler, counters, RNG states), written atomically and read back with
-``weights_only=True``.
+``weights_only=True``. ``resume_state`` is how a script continues a run from it.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,20 @@ import torch
 
 from apt_env.atomic import write_file
 
-__all__ = ["get_rng_state", "load_train_state", "save_train_state", "set_rng_state"]
+__all__ = [
+    "TRAIN_STATE_FILE",
+    "Resumed",
+    "get_rng_state",
+    "load_train_state",
+    "resume_state",
+    "save_train_state",
+    "set_rng_state",
+]
+
+logger = logging.getLogger(__name__)
+
+TRAIN_STATE_FILE = "train_state.pt"
+"""The file in a run folder that holds its training state."""
 
 
 def save_train_state(path: str | Path, state: Mapping[str, Any]) -> Path:
@@ -74,3 +89,47 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Resumed:
+    """A run's training state as one process continues it.
+
+    Attributes:
+        state: the whole saved state.
+        own: this process's share: its RNG states (``"rng"``) and whatever else each process saved for itself.
+    """
+
+    state: dict[str, Any]
+    own: dict[str, Any]
+
+    def restore_rng(self) -> None:
+        """Restore this process's global RNG states: last, once building the run has drawn from them."""
+        set_rng_state(self.own["rng"])
+
+
+def resume_state(run_dir: str | Path | None, *, rank: int = 0, world_size: int = 1) -> Resumed | None:
+    """The training state ``--resume run_dir`` continues from, or None: a new run (``run_dir`` None), or a run
+    folder without a state yet (it starts over, with a warning).
+
+    A state saved by several processes holds their shares as ``{"ranks": [...]}``, resumed on as many processes,
+    each its own; a state without ``"ranks"`` is one process's, its own share.
+
+    Args:
+        run_dir: the run folder that ``--resume`` names, or None.
+        rank: this process's rank.
+        world_size: the number of processes resuming the run.
+
+    Raises:
+        ValueError: the state is corrupt, or was saved by another number of processes.
+    """
+    if run_dir is None:
+        return None
+    state = load_train_state(Path(run_dir) / TRAIN_STATE_FILE)
+    if state is None:
+        logger.warning("%s has no training state yet: starting it over", run_dir)
+        return None
+    ranks = state.get("ranks", [state])
+    if len(ranks) != world_size:
+        raise ValueError(f"{run_dir} was trained on {len(ranks)} processes; resume it on as many, not {world_size}")
+    return Resumed(state, ranks[rank])

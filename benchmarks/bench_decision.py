@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 import tyro
+from gymnasium import spaces
 
 from agents.policy import APTPolicy
 from apt_env.backbone import PrunableViT
 from apt_env.checkpoint import load_backbone
 from apt_env.defaults import DEFAULT_CHECKPOINT
+from apt_env.env import APTPruneVectorEnv
 from apt_env.evaluate import Contender, Decisions, DenseAtLengths, fixed_masks, forward_policy, measure_throughput
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS
 from apt_env.report import markdown_table
@@ -54,11 +56,14 @@ def build(name: str) -> PrunableViT:
     return PrunableViT.from_timm(name, num_classes=10).eval()
 
 
-def budget_agent(pv: PrunableViT, width: int) -> APTPolicy:
+def budget_space(pv: PrunableViT, budget: float) -> spaces.Dict:
+    """What an agent observes on ``pv`` with a budget: the space of a one-image env (synthetic data, never drawn)."""
+    return APTPruneVectorEnv(1, model=pv, dataset="synthetic", split="test", budget=budget).single_observation_space
+
+
+def budget_agent(space: spaces.Dict, width: int) -> APTPolicy:
     """A fresh budget-conditioned agent (Gumbel top-k, its mode at test time) of one width."""
-    return APTPolicy(
-        pv.embed_dim, pv.num_patches, pv.num_stages, hidden=width, qk_dim=width, use_budget=True, sampling="topk"
-    ).eval()
+    return APTPolicy.from_space(space, hidden=width, qk_dim=width, sampling="topk").eval()
 
 
 def rows_for(pv: PrunableViT, images: torch.Tensor, args: Args) -> list[Contender]:
@@ -66,8 +71,9 @@ def rows_for(pv: PrunableViT, images: torch.Tensor, args: Args) -> list[Contende
     keys = (*OBS_KEYS, *BUDGET_KEYS)
     index = torch.arange(len(images))
     rows: list[Contender] = [Contender("dense")]
+    space = budget_space(pv, args.budget)
     for width in args.agent_sizes:
-        policy = budget_agent(pv, width)
+        policy = budget_agent(space, width)
         agent = Contender(f"agent {width}", lambda o, p=policy: p.act(o), args.budget, obs_keys=keys)
         with torch.inference_mode():
             _, _, masks = forward_policy(pv, images, agent.keep_fn, obs_keys=keys, index=index, budget=args.budget)

@@ -33,6 +33,16 @@ def test_weights_that_do_not_fit_the_config_are_a_clear_error(tmp_path):
         load_policy(folder)
 
 
+def test_a_policy_is_rebuilt_from_its_config_with_later_options_at_their_defaults():
+    policy = APTPolicy(32, 16, 3, hidden=8, qk_dim=8, use_budget=True, sampling="topk", mixer="attention")
+    assert APTPolicy.from_config({**policy.config(), "format": "ignored"}).config() == policy.config()
+    old = {k: v for k, v in policy.config().items() if k in APTPolicy.CONFIG_KEYS}  # saved before the options
+    assert APTPolicy.from_config(old).config() == {**old, "use_budget": False, "sampling": "bernoulli",
+                                                   "mixer": "none", "mixer_heads": 4}  # fmt: skip
+    with pytest.raises(ValueError, match="lacks \\['embed_dim'\\]"):
+        APTPolicy.from_config({k: v for k, v in old.items() if k != "embed_dim"})
+
+
 def test_corrupt_or_missing_files_are_clear_errors(tmp_path):
     folder = save_policy(tmp_path / "agent", _policy())
     tensors = safetensors.torch.load_file(str(folder / "policy.safetensors"))

@@ -11,13 +11,8 @@ from gymnasium.utils.env_checker import check_env
 from helpers import SMALL, TINY, TINY_VIT, tiny_envs
 from stable_baselines3 import PPO
 
-from agents.policy import (
-    APTPolicy,
-    gumbel_top_count,
-    plackett_luce_entropy,
-    plackett_luce_log_prob,
-    top_count_live,
-)
+from agents.distributions import gumbel_top_count, plackett_luce_entropy, plackett_luce_log_prob, top_count_live
+from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from agents.sb3_policy import APTActorCriticPolicy
 from apt_env.data import build_dataset

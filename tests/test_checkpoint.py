@@ -9,7 +9,7 @@ import torch
 from apt_env import checkpoint
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
 from apt_env.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_backbone, save_backbone
-from apt_env.train_state import get_rng_state, load_train_state, save_train_state, set_rng_state
+from apt_env.train_state import get_rng_state, load_train_state, resume_state, save_train_state, set_rng_state
 
 META = {"dataset": "fashion-mnist", "num_classes": 10, "img_size": 28, "in_chans": 1}
 
@@ -183,6 +183,27 @@ def test_corrupt_train_state_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match="train_state.pt is corrupt"):
         load_train_state(path)
+
+
+def test_resume_state_gives_each_process_its_own_share_and_restores_its_rng(tmp_path, caplog):
+    assert resume_state(None) is None  # a new run
+    assert resume_state(tmp_path) is None and "no training state yet" in caplog.text  # nothing saved yet
+    shares = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        shares.append({"rng": get_rng_state(), "step": seed})
+    save_train_state(tmp_path / "train_state.pt", {"ranks": shares, "epoch": 3})
+    resumed = resume_state(tmp_path, rank=1, world_size=2)
+    assert resumed.state["epoch"] == 3 and resumed.own["step"] == 2
+    torch.manual_seed(2)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    resumed.restore_rng()
+    assert torch.equal(torch.rand(3), expected)
+    with pytest.raises(ValueError, match="trained on 2 processes; resume it on as many, not 1"):
+        resume_state(tmp_path)
+    save_train_state(tmp_path / "train_state.pt", shares[0])  # one process's state is its own share
+    assert resume_state(tmp_path).own["step"] == 1
 
 
 def test_timm_alone_loads_a_saved_backbone_from_its_folder(tmp_path):

@@ -5,7 +5,8 @@ import torch
 from helpers import tiny_envs
 
 from agents.distill import Distiller, decision_agreement, live_kl
-from agents.policy import APTPolicy, live_mask
+from agents.observation import live_mask
+from agents.policy import APTPolicy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from apt_env.report import markdown_table
-from apt_env.runs import hyperparameters_text, load_args, new_run_dir, seed_everything
+from apt_env.runs import hyperparameters_text, load_args, new_run_dir, resume_args, seed_everything
 
 
 @dataclass
@@ -40,6 +40,12 @@ def test_resuming_a_folder_without_or_with_foreign_arguments_says_what_is_wrong(
     (tmp_path / "args.json").write_text(json.dumps({**asdict(Args()), "epochs": 3}))
     with pytest.raises(ValueError, match=r"fields \['epochs'\] that demo.py does not know"):
         load_args(tmp_path, Args, script="demo.py")
+
+
+def test_resume_args_are_the_saved_ones_with_this_invocations_kept_fields(tmp_path):
+    run_dir = new_run_dir(tmp_path, env_id="x", exp_name="demo", seed=3, config=asdict(Args(lr=0.5)))
+    resumed = resume_args(Args(lr=0.1, seed=9, resume=str(run_dir)), script="demo.py", keep=("seed",))
+    assert resumed == Args(lr=0.5, seed=9, resume=str(run_dir))
 
 
 def test_hyperparameters_are_cleanrls_table():
