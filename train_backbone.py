@@ -45,13 +45,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from agents.baselines import RandomKeep
 from agents.io import load_policy, save_policy
-from agents.policy import APTPolicy, gumbel_top_count, keep_counts, live_mask
+from agents.policy import APTPolicy, keep_counts, live_mask
 from agents.ppo import NativePPO
+from apt_env.arguments import budget_range
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
 from apt_env.checkpoint import checkpoint_data_config, load_backbone, save_backbone
 from apt_env.data import VAL_FRACTION, DatasetInfo, build_dataset, dataset_info, make_loader, pretrained_data_config
 from apt_env.distributed import gather_objects, init_distributed, state_digest
-from apt_env.env import APTPruneVectorEnv, budget_range
+from apt_env.env import APTPruneVectorEnv
 from apt_env.evaluate import (
     Contender,
     budget_keep_ratio,
@@ -65,6 +66,7 @@ from apt_env.observe import BUDGET_KEYS, OBS_KEYS
 from apt_env.report import agent_masks_figure, markdown_table
 from apt_env.resample import patch_size, resample_into
 from apt_env.runs import hyperparameters_text, load_args, new_run_dir, seed_everything
+from apt_env.tokens import random_count
 from apt_env.train_state import get_rng_state, load_train_state, save_train_state, set_rng_state
 
 logger = logging.getLogger("train_backbone")
@@ -298,7 +300,7 @@ def random_budget_masks(obs: dict[str, torch.Tensor]) -> torch.Tensor:
     """``--mode random``'s masks: each image's budget count of its live tokens, uniformly at random (torch's RNG,
     so a resumed run draws the same)."""
     live = live_mask(obs)
-    return gumbel_top_count(torch.zeros(live.shape, device=live.device), live, keep_counts(obs))
+    return random_count(live, keep_counts(obs))
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
