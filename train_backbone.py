@@ -44,16 +44,16 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from agents.baselines import RandomKeep
-from agents.distributions import gumbel_top_count
 from agents.io import load_policy, save_policy
 from agents.observation import keep_counts, live_mask
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
+from apt_env.arguments import budget_range
 from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
 from apt_env.checkpoint import load_backbone, save_backbone
 from apt_env.data import VAL_FRACTION, DatasetInfo, dataset_data_config, dataset_for, dataset_info, make_loader
 from apt_env.distributed import gather_objects, init_distributed, state_digest
-from apt_env.env import APTPruneVectorEnv, budget_range
+from apt_env.env import APTPruneVectorEnv
 from apt_env.evaluate import (
     Contender,
     budget_keep_ratio,
@@ -67,6 +67,7 @@ from apt_env.observe import BUDGET_KEYS, OBS_KEYS
 from apt_env.report import agent_masks_figure, markdown_table
 from apt_env.resample import patch_size, resample_into
 from apt_env.runs import hyperparameters_text, new_run_dir, resume_args, seed_everything
+from apt_env.tokens import random_count
 from apt_env.train_state import get_rng_state, resume_state, save_train_state
 
 logger = logging.getLogger("train_backbone")
@@ -286,7 +287,7 @@ def random_budget_masks(obs: dict[str, torch.Tensor]) -> torch.Tensor:
     """``--mode random``'s masks: each image's budget count of its live tokens, uniformly at random (torch's RNG,
     so a resumed run draws the same)."""
     live = live_mask(obs)
-    return gumbel_top_count(torch.zeros(live.shape, device=live.device), live, keep_counts(obs))
+    return random_count(live, keep_counts(obs))
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):

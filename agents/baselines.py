@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from agents.distributions import check_keep_ratio, top_k_live
+from agents.distributions import check_keep_ratio, ratio_count, top_k_live
 from agents.observation import live_mask, obs_tensor
 from agents.policy import TokenPolicy
+from apt_env.tokens import random_count
 
 __all__ = ["ClsAttentionTopK", "KeepAll", "RandomKeep", "TokenPolicy"]
 
@@ -46,8 +47,8 @@ class RandomKeep:
     def act(self, obs: Mapping[str, Any], *, deterministic: bool = True, keep_ratio: float | None = None) -> Tensor:
         """A random keep mask (B, N) bool; ``keep_ratio`` overrides the constructor's."""
         live = live_mask(obs)
-        scores = torch.rand(live.shape, generator=self.generator).to(live.device)
-        return top_k_live(scores, live, self.keep_ratio if keep_ratio is None else keep_ratio)
+        count = ratio_count(live, self.keep_ratio if keep_ratio is None else keep_ratio)
+        return random_count(live, count, self.generator)
 
 
 class ClsAttentionTopK:

@@ -43,8 +43,14 @@ def top_k_live(scores: Tensor, live: Tensor, keep_ratio: float) -> Tensor:
     Returns:
         (B, N) bool keep mask, a subset of ``live``.
     """
+    return top_count(scores, live, ratio_count(live, keep_ratio))
+
+
+def ratio_count(live: Tensor, keep_ratio: float) -> Tensor:
+    """Tokens kept per row at ``keep_ratio`` (in (0, 1]) of its live ones: rounded half up, at least one.
+    # live: (B, N) bool -> (B,) float"""
     ratio = check_keep_ratio(keep_ratio)
-    return top_count_live(scores, live, live.sum(1, dtype=torch.float32) * ratio)
+    return torch.floor(live.sum(1, dtype=torch.float32) * ratio + 0.5).clamp(min=1)
 
 
 def top_count_live(scores: Tensor, live: Tensor, count: Tensor) -> Tensor:

@@ -83,7 +83,6 @@ def _canonical(key: str, value: Any) -> Any:
     return value
 
 
-
 def save_backbone(path: str | Path, pv: PrunableViT, *, meta: Mapping[str, Any] | None = None) -> Path:
     """Write ``pv`` as a checkpoint folder ``path``, atomically replacing any previous one.
 

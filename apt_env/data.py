@@ -551,9 +551,7 @@ def make_loader(
         The DataLoader.
     """
     if sampler is not None and shuffle:
-        raise ValueError(
-            "pass shuffle=False with a sampler; let the sampler shuffle (e.g. DistributedSampler)"
-        )
+        raise ValueError("pass shuffle=False with a sampler; let the sampler shuffle (e.g. DistributedSampler)")
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -626,9 +624,7 @@ def _read_idx(path: Path, *, ndim: int) -> np.ndarray:
         with gzip.open(path, "rb") as f:
             raw = bytearray(f.read())  # writable, so torch.from_numpy does not warn
     except (OSError, EOFError) as err:
-        raise ValueError(
-            f"{path} is truncated or corrupt (gzip: {err}); reinstall or re-download it"
-        ) from err
+        raise ValueError(f"{path} is truncated or corrupt (gzip: {err}); reinstall or re-download it") from err
     header = 4 * (1 + ndim)
     if len(raw) < header:
         raise ValueError(f"{path} is truncated or corrupt: {len(raw)} bytes, shorter than its header")
@@ -648,9 +644,7 @@ def _load_fashion_mnist(split: str, *, root: Path, download: bool) -> tuple[Tens
     if image_path.is_file() and label_path.is_file():
         images, labels = _read_idx(image_path, ndim=3), _read_idx(label_path, ndim=1)
         if len(images) != len(labels):
-            raise ValueError(
-                f"{image_path} has {len(images)} images but {label_path} has {len(labels)} labels"
-            )
+            raise ValueError(f"{image_path} has {len(images)} images but {label_path} has {len(labels)} labels")
         return (
             torch.from_numpy(images)[:, None],
             torch.from_numpy(labels).long(),
@@ -706,9 +700,7 @@ def _load_digits(split: str) -> tuple[Tensor, Tensor, list[str]]:
 
     digits = load_digits()
     index = np.arange(len(digits.target))
-    train_index, test_index = train_test_split(
-        index, test_size=0.2, stratify=digits.target, random_state=_DIGITS_SEED
-    )
+    train_index, test_index = train_test_split(index, test_size=0.2, stratify=digits.target, random_state=_DIGITS_SEED)
     index = np.sort(train_index if split == "train" else test_index)
     images = np.rint(digits.images[index] * (255 / 16)).astype(np.uint8)  # 0..16 gray levels -> 0..255
     images = torch.from_numpy(images)[:, None]
@@ -755,9 +747,7 @@ def _imagefolder_split_dir(path: Path, split: str) -> Path | None:
         if (path / sub).is_dir():
             return path / sub
     if any((path / sub).is_dir() for sub in _SPLITS):
-        raise FileNotFoundError(
-            f"{path} has split subfolders but no {' or '.join(candidates)} for split={split!r}"
-        )
+        raise FileNotFoundError(f"{path} has split subfolders but no {' or '.join(candidates)} for split={split!r}")
     return None
 
 

@@ -35,7 +35,7 @@ from apt_env.atomic import write_file
 from apt_env.backbone import Mode, PrunableViT
 from apt_env.flops import FlopCounter, cls_attention_flops
 from apt_env.observe import OBS_KEYS, BudgetKeepRatio, KeepFn, walk
-from apt_env.tokens import top_count
+from apt_env.tokens import random_count
 from apt_env.train_state import load_train_state
 
 __all__ = [
@@ -391,7 +391,7 @@ def random_at_counts(decisions: Decisions, *, seed: int) -> KeepFn:
     def keep(obs: dict[str, Tensor]) -> Tensor:
         live = obs["keep"].bool()
         count = counts[decisions.rows(obs["index"]), int(obs["stage"][0])].to(live.device)
-        return top_count(torch.rand(live.shape, generator=generator).to(live.device), live, count)
+        return random_count(live, count, generator)
 
     return keep
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from apt_env.evaluate import eval_mode, forward_policy
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS
+from apt_env.render import dim_pruned
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -138,16 +139,13 @@ def plot_masks(
     stages = next(iter(masks.values())).shape[1]
     cols = 1 + stages * len(masks)
     fig, axes = plt.subplots(m, cols, figsize=(1.3 * cols, 1.3 * m + 0.6), squeeze=False)
-    h, w = images.shape[-2:]
     for i in range(m):
         img = images[i].float().mean(0)  # gray
         img = (img - img.min()) / (img.max() - img.min()).clamp(min=1e-8)
         panels = [("image", img)]
         for name, mask in masks.items():
             for k in range(stages):
-                keep = mask[i, k].float().view(grid)
-                keep = torch.nn.functional.interpolate(keep[None, None], size=(h, w), mode="nearest")[0, 0]
-                panels.append((f"{name}\nstage {k + 1}", img * (0.15 + 0.85 * keep)))
+                panels.append((f"{name}\nstage {k + 1}", dim_pruned(img, mask[i, k], grid)))
         for j, (label, panel) in enumerate(panels):
             ax = axes[i, j]
             ax.imshow(panel.numpy(), cmap="gray", vmin=0, vmax=1)
@@ -191,4 +189,4 @@ def agent_masks_figure(pv: Any, policy: Any, dataset: Any, *, count: int = 8, bu
             pv, images.to(device), lambda obs: policy.act(obs, deterministic=True), obs_keys=keys,
             budget=budget if use_budget else None,
         )  # fmt: skip
-    return plot_masks(None, images, {"agent": masks.cpu()}, grid=tuple(pv.model.patch_embed.grid_size))
+    return plot_masks(None, images, {"agent": masks.cpu()}, grid=pv.grid_size)

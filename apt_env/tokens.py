@@ -206,3 +206,13 @@ def keep_count(live: torch.Tensor, ratio: torch.Tensor, min_keep: int) -> torch.
     at least ``max(1, min_keep)``, at most ``live``. # live, ratio: (B,) -> (B,) float64"""
     live = live.double()
     return torch.floor(live * ratio.double() + 0.5).clamp(min=max(1, min_keep)).clamp(max=live)
+
+
+def random_count(live: torch.Tensor, count: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Keep each row's ``count`` (B,) live tokens drawn uniformly without replacement (all of them where it has
+    fewer): one uniform score per position from ``generator`` (torch's default one when None), the top ``count``
+    kept. The scores are drawn on the generator's device, so a CPU generator gives the same masks on any device.
+    # live: (B, N) bool -> (B, N) bool, a subset of ``live``"""
+    device = live.device if generator is None else generator.device
+    scores = torch.rand(live.shape, generator=generator, device=device)
+    return top_count(scores.to(live.device), live, count)

@@ -16,8 +16,9 @@ from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from agents.sb3_policy import APTActorCriticPolicy
 from apt_env.data import build_dataset
-from apt_env.env import APTPruneEnv, APTPruneVectorEnv, build_backbone
+from apt_env.env import APTPruneEnv, APTPruneVectorEnv
 from apt_env.evaluate import budget_keep_ratio
+from apt_env.model_spec import build_backbone
 from apt_env.observe import BudgetKeepRatio
 from apt_env.sb3_vec_env import SB3VecEnv
 

@@ -25,7 +25,8 @@ from agents.io import load_policy, save_policy
 from agents.policy import APTPolicy
 from apt_env.backbone import PrunableViT
 from apt_env.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_backbone, save_backbone
-from apt_env.env import REWARDS, APTPruneEnv, APTPruneVectorEnv
+from apt_env.env import APTPruneEnv, APTPruneVectorEnv
+from apt_env.episodes import REWARDS
 from apt_env.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS
 
 CLEAR = (ValueError, TypeError, FileNotFoundError)

@@ -106,7 +106,7 @@ def test_a_budget_agent_trains_with_the_variance_reduced_reward(algo, backbone, 
 def test_reward_choices_are_the_environments():
     import typing
 
-    from apt_env.env import REWARDS
+    from apt_env.episodes import REWARDS
 
     module = load_script("train_agent")
     hints = typing.get_type_hints(module.Args)

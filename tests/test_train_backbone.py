@@ -186,7 +186,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 @pytest.mark.slow
 def test_sigkill_mid_joint_training_then_resume_ends_as_uninterrupted(tmp_path):
     flags = [*TINY, *APT, "--no-compare-plain", "--epochs", "3", "--steps-per-epoch", "12"]
-    run_a, _ = _run(tmp_path / "a", *flags[len(TINY):])
+    run_a, _ = _run(tmp_path / "a", *flags[len(TINY) :])
     out = tmp_path / "b"
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), *flags, "--out-dir", str(out)],
