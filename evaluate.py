@@ -20,6 +20,7 @@ Writes ``results.csv``, ``results.md``, ``tradeoff.png`` and ``masks.png`` to ``
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
@@ -57,6 +58,9 @@ from apt_env.runs import seed_everything
 logger = logging.getLogger("evaluate")
 
 AGENT = "APT agent"
+AGENT_SAMPLED = f"{AGENT} (sampled)"
+AGENT_DETERMINISTIC = f"{AGENT} (deterministic)"
+CLS_TOPK = "cls-attn top-k"
 REPLAYED = "agent's masks, no decision"
 PHYSICAL = "dense batch at the agent's kept lengths"
 CONTROL = "control: "
@@ -174,24 +178,28 @@ def agent_contenders(policy: APTPolicy, budgets: dict[float, float], seed: int) 
     if policy.use_budget:
         keys = (*OBS_KEYS, *BUDGET_KEYS)
         return [
-            Contender(f"{AGENT}{rule} @ {b:g}", act, b, obs_keys=keys, flops=cost)
+            Contender(f"{rule} @ {b:g}", act, b, obs_keys=keys, flops=cost, role="agent", rule=rule)
             for b in budgets
-            for rule, act in ((" (sampled)", sampled), ("", mode))
+            for rule, act in ((AGENT_SAMPLED, sampled), (AGENT, mode))
         ]
     rows = [
-        Contender(f"{AGENT} (sampled)", sampled, flops=cost),
-        Contender(f"{AGENT} (deterministic)", mode, flops=cost),
+        Contender(AGENT_SAMPLED, sampled, flops=cost, role="agent"),
+        Contender(AGENT_DETERMINISTIC, mode, flops=cost, role="agent"),
     ]
     for budget, ratio in budgets.items():
         keep = lambda o, r=ratio: policy.act(o, keep_ratio=r)  # noqa: E731
-        rows.append(Contender(f"{AGENT} logit top-k @ {budget:g}", keep, budget, flops=cost))
+        rule = f"{AGENT} logit top-k"
+        rows.append(Contender(f"{rule} @ {budget:g}", keep, budget, flops=cost, role="agent", rule=rule))
     return rows
 
 
 def random_contender(budget: float, ratio: float, seed: int, model: PrunableViT | None = None) -> Contender:
     """Random pruning at a budget's keep ratio, on the evaluation's backbone or on ``model`` (the control)."""
-    name = f"{'' if model is None else CONTROL}random @ {budget:.3g}"
-    return Contender(name, RandomKeep(ratio, seed=seed).act, budget, obs_keys=("keep", "stage"), model=model)
+    name, role = (
+        (f"random @ {budget:.3g}", "heuristic") if model is None else (f"{CONTROL}random @ {budget:.3g}", "control")
+    )
+    act = RandomKeep(ratio, seed=seed).act
+    return Contender(name, act, budget, obs_keys=("keep", "stage"), model=model, role=role, rule="random")
 
 
 def heuristic_contenders(budgets: dict[float, float], seed: int) -> list[Contender]:
@@ -200,9 +208,9 @@ def heuristic_contenders(budgets: dict[float, float], seed: int) -> list[Contend
     for budget, ratio in budgets.items():
         rows.append(random_contender(budget, ratio, seed))
         top = ClsAttentionTopK(ratio)
-        rows.append(
-            Contender(f"cls-attn top-k @ {budget:.3g}", top.act, budget, obs_keys=("cls_attn", "keep", "stage"))
-        )
+        keys = ("cls_attn", "keep", "stage")
+        name = f"{CLS_TOPK} @ {budget:.3g}"
+        rows.append(Contender(name, top.act, budget, obs_keys=keys, role="heuristic", rule=CLS_TOPK))
     return rows
 
 
@@ -212,23 +220,22 @@ def control_contenders(
     """The control backbone, dense and with random pruning at every budget (the keep ratio of ``pv``'s geometry)."""
     if (control.num_patches, control.prune_layers, control.depth) != (pv.num_patches, pv.prune_layers, pv.depth):
         raise ValueError("--control must have the backbone's tokens, depth and pruning layers")
-    dense = Contender(f"{CONTROL}dense", None, 1.0, model=control)
+    dense = Contender(f"{CONTROL}dense", None, 1.0, model=control, role="control", rule="dense")
     return [dense] + [random_contender(budget, ratio, seed, control) for budget, ratio in budgets.items()]
 
 
 def equal_compute_text(rows: list[dict]) -> str:
     """Each deterministic agent row against every baseline family at the agent's GFLOPs, its own cost included:
     the family's top-1 interpolated linearly in GFLOPs between its budget rows and its dense model."""
-    families = {"random": ("random @ ", "dense"), "cls-attn top-k": ("cls-attn top-k @ ", "dense")}
-    if any(r["policy"].startswith(CONTROL) for r in rows):
-        families["control, random"] = (f"{CONTROL}random @ ", f"{CONTROL}dense")
+    families = {"random": ("heuristic", "random"), CLS_TOPK: ("heuristic", CLS_TOPK)}
+    if any(r["role"] == "control" for r in rows):
+        families["control, random"] = ("control", "random")
     lines = []
-    for agent in (r for r in rows if is_agent_decision(r["policy"])):
+    for agent in (r for r in rows if is_agent_decision(r)):
         parts = []
-        for name, (prefix, dense) in families.items():
-            points = sorted(
-                (r["gflops"], r["top1"]) for r in rows if r["policy"].startswith(prefix) or r["policy"] == dense
-            )
+        for name, (role, rule) in families.items():
+            dense = ("control" if role == "control" else "dense", "dense")  # the family's own backbone, unpruned
+            points = sorted((r["gflops"], r["top1"]) for r in rows if (r["role"], r["rule"]) in ((role, rule), dense))
             at = float(np.interp(agent["gflops"], [g for g, _ in points], [t for _, t in points]))
             parts.append(f"{name} {100 * at:.2f} ({100 * (agent['top1'] - at):+.2f})")
         lines.append(f"{agent['policy']}: {100 * agent['top1']:.2f} at {agent['gflops']:.4g} GFLOPs with its cost; "
@@ -236,9 +243,9 @@ def equal_compute_text(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def is_agent_decision(policy: str) -> bool:
+def is_agent_decision(row: dict) -> bool:
     """Whether a row is the agent deciding by its mode or logit ranking (not sampling): a row with a replay."""
-    return policy.startswith(AGENT) and "sampled" not in policy
+    return row["role"] == "agent" and row["rule"] != AGENT_SAMPLED
 
 
 REPLAY_RECORDED = ("top1", "gflops_backbone")
@@ -253,9 +260,16 @@ def replay_contenders(rows: list[dict], decisions: dict[str, Decisions]) -> list
     """The physical reference of every deterministic agent row: the backbone on the masks the agent chose,
     replayed without observing or deciding anything. Its speed over the agent's is the decision's cost."""
     return [
-        Contender(replay_name(r["budget"]), fixed_masks(decisions[r["policy"]]), r["budget"], obs_keys=("stage",))
+        Contender(
+            replay_name(r["budget"]),
+            fixed_masks(decisions[r["policy"]]),
+            r["budget"],
+            obs_keys=("stage",),
+            role="reference",
+            rule=REPLAYED,
+        )  # fmt: skip
         for r in rows
-        if is_agent_decision(r["policy"])
+        if is_agent_decision(r)
     ]
 
 
@@ -266,11 +280,7 @@ def physical_name(budget: float) -> str:
 def physical_contenders(rows: list[dict], decisions: dict[str, Decisions]) -> list[Contender]:
     """The physical reference of every deterministic agent row, timed only: the same blocks on a plain dense batch at
     the agent's mean kept length per stage, with no decision, mask or gather."""
-    return [
-        DenseAtLengths.of(physical_name(r["budget"]), decisions[r["policy"]])
-        for r in rows
-        if is_agent_decision(r["policy"])
-    ]
+    return [DenseAtLengths.of(physical_name(r["budget"]), decisions[r["policy"]]) for r in rows if is_agent_decision(r)]
 
 
 def speed_ratios(row: dict, ref: dict) -> str:
@@ -288,7 +298,7 @@ def decision_cost_text(rows: list[dict], physical: dict[str, dict]) -> str:
         f"over its masks replayed {speed_ratios(r, by_name[replay_name(r['budget'])])}; "
         f"over dense {speed_ratios(r, by_name['dense'])}"
         for r in rows
-        if is_agent_decision(r["policy"])
+        if is_agent_decision(r)
     ]
     return "\n".join(lines)
 
@@ -318,7 +328,8 @@ def replay(args: Args, pv: PrunableViT, dataset, digest: str, out: Path, source:
     replayed = Subset(dataset, decisions.index.tolist())
     loader = make_loader(replayed, batch_size=args.batch_size, shuffle=False, seed=args.seed)
     name = f"replay of {facts.get('policy', '?')}"
-    rows, _ = evaluate_accuracy(pv, loader, [Contender(name, fixed_masks(decisions), obs_keys=("stage",))])
+    contender = Contender(name, fixed_masks(decisions), obs_keys=("stage",), role="reference", rule=REPLAYED)
+    rows, _ = evaluate_accuracy(pv, loader, [contender])
     row = {**rows[0], "budget": facts.get("budget", rows[0].get("budget"))}
     row.update({f"recorded_{key}": facts.get(key) for key in REPLAY_RECORDED})
     columns = [c for c in COLUMNS if c in row and not c.startswith("img_per_s")]
@@ -352,29 +363,17 @@ def main(args: Args) -> dict[str, dict]:
         return replay(args, pv, dataset, digest, out, source)
 
     agent = None if args.agent in (None, "", "none") else load_agent(args.agent, pv)
-    ratios = {b: budget_keep_ratio(pv, b) for b in args.budgets}
-    first = [Contender("dense", None)] + (agent_contenders(agent, ratios, args.seed) if agent is not None else [])
-    rows, decisions = evaluate_accuracy(pv, loader, first, desc="agent")
-    budgets = dict(ratios)
-    if agent is not None and not agent.use_budget:  # the heuristics also at the compute the agent reached
-        reached = next(r["budget"] for r in rows if r["policy"] == f"{AGENT} (deterministic)")
-        budgets[round(reached, 3)] = budget_keep_ratio(pv, reached)
-    second = heuristic_contenders(budgets, args.seed) + replay_contenders(rows, decisions)
-    if args.control:
-        second += control_contenders(load_model(args, args.control), pv, budgets, args.seed)
-    more_rows, more_decisions = evaluate_accuracy(pv, loader, second, desc="heuristics")
-    rows += more_rows
-    decisions.update(more_decisions)
-
+    rows, decisions, contenders = evaluate_rows(args, pv, loader, agent)
     physical = physical_contenders(rows, decisions)
-    contenders = first + second + physical
     timing = torch.stack([dataset[i][0] for i in range(min(len(dataset), args.batch_size))])
-    b256 = measure_throughput(pv, timing, contenders, batch_size=len(timing), repeats=args.repeats)
-    b1 = measure_throughput(pv, timing, contenders, batch_size=1, repeats=args.repeats)
+    speed = {b: measure_throughput(pv, timing, contenders + physical, batch_size=b, repeats=args.repeats)
+             for b in (len(timing), 1)}  # fmt: skip
     for row in rows:
-        row["img_per_s_b1"], row["img_per_s_b256"] = b1[row["policy"]], b256[row["policy"]]
-    physical_speed = {c.name: {"img_per_s_b1": b1[c.name], "img_per_s_b256": b256[c.name]} for c in physical}
-    rows.sort(key=lambda r: (r["policy"] != "dense", r["budget"], r["policy"]))
+        row["img_per_s_b1"], row["img_per_s_b256"] = speed[1][row["policy"]], speed[len(timing)][row["policy"]]
+    physical_speed = {
+        c.name: {"img_per_s_b1": speed[1][c.name], "img_per_s_b256": speed[len(timing)][c.name]} for c in physical
+    }
+    rows.sort(key=lambda r: (r["role"] != "dense", r["budget"], r["policy"]))
 
     write_csv(out / "results.csv", rows, COLUMNS)
     table = markdown_table(rows, COLUMNS)
@@ -384,35 +383,65 @@ def main(args: Args) -> dict[str, dict]:
     )
     (out / "results.md").write_text(header + table + "\n")
     plot_tradeoff(out / "tradeoff.png", rows, title=source)
-
-    b = args.picture_budget
-    pick = [f"{AGENT} @ {b:g}" if agent.use_budget else f"{AGENT} logit top-k @ {b:g}"] if agent is not None else []
-    pick += [f"cls-attn top-k @ {b:.3g}", f"random @ {b:.3g}"]
-    if any(name not in decisions for name in pick):
-        raise ValueError(f"--picture-budget {b} must be one of --budgets {args.budgets}")
-    m = min(args.picture_images, len(dataset))
-    plot_masks(
-        out / "masks.png",
-        torch.stack([dataset[i][0] for i in range(m)]),
-        {name.replace(" @ ", "\n@ "): decisions[name].masks[:m] for name in pick},
-        grid=tuple(pv.model.patch_embed.grid_size),
-        title=f"kept patches at budget {b:g} ({source})",
-    )
+    write_masks(args, pv, dataset, rows, decisions, out / "masks.png", source)
     if args.save_masks:
-        name = f"cls-attn top-k @ {b:.3g}"
-        if agent is not None:
-            name = f"{AGENT} @ {b:g}" if agent.use_budget else f"{AGENT} (deterministic)"
-        row = next(r for r in rows if r["policy"] == name)
+        deterministic = [r for r in rows if r["rule"] == AGENT_DETERMINISTIC]  # an agent without a budget input
+        row = (deterministic or picture_rows(rows, args.picture_budget))[0]
         save_decisions(
-            args.save_masks, decisions[name], dataset=args.dataset, split=args.split, batch_size=args.batch_size,
-            backbone_digest=digest, policy=name, budget=row["budget"], top1=row["top1"],
-            gflops_backbone=row["gflops_backbone"],
+            args.save_masks, decisions[row["policy"]], dataset=args.dataset, split=args.split,
+            batch_size=args.batch_size, backbone_digest=digest, policy=row["policy"], budget=row["budget"],
+            top1=row["top1"], gflops_backbone=row["gflops_backbone"],
         )  # fmt: skip
     print(header + table)
     print(decision_cost_text(rows, physical_speed))
     print(equal_compute_text(rows))
     print(f"\nwrote {out}/results.csv, results.md, tradeoff.png, masks.png")
     return {r["policy"]: r for r in rows}
+
+
+def evaluate_rows(
+    args: Args, pv: PrunableViT, loader, agent: APTPolicy | None
+) -> tuple[list[dict], dict[str, Decisions], list[Contender]]:
+    """Every accuracy row on the same images: dense and the agent first, then the heuristics at the budgets (and at
+    the compute an agent without a budget input reached), the agent's masks replayed and the control."""
+    ratios = {b: budget_keep_ratio(pv, b) for b in args.budgets}
+    first = [Contender("dense", None, role="dense", rule="dense")]
+    first += agent_contenders(agent, ratios, args.seed) if agent is not None else []
+    rows, decisions = evaluate_accuracy(pv, loader, first, desc="agent")
+    budgets = dict(ratios)
+    if agent is not None and not agent.use_budget:
+        reached = next(r["budget"] for r in rows if r["rule"] == AGENT_DETERMINISTIC)
+        budgets[round(reached, 3)] = budget_keep_ratio(pv, reached)
+    second = heuristic_contenders(budgets, args.seed) + replay_contenders(rows, decisions)
+    if args.control:
+        second += control_contenders(load_model(args, args.control), pv, budgets, args.seed)
+    more_rows, more_decisions = evaluate_accuracy(pv, loader, second, desc="heuristics")
+    return rows + more_rows, decisions | more_decisions, first + second
+
+
+def picture_rows(rows: list[dict], budget: float) -> list[dict]:
+    """The rows ``masks.png`` shows at ``budget``: the agent's decision (if any), class-attention top-k, random."""
+    at = [r for r in rows if math.isclose(r["budget"], budget, rel_tol=1e-6)]
+    agent = [r for r in at if is_agent_decision(r)][:1]
+    heuristics = [r for rule in (CLS_TOPK, "random") for r in at if (r["role"], r["rule"]) == ("heuristic", rule)]
+    picked = agent + heuristics
+    if len(heuristics) < 2:
+        raise ValueError(f"--picture-budget {budget} must be one of --budgets")
+    return picked
+
+
+def write_masks(args: Args, pv: PrunableViT, dataset, rows: list[dict], decisions, path: Path, source: str) -> None:
+    """``masks.png``: the first ``--picture-images`` images with the patches each picture row kept at every stage."""
+    b = args.picture_budget
+    names = [r["policy"] for r in picture_rows(rows, b)]
+    m = min(args.picture_images, len(dataset))
+    plot_masks(
+        path,
+        torch.stack([dataset[i][0] for i in range(m)]),
+        {name.replace(" @ ", "\n@ "): decisions[name].masks[:m] for name in names},
+        grid=tuple(pv.model.patch_embed.grid_size),
+        title=f"kept patches at budget {b:g} ({source})",
+    )
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ from apt_env.report import agent_masks_figure, markdown_table
 from apt_env.resample import patch_size, resample_into
 from apt_env.runs import hyperparameters_text, new_run_dir, resume_args, seed_everything
 from apt_env.tokens import random_count
-from apt_env.train_state import get_rng_state, resume_state, save_train_state
+from apt_env.train_state import TRAIN_STATE_FILE, Resumed, get_rng_state, resume_state, save_train_state
 
 logger = logging.getLogger("train_backbone")
 
@@ -373,18 +373,57 @@ def plain_baseline(args: Args, run_dir: Path) -> tuple[Args, Path]:
     return prepare_run(plain)
 
 
-def train(args: Args, run_dir: Path) -> bool:
-    """Train one model (plain, or jointly with its agent) in ``run_dir``, from its last checkpoint if any.
+@dataclass
+class Run:
+    """What one training run works with, built once by ``setup`` and passed to each phase."""
 
-    Returns:
-        True when the schedule is complete, False when it stopped at ``--stop-epoch``.
-    """
-    rank, world_size, device = init_distributed(args.device)
-    main_rank = rank == 0
-    seed_everything(args.seed)  # the same model on every rank
+    args: Args
+    run_dir: Path
+    rank: int
+    world_size: int
+    device: torch.device
+    pv: PrunableViT
+    train_set: torch.utils.data.Dataset
+    val_set: torch.utils.data.Dataset
+    steps_per_epoch: int
+    total_steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    losses_fn: torch.nn.Module
+    agent: NativePPO | None
+    writer: SummaryWriter | None
+    start_epoch: int = 0
+    global_step: int = 0
 
-    info = dataset_info(args.dataset, args.data_root)
-    resumed = resume_state(args.resume, rank=rank, world_size=world_size)
+    @property
+    def main_rank(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class EpochStats:
+    """The backbone phase's running loss and accuracy over the images it saw."""
+
+    sum_loss: float = 0.0
+    sum_correct: int = 0
+    seen: int = 0
+
+    def add(self, loss: float, correct: int, count: int) -> None:
+        self.sum_loss += loss * count
+        self.sum_correct += correct
+        self.seen += count
+
+    @property
+    def loss(self) -> float:
+        return self.sum_loss / max(1, self.seen)
+
+    @property
+    def acc1(self) -> float:
+        return self.sum_correct / max(1, self.seen)
+
+
+def load_or_build_model(args: Args, run_dir: Path, info: DatasetInfo, resumed: Resumed | None) -> PrunableViT:
+    """The run's backbone: its own checkpoint's (with the saved weights) on resume, else built from the arguments."""
     if resumed is not None:
         pv = load_backbone(run_dir / "checkpoint", expect={"dataset": args.dataset})
         pv.model.load_state_dict(resumed.state["model"])
@@ -394,167 +433,204 @@ def train(args: Args, run_dir: Path) -> bool:
         raise ValueError(f"the model has {pv.num_classes} classes, {args.dataset} has {info.num_classes}")
     if pv.img_size[0] != pv.img_size[1]:
         raise ValueError(f"datasets are square; the model's img_size is {pv.img_size}")
-    pv = pv.to(device)
+    return pv
+
+
+def setup(args: Args, run_dir: Path) -> Run:
+    """Model, data, optimizer, schedule and agent of a run, restored from its training state on resume."""
+    rank, world_size, device = init_distributed(args.device)
+    seed_everything(args.seed)  # the same model on every rank
+    resumed = resume_state(args.resume, rank=rank, world_size=world_size)
+    pv = load_or_build_model(args, run_dir, dataset_info(args.dataset, args.data_root), resumed).to(device)
     if world_size > 1:  # augmentation and stage draws: each rank its own stream
         seed_everything(args.seed + rank)
     # The model's own preprocessing: the dataset's statistics from scratch, else what its weights were trained with.
     train_set = dataset_for(pv, args.dataset, "train", augment=args.augment, root=args.data_root)
     val_set = dataset_for(pv, args.dataset, "val", root=args.data_root)
-    val_loader = make_loader(val_set, batch_size=args.eval_batch_size, shuffle=False, seed=args.seed)
-    info = train_set.info  # as the model sees it: resized, channels converted
     batches = len(train_set) // (args.batch_size * world_size)  # drop_last: every step sees a full batch
     if batches == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the train split ({len(train_set)} images)")
     steps_per_epoch = min(args.steps_per_epoch or batches, batches)
     total_steps = args.epochs * steps_per_epoch
-
-    param_groups = param_groups_weight_decay(
-        pv.model, args.weight_decay, no_weight_decay_list=pv.model.no_weight_decay()
-    )
-    optimizer = torch.optim.AdamW(param_groups, lr=peak_lr(args))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, round(args.warmup_frac * total_steps))
-    )
+    decay = param_groups_weight_decay(pv.model, args.weight_decay, no_weight_decay_list=pv.model.no_weight_decay())
+    optimizer = torch.optim.AdamW(decay, lr=peak_lr(args))
+    warmup_steps = round(args.warmup_frac * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
     channels = ChannelLosses(pv, mode=args.train_prune_mode, label_smoothing=args.label_smoothing)
-    losses_fn = DDP(channels) if world_size > 1 else channels
     agent = make_agent_trainer(args, pv, rank, device) if args.mode == "apt" else None
-    weights = {"plain": args.plain_weight, "single": args.single_weight, "multi": args.multi_weight}
-    start_epoch, global_step = 0, 0
+    run = Run(
+        args, run_dir, rank, world_size, device, pv, train_set, val_set, steps_per_epoch, total_steps, optimizer,
+        scheduler, DDP(channels) if world_size > 1 else channels, agent, writer=None,
+    )  # fmt: skip
     if resumed is not None:
         optimizer.load_state_dict(resumed.state["optimizer"])
         scheduler.load_state_dict(resumed.state["scheduler"])
         if agent is not None:
             agent.load_state_dict(resumed.own["agent"])
-        start_epoch, global_step = resumed.state["epoch"], resumed.state["global_step"]
+        run.start_epoch, run.global_step = resumed.state["epoch"], resumed.state["global_step"]
         resumed.restore_rng()  # last: building the model drew from the same RNGs
-        logger.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, global_step)
+        logger.info("resuming %s after epoch %d (step %d)", run_dir, run.start_epoch, run.global_step)
+    if run.main_rank:
+        run.writer = SummaryWriter(str(run_dir), purge_step=run.global_step if resumed is not None else None)
+        run.writer.add_text("hyperparameters", hyperparameters_text(vars(args)))
+    return run
 
-    writer = SummaryWriter(str(run_dir), purge_step=global_step if resumed is not None else None) if main_rank else None
-    if writer is not None:
-        writer.add_text("hyperparameters", hyperparameters_text(vars(args)))
+
+def epoch_loader(run: Run, epoch: int) -> torch.utils.data.DataLoader:
+    """The train split in a fresh, seeded order every epoch (also after ``--resume``); one shard per rank."""
+    sampler = None
+    if run.world_size > 1:
+        sampler = DistributedSampler(run.train_set, shuffle=True, seed=run.args.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+    return make_loader(
+        run.train_set,
+        batch_size=run.args.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        seed=run.args.seed + epoch,
+        drop_last=True,
+        num_workers=run.args.num_workers,
+    )
+
+
+def backbone_keep_fn(run: Run, epoch: int):
+    """The masks the pruned channels see this epoch: none while warming up, the agent's, or random ones."""
+    if run.args.mode == "plain" or epoch < warmup_epochs(run.args):
+        return None
+    if run.agent is None:
+        return random_budget_masks
+    agent = run.agent
+    agent.policy.eval()
+    mode = run.args.backbone_masks == "mode"
+    return lambda obs: agent.policy.act(obs, deterministic=mode, generator=agent.generator)
+
+
+def train_one_epoch(run: Run, epoch: int, start: tuple[float, int]) -> EpochStats:
+    """The backbone phase: one epoch of the channel losses under the agent's (or random) masks."""
+    args, pv, writer = run.args, run.pv, run.writer
+    keep_fn = backbone_keep_fn(run, epoch)
+    weights = {"plain": args.plain_weight, "single": args.single_weight, "multi": args.multi_weight}
+    pv.train()
+    stats = EpochStats()
+    bar = tqdm(
+        itertools.islice(epoch_loader(run, epoch), run.steps_per_epoch),
+        total=run.steps_per_epoch,
+        desc=f"epoch {epoch + 1}" + (" (pruning)" if keep_fn is not None else ""),
+        disable=not run.main_rank or None,
+    )
+    for images, labels in bar:
+        images, labels = images.to(run.device), labels.to(run.device)
+        single_stage = random.randrange(pv.num_stages)
+        groups = None if args.budget_groups is None else min(args.budget_groups, len(labels))
+        budget = draw_budgets(args.budget, len(labels), run.device, groups) if keep_fn is not None else None
+        losses, logits = run.losses_fn(images, labels, keep_fn, weights, single_stage, budget)
+        loss = sum(losses.values())
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = None
+        if args.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(pv.parameters(), args.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.global_step += 1
+        correct = int((logits.argmax(dim=1) == labels).sum())
+        stats.add(loss.item(), correct, len(labels))
+        if writer is not None:
+            scalars = {"losses/loss": loss.item(), **{f"losses/{c}": v.item() for c, v in losses.items()}}
+            if grad_norm is not None:
+                scalars["losses/grad_norm"] = float(grad_norm)
+            scalars["charts/train_acc1"] = correct / len(labels)
+            scalars["charts/learning_rate"] = run.optimizer.param_groups[0]["lr"]
+            scalars["charts/SPS"] = (run.global_step - start[1]) / (time.time() - start[0])
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, run.global_step)
+        bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{stats.acc1:.3f}")
+    return stats
+
+
+def train_agent_phase(run: Run, epoch: int) -> None:
+    """The agent phase: PPO on the env over the frozen backbone."""
+    agent = run.agent
+    run.pv.eval()
+    agent.policy.train()
+    agent.restart_episodes()
+    for stats in agent.learn(run.args.agent_steps):
+        if run.writer is not None:
+            for key in ("episode_return", "loss_delta", "keep_ratio", "gflops", "sps"):
+                run.writer.add_scalar(f"agent/{key}", stats[key], run.global_step)
+    logger.info("epoch %d agent: return %.4f keep %.3f", epoch + 1, stats["episode_return"], stats["keep_ratio"])
+
+
+def validate(run: Run) -> dict:
+    """Top-1 and loss on the held-out val split: what tuning may look at."""
+    loader = make_loader(run.val_set, batch_size=run.args.eval_batch_size, shuffle=False, seed=run.args.seed)
+    return evaluate(run.pv, loader, desc="val")
+
+
+def save_epoch(run: Run, epoch: int, stats: EpochStats, ranks: list) -> None:
+    """Validate, then write the checkpoint, the agent and the training state (rank 0), each atomically."""
+    pv, writer = run.pv, run.writer
+    val = validate(run)
+    logger.info("epoch %d: val top-1 %.4f loss %.4f", epoch + 1, val["acc1"], val["loss"])
+    meta = checkpoint_meta(
+        run.train_set.info,  # as the model sees it: resized, channels converted
+        epoch=epoch + 1,
+        train_loss=stats.loss,
+        train_acc1=stats.acc1,
+        val_acc1=val["acc1"],
+        val_loss=val["loss"],
+        weights_digest=state_digest(pv.model),
+    )
+    for tag, value in (("charts/epoch", epoch + 1), ("charts/val_acc1", val["acc1"]), ("charts/val_loss", val["loss"])):
+        writer.add_scalar(tag, value, run.global_step)
+    if run.agent is not None:
+        writer.add_figure("masks", agent_masks_figure(pv, run.agent.policy, run.val_set), run.global_step)
+    save_backbone(run.run_dir / "checkpoint", pv, meta=meta)  # first: a resume rebuilds the model from it
+    if run.agent is not None:
+        save_policy(run.run_dir / "agent", run.agent.policy, meta={"global_step": run.agent.global_step})
+    state = {
+        "model": pv.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "ranks": ranks,
+        "epoch": epoch + 1,
+        "global_step": run.global_step,
+    }
+    save_train_state(run.run_dir / TRAIN_STATE_FILE, state)
+
+
+def train(args: Args, run_dir: Path) -> bool:
+    """Train one model (plain, or jointly with its agent) in ``run_dir``, from its last checkpoint if any.
+
+    Returns:
+        True when the schedule is complete, False when it stopped at ``--stop-epoch``.
+    """
+    run = setup(args, run_dir)
     logger.info(
-        "run folder %s: %s, %d steps of %d images on %s x %d", run_dir, args.mode, total_steps, args.batch_size,
-        device, world_size,
+        "run folder %s: %s, %d steps of %d images on %s x %d", run_dir, args.mode, run.total_steps, args.batch_size,
+        run.device, run.world_size,
     )  # fmt: skip
-
-    start_time, start_step = time.time(), global_step
+    start = (time.time(), run.global_step)
+    complete = True
     with logging_redirect_tqdm():
-        for epoch in range(start_epoch, args.epochs):
-            sampler = None
-            if world_size > 1:  # each rank its own shard, a fresh seeded order every epoch
-                sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)
-                sampler.set_epoch(epoch)
-            loader = make_loader(
-                train_set,
-                batch_size=args.batch_size,
-                shuffle=sampler is None,
-                sampler=sampler,
-                seed=args.seed + epoch,  # a fresh, reproducible order every epoch, also after --resume
-                drop_last=True,
-                num_workers=args.num_workers,
-            )
-            pruning = args.mode != "plain" and epoch >= warmup_epochs(args)
-            keep_fn = random_budget_masks if pruning else None
-            if pruning and agent is not None:
-                agent.policy.eval()
-                mode = args.backbone_masks == "mode"
-                keep_fn = lambda obs: agent.policy.act(obs, deterministic=mode, generator=agent.generator)  # noqa: E731
-            pv.train()
-            sum_loss, sum_correct, seen = 0.0, 0, 0
-            bar = tqdm(
-                itertools.islice(loader, steps_per_epoch),
-                total=steps_per_epoch,
-                desc=f"epoch {epoch + 1}" + (" (pruning)" if pruning else ""),
-                disable=not main_rank or None,
-            )
-            for images, labels in bar:
-                images, labels = images.to(device), labels.to(device)
-                single_stage = random.randrange(pv.num_stages)
-                groups = None if args.budget_groups is None else min(args.budget_groups, len(labels))
-                budget = draw_budgets(args.budget, len(labels), device, groups) if pruning else None
-                losses, logits = losses_fn(images, labels, keep_fn, weights, single_stage, budget)
-                loss = sum(losses.values())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = None
-                if args.max_grad_norm > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(pv.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                global_step += 1
-
-                correct = int((logits.argmax(dim=1) == labels).sum())
-                sum_loss += loss.item() * len(labels)
-                sum_correct += correct
-                seen += len(labels)
-                if writer is not None:
-                    writer.add_scalar("losses/loss", loss.item(), global_step)
-                    for channel, value in losses.items():
-                        writer.add_scalar(f"losses/{channel}", value.item(), global_step)
-                    if grad_norm is not None:
-                        writer.add_scalar("losses/grad_norm", float(grad_norm), global_step)
-                    writer.add_scalar("charts/train_acc1", correct / len(labels), global_step)
-                    writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-                    writer.add_scalar(
-                        "charts/SPS", (global_step - start_step) / (time.time() - start_time), global_step
-                    )
-                bar.set_postfix(loss=f"{sum_loss / seen:.3f}", acc=f"{sum_correct / seen:.3f}")
-
-            if agent is not None and epoch + 1 >= warmup_epochs(args):  # agent phase: the backbone frozen
-                pv.eval()
-                agent.policy.train()
-                agent.restart_episodes()
-                for stats in agent.learn(args.agent_steps):
-                    if writer is not None:
-                        for key in ("episode_return", "loss_delta", "keep_ratio", "gflops", "sps"):
-                            writer.add_scalar(f"agent/{key}", stats[key], global_step)
-                logger.info(
-                    "epoch %d agent: return %.4f keep %.3f", epoch + 1, stats["episode_return"], stats["keep_ratio"]
-                )
-
+        for epoch in range(run.start_epoch, args.epochs):
+            stats = train_one_epoch(run, epoch, start)
+            if run.agent is not None and epoch + 1 >= warmup_epochs(args):  # the backbone frozen
+                train_agent_phase(run, epoch)
             # Before anything else could draw, so a resumed run continues identically; every rank its own.
-            ranks = gather_objects({"rng": get_rng_state(), "agent": agent.state_dict() if agent is not None else {}})
-            if main_rank:  # the held-out val split: what tuning may look at
-                val = evaluate(pv, val_loader, desc="val")
-                logger.info("epoch %d: val top-1 %.4f loss %.4f", epoch + 1, val["acc1"], val["loss"])
-                meta = checkpoint_meta(
-                    info,
-                    epoch=epoch + 1,
-                    train_loss=sum_loss / seen,
-                    train_acc1=sum_correct / seen,
-                    val_acc1=val["acc1"],
-                    val_loss=val["loss"],
-                    weights_digest=state_digest(pv.model),
-                )
-                writer.add_scalar("charts/epoch", epoch + 1, global_step)
-                writer.add_scalar("charts/val_acc1", val["acc1"], global_step)
-                writer.add_scalar("charts/val_loss", val["loss"], global_step)
-                if agent is not None:
-                    writer.add_figure("masks", agent_masks_figure(pv, agent.policy, val_set), global_step)
-                save_backbone(run_dir / "checkpoint", pv, meta=meta)  # first: a resume rebuilds the model from it
-                if agent is not None:
-                    save_policy(run_dir / "agent", agent.policy, meta={"global_step": agent.global_step})
-                save_train_state(
-                    run_dir / "train_state.pt",
-                    {
-                        "model": pv.model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "ranks": ranks,
-                        "epoch": epoch + 1,
-                        "global_step": global_step,
-                    },
-                )
+            agent_state = run.agent.state_dict() if run.agent is not None else {}
+            ranks = gather_objects({"rng": get_rng_state(), "agent": agent_state})
+            if run.main_rank:
+                save_epoch(run, epoch, stats, ranks)
             if args.stop_epoch is not None and epoch + 1 == args.stop_epoch < args.epochs:
                 logger.info("stopped after epoch %d; continue with --resume %s", epoch + 1, run_dir)
-                if writer is not None:
-                    writer.close()
-                return False
-    if writer is not None:
-        writer.close()
-    # Every rank reports its weights, so that a test can check that they agree.
-    logger.info("rank %d weights sha256 %s", rank, state_digest(pv.model))
-    return True
+                complete = False
+                break
+    if run.writer is not None:
+        run.writer.close()
+    if complete:  # every rank reports its weights, so that a test can check that they agree
+        logger.info("rank %d weights sha256 %s", run.rank, state_digest(run.pv.model))
+    return complete
 
 
 def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]:

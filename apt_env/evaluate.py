@@ -16,7 +16,6 @@ reported), so ratios between rows hold on a noisy machine.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 import weakref
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from scipy.stats import binomtest
 from torch import Tensor
 from tqdm import tqdm
 
@@ -43,6 +43,7 @@ __all__ = [
     "Contender",
     "Decisions",
     "DenseAtLengths",
+    "ROLES",
     "PolicyFlops",
     "budget_keep_ratio",
     "evaluate",
@@ -65,10 +66,13 @@ PolicyFlops = Callable[[Tensor], Tensor]
 observed at each stage. The class attention it reads is counted by the evaluator, not here."""
 
 COLUMNS: tuple[str, ...] = (
-    "policy", "budget", "top1", "top1_low", "top1_high", "loss", "gflops_backbone", "gflops_policy", "gflops",
-    "tokens_last", "img_per_s_b1", "img_per_s_b256", "num_images",
+    "policy", "role", "rule", "budget", "top1", "top1_low", "top1_high", "loss", "gflops_backbone", "gflops_policy",
+    "gflops", "tokens_last", "img_per_s_b1", "img_per_s_b256", "num_images",
 )  # fmt: skip
 """The columns of one evaluation row, in order (``results.csv``)."""
+
+ROLES: tuple[str, ...] = ("method", "dense", "agent", "heuristic", "control", "reference")
+"""What an evaluation row is there for (``Contender.role``)."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ class Contender:
     """One row of an evaluation: a pruning rule, at a budget.
 
     Args:
-        name: the row's name, e.g. ``"random"``.
+        name: the row's name as printed, e.g. ``"random @ 0.5"``.
         keep_fn: the decisions; ``None`` is the dense model (timm's forward, nothing observed).
         budget: the fraction of the dense backbone's GFLOPs the rule was set to, or what it reached on its
             own (for policies without a budget input).
@@ -84,6 +88,10 @@ class Contender:
             block, counted in ``gflops_policy``).
         flops: the policy's own cost (see ``PolicyFlops``); ``None`` is free (random, replay).
         model: run this backbone instead of the evaluation's (e.g. a plain ViT beside a jointly trained one).
+        role: what the row is there for (``ROLES``): the dense model, the agent, a heuristic, a control (another
+            backbone), or a reference (the agent's masks replayed); tables and plots group rows by it.
+        rule: the pruning rule, the same at every budget (e.g. ``"random"``); rows of one ``(role, rule)`` form one
+            curve. Default: ``name``.
     """
 
     name: str
@@ -92,6 +100,12 @@ class Contender:
     obs_keys: tuple[str, ...] = OBS_KEYS
     flops: PolicyFlops | None = None
     model: PrunableViT | None = None
+    role: str = "method"
+    rule: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"a row's role is one of {ROLES}, got {self.role!r}")
 
     def run(self, pv: PrunableViT, images: Tensor, *, mode: Mode, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``forward_policy`` of this row: on its own model if it has one, observing its budget if asked."""
@@ -114,7 +128,9 @@ class DenseAtLengths(Contender):
     @classmethod
     def of(cls, name: str, decisions: Decisions) -> DenseAtLengths:
         """At the mean count of patch tokens ``decisions`` kept at each stage, rounded."""
-        return cls(name, lengths=tuple(int(n) for n in decisions.masks.sum(-1).double().mean(0).round()))
+        return cls(
+            name, role="reference", lengths=tuple(int(n) for n in decisions.masks.sum(-1).double().mean(0).round())
+        )
 
     def run(self, pv: PrunableViT, images: Tensor, **_: Any) -> tuple[Tensor, Tensor, Tensor]:
         if len(self.lengths) != pv.num_stages:
@@ -166,15 +182,12 @@ def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
             m.train(training)
 
 
-def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a proportion ``correct / total`` (95% for ``z=1.96``)."""
+def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``correct / total`` (scipy's ``binomtest``)."""
     if total <= 0:
         raise ValueError(f"an interval needs at least one trial, got total={total}")
-    p = correct / total
-    denom = 1 + z * z / total
-    center = (p + z * z / (2 * total)) / denom
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    ci = binomtest(int(correct), int(total)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def forward_policy(
@@ -240,6 +253,21 @@ def _decision_gflops(pv: PrunableViT, contender: Contender) -> Callable[[Tensor]
     return cost
 
 
+def _row(c: Contender, sums: dict[str, float], num_images: int, dense_flops: float) -> dict[str, Any]:
+    """One evaluation row (``COLUMNS``, less the timings) from a contender's sums over ``num_images`` images."""
+    low, high = wilson_interval(int(sums["correct"]), num_images)
+    backbone, policy = sums["backbone"] / num_images / 1e9, sums["policy"] / num_images
+    row = {
+        "policy": c.name, "role": c.role, "rule": c.rule or c.name,
+        "budget": c.budget if c.budget is not None else backbone * 1e9 / dense_flops,
+        "top1": sums["correct"] / num_images, "top1_low": low, "top1_high": high, "loss": sums["loss"] / num_images,
+        "gflops_backbone": backbone, "gflops_policy": policy, "gflops": backbone + policy,
+        "tokens_last": sums["tokens"] / num_images, "num_images": num_images,
+    }  # fmt: skip
+    _logger.info("%s: top-1 %.4f [%.4f, %.4f], %.4g GFLOPs", c.name, row["top1"], low, high, backbone + policy)
+    return row
+
+
 @torch.inference_mode()
 def evaluate_accuracy(
     pv: PrunableViT,
@@ -292,18 +320,8 @@ def evaluate_accuracy(
         raise ValueError("the evaluation got no images: the dataset split is empty")
     rows, decisions = [], {}
     for c in contenders:
-        s = sums[c.name]
-        low, high = wilson_interval(s["correct"], num_images)
-        backbone, policy = s["backbone"] / num_images / 1e9, s["policy"] / num_images
-        budget = c.budget if c.budget is not None else backbone * 1e9 / counters[c.name].dense()
-        rows.append({
-            "policy": c.name, "budget": budget, "top1": s["correct"] / num_images, "top1_low": low,
-            "top1_high": high, "loss": s["loss"] / num_images, "gflops_backbone": backbone,
-            "gflops_policy": policy, "gflops": backbone + policy, "tokens_last": s["tokens"] / num_images,
-            "num_images": num_images,
-        })  # fmt: skip
+        rows.append(_row(c, sums[c.name], num_images, counters[c.name].dense()))
         decisions[c.name] = Decisions(torch.arange(num_images), torch.cat(masks[c.name]))
-        _logger.info("%s: top-1 %.4f [%.4f, %.4f], %.4g GFLOPs", c.name, rows[-1]["top1"], low, high, backbone + policy)
     return rows, decisions
 
 

@@ -69,16 +69,16 @@ def markdown_table(
     return "\n".join(lines)
 
 
-def _family(name: str) -> str:
-    """The curve a row belongs to: its name without a budget suffix such as ``@ 0.5``."""
-    return name.split(" @ ")[0]
+def curve_label(row: Mapping[str, Any]) -> str:
+    """The curve a row belongs to: its rule, prefixed by its role when that is a control (another backbone)."""
+    return f"{row['role']}: {row['rule']}" if row["role"] == "control" else str(row["rule"])
 
 
 def plot_tradeoff(path: str | Path, rows: Sequence[Mapping[str, Any]], *, title: str = "") -> Figure:
     """Top-1 (with its 95% interval) against total GFLOPs and against measured img/s at batch 256; returns the
     (closed) figure.
 
-    One curve per policy family (rows named ``"<family> @ <budget>"``); single rows are points.
+    One curve per ``(role, rule)`` of the rows (``curve_label``); single rows are points.
     """
     import matplotlib
 
@@ -88,7 +88,7 @@ def plot_tradeoff(path: str | Path, rows: Sequence[Mapping[str, Any]], *, title:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     families: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
-        families.setdefault(_family(str(row["policy"])), []).append(row)
+        families.setdefault(curve_label(row), []).append(row)
     for ax, x_key, x_label in (
         (axes[0], "gflops", "GFLOPs per image (backbone + policy)"),
         (axes[1], "img_per_s_b256", "measured images/s at batch 256"),

@@ -86,6 +86,7 @@ def _args(module, tmp_path: Path, model: Path, agent: Path | None, **kw):
 
 def test_wilson_interval_brackets_the_proportion_and_narrows_with_more_images():
     low, high = wilson_interval(80, 100)
+    assert (round(low, 4), round(high, 4)) == (0.7112, 0.8666)  # Wilson's 95% score interval, by hand
     assert low < 0.8 < high and 0.70 < low and high < 0.88
     low2, high2 = wilson_interval(800, 1000)
     assert high2 - low2 < high - low
@@ -228,7 +229,10 @@ def test_pictures_have_one_panel_per_image_policy_and_stage(tmp_path):
     fig = plot_masks(tmp_path / "masks.png", torch.randn(4, 1, 16, 16), masks, grid=(4, 4))
     assert len(fig.axes) == 4 * (1 + 3 * 3)
     row = dict(top1=0.5, top1_low=0.4, top1_high=0.6, gflops=1.0, img_per_s_b256=10.0)
-    fig = plot_tradeoff(tmp_path / "t.png", [{**row, "policy": "random @ 0.5"}, {**row, "policy": "dense"}])
+    fig = plot_tradeoff(
+        tmp_path / "t.png",
+        [{**row, "role": "heuristic", "rule": "random"}, {**row, "role": "dense", "rule": "dense"}],
+    )
     assert len(fig.axes) == 2 and (tmp_path / "t.png").stat().st_size > 1000
 
 
