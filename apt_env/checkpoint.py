@@ -83,31 +83,10 @@ def _canonical(key: str, value: Any) -> Any:
     return value
 
 
-def save_backbone(path: str | Path, pv: PrunableViT, *, meta: Mapping[str, Any] | None = None) -> Path:
-    """Write ``pv`` as a checkpoint folder ``path``, atomically replacing any previous one.
-
-    Args:
-        path: the checkpoint folder; created, or replaced if it already holds a checkpoint.
-        pv: a model built by ``PrunableViT.from_timm`` (its timm name and kwargs are recorded).
-        meta: JSON-serializable facts stored in config.json next to the build keys, e.g. ``dataset``,
-            ``test_acc1``. ``num_classes``, ``img_size`` and ``in_chans`` are recorded from the model; if given
-            here they must agree with it. The preprocessing is ``pv.data_config``'s, not meta's.
-
-    Returns:
-        The checkpoint folder.
-
-    Raises:
-        ValueError: ``pv`` was not built by ``from_timm``, ``meta`` clashes with the model or is not
-            JSON-serializable, or ``path`` exists and is not a checkpoint folder.
-    """
-    target = Path(path)
-    if pv.timm_name is None:
-        raise ValueError(
-            "save_backbone needs a PrunableViT built by PrunableViT.from_timm (it records the timm name "
-            "and kwargs needed to rebuild the model); this one wraps a module passed directly."
-        )
+def _checkpoint_config(pv: PrunableViT, meta: dict[str, Any]) -> dict[str, Any]:
+    """config.json of ``pv``: timm's keys, the pruning geometry, the model's facts, then ``meta`` (checked against
+    them)."""
     facts = _model_facts(pv)
-    meta = dict(meta or {})
     clashes = sorted(k for k in meta if k in _BUILD_KEYS or k in _TIMM_KEYS or k in _DATA_KEYS)
     if clashes:
         raise ValueError(
@@ -132,6 +111,33 @@ def save_backbone(path: str | Path, pv: PrunableViT, *, meta: Mapping[str, Any] 
         **facts,
         **{k: v for k, v in meta.items() if k not in facts},
     }
+    return config
+
+
+def save_backbone(path: str | Path, pv: PrunableViT, *, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``pv`` as a checkpoint folder ``path``, atomically replacing any previous one.
+
+    Args:
+        path: the checkpoint folder; created, or replaced if it already holds a checkpoint.
+        pv: a model built by ``PrunableViT.from_timm`` (its timm name and kwargs are recorded).
+        meta: JSON-serializable facts stored in config.json next to the build keys, e.g. ``dataset``,
+            ``test_acc1``. ``num_classes``, ``img_size`` and ``in_chans`` are recorded from the model; if given
+            here they must agree with it. The preprocessing is ``pv.data_config``'s, not meta's.
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        ValueError: ``pv`` was not built by ``from_timm``, ``meta`` clashes with the model or is not
+            JSON-serializable, or ``path`` exists and is not a checkpoint folder.
+    """
+    target = Path(path)
+    if pv.timm_name is None:
+        raise ValueError(
+            "save_backbone needs a PrunableViT built by PrunableViT.from_timm (it records the timm name "
+            "and kwargs needed to rebuild the model); this one wraps a module passed directly."
+        )
+    config = _checkpoint_config(pv, dict(meta or {}))
     try:
         config_text = json.dumps(config, indent=2, sort_keys=False) + "\n"
     except TypeError as err:
@@ -235,13 +241,7 @@ def load_backbone(
     """
     folder = Path(path)
     config = read_backbone_config(folder)
-    for key, want in (expect or {}).items():
-        if key not in config:
-            known = sorted(k for k in config if k not in ("format", "timm_kwargs"))
-            raise ValueError(f"checkpoint {folder} records no {key!r} to check against {want!r}; it records {known}")
-        have = _canonical(key, config[key])
-        if have != _canonical(key, want):
-            raise ValueError(f"checkpoint {folder} has {key} = {config[key]!r}, expected {want!r}")
+    _check_expected(config, expect or {}, folder)
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"checkpoint {folder} has no {WEIGHTS_FILE}")
@@ -277,6 +277,16 @@ def load_backbone(
         )
     _set_recorded_data_config(pv, config, folder)
     return pv.to(device).eval()
+
+
+def _check_expected(config: Mapping[str, Any], expect: Mapping[str, Any], folder: Path) -> None:
+    """Refuse a checkpoint that does not record every value of ``expect``, or records another."""
+    for key, want in expect.items():
+        if key not in config:
+            known = sorted(k for k in config if k not in ("format", "timm_kwargs"))
+            raise ValueError(f"checkpoint {folder} records no {key!r} to check against {want!r}; it records {known}")
+        if _canonical(key, config[key]) != _canonical(key, want):
+            raise ValueError(f"checkpoint {folder} has {key} = {config[key]!r}, expected {want!r}")
 
 
 def _set_recorded_data_config(pv: PrunableViT, config: Mapping[str, Any], folder: Path) -> None:

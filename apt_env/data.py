@@ -429,14 +429,7 @@ def build_dataset(
         transform = _dataset_transform(info, augment=augment, data_config=data_config)
         return _build_imagefolder(_imagefolder_path(name), split=split, transform=transform, info=info)
 
-    if name == "fashion-mnist":
-        images, targets, classes = _load_fashion_mnist(source, root=Path(root), download=download)
-    elif name in ("cifar10", "cifar100"):
-        images, targets, classes = _load_cifar(name, source, root=Path(root), download=download)
-    elif name == "digits":
-        images, targets, classes = _load_digits(source)
-    else:
-        images, targets, classes = _make_synthetic(source, img_size=info.img_size)
+    images, targets, classes = _load_tensors(name, source, root=Path(root), download=download, img_size=info.img_size)
     if len(classes) != native.num_classes:
         raise ValueError(f"{name}: expected {native.num_classes} class names, got {len(classes)}")
     if split != "test":
@@ -445,6 +438,19 @@ def build_dataset(
     logger.info("%s/%s: %d images %s", name, split, len(images), tuple(images.shape[1:]))
     transform = _dataset_transform(info, augment=augment, data_config=data_config, input_shape=tuple(images.shape[1:]))
     return TensorImageDataset(images, targets, classes=classes, transform=transform, info=info)
+
+
+def _load_tensors(
+    name: str, source: str, *, root: Path, download: bool, img_size: int
+) -> tuple[Tensor, Tensor, list[str]]:
+    """A named dataset's ``source`` split (``train`` or ``test``) as uint8 images, labels and class names."""
+    if name == "fashion-mnist":
+        return _load_fashion_mnist(source, root=root, download=download)
+    if name in ("cifar10", "cifar100"):
+        return _load_cifar(name, source, root=root, download=download)
+    if name == "digits":
+        return _load_digits(source)
+    return _make_synthetic(source, img_size=img_size)
 
 
 def dataset_for(

@@ -59,12 +59,7 @@ class ChannelLosses(nn.Module):
                 a budget-conditioned ``keep_fn``: the backbone then trains on the masks it sees at test time.
         """
         pv, b = self.pv, self.pv.stage_bounds
-        weights = dict(weights or {c: 1.0 for c in CHANNELS})
-        if keep_fn is None:
-            weights = {"plain": weights.get("plain", 1.0)}
-        unknown = set(weights) - set(CHANNELS)
-        if unknown:
-            raise ValueError(f"unknown channels {sorted(unknown)}; valid: {', '.join(CHANNELS)}")
+        weights = _channel_weights(weights, pruned=keep_fn is not None)
         pruning = keep_fn is not None and (weights.get("single", 0) or weights.get("multi", 0))
         keys, seen = OBS_KEYS, {}
         if budget is not None:
@@ -131,3 +126,14 @@ def draw_budgets(
     draws = (torch.arange(groups, dtype=torch.float64) + torch.rand(groups, dtype=torch.float64)) / groups
     sizes = torch.tensor([len(part) for part in torch.arange(size).tensor_split(groups)])
     return (low + (high - low) * draws).repeat_interleave(sizes).to(device)
+
+
+def _channel_weights(weights: Mapping[str, float] | None, *, pruned: bool) -> dict[str, float]:
+    """Every channel's weight (default 1); the plain channel alone without pruning decisions."""
+    weights = dict(weights or {c: 1.0 for c in CHANNELS})
+    if not pruned:
+        weights = {"plain": weights.get("plain", 1.0)}
+    unknown = set(weights) - set(CHANNELS)
+    if unknown:
+        raise ValueError(f"unknown channels {sorted(unknown)}; valid: {', '.join(CHANNELS)}")
+    return weights

@@ -54,11 +54,8 @@ class Args:
     """seed"""
 
 
-def main(args: Args) -> None:
-    seed_everything(args.seed)
-    pv = PrunableViT.from_timm(DEFAULT_MODEL_NAME, **DEFAULT_MODEL_KWARGS)
-    data = dataset_for(pv, "fashion-mnist", "train", augment=True)
-    batches = iter(make_loader(data, batch_size=args.batch_size, shuffle=True, seed=args.seed, drop_last=True))
+def pruning_agent(args: Args, pv: PrunableViT) -> NativePPO:
+    """An agent that already prunes, as after the first agent phase (half the agent steps of PPO)."""
     budgets = args.budget is not None
     envs = APTPruneVectorEnv(
         args.num_envs, model=pv, flops_weight=0.5, budget=args.budget, reward="vs_random" if budgets else "loss_delta"
@@ -67,14 +64,21 @@ def main(args: Args) -> None:
         envs, hidden=args.agent_hidden, qk_dim=args.agent_qk_dim, sampling="topk" if budgets else "bernoulli"
     )
     agent = NativePPO(envs, policy, seed=args.seed)
-    agent.learn(args.agent_steps // 2)  # an agent that already prunes, as after the first agent phase
+    agent.learn(args.agent_steps // 2)
+    return agent
+
+
+def time_backbone_steps(
+    args: Args, pv: PrunableViT, agent: NativePPO, kinds: list[int | None]
+) -> tuple[float, dict[int | None, float]]:
+    """Mean seconds of a plain step and of a joint step of every budget kind, interleaved step by step."""
+    data = dataset_for(pv, "fashion-mnist", "train", augment=True)
+    batches = iter(make_loader(data, batch_size=args.batch_size, shuffle=True, seed=args.seed, drop_last=True))
+    budgets = args.budget is not None
     agent.policy.eval()
     keep_fn = lambda obs: agent.policy.act(obs, deterministic=budgets, generator=agent.generator)  # noqa: E731
     losses = ChannelLosses(pv)
     optimizer = torch.optim.AdamW(pv.parameters(), lr=1e-4)
-
-    kinds: list[int | None] = list(args.budget_groups) if budgets else [None]
-
     strata = torch.randperm(args.steps).tolist()
 
     def step(pruned: bool, stage: int, groups: int | None = None, timed: int | None = None) -> None:
@@ -85,10 +89,8 @@ def main(args: Args) -> None:
             if groups == 1 and timed is not None:
                 # One budget per batch: timed step i draws from the strata[i]-th of equal parts of the range, so the
                 # mean over the steps estimates an epoch's without the spread of a few single draws.
-                low, high = (
-                    low + (high - low) * strata[timed] / args.steps,
-                    low + (high - low) * (strata[timed] + 1) / args.steps,
-                )
+                width = (high - low) / args.steps
+                low, high = low + width * strata[timed], low + width * (strata[timed] + 1)
             budget = draw_budgets((low, high), len(labels), images.device, groups)
         out, _ = losses(images, labels, keep_fn if pruned else None, single_stage=stage, budget=budget)
         optimizer.zero_grad()
@@ -110,8 +112,31 @@ def main(args: Args) -> None:
             step(True, i % pv.num_stages, groups, timed=i)
             joint[groups].append(time.perf_counter() - start)
     # Means, not medians: a step's time follows the budgets it drew, and an epoch is the sum of its steps.
-    t_plain = statistics.mean(plain)
-    t_joint = {groups: statistics.mean(times) for groups, times in joint.items()}
+    return statistics.mean(plain), {groups: statistics.mean(times) for groups, times in joint.items()}
+
+
+def epoch_rows(args: Args, t_plain: float, t_joint: dict[int | None, float], t_agent: float) -> list[dict]:
+    """A plain epoch against a joint one (backbone steps plus the agent phase), per budget kind and epoch length."""
+    budgets = args.budget is not None
+    rows = []
+    for groups, t in t_joint.items():
+        name = "Bernoulli" if not budgets else "one per image" if groups is None else f"{groups} per batch"
+        name += " (default)" if budgets and groups == 1 else ""
+        for steps in args.steps_per_epoch:
+            plain_epoch, joint_epoch = steps * t_plain, steps * t + t_agent
+            rows.append({"budgets": name, "step joint / plain": t / t_plain, "steps/epoch": steps,
+                         "plain epoch (s)": plain_epoch, "joint epoch (s)": joint_epoch,
+                         "joint / plain": joint_epoch / plain_epoch})  # fmt: skip
+    return rows
+
+
+def main(args: Args) -> None:
+    seed_everything(args.seed)
+    pv = PrunableViT.from_timm(DEFAULT_MODEL_NAME, **DEFAULT_MODEL_KWARGS)
+    agent = pruning_agent(args, pv)
+    budgets = args.budget is not None
+    kinds: list[int | None] = list(args.budget_groups) if budgets else [None]
+    t_plain, t_joint = time_backbone_steps(args, pv, agent, kinds)
 
     pv.eval()
     agent.policy.train()
@@ -123,15 +148,7 @@ def main(args: Args) -> None:
     kind = f"budgets {args.budget[0]:g}-{args.budget[1]:g}, the agent's mode" if budgets else "Bernoulli agent, sampled"
     print(f"default ViT, batch {args.batch_size}, {kind}; agent keep ratio at the end {stats[-1]['keep_ratio']:.2f}")
     print(f"agent phase: {args.agent_steps} transitions in {t_agent:.1f} s")
-    rows = []
-    for groups, t in t_joint.items():
-        name = "Bernoulli" if not budgets else "one per image" if groups is None else f"{groups} per batch"
-        name += " (default)" if budgets and groups == 1 else ""
-        for steps in args.steps_per_epoch:
-            plain_epoch, joint_epoch = steps * t_plain, steps * t + t_agent
-            rows.append({"budgets": name, "step joint / plain": t / t_plain, "steps/epoch": steps,
-                         "plain epoch (s)": plain_epoch, "joint epoch (s)": joint_epoch,
-                         "joint / plain": joint_epoch / plain_epoch})  # fmt: skip
+    rows = epoch_rows(args, t_plain, t_joint, t_agent)
     formats = {"budgets": "s", "step joint / plain": ".2f", "steps/epoch": "d", "plain epoch (s)": ".1f",
                "joint epoch (s)": ".1f", "joint / plain": ".2f"}  # fmt: skip
     print(f"step: plain {t_plain:.3f} s (mean of {args.steps})")

@@ -65,3 +65,15 @@ def test_attention_benchmark_times_each_length_against_its_next_multiple_of_16()
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines()[2:]]
     assert [row[0] for row in rows] == ["15", "16"] and rows[1][2] == "1.00"
+
+
+def test_reference_scores_score_every_policy_on_the_same_episodes_and_refuse_a_bad_agent_spec():
+    common = ("--budgets", "0.5", "--episodes", "1", "--num-envs", "8", "--images", "64", "--split", "val")
+    proc = _run(sys.executable, "benchmarks/reference_scores.py", "--agents", "shipped=apt_env/assets/default_agent",
+                *common)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 0.5 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["random", "cls-attn top-k", "shipped"]
+    assert all(row.rstrip(" |").endswith("| 8 | 64") for row in rows)
+    proc = _run(sys.executable, "benchmarks/reference_scores.py", "--agents", "apt_env/assets/default_agent", *common)
+    assert proc.returncode != 0 and "--agents takes NAME=FOLDER" in proc.stderr

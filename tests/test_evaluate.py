@@ -207,19 +207,23 @@ def test_a_control_backbone_joins_the_table_and_every_family_is_compared_at_the_
     assert rows["control: random @ 0.5"]["gflops"] == rows["random @ 0.5"]["gflops"]
     assert "control, random" in capsys.readouterr().out
 
-    def row(policy, gflops, top1):
-        return {"policy": policy, "gflops": gflops, "top1": top1}
+    def row(policy, role, rule, gflops, top1):
+        return {"policy": policy, "role": role, "rule": rule, "gflops": gflops, "top1": top1}
 
-    table = [row("dense", 1.0, 0.9), row("random @ 0.5", 0.5, 0.7), row("cls-attn top-k @ 0.5", 0.5, 0.6)]
+    table = [row("dense", "dense", "dense", 1.0, 0.9), row("random @ 0.5", "heuristic", "random", 0.5, 0.7)]
     table += [
-        row("APT agent @ 0.5", 0.6, 0.85),
-        row("control: dense", 1.0, 0.8),
-        row("control: random @ 0.5", 0.5, 0.6),
+        row("cls-attn top-k @ 0.5", "heuristic", "cls-attn top-k", 0.5, 0.6),
+        row("APT agent @ 0.5", "agent", "APT agent", 0.6, 0.85),
+        row("APT agent (sampled) @ 0.5", "agent", "APT agent (sampled)", 0.6, 0.5),  # not an agent's decision
+        row("control: dense", "control", "dense", 1.0, 0.8),
+        row("control: random @ 0.5", "control", "random", 0.5, 0.6),
     ]
     text = module.equal_compute_text(table)
     # random at 0.6 GFLOPs: 0.7 + 0.1 / 0.5 * (0.9 - 0.7) = 0.74; control: 0.6 + 0.2 * 0.2 = 0.64
     assert text.startswith("APT agent @ 0.5: 85.00 at 0.6 GFLOPs") and "random 74.00 (+11.00)" in text
     assert "cls-attn top-k 66.00 (+19.00)" in text and "control, random 64.00 (+21.00)" in text
+    assert len(text.splitlines()) == 1
+    assert {(r["role"], r["rule"]) for r in rows.values()} >= {("control", "random"), ("heuristic", "cls-attn top-k")}
 
 
 def test_pictures_have_one_panel_per_image_policy_and_stage(tmp_path):
