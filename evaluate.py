@@ -32,6 +32,7 @@ from stable_baselines3.common.save_util import load_from_zip_file
 from torch.utils.data import Subset
 
 from agents.baselines import ClsAttentionTopK, RandomKeep
+from agents.calibrate import check_calibrated_for
 from agents.io import load_policy
 from agents.policy import APTPolicy
 from apt_env.backbone import PrunableViT
@@ -60,6 +61,7 @@ logger = logging.getLogger("evaluate")
 AGENT = "APT agent"
 AGENT_SAMPLED = f"{AGENT} (sampled)"
 AGENT_DETERMINISTIC = f"{AGENT} (deterministic)"
+AGENT_ADAPTIVE = f"{AGENT} (adaptive)"
 CLS_TOPK = "cls-attn top-k"
 REPLAYED = "agent's masks, no decision"
 PHYSICAL = "dense batch at the agent's kept lengths"
@@ -93,6 +95,9 @@ class Args:
     """timing repetitions (median reported)"""
     seed: int = 0
     """seed of random pruning and of the agent's sampling"""
+    adaptive_agent: str | None = None
+    """an agent trained for a mean budget (``train_agent.py --budget-mean``, thresholds calibrated on val): its rows
+    ``APT agent (adaptive) @ B`` join the table beside the fixed-count agent's"""
     control: str | None = None
     """a backbone checkpoint trained as the control (``train_backbone.py --mode random``): random pruning on it at
     every budget, and its dense model, join the table and the comparison at equal compute"""
@@ -193,6 +198,35 @@ def agent_contenders(policy: APTPolicy, budgets: dict[float, float], seed: int) 
     return rows
 
 
+def adaptive_contenders(policy: APTPolicy, budgets: dict[float, float]) -> list[Contender]:
+    """A mean-budget agent by its mode (its calibrated threshold of each budget) at every budget."""
+    policy.eval()
+    mode = lambda o: policy.act(o, deterministic=True)  # noqa: E731
+    keys = (*OBS_KEYS, *BUDGET_KEYS)
+    return [
+        Contender(f"{AGENT_ADAPTIVE} @ {b:g}", mode, b, obs_keys=keys, flops=policy.decision_flops, role="agent",
+                  rule=AGENT_ADAPTIVE)
+        for b in budgets
+    ]  # fmt: skip
+
+
+def check_agent_kinds(args: Args, agent: APTPolicy | None, adaptive: APTPolicy | None, backbone: str) -> None:
+    """A mean-budget agent only as ``--adaptive-agent``, calibrated on this backbone for these budgets; a fixed-count
+    one only as ``--agent``."""
+    if agent is not None and agent.sampling == "threshold":
+        raise ValueError(f"agent {args.agent} was trained for a mean budget (sampling 'threshold'): pass it as "
+                         "--adaptive-agent")  # fmt: skip
+    if adaptive is None:
+        return
+    if adaptive.sampling != "threshold":
+        raise ValueError(f"--adaptive-agent {args.adaptive_agent} was trained for fixed counts (sampling "
+                         f"{adaptive.sampling!r}): pass it as --agent, or train one with --budget-mean")  # fmt: skip
+    try:
+        check_calibrated_for(adaptive, backbone=backbone, budgets=args.budgets)
+    except ValueError as err:
+        raise ValueError(f"--adaptive-agent {args.adaptive_agent} on --model {args.model}: {err}") from err
+
+
 def random_contender(budget: float, ratio: float, seed: int, model: PrunableViT | None = None) -> Contender:
     """Random pruning at a budget's keep ratio, on the evaluation's backbone or on ``model`` (the control)."""
     name, role = (
@@ -252,8 +286,13 @@ REPLAY_RECORDED = ("top1", "gflops_backbone")
 """What a replay file records of its evaluation, printed and written beside the replayed figures."""
 
 
-def replay_name(budget: float) -> str:
-    return f"{REPLAYED} @ {budget:.3g}"
+def _of(row: dict) -> str:
+    """What tells apart the references of two agents at one budget."""
+    return " (adaptive)" if row["rule"] == AGENT_ADAPTIVE else ""
+
+
+def replay_name(row: dict) -> str:
+    return f"{REPLAYED}{_of(row)} @ {row['budget']:.3g}"
 
 
 def replay_contenders(rows: list[dict], decisions: dict[str, Decisions]) -> list[Contender]:
@@ -261,7 +300,7 @@ def replay_contenders(rows: list[dict], decisions: dict[str, Decisions]) -> list
     replayed without observing or deciding anything. Its speed over the agent's is the decision's cost."""
     return [
         Contender(
-            replay_name(r["budget"]),
+            replay_name(r),
             fixed_masks(decisions[r["policy"]]),
             r["budget"],
             obs_keys=("stage",),
@@ -273,14 +312,14 @@ def replay_contenders(rows: list[dict], decisions: dict[str, Decisions]) -> list
     ]
 
 
-def physical_name(budget: float) -> str:
-    return f"{PHYSICAL} @ {budget:.3g}"
+def physical_name(row: dict) -> str:
+    return f"{PHYSICAL}{_of(row)} @ {row['budget']:.3g}"
 
 
 def physical_contenders(rows: list[dict], decisions: dict[str, Decisions]) -> list[Contender]:
     """The physical reference of every deterministic agent row, timed only: the same blocks on a plain dense batch at
     the agent's mean kept length per stage, with no decision, mask or gather."""
-    return [DenseAtLengths.of(physical_name(r["budget"]), decisions[r["policy"]]) for r in rows if is_agent_decision(r)]
+    return [DenseAtLengths.of(physical_name(r), decisions[r["policy"]]) for r in rows if is_agent_decision(r)]
 
 
 def speed_ratios(row: dict, ref: dict) -> str:
@@ -294,8 +333,8 @@ def decision_cost_text(rows: list[dict], physical: dict[str, dict]) -> str:
     and 1."""
     by_name = {r["policy"]: r for r in rows} | physical
     lines = [
-        f"{r['policy']}: img/s over the physical reference {speed_ratios(r, by_name[physical_name(r['budget'])])}; "
-        f"over its masks replayed {speed_ratios(r, by_name[replay_name(r['budget'])])}; "
+        f"{r['policy']}: img/s over the physical reference {speed_ratios(r, by_name[physical_name(r)])}; "
+        f"over its masks replayed {speed_ratios(r, by_name[replay_name(r)])}; "
         f"over dense {speed_ratios(r, by_name['dense'])}"
         for r in rows
         if is_agent_decision(r)
@@ -363,7 +402,9 @@ def main(args: Args) -> dict[str, dict]:
         return replay(args, pv, dataset, digest, out, source)
 
     agent = None if args.agent in (None, "", "none") else load_agent(args.agent, pv)
-    rows, decisions, contenders = evaluate_rows(args, pv, loader, agent)
+    adaptive = load_agent(args.adaptive_agent, pv) if args.adaptive_agent else None
+    check_agent_kinds(args, agent, adaptive, digest)
+    rows, decisions, contenders = evaluate_rows(args, pv, loader, agent, adaptive)
     physical = physical_contenders(rows, decisions)
     timing = torch.stack([dataset[i][0] for i in range(min(len(dataset), args.batch_size))])
     speed = {b: measure_throughput(pv, timing, contenders + physical, batch_size=b, repeats=args.repeats)
@@ -400,13 +441,14 @@ def main(args: Args) -> dict[str, dict]:
 
 
 def evaluate_rows(
-    args: Args, pv: PrunableViT, loader, agent: APTPolicy | None
+    args: Args, pv: PrunableViT, loader, agent: APTPolicy | None, adaptive: APTPolicy | None = None
 ) -> tuple[list[dict], dict[str, Decisions], list[Contender]]:
     """Every accuracy row on the same images: dense and the agent first, then the heuristics at the budgets (and at
     the compute an agent without a budget input reached), the agent's masks replayed and the control."""
     ratios = {b: budget_keep_ratio(pv, b) for b in args.budgets}
     first = [Contender("dense", None, role="dense", rule="dense")]
     first += agent_contenders(agent, ratios, args.seed) if agent is not None else []
+    first += adaptive_contenders(adaptive, ratios) if adaptive is not None else []
     rows, decisions = evaluate_accuracy(pv, loader, first, desc="agent")
     budgets = dict(ratios)
     if agent is not None and not agent.use_budget:
@@ -420,9 +462,9 @@ def evaluate_rows(
 
 
 def picture_rows(rows: list[dict], budget: float) -> list[dict]:
-    """The rows ``masks.png`` shows at ``budget``: the agent's decision (if any), class-attention top-k, random."""
+    """The rows ``masks.png`` shows at ``budget``: the agents' decisions (if any), class-attention top-k, random."""
     at = [r for r in rows if math.isclose(r["budget"], budget, rel_tol=1e-6)]
-    agent = [r for r in at if is_agent_decision(r)][:1]
+    agent = [r for r in at if is_agent_decision(r)][:2]  # the fixed-count agent, and the adaptive one if any
     heuristics = [r for rule in (CLS_TOPK, "random") for r in at if (r["role"], r["rule"]) == ("heuristic", rule)]
     picked = agent + heuristics
     if len(heuristics) < 2:

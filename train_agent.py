@@ -34,12 +34,14 @@ from stable_baselines3.common.vec_env import VecMonitor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from agents.calibrate import calibrate_thresholds
 from agents.compare import compare_policies, format_comparison
 from agents.distill import Distiller
 from agents.io import load_policy, save_policy
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from agents.sb3_policy import APTActorCriticPolicy
+from apt_env.data import dataset_for
 from apt_env.distributed import gather_objects, init_distributed, is_distributed, state_digest
 from apt_env.env import APTPruneVectorEnv
 from apt_env.report import agent_masks_figure
@@ -81,9 +83,17 @@ class Args:
     none: no budget"""
     budget_weight: float = 2.0
     """weight of the penalty on GFLOPs above the budget at an episode's end"""
-    sampling: Literal["bernoulli", "topk"] = "bernoulli"
-    """the policy's sampling: a Bernoulli per token, or (with a budget) the budget's token count without
-    replacement, whose mode is its deterministic rule"""
+    sampling: Literal["bernoulli", "topk", "threshold"] = "bernoulli"
+    """the policy's sampling: a Bernoulli per token; (with a budget) the budget's token count without
+    replacement, whose mode is its deterministic rule; or (with --budget-mean) a Bernoulli per token against a
+    threshold of the budget, calibrated on val after training"""
+    budget_mean: bool = False
+    """the budget holds on average over images, not in each: a price of compute learned by dual ascent (needs
+    --budget and --sampling threshold)"""
+    price_lr: float = 1.0
+    """the step size of the mean budget's price"""
+    calibration_images: int = 1000
+    """val images the thresholds of a --budget-mean agent are calibrated on"""
     flops_weight: float = 0.5
     """weight of the compute term of the reward (fraction of FLOPs saved)"""
     min_keep: int = 1
@@ -127,6 +137,12 @@ SB3_ALGORITHMS: dict[str, type[OnPolicyAlgorithm]] = {"ppo": PPO, "a2c": A2C}
 def check_args(args: Args) -> None:
     if args.total_env_steps < 1 or args.num_envs < 1:
         raise ValueError("--total-env-steps and --num-envs must be positive")
+    if args.budget_mean != (args.sampling == "threshold") or (args.budget_mean and args.budget is None):
+        raise ValueError(
+            "a mean budget (--budget-mean, with --budget LOW HIGH) goes with --sampling threshold, and --sampling "
+            f"threshold with a mean budget; got --sampling {args.sampling}, --budget-mean {args.budget_mean}, "
+            f"--budget {args.budget}"
+        )
     if (args.algo == "distill") != (args.teacher is not None):
         raise ValueError("--algo distill needs --teacher (an agent folder), and --teacher is for --algo distill only")
 
@@ -144,6 +160,12 @@ def load_teacher(args: Args, envs: APTPruneVectorEnv) -> APTPolicy:
     if teacher.use_budget != (args.budget is not None):
         need = "needs --budget LOW HIGH" if teacher.use_budget else "reads no budget: drop --budget"
         raise ValueError(f"the teacher {args.teacher} {need}")
+    if (teacher.sampling == "threshold") != args.budget_mean:
+        raise ValueError(
+            f"the teacher {args.teacher} has sampling {teacher.sampling!r}, for "
+            f"{'a mean' if teacher.sampling == 'threshold' else 'a per-image'} budget; this run has "
+            f"--budget-mean {args.budget_mean}"
+        )
     return teacher
 
 
@@ -342,6 +364,18 @@ def train_sb3(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Summar
     return model.policy.net
 
 
+def calibrate(args: Args, envs: APTPruneVectorEnv, policy: APTPolicy, run_dir: Path) -> None:
+    """A threshold agent's thresholds for the budget range, on the first val images, saved with the agent."""
+    val = dataset_for(envs.pv, args.dataset, "val", root=args.data_root)
+    images = torch.stack([val[i][0] for i in range(min(args.calibration_images, len(val)))]).to(envs.device)
+    low, high = args.budget
+    budgets = sorted({round(float(b), 4) for b in np.linspace(low, high, 7)})
+    meta = {"backbone": state_digest(envs.pv.model), "split": "val", "dataset": args.dataset}
+    policy.calibration = calibrate_thresholds(policy.eval(), envs.pv, images, budgets, iters=12, meta=meta)
+    save_policy(run_dir / "agent", policy, meta={"algo": args.algo, "calibrated": True})
+    logger.info("thresholds calibrated on %d val images: %s", len(images), policy.calibration["shifts"])
+
+
 def report(args: Args, envs: APTPruneVectorEnv, policy: APTPolicy, writer: SummaryWriter) -> None:
     """Episode returns and accuracy on the held-out val split of the agent and the baselines at the agent's
     keep ratios (the test split is for ``evaluate.py``'s report, not for choices made here)."""
@@ -391,6 +425,8 @@ def main() -> None:
         device=device,
         budget=args.budget,
         budget_weight=args.budget_weight,
+        budget_mean=args.budget_mean,
+        price_lr=args.price_lr,
     )
     writer = SummaryWriter(str(run_dir)) if rank == 0 else None
     if writer is not None:
@@ -401,6 +437,8 @@ def main() -> None:
     policy = train(args, envs, run_dir, writer)
     if world_size > 1:  # every rank reports its agent, so a test can check that they agree
         logger.info("rank %d agent sha256 %s", rank, state_digest(policy))
+    if writer is not None and policy.sampling == "threshold":
+        calibrate(args, envs, policy, run_dir)
     if writer is not None:
         report(args, envs, policy, writer)
         writer.close()

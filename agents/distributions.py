@@ -133,3 +133,13 @@ def plackett_luce_entropy(logits: Tensor, live: Tensor, count: Tensor) -> Tensor
     mean_z = (lse_weighted - lse).exp() + c - 1
     taken = torch.arange(zs.shape[1], device=zs.device) < mode.sum(1, keepdim=True)
     return torch.where(taken, lse - mean_z, torch.zeros_like(zs)).sum(1)
+
+
+def interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """``numpy.interp`` in torch: piecewise-linear through ``(xp, fp)`` (``xp`` increasing), constant beyond."""
+    if len(xp) == 1:
+        return fp.expand_as(x).clone()
+    x = x.clamp(xp[0], xp[-1])
+    i = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
+    w = (x - xp[i - 1]) / (xp[i] - xp[i - 1])
+    return fp[i - 1] + w * (fp[i] - fp[i - 1])

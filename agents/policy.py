@@ -15,6 +15,11 @@ Two ways to turn the logits into a keep mask (``sampling``):
   ``count`` tokens without replacement with weights ``exp(l_i)`` (Kool et al., "Stochastic Beams and
   Where to Find Them", 2019). It is trained as it is evaluated: the deterministic action, the
   ``count`` live tokens with the highest logits, is the mode of this distribution.
+* ``"threshold"``: for an env with a *mean* budget (``budget_mean=True``): an independent keep decision per live
+  token, ``p_i = sigmoid(l_i - s(b))``, so each image keeps as many tokens as its logits earn. ``s(b)`` is the
+  threshold calibrated on held-out images so that the mean GFLOPs meet each budget (``agents.calibrate``; 0 before
+  calibration), and the logits the policy returns are already shifted by it. The deterministic action keeps
+  ``l_i > s(b)``: the distribution's mode, token by token, the same for an image alone and inside any batch.
 
 The distributions live in ``agents.distributions``, the reading of observations in ``agents.observation``.
 One way builds a fresh policy: ``APTPolicy.from_space`` (or ``for_env``, its env's space), which sizes it from
@@ -35,6 +40,7 @@ from torch import Tensor, nn
 
 from agents.distributions import (
     gumbel_top_count,
+    interp,
     plackett_luce_entropy,
     plackett_luce_log_prob,
     top_count_live,
@@ -46,6 +52,7 @@ from agents.observation import (
     check_budget_observed,
     keep_counts,
     live_mask,
+    obs_tensor,
     read_batch,
 )
 
@@ -53,7 +60,7 @@ PRUNED_LOGIT = -30.0
 """The logit of a token pruned at an earlier stage: finite, so log-probs stay finite, and so low
 that it is never kept and adds ~1e-13 to log-probabilities and entropies."""
 
-SAMPLINGS: tuple[str, ...] = ("bernoulli", "topk")
+SAMPLINGS: tuple[str, ...] = ("bernoulli", "topk", "threshold")
 MIXERS: tuple[str, ...] = ("none", "attention")
 
 
@@ -81,12 +88,16 @@ class APTPolicy(nn.Module):
             value starts from a policy that prunes little.
         use_budget: read ``obs["budget"]`` (an env built with ``budget=``), projected into the hidden
             layer; observations must have it exactly when this is set.
-        sampling: ``"bernoulli"`` (a keep decision per token) or ``"topk"`` (keep ``obs["keep_count"]``
-            tokens, drawn by Gumbel-top-k); see the module docstring.
+        sampling: ``"bernoulli"`` (a keep decision per token), ``"topk"`` (keep ``obs["keep_count"]``
+            tokens, drawn by Gumbel-top-k) or ``"threshold"`` (a keep decision per token against a calibrated
+            threshold of the budget, for a mean budget); see the module docstring.
         mixer: ``"none"``: every token scored on its own features (and the class token's); ``"attention"``: one
             pre-norm multi-head self-attention layer over the live tokens' hidden features (residual) before the
             logit head, so that a token's score depends on the others (what is already covered).
         mixer_heads: heads of the mixer's attention (dividing ``hidden``).
+        calibration: with ``"threshold"``, the calibrated thresholds ``{"budgets": [...], "shifts": [...],
+            "backbone": digest, ...}`` (``agents.calibrate.calibrate_thresholds``), interpolated linearly between
+            budgets; ``None``: threshold 0.
     """
 
     def __init__(
@@ -102,6 +113,7 @@ class APTPolicy(nn.Module):
         sampling: str = "bernoulli",
         mixer: str = "none",
         mixer_heads: int = 4,
+        calibration: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         sizes = dict(embed_dim=embed_dim, num_patches=num_patches, num_stages=num_stages, hidden=hidden, qk_dim=qk_dim)
@@ -112,6 +124,8 @@ class APTPolicy(nn.Module):
             raise ValueError(f"init_keep_prob must be in (0, 1), got {init_keep_prob}")
         if sampling not in SAMPLINGS:
             raise ValueError(f"unknown sampling {sampling!r}; valid: {', '.join(SAMPLINGS)}")
+        if sampling == "threshold" and not use_budget:
+            raise ValueError("sampling='threshold' is for a mean budget: it reads obs['budget'] (use_budget=True)")
         if mixer not in MIXERS:
             raise ValueError(f"unknown mixer {mixer!r}; valid: {', '.join(MIXERS)}")
         if mixer == "attention" and (not isinstance(mixer_heads, int) or mixer_heads < 1 or hidden % mixer_heads):
@@ -121,6 +135,7 @@ class APTPolicy(nn.Module):
         self.use_cls_attn, self.init_keep_prob = use_cls_attn, init_keep_prob
         self.use_budget, self.sampling = bool(use_budget), sampling
         self.mixer, self.mixer_heads = mixer, mixer_heads
+        self.calibration = check_calibration(calibration, sampling, bool(use_budget))
         self.token_norm = nn.LayerNorm(embed_dim)
         self.cls_norm = nn.LayerNorm(embed_dim)
         self.q = nn.Linear(embed_dim, qk_dim)
@@ -143,7 +158,7 @@ class APTPolicy(nn.Module):
             self.mixer_attn = nn.MultiheadAttention(hidden, mixer_heads, batch_first=True)
 
     CONFIG_KEYS = ("embed_dim", "num_patches", "num_stages", "hidden", "qk_dim", "use_cls_attn", "init_keep_prob")
-    OPTION_KEYS = ("use_budget", "sampling", "mixer", "mixer_heads")
+    OPTION_KEYS = ("use_budget", "sampling", "mixer", "mixer_heads", "calibration")
     """Constructor arguments added later, with defaults, so checkpoints without them still load."""
 
     def config(self) -> dict[str, Any]:
@@ -284,13 +299,22 @@ class APTPolicy(nn.Module):
         pooled = h.new_zeros(o.live.shape[0], h.shape[1]).index_add(0, index[0], h)
         pooled = pooled / o.live.sum(1, keepdim=True).clamp(min=1).to(h.dtype)  # mean over live tokens (B, H)
         value = self.value_head(torch.cat([pooled, q], -1)).squeeze(-1)  # (B,)
-        return self._logits(h, index, o.live), value
+        return self._shifted(self._logits(h, index, o.live), obs), value
 
     def keep_logits(self, obs: Mapping[str, Any]) -> Tensor:
         """The keep logits of ``forward`` without the value head: all that a decision needs."""
         o = self.prepare(obs)
         h, index, _ = self._hidden(o)
-        return self._logits(h, index, o.live)
+        return self._shifted(self._logits(h, index, o.live), obs)
+
+    def _shifted(self, logits: Tensor, obs: Mapping[str, Any]) -> Tensor:
+        """With ``"threshold"``, the logits less each row's calibrated threshold ``s(b)``: kept where positive."""
+        if self.sampling != "threshold" or self.calibration is None:
+            return logits
+        budget = obs_tensor(obs, "budget", logits.device).reshape(logits.shape[0]).double()
+        knots = torch.tensor(self.calibration["budgets"], dtype=torch.float64, device=logits.device)
+        shifts = torch.tensor(self.calibration["shifts"], dtype=torch.float64, device=logits.device)
+        return logits - interp(budget, knots, shifts).to(logits.dtype).unsqueeze(1)
 
     def decision_flops(self, live: Tensor) -> Tensor:
         """The FLOPs of ``act`` per image (fvcore's convention: a multiply-add is one, LayerNorm five per
@@ -382,5 +406,25 @@ class APTPolicy(nn.Module):
         if self.sampling == "topk":
             count = keep_counts(obs, logits.device)
             return top_count_live(logits, live, count.float()) & (count > 0).unsqueeze(1)
+        if self.sampling == "threshold":  # the Bernoulli's mode, token by token: no count, no batch
+            return (logits > 0) & live
         expected = (torch.sigmoid(logits) * live).sum(1)  # (B,)
         return top_count_live(logits, live, expected)
+
+
+def check_calibration(calibration: Mapping[str, Any] | None, sampling: str, use_budget: bool) -> dict | None:
+    """A threshold calibration, checked: only for ``"threshold"`` with a budget input, increasing budgets, one
+    finite shift each."""
+    if calibration is None:
+        return None
+    if sampling != "threshold" or not use_budget:
+        raise ValueError(
+            f"a threshold calibration is for sampling='threshold' with use_budget=True, not sampling={sampling!r}, "
+            f"use_budget={use_budget}"
+        )
+    budgets, shifts = list(calibration.get("budgets", [])), list(calibration.get("shifts", []))
+    if not budgets or len(budgets) != len(shifts) or any(b >= a for b, a in zip(budgets, budgets[1:])):
+        raise ValueError(f"a calibration needs increasing 'budgets' with one 'shift' each, got {dict(calibration)!r}")
+    if not all(math.isfinite(v) for v in shifts):
+        raise ValueError(f"a calibration's shifts must be finite, got {shifts}")
+    return dict(calibration)

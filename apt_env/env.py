@@ -18,10 +18,11 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space, iterate
 
-from apt_env.arguments import check_env_arguments
+from apt_env.arguments import check_env_arguments, check_finite
 from apt_env.backbone import PrunableViT
 from apt_env.data import dataset_data_config, dataset_for
 from apt_env.episodes import DEFAULT_CHANNELS, PruningEpisodes
+from apt_env.mean_budget import BudgetPrice
 from apt_env.model_spec import ModelSpec, build_backbone, check_model_fits_data, default_model, is_checkpoint
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS, as_tensor
 from apt_env.render import rgb_frame
@@ -110,6 +111,13 @@ class APTPruneVectorEnv(VectorEnv):
     ``L(plain) - L(final) + flops_weight * fraction_saved - budget_weight * max(0, F(final) / F(all) - b)``.
     ``info["budget_penalty"]`` is that term (0 before the last step).
 
+    With ``budget_mean=True`` the budget holds on average over images, not in each: the last step subtracts
+    ``lambda(b) * (F(final) / F(all) - b)`` instead, a price of compute that pays back what an image saves under
+    its budget. ``lambda`` (``apt_env.mean_budget.BudgetPrice``, piecewise linear in ``b``, non-negative) takes a
+    dual-ascent step of ``price_lr`` times the mean overshoot after every batch of episodes, so that the agent's
+    mean compute meets each budget while images that need more tokens may take them. Use it with
+    ``APTPolicy(sampling="threshold")``; ``keep_count`` is then the budget's count, for reference only.
+
     ``info`` reports the three channels of the original method, as arrays: ``loss_plain`` (no
     pruning), ``loss_single`` (only this stage's action), ``loss_multi`` (all actions so far), and
     ``keep_ratio``, ``gflops`` and ``executed_action`` (int8, N per sub-environment), each with its
@@ -155,6 +163,8 @@ class APTPruneVectorEnv(VectorEnv):
       GFLOPs (``FlopCounter``), or a range ``(low, high)`` of them from which every episode draws its
       own; observed as ``budget`` and ``keep_count``. ``budget_weight``: weight of the over-budget
       penalty (non-negative).
+    * ``budget_mean``: the budget holds on average over images (see Rewards), with the price's step size
+      ``price_lr`` (finite); needs ``budget``.
     * ``min_keep``: the least number of patch tokens kept (see Action Space), in ``[1, N]``, or
       ``[0, N]`` for a class-token classifier.
     * ``prune_layers`` and ``min_keep`` are checked alike for every kind of ``model`` (a ValueError
@@ -174,7 +184,8 @@ class APTPruneVectorEnv(VectorEnv):
       ``loss_single`` reported only when ``channels`` asks for it (rewards and observations unchanged); the
       ``data_config`` argument removed: the backbone carries its preprocessing (``PrunableViT.data_config``), the
       same a checkpoint's reader got before; ``render_mode="rgb_array"`` added; the ``vs_random`` masks drawn from
-      a generator seeded from ``np_random`` (the same reward in expectation, other draws for a given seed).
+      a generator seeded from ``np_random`` (the same reward in expectation, other draws for a given seed);
+      ``budget_mean`` added (the default unchanged).
     """
 
     # Two frames a second: each pruning stage shows for half a second in a video.
@@ -193,6 +204,8 @@ class APTPruneVectorEnv(VectorEnv):
         flops_weight: float = 0.0,
         budget: float | tuple[float, float] | None = None,
         budget_weight: float = 2.0,
+        budget_mean: bool = False,
+        price_lr: float = 1.0,
         min_keep: int | None = None,
         channels: Sequence[str] = DEFAULT_CHANNELS,
         obs_keys: Sequence[str] = OBS_KEYS,
@@ -208,6 +221,10 @@ class APTPruneVectorEnv(VectorEnv):
         )  # fmt: skip
         self.num_envs, self.device, self.budget_range = args.num_envs, args.device, args.budget_range
         self.render_mode = render_mode
+        if budget_mean and self.budget_range is None:
+            raise ValueError("budget_mean=True makes a budget hold on average over images: pass budget= too")
+        price = BudgetPrice(*self.budget_range, lr=check_finite("price_lr", price_lr)) if budget_mean else None
+        self.budget_mean = bool(budget_mean)
         model = default_model() if model is None else model
         pv = build_backbone(model, prune_layers=prune_layers, min_keep=min_keep)
         self.pv = pv.to(self.device).eval()
@@ -219,7 +236,7 @@ class APTPruneVectorEnv(VectorEnv):
             raise ValueError(f"square images are needed, the model takes {pv.img_size}")
         self.episodes = PruningEpisodes(
             self.pv, reward=reward, flops_weight=args.flops_weight, channels=args.channels, obs_keys=args.obs_keys,
-            mode=mode, budget_weight=args.budget_weight,
+            mode=mode, budget_weight=args.budget_weight, price=price,
         )  # fmt: skip
         self.single_observation_space = observation_space(pv, args.obs_keys)
         self.single_action_space = spaces.MultiBinary(pv.num_patches)

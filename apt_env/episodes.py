@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from apt_env.backbone import Mode, PrunableViT
 from apt_env.flops import FlopCounter
+from apt_env.mean_budget import BudgetPrice
 from apt_env.observe import BUDGET_KEYS, BudgetKeepRatio, observe
 from apt_env.tokens import TokenState, random_count
 
@@ -40,8 +41,10 @@ class PruningEpisodes:
         obs_keys: Sequence[str],
         mode: Mode,
         budget_weight: float = 0.0,
+        price: BudgetPrice | None = None,
     ) -> None:
         self.pv = pv
+        self.price = price  # a mean budget's price of compute; None: the budget holds in each image
         self.reward = reward
         self.flops_weight = float(flops_weight)
         self.budget_weight = float(budget_weight)
@@ -128,14 +131,23 @@ class PruningEpisodes:
         if self.reward == "vs_random":
             info["loss_random"] = baseline
         if self.budget is not None:  # charged once, on the final FLOPs
-            over = (flops_now / self.flops_all - self.budget.double()).clamp(min=0)
-            info["budget_penalty"] = (self.budget_weight * over).float() if last else torch.zeros_like(reward)
+            info["budget_penalty"] = self._budget_penalty(flops_now) if last else torch.zeros_like(reward)
             reward = reward - info["budget_penalty"]
 
         self.state, self.cls_attn, self.score, self.flops_now = next_state, next_attn, score, flops_now
         obs = self.observe(next_state, next_attn, stage=k if last else k + 1)
         self.stage = k + 1
         return obs, reward.float(), info
+
+    def _budget_penalty(self, flops: torch.Tensor) -> torch.Tensor:
+        """The last step's budget term of each image: its over-budget penalty, or with a mean budget the price of its
+        compute against the budget (negative under it), after which the price takes its dual step."""
+        over = flops / self.flops_all - self.budget.double()
+        if self.price is None:
+            return (self.budget_weight * over.clamp(min=0)).float()
+        penalty = (self.price(self.budget) * over).float()
+        self.price.update(self.budget, flops / self.flops_all)
+        return penalty
 
     def _finish_stage(self, pruned: TokenState) -> tuple[torch.Tensor, TokenState, torch.Tensor | None]:
         """The logits under this stage's mask and the next stage's state and class attention, in one pass."""

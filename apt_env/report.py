@@ -121,7 +121,7 @@ def plot_masks(
     title: str = "",
 ) -> Figure:
     """A grid of images with pruned patches dimmed: one row per image, the image and then, for each policy,
-    its kept tokens after every stage; returns the (closed) figure.
+    its kept tokens after every stage with their count; returns the (closed) figure.
 
     Args:
         path: the PNG to write (None: only return the figure, e.g. for TensorBoard).
@@ -142,15 +142,17 @@ def plot_masks(
     for i in range(m):
         img = images[i].float().mean(0)  # gray
         img = (img - img.min()) / (img.max() - img.min()).clamp(min=1e-8)
-        panels = [("image", img)]
+        panels: list[tuple[str, Tensor, str]] = [("image", img, "")]
         for name, mask in masks.items():
             for k in range(stages):
-                panels.append((f"{name}\nstage {k + 1}", dim_pruned(img, mask[i, k], grid)))
-        for j, (label, panel) in enumerate(panels):
+                kept = f"{int(mask[i, k].sum())} kept"
+                panels.append((f"{name}\nstage {k + 1}", dim_pruned(img, mask[i, k], grid), kept))
+        for j, (label, panel, kept) in enumerate(panels):
             ax = axes[i, j]
             ax.imshow(panel.numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
+            ax.set_xlabel(kept, fontsize=6, labelpad=1)  # each image's own count: adaptive agents differ
             if i == 0:
                 ax.set_title(label, fontsize=7)
     if title:
