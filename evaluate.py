@@ -28,6 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 import tyro
+from scipy.stats import spearmanr
 from stable_baselines3.common.save_util import load_from_zip_file
 from torch.utils.data import Subset
 
@@ -53,7 +54,7 @@ from apt_env.evaluate import (
     save_decisions,
 )
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS
-from apt_env.report import markdown_table, plot_masks, plot_tradeoff, write_csv
+from apt_env.report import markdown_table, plot_compute, plot_masks, plot_tradeoff, write_csv
 from apt_env.runs import seed_everything
 
 logger = logging.getLogger("evaluate")
@@ -425,6 +426,8 @@ def main(args: Args) -> dict[str, dict]:
     (out / "results.md").write_text(header + table + "\n")
     plot_tradeoff(out / "tradeoff.png", rows, title=source)
     write_masks(args, pv, dataset, rows, decisions, out / "masks.png", source)
+    if adaptive is not None:
+        print(write_compute(args, pv, loader, rows, decisions, out / "compute.png", source))
     if args.save_masks:
         deterministic = [r for r in rows if r["rule"] == AGENT_DETERMINISTIC]  # an agent without a budget input
         row = (deterministic or picture_rows(rows, args.picture_budget))[0]
@@ -470,6 +473,23 @@ def picture_rows(rows: list[dict], budget: float) -> list[dict]:
     if len(heuristics) < 2:
         raise ValueError(f"--picture-budget {budget} must be one of --budgets")
     return picked
+
+
+@torch.inference_mode()
+def write_compute(args: Args, pv: PrunableViT, loader, rows: list[dict], decisions, path: Path, source: str) -> str:
+    """``compute.png``: each image's kept tokens under the agents at ``--picture-budget`` against the dense model's
+    confidence; returns the rank correlation of each (do easy images get fewer tokens?)."""
+    confidence = torch.cat([pv(images).softmax(-1).amax(-1) for images, _ in loader]).cpu()
+    picked = [r["policy"] for r in picture_rows(rows, args.picture_budget) if r["role"] == "agent"]
+    counts = {name: decisions[name].masks[:, -1].sum(-1) for name in picked}
+    plot_compute(path, confidence, counts, title=f"budget {args.picture_budget:g} ({source})")
+    lines = []
+    for name, count in counts.items():
+        rho = spearmanr(confidence.numpy(), count.numpy()).statistic
+        lines.append(f"{name}: last-block tokens {float(count.double().mean()):.1f} on average "
+                     f"[{int(count.min())}, {int(count.max())}], Spearman rank correlation with the dense "
+                     f"model's confidence {rho:+.3f}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def write_masks(args: Args, pv: PrunableViT, dataset, rows: list[dict], decisions, path: Path, source: str) -> None:

@@ -18,7 +18,15 @@ from apt_env.render import dim_pruned
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["agent_masks_figure", "markdown_table", "mean_std", "plot_masks", "plot_tradeoff", "write_csv"]
+__all__ = [
+    "agent_masks_figure",
+    "markdown_table",
+    "mean_std",
+    "plot_compute",
+    "plot_masks",
+    "plot_tradeoff",
+    "write_csv",
+]
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
@@ -160,6 +168,44 @@ def plot_masks(
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return fig
+
+
+def plot_compute(path: str | Path, confidence: Tensor, counts: Mapping[str, Tensor], *, title: str = "") -> Figure:
+    """Where the compute went: each image's kept patch tokens in the last block against the dense model's
+    confidence in its answer (its top softmax probability), one series per policy, with the mean count in ten
+    confidence bins; returns the (closed) figure.
+
+    Args:
+        path: the PNG to write.
+        confidence: (M,) the dense model's top probability per image.
+        counts: policy name -> (M,) patch tokens kept at the last stage, per image.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    conf = confidence.double()
+    edges = torch.quantile(conf, torch.linspace(0, 1, 11, dtype=torch.float64))
+    bins = torch.bucketize(conf, edges[1:-1])
+    for name, count in counts.items():
+        count = count.double()
+        ax.scatter(conf.numpy(), count.numpy(), s=2, alpha=0.15)
+        means = [
+            (float(conf[bins == i].mean()), float(count[bins == i].mean())) for i in range(10) if (bins == i).any()
+        ]
+        ax.plot(*zip(*means), marker="o", label=f"{name} (mean per decile)")
+    ax.set_xlabel("dense model's confidence (top softmax probability)")
+    ax.set_ylabel("patch tokens entering the last block")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return fig
 

@@ -10,7 +10,7 @@ from agents.io import save_policy
 from agents.policy import APTPolicy
 from apt_env.backbone import PrunableViT
 from apt_env.checkpoint import load_backbone, save_backbone
-from apt_env.data import dataset_data_config
+from apt_env.data import dataset_data_config, dataset_for
 from apt_env.evaluate import COLUMNS, Contender, budget_keep_ratio, evaluate, evaluate_accuracy, wilson_interval
 from apt_env.flops import FlopCounter
 
@@ -304,3 +304,34 @@ def test_a_checkpoints_recorded_preprocessing_is_used_by_evaluation_and_the_env(
     envs = APTPruneVectorEnv(2, model=recorded, dataset="synthetic")
     assert envs.data.info.mean == (0.9,) and envs.data.info.std == (0.05,)
     assert APTPruneVectorEnv(2, model=model, dataset="synthetic").data.info.mean != (0.9,)
+
+
+@pytest.mark.slow
+def test_an_adaptive_agent_joins_the_table_meets_its_mean_budget_and_draws_where_its_compute_went(tmp_path, capsys):
+    from agents.calibrate import calibrate_thresholds
+    from apt_env.distributed import state_digest
+
+    module = load_script("evaluate")
+    model, agent = _checkpoint(tmp_path)
+    pv = load_backbone(model)
+    adaptive = APTPolicy(pv.embed_dim, pv.num_patches, pv.num_stages, hidden=16, qk_dim=16, use_budget=True,
+                         sampling="threshold")  # fmt: skip
+    budgets = (0.4, 0.7)
+    data = dataset_for(pv, "synthetic", "test")
+    images = torch.stack([data[i][0] for i in range(96)])  # the very images evaluated: the mean is met exactly
+    adaptive.calibration = calibrate_thresholds(
+        adaptive, pv, images, budgets, meta={"backbone": state_digest(pv.model)}
+    )
+    path = save_policy(tmp_path / "adaptive", adaptive)
+    rows = module.main(_args(module, tmp_path, model, None, adaptive_agent=str(path), budgets=budgets,
+                             picture_budget=0.4))  # fmt: skip
+    for b in budgets:
+        row = rows[f"APT agent (adaptive) @ {b:g}"]
+        assert (row["role"], row["rule"]) == ("agent", "APT agent (adaptive)")
+        assert row["gflops_backbone"] == pytest.approx(b * rows["dense"]["gflops_backbone"], rel=0.02)
+        assert f"agent's masks, no decision (adaptive) @ {b:g}" in rows  # its own replay
+    out = capsys.readouterr().out
+    assert "APT agent (adaptive) @ 0.4: last-block tokens" in out and "Spearman" in out
+    assert (tmp_path / "eval" / "compute.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="outside the calibrated range"):
+        module.main(_args(module, tmp_path, model, None, adaptive_agent=str(path), budgets=(0.9,), picture_budget=0.9))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import SMALL, load_script, tiny_envs
 
 from agents.calibrate import calibrate_thresholds, check_calibrated_for, mean_gflops_fraction
 from agents.io import load_policy, save_policy
@@ -11,7 +12,6 @@ from agents.observation import live_mask
 from agents.policy import APTPolicy
 from apt_env.data import build_dataset
 from apt_env.mean_budget import BudgetPrice
-from tests.helpers import SMALL, load_script, tiny_envs
 
 
 def threshold_policy(envs, seed: int = 0) -> APTPolicy:
