@@ -34,14 +34,13 @@ from stable_baselines3.common.vec_env import VecMonitor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from agents.calibrate import calibrate_thresholds
+from agents.calibrate import calibrate_on_val
 from agents.compare import compare_policies, format_comparison
 from agents.distill import Distiller
 from agents.io import load_policy, save_policy
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from agents.sb3_policy import APTActorCriticPolicy
-from apt_env.data import dataset_for
 from apt_env.distributed import gather_objects, init_distributed, is_distributed, state_digest
 from apt_env.env import APTPruneVectorEnv
 from apt_env.report import agent_masks_figure
@@ -366,14 +365,14 @@ def train_sb3(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Summar
 
 def calibrate(args: Args, envs: APTPruneVectorEnv, policy: APTPolicy, run_dir: Path) -> None:
     """A threshold agent's thresholds for the budget range, on the first val images, saved with the agent."""
-    val = dataset_for(envs.pv, args.dataset, "val", root=args.data_root)
-    images = torch.stack([val[i][0] for i in range(min(args.calibration_images, len(val)))]).to(envs.device)
-    low, high = args.budget
-    budgets = sorted({round(float(b), 4) for b in np.linspace(low, high, 7)})
-    meta = {"backbone": state_digest(envs.pv.model), "split": "val", "dataset": args.dataset}
-    policy.calibration = calibrate_thresholds(policy.eval(), envs.pv, images, budgets, iters=12, meta=meta)
+    policy.calibration = calibrate_on_val(
+        policy, envs.pv, dataset=args.dataset, budget_range=args.budget, root=args.data_root,
+        images=args.calibration_images,
+    )  # fmt: skip
     save_policy(run_dir / "agent", policy, meta={"algo": args.algo, "calibrated": True})
-    logger.info("thresholds calibrated on %d val images: %s", len(images), policy.calibration["shifts"])
+    logger.info(
+        "thresholds calibrated on %d val images: %s", policy.calibration["images"], policy.calibration["shifts"]
+    )
 
 
 def report(args: Args, envs: APTPruneVectorEnv, policy: APTPolicy, writer: SummaryWriter) -> None:

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from agents.baselines import RandomKeep
+from agents.calibrate import calibrate_on_val
 from agents.io import load_policy, save_policy
 from agents.observation import keep_counts, live_mask
 from agents.policy import APTPolicy
@@ -160,6 +161,10 @@ class Args:
     keeps each budget's token count (Gumbel top-k, its mode at test time), every agent episode and every
     training image drawing a budget from the range, so the backbone trains on the masks it meets at test time;
     none: the agent chooses how many tokens to keep (a Bernoulli per token)"""
+    budget_mean: bool = False
+    """apt mode with --budget: the budget holds on average over images, not in each: a threshold agent (a keep
+    decision per token) under the env's price of compute, whose mode the backbone trains on like any agent's; its
+    thresholds are calibrated on val before the test table"""
     budget_groups: int | None = 1
     """apt and random modes with --budget: distinct budgets per training batch, each drawn from its own part of the
     range and shared by that many consecutive (shuffled) images; None: one per image (how the shipped default was
@@ -201,6 +206,8 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--budget-groups must be at least 1 (None: a budget per image), got {args.budget_groups}")
     if args.budget is None and args.budget_groups != 1:
         raise ValueError(f"--budget-groups {args.budget_groups} needs --budget: without one there are no budgets")
+    if args.budget_mean and (args.budget is None or args.mode != "apt"):
+        raise ValueError("--budget-mean makes the agent's budget hold on average: it needs --mode apt and --budget")
     if args.budget is not None:
         budget_range(args.budget)  # a clear error for a bad range
     elif args.mode == "random":
@@ -326,6 +333,7 @@ def make_agent_trainer(args: Args, pv: PrunableViT, rank: int, device: torch.dev
         data_root=args.data_root,
         flops_weight=args.flops_weight,
         budget=args.budget,
+        budget_mean=args.budget_mean,
         reward=args.reward,
         device=device,
     )
@@ -334,8 +342,13 @@ def make_agent_trainer(args: Args, pv: PrunableViT, rank: int, device: torch.dev
         torch.manual_seed(args.seed)
         if args.init_agent:
             policy = load_policy(args.init_agent, observation_space=envs.single_observation_space, device=device)
+            if (policy.sampling == "threshold") != args.budget_mean:
+                raise ValueError(
+                    f"--init-agent {args.init_agent} has sampling {policy.sampling!r}; this run has --budget-mean "
+                    f"{args.budget_mean}: a mean budget needs a threshold agent, a per-image one any other"
+                )
         else:
-            sampling = "bernoulli" if args.budget is None else "topk"
+            sampling = "bernoulli" if args.budget is None else "threshold" if args.budget_mean else "topk"
             policy = APTPolicy.for_env(
                 envs,
                 hidden=args.agent_hidden,
@@ -658,6 +671,11 @@ def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]
             contenders.append(Contender("plain ViT", model=plain_pv))
     else:
         policy = load_policy(run_dir / "agent", device=device).eval()
+        if policy.sampling == "threshold":  # its mean budget met on val, then scored on test
+            policy.calibration = calibrate_on_val(
+                policy, pv, dataset=args.dataset, budget_range=args.budget, root=args.data_root
+            )
+            save_policy(run_dir / "agent", policy, meta={"calibrated": True})
         act = lambda obs: policy.act(obs, deterministic=True)  # noqa: E731
         if policy.use_budget:  # run through its budget input
             budget_keys = (*OBS_KEYS, *BUDGET_KEYS)

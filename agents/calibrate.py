@@ -20,11 +20,13 @@ from torch import Tensor
 
 from agents.policy import APTPolicy
 from apt_env.backbone import PrunableViT
+from apt_env.data import dataset_for
+from apt_env.distributed import state_digest
 from apt_env.evaluate import forward_policy
 from apt_env.flops import FlopCounter
 from apt_env.observe import OBS_KEYS
 
-__all__ = ["calibrate_thresholds", "check_calibrated_for", "mean_gflops_fraction"]
+__all__ = ["calibrate_on_val", "calibrate_thresholds", "check_calibrated_for", "mean_gflops_fraction"]
 
 _logger = logging.getLogger(__name__)
 
@@ -99,6 +101,27 @@ def calibrate_thresholds(
             _logger.warning("budget %.3f is not reachable by a threshold: %.4f of dense at best", budget, achieved[-1])
         _logger.info("budget %.3f: threshold %.4f, mean GFLOPs %.4f of dense", budget, shift, achieved[-1])
     return {"budgets": budgets, "shifts": shifts, "achieved": achieved, "images": len(images), **(meta or {})}
+
+
+def calibrate_on_val(
+    policy: APTPolicy,
+    pv: PrunableViT,
+    *,
+    dataset: str,
+    budget_range: tuple[float, float],
+    root: str = "data",
+    images: int = 1000,
+    knots: int = 7,
+) -> dict[str, Any]:
+    """``calibrate_thresholds`` on the first ``images`` of ``dataset``'s val split, at ``knots`` budgets evenly over
+    ``budget_range``, recording the backbone's digest (``check_calibrated_for`` compares it)."""
+    val = dataset_for(pv, dataset, "val", root=root)
+    device = next(pv.parameters()).device
+    x = torch.stack([val[i][0] for i in range(min(images, len(val)))]).to(device)
+    low, high = budget_range
+    budgets = sorted({round(low + (high - low) * i / max(1, knots - 1), 4) for i in range(knots)})
+    meta = {"backbone": state_digest(pv.model), "split": "val", "dataset": dataset}
+    return calibrate_thresholds(policy.eval(), pv, x, budgets, iters=12, meta=meta)
 
 
 def check_calibrated_for(policy: APTPolicy, *, backbone: str, budgets: Sequence[float]) -> None:
