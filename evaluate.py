@@ -485,10 +485,14 @@ def write_compute(args: Args, pv: PrunableViT, loader, rows: list[dict], decisio
     plot_compute(path, confidence, counts, title=f"budget {args.picture_budget:g} ({source})")
     lines = []
     for name, count in counts.items():
+        text = f"{name}: last-block tokens {float(count.double().mean()):.1f} on average [{int(count.min())}, "
+        if count.min() == count.max():
+            lines.append(text + f"{int(count.max())}], the same in every image")
+            continue
         rho = spearmanr(confidence.numpy(), count.numpy()).statistic
-        lines.append(f"{name}: last-block tokens {float(count.double().mean()):.1f} on average "
-                     f"[{int(count.min())}, {int(count.max())}], Spearman rank correlation with the dense "
-                     f"model's confidence {rho:+.3f}")  # fmt: skip
+        lines.append(
+            text + f"{int(count.max())}], Spearman rank correlation with the dense model's confidence {rho:+.3f}"
+        )
     return "\n".join(lines)
 
 

@@ -63,6 +63,9 @@ class Args:
     teacher: str | None = None
     """with `--algo distill`: the trained agent to distil (an agent folder); the student reads, samples and keeps
     budgets as it does (`--sampling` is not used) at its own `--hidden`, `--qk-dim` and `--mixer`"""
+    init_agent: str | None = None
+    """with `--algo native`: start from this agent's weights (an agent folder; its width and inputs), sampled as
+    `--sampling` says: e.g. a fixed-count agent fine-tuned into a mean-budget one"""
     model: str | None = None
     """the frozen backbone: a checkpoint folder from train_backbone.py or a timm name; default: the one that
     ships with the package"""
@@ -142,6 +145,8 @@ def check_args(args: Args) -> None:
             f"threshold with a mean budget; got --sampling {args.sampling}, --budget-mean {args.budget_mean}, "
             f"--budget {args.budget}"
         )
+    if args.init_agent is not None and args.algo != "native":
+        raise ValueError(f"--init-agent starts native PPO from an agent's weights; --algo {args.algo} builds its own")
     if (args.algo == "distill") != (args.teacher is not None):
         raise ValueError("--algo distill needs --teacher (an agent folder), and --teacher is for --algo distill only")
 
@@ -166,6 +171,19 @@ def load_teacher(args: Args, envs: APTPruneVectorEnv) -> APTPolicy:
             f"--budget-mean {args.budget_mean}"
         )
     return teacher
+
+
+def initial_policy(args: Args, envs: APTPruneVectorEnv) -> APTPolicy:
+    """A fresh agent from the flags, or ``--init-agent``'s weights sampled as ``--sampling`` says (uncalibrated)."""
+    if args.init_agent is None:
+        return APTPolicy.for_env(envs, **policy_kwargs(args))
+    start = load_policy(args.init_agent, observation_space=envs.single_observation_space)
+    if start.use_budget != (args.budget is not None):
+        need = "needs --budget LOW HIGH" if start.use_budget else "reads no budget: drop --budget"
+        raise ValueError(f"--init-agent {args.init_agent} {need}")
+    policy = APTPolicy.from_config({**start.config(), "sampling": args.sampling, "calibration": None})
+    policy.load_state_dict(start.state_dict())
+    return policy.to(envs.device)
 
 
 def run_folder(args: Args, main_rank: bool) -> tuple[Path, Args]:
@@ -206,7 +224,7 @@ def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Sum
     rank = torch.distributed.get_rank() if is_distributed() else 0
     with torch.random.fork_rng(devices=[]):  # every rank starts from the same agent
         torch.manual_seed(args.seed)
-        policy = APTPolicy.for_env(envs, **policy_kwargs(args))
+        policy = initial_policy(args, envs)
     trainer = NativePPO(
         envs,
         policy,

@@ -6,15 +6,13 @@ folder ``{env}__{exp_name}__{seed}__{time}``, keep the arguments that made it in
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import numpy as np
-import torch
+from stable_baselines3.common.utils import set_random_seed
 
 from apt_env.distributed import broadcast_int
 
@@ -36,10 +34,9 @@ R = TypeVar("R", bound=_Resumable)
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators, as CleanRL scripts do first."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    """Seed Python's, NumPy's and torch's global generators, as CleanRL scripts do first (stable-baselines3's
+    ``set_random_seed``; cuDNN's algorithm choice left as it is)."""
+    set_random_seed(seed, using_cuda=False)
 
 
 def new_run_dir(

@@ -143,3 +143,21 @@ def test_a_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_weights(a
     assert json.loads((part / "agent" / "config.json").read_text())["global_step"] == 96
     resumed = agent_weights(part)
     assert [k for k, v in expected.items() if not torch.equal(resumed[k], v)] == []
+
+
+@pytest.mark.slow
+def test_a_fixed_count_agent_is_fine_tuned_into_a_calibrated_mean_budget_agent(backbone, tmp_path):
+    budget = ("--budget", "0.25", "1.0")
+    run("--model", str(backbone), *budget, "--sampling", "topk", "--total-env-steps", "48", out=tmp_path / "fixed")
+    (fixed,) = (tmp_path / "fixed").iterdir()
+    mean_flags = (*budget, "--budget-mean", "--sampling", "threshold", "--init-agent", str(fixed / "agent"))
+    run("--model", str(backbone), *mean_flags, "--total-env-steps", "48", "--calibration-images", "16",
+        out=tmp_path / "mean")  # fmt: skip
+    (mean,) = (tmp_path / "mean").iterdir()
+    start, tuned = load_policy(fixed / "agent"), load_policy(mean / "agent")
+    assert (start.sampling, tuned.sampling) == ("topk", "threshold")
+    calibration = tuned.calibration
+    assert calibration["budgets"][0] == 0.25 and calibration["budgets"][-1] == 1.0 and calibration["images"] == 16
+    assert calibration["split"] == "val" and len(calibration["backbone"]) == 16  # the weights' digest
+    proc = run("--model", str(backbone), *mean_flags, "--algo", "ppo", out=tmp_path / "bad", check=False)
+    assert proc.returncode != 0 and "--init-agent starts native PPO" in proc.stderr
