@@ -96,6 +96,20 @@ def test_joint_training_with_budgets_trains_one_budget_agent_and_reports_it_at_a
 
 
 @pytest.mark.slow
+def test_joint_training_with_a_mean_budget_trains_the_backbone_on_a_threshold_agent_calibrated_on_val(tmp_path):
+    flags = ["--budget", "0.3", "0.9", "--budget-mean", "--eval-budget", "0.5", "--no-compare-plain"]
+    run_dir, _ = _run(tmp_path / "runs", *APT, "--epochs", "2", "--backbone-masks", "mode", *flags)
+    policy = load_policy(run_dir / "agent")
+    assert policy.sampling == "threshold" and policy.calibration["split"] == "val"
+    assert policy.calibration["backbone"] == state_digest(load_backbone(run_dir / "checkpoint").model)
+    pruned = {r["policy"]: r for r in json.loads((run_dir / "results.json").read_text())}["APT (pruning)"]
+    assert pruned["budget"] == 0.5 and pruned["tokens_last"] < 16
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--mode", "plain", "--budget-mean"], capture_output=True,
+                         text=True)  # fmt: skip
+    assert bad.returncode != 0 and "--budget-mean makes the agent's budget hold on average" in bad.stderr
+
+
+@pytest.mark.slow
 def test_the_random_mask_control_trains_on_each_budgets_count_without_an_agent(tmp_path):
     flags = ["--mode", "random", "--budget", "0.3", "0.9", "--no-compare-plain"]
     run_dir, stdout = _run(tmp_path / "runs", *APT[2:], "--epochs", "2", *flags)
