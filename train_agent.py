@@ -76,7 +76,7 @@ class Args:
     num_envs: int = 64
     """sub-environments: images per batch"""
     total_env_steps: int = 60_000
-    """env transitions to train for (num_envs per step); the default takes a few minutes on 2 CPU cores"""
+    """env transitions to train for (num_envs per step)"""
     reward: Literal["loss_delta", "prob_delta", "vs_random"] = "loss_delta"
     """reward: loss_delta, prob_delta or vs_random (the loss under a random mask of the same per-image count
     minus the loss under the agent's)"""
