@@ -99,11 +99,8 @@ class APTPruneVectorEnv(VectorEnv):
     that picks tokens at random gets 0 in expectation at every stage, whatever it keeps; the return
     does not telescope. ``info["loss_random"]`` is ``L(c_k)``.
 
-    The default stays ``loss_delta`` (the method's own reward), on the evidence of
-    ``benchmarks/agent_evidence.py``: over 24,576 transitions of native PPO, SB3 PPO and SB3 A2C on a budget
-    range, on the shipped default backbone, the mode's gain over random on a fixed val set rose by +0.107 on
-    average with ``loss_delta`` and +0.030 with ``vs_random``. In joint training (``train_backbone.py``) the
-    shipped agent was trained on ``vs_random``.
+    The default is ``loss_delta``, the method's own reward (why: ``benchmarks/agent_evidence.py`` and
+    docs/results.md, "Learning curves"); the shipped agent was trained jointly on ``vs_random``.
 
     With a budget ``b`` (see ``budget``), the last step also subtracts
     ``budget_weight * max(0, F(final) / F(all) - b)``: going over the budget costs, staying under it
