@@ -157,13 +157,19 @@ def learning_rate(args: Args) -> float:
     return 2e-3 if args.algo == "distill" else 3e-4
 
 
+def load_agent_for(args: Args, envs: APTPruneVectorEnv, path: str, what: str) -> APTPolicy:
+    """An agent folder checked against the env: its tokens, and a budget exactly when it reads one."""
+    policy = load_policy(path, observation_space=envs.single_observation_space, device=envs.device)
+    if policy.use_budget != (args.budget is not None):
+        need = "needs --budget LOW HIGH" if policy.use_budget else "reads no budget: drop --budget"
+        raise ValueError(f"{what} {path} {need}")
+    return policy
+
+
 def load_teacher(args: Args, envs: APTPruneVectorEnv) -> APTPolicy:
-    """The agent to distil, checked against the env: its tokens, and a budget exactly when it reads one."""
+    """The agent to distil, checked against the env and the run's kind of budget."""
     assert args.teacher is not None
-    teacher = load_policy(args.teacher, observation_space=envs.single_observation_space, device=envs.device)
-    if teacher.use_budget != (args.budget is not None):
-        need = "needs --budget LOW HIGH" if teacher.use_budget else "reads no budget: drop --budget"
-        raise ValueError(f"the teacher {args.teacher} {need}")
+    teacher = load_agent_for(args, envs, args.teacher, "the teacher")
     if (teacher.sampling == "threshold") != args.budget_mean:
         raise ValueError(
             f"the teacher {args.teacher} has sampling {teacher.sampling!r}, for "
@@ -177,10 +183,7 @@ def initial_policy(args: Args, envs: APTPruneVectorEnv) -> APTPolicy:
     """A fresh agent from the flags, or ``--init-agent``'s weights sampled as ``--sampling`` says (uncalibrated)."""
     if args.init_agent is None:
         return APTPolicy.for_env(envs, **policy_kwargs(args))
-    start = load_policy(args.init_agent, observation_space=envs.single_observation_space)
-    if start.use_budget != (args.budget is not None):
-        need = "needs --budget LOW HIGH" if start.use_budget else "reads no budget: drop --budget"
-        raise ValueError(f"--init-agent {args.init_agent} {need}")
+    start = load_agent_for(args, envs, args.init_agent, "--init-agent")
     policy = APTPolicy.from_config({**start.config(), "sampling": args.sampling, "calibration": None})
     policy.load_state_dict(start.state_dict())
     return policy.to(envs.device)

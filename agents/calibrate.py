@@ -24,7 +24,7 @@ from apt_env.data import dataset_for
 from apt_env.distributed import state_digest
 from apt_env.evaluate import forward_policy
 from apt_env.flops import FlopCounter
-from apt_env.observe import OBS_KEYS
+from apt_env.observe import BUDGET_KEYS, OBS_KEYS
 
 __all__ = ["calibrate_on_val", "calibrate_thresholds", "check_calibrated_for", "mean_gflops_fraction"]
 
@@ -49,7 +49,7 @@ def mean_gflops_fraction(
     """The backbone's mean GFLOPs over ``images`` under ``policy``'s deterministic decisions at ``budget``,
     as a fraction of the dense model's."""
     counter = FlopCounter(pv.model)
-    keys = OBS_KEYS + ("budget", "keep_count")
+    keys = (*OBS_KEYS, *BUDGET_KEYS)
     total = 0.0
     for chunk in images.split(batch_size):
         _, kept, _ = forward_policy(pv, chunk, lambda obs: policy.act(obs), obs_keys=keys, budget=budget)

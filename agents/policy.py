@@ -52,7 +52,6 @@ from agents.observation import (
     check_budget_observed,
     keep_counts,
     live_mask,
-    obs_tensor,
     read_batch,
 )
 
@@ -135,7 +134,7 @@ class APTPolicy(nn.Module):
         self.use_cls_attn, self.init_keep_prob = use_cls_attn, init_keep_prob
         self.use_budget, self.sampling = bool(use_budget), sampling
         self.mixer, self.mixer_heads = mixer, mixer_heads
-        self.calibration = check_calibration(calibration, sampling, bool(use_budget))
+        self.calibration = calibration  # checked, and its thresholds kept as tensors, by the setter
         self.token_norm = nn.LayerNorm(embed_dim)
         self.cls_norm = nn.LayerNorm(embed_dim)
         self.q = nn.Linear(embed_dim, qk_dim)
@@ -299,22 +298,33 @@ class APTPolicy(nn.Module):
         pooled = h.new_zeros(o.live.shape[0], h.shape[1]).index_add(0, index[0], h)
         pooled = pooled / o.live.sum(1, keepdim=True).clamp(min=1).to(h.dtype)  # mean over live tokens (B, H)
         value = self.value_head(torch.cat([pooled, q], -1)).squeeze(-1)  # (B,)
-        return self._shifted(self._logits(h, index, o.live), obs), value
+        return self._shifted(self._logits(h, index, o.live), o.budget), value
 
     def keep_logits(self, obs: Mapping[str, Any]) -> Tensor:
         """The keep logits of ``forward`` without the value head: all that a decision needs."""
         o = self.prepare(obs)
         h, index, _ = self._hidden(o)
-        return self._shifted(self._logits(h, index, o.live), obs)
+        return self._shifted(self._logits(h, index, o.live), o.budget)
 
-    def _shifted(self, logits: Tensor, obs: Mapping[str, Any]) -> Tensor:
-        """With ``"threshold"``, the logits less each row's calibrated threshold ``s(b)``: kept where positive."""
-        if self.sampling != "threshold" or self.calibration is None:
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """A ``"threshold"`` policy's calibrated thresholds (``agents.calibrate``), or None."""
+        return self._calibration
+
+    @calibration.setter
+    def calibration(self, value: Mapping[str, Any] | None) -> None:
+        self._calibration = check_calibration(value, self.sampling, self.use_budget)
+        self._thresholds = None  # (budgets, shifts) as tensors: built once, not at every decision
+        if self._calibration is not None:
+            budgets, shifts = self._calibration["budgets"], self._calibration["shifts"]
+            self._thresholds = (torch.tensor(budgets, dtype=torch.float64), torch.tensor(shifts, dtype=torch.float64))
+
+    def _shifted(self, logits: Tensor, budget: Tensor | None) -> Tensor:
+        """With calibrated thresholds, the logits less each row's ``s(b)`` (``budget``: (B, 1)): kept where positive."""
+        if self._thresholds is None:
             return logits
-        budget = obs_tensor(obs, "budget", logits.device).reshape(logits.shape[0]).double()
-        knots = torch.tensor(self.calibration["budgets"], dtype=torch.float64, device=logits.device)
-        shifts = torch.tensor(self.calibration["shifts"], dtype=torch.float64, device=logits.device)
-        return logits - interp(budget, knots, shifts).to(logits.dtype).unsqueeze(1)
+        knots, shifts = (t.to(logits.device) for t in self._thresholds)
+        return logits - interp(budget.reshape(-1).double(), knots, shifts).to(logits.dtype).unsqueeze(1)
 
     def decision_flops(self, live: Tensor) -> Tensor:
         """The FLOPs of ``act`` per image (fvcore's convention: a multiply-add is one, LayerNorm five per

@@ -221,7 +221,6 @@ class APTPruneVectorEnv(VectorEnv):
         if budget_mean and self.budget_range is None:
             raise ValueError("budget_mean=True makes a budget hold on average over images: pass budget= too")
         price = BudgetPrice(*self.budget_range, lr=check_finite("price_lr", price_lr)) if budget_mean else None
-        self.budget_mean = bool(budget_mean)
         model = default_model() if model is None else model
         pv = build_backbone(model, prune_layers=prune_layers, min_keep=min_keep)
         self.pv = pv.to(self.device).eval()

@@ -64,13 +64,3 @@ class BudgetPrice:
         mass = weights.sum(0)
         seen = mass > 0
         self.price[seen] += self.lr * (weights * over).sum(0)[seen] / mass[seen]
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"knots": self.knots.clone(), "price": self.price.clone()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if state["knots"].shape != self.knots.shape or not torch.allclose(state["knots"], self.knots):
-            raise ValueError(
-                f"this price is for budgets at {state['knots'].tolist()}, the env's knots are {self.knots.tolist()}"
-            )
-        self.price = state["price"].clone().double()

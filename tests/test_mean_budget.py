@@ -77,7 +77,10 @@ def test_batch_one_decides_as_the_batch_does():
     envs = tiny_envs(16, budget=0.4, budget_mean=True)
     policy = threshold_policy(envs)
     obs = envs.unwrapped.reset_tensors(seed=2)
-    policy.calibration = {"budgets": [0.4], "shifts": [float(policy.keep_logits(obs).detach().median())]}
+    logits = policy.keep_logits(obs).detach()[live_mask(obs)].sort().values
+    # A threshold halfway between two logits near the median: a token exactly on it would be decided by rounding.
+    middle = logits.numel() // 2
+    policy.calibration = {"budgets": [0.4], "shifts": [float(logits[middle : middle + 2].mean())]}
     together = policy.act(obs)
     alone = torch.cat([policy.act({k: v[i : i + 1] for k, v in obs.items()}) for i in range(16)])
     assert torch.equal(together, alone)
