@@ -34,6 +34,7 @@ from torch.utils.data import Subset
 
 from agents.baselines import ClsAttentionTopK, RandomKeep
 from agents.calibrate import check_calibrated_for
+from agents.distributions import gumbel_noise
 from agents.io import load_policy
 from agents.policy import APTPolicy
 from apt_env.backbone import PrunableViT
@@ -61,6 +62,7 @@ logger = logging.getLogger("evaluate")
 
 AGENT = "APT agent"
 AGENT_SAMPLED = f"{AGENT} (sampled)"
+AGENT_FIXED_DRAW = f"{AGENT} (fixed draw)"
 AGENT_DETERMINISTIC = f"{AGENT} (deterministic)"
 AGENT_ADAPTIVE = f"{AGENT} (adaptive)"
 CLS_TOPK = "cls-attn top-k"
@@ -183,10 +185,14 @@ def agent_contenders(policy: APTPolicy, budgets: dict[float, float], seed: int) 
     mode = lambda o: policy.act(o, deterministic=True)  # noqa: E731
     if policy.use_budget:
         keys = (*OBS_KEYS, *BUDGET_KEYS)
+        rules = [(AGENT_SAMPLED, sampled), (AGENT, mode)]
+        if policy.sampling == "topk":  # a sample under one Gumbel draw per patch position: deterministic
+            draw = gumbel_noise((policy.num_patches,), torch.Generator().manual_seed(seed))
+            rules.append((AGENT_FIXED_DRAW, lambda o: policy.act(o, deterministic=False, gumbel=draw)))
         return [
             Contender(f"{rule} @ {b:g}", act, b, obs_keys=keys, flops=cost, role="agent", rule=rule)
             for b in budgets
-            for rule, act in ((AGENT_SAMPLED, sampled), (AGENT, mode))
+            for rule, act in rules
         ]
     rows = [
         Contender(AGENT_SAMPLED, sampled, flops=cost, role="agent"),
@@ -289,7 +295,7 @@ REPLAY_RECORDED = ("top1", "gflops_backbone")
 
 def _of(row: dict) -> str:
     """What tells apart the references of two agents at one budget."""
-    return " (adaptive)" if row["rule"] == AGENT_ADAPTIVE else ""
+    return {AGENT_ADAPTIVE: " (adaptive)", AGENT_FIXED_DRAW: " (fixed draw)"}.get(row["rule"], "")
 
 
 def replay_name(row: dict) -> str:

@@ -9,6 +9,7 @@ The functions work on (B, N) tensors: ``scores``/``logits`` float, ``live`` bool
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -58,15 +59,33 @@ def top_count_live(scores: Tensor, live: Tensor, count: Tensor) -> Tensor:
     return top_count(scores, live, torch.floor(count + 0.5).clamp(min=1))
 
 
-def gumbel_top_count(logits: Tensor, live: Tensor, count: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def gumbel_noise(shape: Sequence[int], generator: torch.Generator | None = None, device: Any = None) -> Tensor:
+    """Standard Gumbel noise of ``shape`` (float32)."""
+    u = torch.rand(tuple(shape), generator=generator, device=device).clamp_(min=1e-20)
+    return -torch.log(-torch.log(u))
+
+
+def gumbel_top_count(
+    logits: Tensor,
+    live: Tensor,
+    count: Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    gumbel: Tensor | None = None,
+) -> Tensor:
     """Sample ``count`` (B,) live tokens per row without replacement, with probabilities ``softmax(logits)``
     at each pick (Plackett-Luce), by perturbing the logits with Gumbel noise and keeping the top ones.
+
+    ``gumbel`` (broadcastable to (B, N)): this noise instead of a fresh draw. One fixed draw per patch position
+    makes the sample a deterministic rule of the image alone (the same at batch 1 as in any batch) whose every
+    mask is still, position by position, a sample of the distribution.
 
     Returns:
         (B, N) bool keep mask, a subset of ``live`` with ``min(count, live)`` tokens per row.
     """
-    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(min=1e-20)
-    gumbel = -torch.log(-torch.log(u))
+    if gumbel is None:
+        gumbel = gumbel_noise(logits.shape, generator, logits.device)
+    gumbel = gumbel.to(logits.device)
     return top_count_live(logits.detach().float() + gumbel, live, count.float()) & (count > 0).unsqueeze(1)
 
 

@@ -385,6 +385,7 @@ class APTPolicy(nn.Module):
         deterministic: bool = True,
         keep_ratio: float | None = None,
         generator: torch.Generator | None = None,
+        gumbel: Tensor | None = None,
     ) -> Tensor:
         """A keep mask (B, N) bool.
 
@@ -398,6 +399,8 @@ class APTPolicy(nn.Module):
             keep_ratio: if given, keep the top ``keep_ratio`` of the live tokens by logit (at least
                 one), whatever ``deterministic`` says: a fixed budget.
             generator: the random source for sampling.
+            gumbel: with ``"topk"`` and ``deterministic=False``, this Gumbel noise (N,) or (B, N) in place of a
+                fresh draw (``agents.distributions.gumbel_top_count``): one fixed draw is a deterministic rule.
         """
         logits = self.keep_logits(obs)
         live = live_mask(obs, logits.device)
@@ -406,7 +409,9 @@ class APTPolicy(nn.Module):
         if deterministic:
             return self.mode(logits, live, obs)
         if self.sampling == "topk":
-            return gumbel_top_count(logits, live, keep_counts(obs, logits.device), generator)
+            return gumbel_top_count(logits, live, keep_counts(obs, logits.device), generator, gumbel=gumbel)
+        if gumbel is not None:
+            raise ValueError(f"a fixed Gumbel draw is for sampling='topk', not {self.sampling!r}")
         u = torch.rand(logits.shape, generator=generator, device=logits.device)
         return (u < torch.sigmoid(logits)) & live
 

@@ -11,7 +11,14 @@ from gymnasium.utils.env_checker import check_env
 from helpers import SMALL, TINY, TINY_VIT, tiny_envs
 from stable_baselines3 import PPO
 
-from agents.distributions import gumbel_top_count, plackett_luce_entropy, plackett_luce_log_prob, top_count_live
+from agents.distributions import (
+    gumbel_noise,
+    gumbel_top_count,
+    plackett_luce_entropy,
+    plackett_luce_log_prob,
+    top_count_live,
+)
+from agents.observation import keep_counts
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from agents.sb3_policy import APTActorCriticPolicy
@@ -352,3 +359,21 @@ def test_sb3_ppo_trains_the_topk_policy_and_predicts_the_budgets_count():
     np.testing.assert_array_equal(action.sum(1), obs["keep_count"][:, 0])
     sampled, _ = model.predict(obs, deterministic=False)
     np.testing.assert_array_equal(sampled.sum(1), obs["keep_count"][:, 0])
+
+
+def test_a_fixed_gumbel_draw_makes_the_agents_sample_a_rule_of_the_image_alone():
+    envs = tiny_envs(8, budget=0.5)
+    torch.manual_seed(0)
+    policy = APTPolicy.for_env(envs, sampling="topk", **SMALL).eval()
+    obs = envs.unwrapped.reset_tensors(seed=3)
+    draw = gumbel_noise((policy.num_patches,), torch.Generator().manual_seed(0))
+    together = policy.act(obs, deterministic=False, gumbel=draw)
+    one = [{k: v[i : i + 1] for k, v in obs.items()} for i in range(8)]
+    alone = torch.cat([policy.act(o, deterministic=False, gumbel=draw) for o in one])
+    assert torch.equal(together, alone) and torch.equal(together, policy.act(obs, deterministic=False, gumbel=draw))
+    assert torch.equal(together.sum(1), keep_counts(obs))  # the budget's count, as any sample
+    other = gumbel_noise((policy.num_patches,), torch.Generator().manual_seed(1))
+    assert not torch.equal(together, policy.act(obs, deterministic=False, gumbel=other))
+    bernoulli = APTPolicy.for_env(tiny_envs(2), **SMALL)
+    with pytest.raises(ValueError, match="fixed Gumbel draw is for sampling='topk'"):
+        bernoulli.act(tiny_envs(2).unwrapped.reset_tensors(seed=0), deterministic=False, gumbel=draw[:16])
