@@ -188,6 +188,7 @@ def agent_contenders(policy: APTPolicy, budgets: dict[float, float], seed: int) 
         rules = [(AGENT_SAMPLED, sampled), (AGENT, mode)]
         if policy.sampling == "topk":  # a sample under one Gumbel draw per patch position: deterministic
             draw = gumbel_noise((policy.num_patches,), torch.Generator().manual_seed(seed))
+            draw = draw.to(next(policy.parameters()).device)  # once, not at every decision
             rules.append((AGENT_FIXED_DRAW, lambda o: policy.act(o, deterministic=False, gumbel=draw)))
         return [
             Contender(f"{rule} @ {b:g}", act, b, obs_keys=keys, flops=cost, role="agent", rule=rule)

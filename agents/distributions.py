@@ -83,9 +83,7 @@ def gumbel_top_count(
     Returns:
         (B, N) bool keep mask, a subset of ``live`` with ``min(count, live)`` tokens per row.
     """
-    if gumbel is None:
-        gumbel = gumbel_noise(logits.shape, generator, logits.device)
-    gumbel = gumbel.to(logits.device)
+    gumbel = gumbel_noise(logits.shape, generator, logits.device) if gumbel is None else gumbel.to(logits.device)
     return top_count_live(logits.detach().float() + gumbel, live, count.float()) & (count > 0).unsqueeze(1)
 
 

@@ -323,7 +323,9 @@ class APTPolicy(nn.Module):
         """With calibrated thresholds, the logits less each row's ``s(b)`` (``budget``: (B, 1)): kept where positive."""
         if self._thresholds is None:
             return logits
-        knots, shifts = (t.to(logits.device) for t in self._thresholds)
+        if self._thresholds[0].device != logits.device:  # moved once, where the policy runs
+            self._thresholds = tuple(t.to(logits.device) for t in self._thresholds)
+        knots, shifts = self._thresholds
         return logits - interp(budget.reshape(-1).double(), knots, shifts).to(logits.dtype).unsqueeze(1)
 
     def decision_flops(self, live: Tensor) -> Tensor:
@@ -402,6 +404,8 @@ class APTPolicy(nn.Module):
             gumbel: with ``"topk"`` and ``deterministic=False``, this Gumbel noise (N,) or (B, N) in place of a
                 fresh draw (``agents.distributions.gumbel_top_count``): one fixed draw is a deterministic rule.
         """
+        if gumbel is not None and self.sampling != "topk":
+            raise ValueError(f"a fixed Gumbel draw is for sampling='topk', not {self.sampling!r}")
         logits = self.keep_logits(obs)
         live = live_mask(obs, logits.device)
         if keep_ratio is not None:
@@ -410,8 +414,6 @@ class APTPolicy(nn.Module):
             return self.mode(logits, live, obs)
         if self.sampling == "topk":
             return gumbel_top_count(logits, live, keep_counts(obs, logits.device), generator, gumbel=gumbel)
-        if gumbel is not None:
-            raise ValueError(f"a fixed Gumbel draw is for sampling='topk', not {self.sampling!r}")
         u = torch.rand(logits.shape, generator=generator, device=logits.device)
         return (u < torch.sigmoid(logits)) & live
 
