@@ -1,7 +1,8 @@
-"""Evaluate a backbone and its pruning agent against random pruning and EViT's class-attention top-k, at matched
-compute budgets, every policy on the same images.
+"""Evaluate a backbone and its pruning agent against random pruning, EViT's class-attention top-k and an evenly spread
+grid, at matched compute budgets, every policy on the same images.
 
-For each budget (a fraction of the dense backbone's GFLOPs) random pruning, class-attention top-k and the agent
+For each budget (a fraction of the dense backbone's GFLOPs) random pruning, class-attention top-k, the ordered-dither
+grid (``agents.baselines.DitherGrid``, the same tokens in every image) and the agent
 ranked by its keep logits run at the per-stage keep ratio that reaches it; the agent also runs by its own rules
 (sampled, as it was trained, and deterministic), and random and top-k again at the compute it reached; the dense
 model runs once. Each row has top-1 with its 95% interval, the loss, GFLOPs of the backbone and of the policy's
@@ -32,7 +33,7 @@ from scipy.stats import spearmanr
 from stable_baselines3.common.save_util import load_from_zip_file
 from torch.utils.data import Subset
 
-from agents.baselines import ClsAttentionTopK, RandomKeep
+from agents.baselines import ClsAttentionTopK, DitherGrid, RandomKeep
 from agents.calibrate import check_calibrated_for
 from agents.distributions import gumbel_noise
 from agents.io import load_policy
@@ -66,6 +67,7 @@ AGENT_FIXED_DRAW = f"{AGENT} (fixed draw)"
 AGENT_DETERMINISTIC = f"{AGENT} (deterministic)"
 AGENT_ADAPTIVE = f"{AGENT} (adaptive)"
 CLS_TOPK = "cls-attn top-k"
+GRID = "dither grid"
 REPLAYED = "agent's masks, no decision"
 PHYSICAL = "dense batch at the agent's kept lengths"
 CONTROL = "control: "
@@ -244,8 +246,9 @@ def random_contender(budget: float, ratio: float, seed: int, model: PrunableViT 
     return Contender(name, act, budget, obs_keys=("keep", "stage"), model=model, role=role, rule="random")
 
 
-def heuristic_contenders(budgets: dict[float, float], seed: int) -> list[Contender]:
-    """Random pruning and class-attention top-k (EViT) at the keep ratio of every budget."""
+def heuristic_contenders(budgets: dict[float, float], seed: int, grid: tuple[int, int]) -> list[Contender]:
+    """Random pruning, class-attention top-k (EViT) and the ordered-dither grid of the (H, W) patch ``grid`` at the
+    keep ratio of every budget."""
     rows = []
     for budget, ratio in budgets.items():
         rows.append(random_contender(budget, ratio, seed))
@@ -253,6 +256,9 @@ def heuristic_contenders(budgets: dict[float, float], seed: int) -> list[Contend
         keys = ("cls_attn", "keep", "stage")
         name = f"{CLS_TOPK} @ {budget:.3g}"
         rows.append(Contender(name, top.act, budget, obs_keys=keys, role="heuristic", rule=CLS_TOPK))
+        act = DitherGrid(ratio, grid).act
+        rows.append(Contender(f"{GRID} @ {budget:.3g}", act, budget, obs_keys=("keep", "stage"), role="heuristic",
+                              rule=GRID))  # fmt: skip
     return rows
 
 
@@ -269,9 +275,10 @@ def control_contenders(
 def equal_compute_text(rows: list[dict]) -> str:
     """Each deterministic agent row against every baseline family at the agent's GFLOPs, its own cost included:
     the family's top-1 interpolated linearly in GFLOPs between its budget rows and its dense model."""
-    families = {"random": ("heuristic", "random"), CLS_TOPK: ("heuristic", CLS_TOPK)}
-    if any(r["role"] == "control" for r in rows):
-        families["control, random"] = ("control", "random")
+    families = {"random": ("heuristic", "random"), CLS_TOPK: ("heuristic", CLS_TOPK), GRID: ("heuristic", GRID),
+                "control, random": ("control", "random")}  # fmt: skip
+    present = {(r["role"], r["rule"]) for r in rows}
+    families = {name: family for name, family in families.items() if family in present}
     lines = []
     for agent in (r for r in rows if is_agent_decision(r)):
         parts = []
@@ -464,7 +471,8 @@ def evaluate_rows(
     if agent is not None and not agent.use_budget:
         reached = next(r["budget"] for r in rows if r["rule"] == AGENT_DETERMINISTIC)
         budgets[round(reached, 3)] = budget_keep_ratio(pv, reached)
-    second = heuristic_contenders(budgets, args.seed) + replay_contenders(rows, decisions)
+    grid = tuple(pv.model.patch_embed.grid_size)
+    second = heuristic_contenders(budgets, args.seed, grid) + replay_contenders(rows, decisions)
     if args.control:
         second += control_contenders(load_model(args, args.control), pv, budgets, args.seed)
     more_rows, more_decisions = evaluate_accuracy(pv, loader, second, desc="heuristics")

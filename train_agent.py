@@ -118,6 +118,10 @@ class Args:
     """the agent's token mixer: none (each token scored on its own) or one attention layer over the live tokens"""
     init_keep_prob: float = 0.9
     """initial keep probability of every token"""
+    position_prior: float | None = None
+    """weight of the agent's ordered-dither prior on its logits (an evenly spread grid of tokens it learns to depart
+    from; APTPolicy's position_prior): a fresh agent's (None: 0), or with --init-agent in place of the loaded one's
+    (None: keep it)"""
     checkpoint_every: int = 5
     """rollouts between checkpoints"""
     eval_episodes: int = 8
@@ -184,7 +188,10 @@ def initial_policy(args: Args, envs: APTPruneVectorEnv) -> APTPolicy:
     if args.init_agent is None:
         return APTPolicy.for_env(envs, **policy_kwargs(args))
     start = load_agent_for(args, envs, args.init_agent, "--init-agent")
-    policy = APTPolicy.from_config({**start.config(), "sampling": args.sampling, "calibration": None})
+    prior = start.position_prior if args.position_prior is None else args.position_prior
+    policy = APTPolicy.from_config(
+        {**start.config(), "sampling": args.sampling, "calibration": None, "position_prior": prior}
+    )
     policy.load_state_dict(start.state_dict())
     return policy.to(envs.device)
 
@@ -220,6 +227,7 @@ def policy_kwargs(args: Args) -> dict[str, Any]:
         init_keep_prob=args.init_keep_prob,
         sampling=args.sampling,
         mixer=args.mixer,
+        position_prior=args.position_prior or 0.0,
     )
 
 

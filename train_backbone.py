@@ -177,6 +177,10 @@ class Args:
     agent_mixer: Literal["none", "attention"] = "none"
     """apt mode: the agent's token mixer: none (each token scored on its own) or one attention layer over the live
     tokens (scores that depend on each other)"""
+    agent_position_prior: float | None = None
+    """apt mode: weight of the agent's ordered-dither prior on its logits (an evenly spread grid of tokens it learns
+    to depart from; APTPolicy's position_prior): a fresh agent's (None: 0), or with --init-agent in place of the
+    loaded one's (None: keep it)"""
     agent_hidden: int = 64
     """apt mode: width of the agent's per-token MLP"""
     agent_qk_dim: int = 64
@@ -347,6 +351,8 @@ def make_agent_trainer(args: Args, pv: PrunableViT, rank: int, device: torch.dev
                     f"--init-agent {args.init_agent} has sampling {policy.sampling!r}; this run has --budget-mean "
                     f"{args.budget_mean}: a mean budget needs a threshold agent, a per-image one any other"
                 )
+            if args.agent_position_prior is not None:
+                policy.position_prior = args.agent_position_prior
         else:
             sampling = "bernoulli" if args.budget is None else "threshold" if args.budget_mean else "topk"
             policy = APTPolicy.for_env(
@@ -356,6 +362,7 @@ def make_agent_trainer(args: Args, pv: PrunableViT, rank: int, device: torch.dev
                 init_keep_prob=args.init_keep_prob,
                 sampling=sampling,
                 mixer=args.agent_mixer,
+                position_prior=args.agent_position_prior or 0.0,
             )
     return NativePPO(envs, policy, lr=args.agent_lr, seed=args.seed + rank)
 

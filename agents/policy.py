@@ -21,6 +21,10 @@ Two ways to turn the logits into a keep mask (``sampling``):
   calibration), and the logits the policy returns are already shifted by it. The deterministic action keeps
   ``l_i > s(b)``: the distribution's mode, token by token, the same for an image alone and inside any batch.
 
+With ``position_prior`` w > 0 every logit has ``w * (1 - 2 * r_i)`` added, ``r_i`` in [0, 1) the ordered-dither
+rank of the token's patch position (``apt_env.tokens.dither_rank``): the policy then starts from an evenly spread
+grid of tokens and learns where the image needs another one, in every sampling rule alike.
+
 The distributions live in ``agents.distributions``, the reading of observations in ``agents.observation``.
 One way builds a fresh policy: ``APTPolicy.from_space`` (or ``for_env``, its env's space), which sizes it from
 the observation space; a saved one is rebuilt from its ``config()`` by ``APTPolicy.from_config``.
@@ -54,6 +58,7 @@ from agents.observation import (
     live_mask,
     read_batch,
 )
+from apt_env.tokens import dither_rank
 
 PRUNED_LOGIT = -30.0
 """The logit of a token pruned at an earlier stage: finite, so log-probs stay finite, and so low
@@ -94,6 +99,8 @@ class APTPolicy(nn.Module):
             pre-norm multi-head self-attention layer over the live tokens' hidden features (residual) before the
             logit head, so that a token's score depends on the others (what is already covered).
         mixer_heads: heads of the mixer's attention (dividing ``hidden``).
+        position_prior: w >= 0, the weight of the ordered-dither prior added to every logit (see the module
+            docstring); needs a square grid of patches. 0: none.
         calibration: with ``"threshold"``, the calibrated thresholds ``{"budgets": [...], "shifts": [...],
             "backbone": digest, ...}`` (``agents.calibrate.calibrate_thresholds``), interpolated linearly between
             budgets; ``None``: threshold 0.
@@ -112,6 +119,7 @@ class APTPolicy(nn.Module):
         sampling: str = "bernoulli",
         mixer: str = "none",
         mixer_heads: int = 4,
+        position_prior: float = 0.0,
         calibration: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -135,6 +143,7 @@ class APTPolicy(nn.Module):
         self.use_budget, self.sampling = bool(use_budget), sampling
         self.mixer, self.mixer_heads = mixer, mixer_heads
         self.calibration = calibration  # checked, and its thresholds kept as tensors, by the setter
+        self.position_prior = position_prior  # checked, and its (N,) offsets built, by the setter
         self.token_norm = nn.LayerNorm(embed_dim)
         self.cls_norm = nn.LayerNorm(embed_dim)
         self.q = nn.Linear(embed_dim, qk_dim)
@@ -157,7 +166,7 @@ class APTPolicy(nn.Module):
             self.mixer_attn = nn.MultiheadAttention(hidden, mixer_heads, batch_first=True)
 
     CONFIG_KEYS = ("embed_dim", "num_patches", "num_stages", "hidden", "qk_dim", "use_cls_attn", "init_keep_prob")
-    OPTION_KEYS = ("use_budget", "sampling", "mixer", "mixer_heads", "calibration")
+    OPTION_KEYS = ("use_budget", "sampling", "mixer", "mixer_heads", "position_prior", "calibration")
     """Constructor arguments added later, with defaults, so checkpoints without them still load."""
 
     def config(self) -> dict[str, Any]:
@@ -284,8 +293,13 @@ class APTPolicy(nn.Module):
         return mixed[rows, cols]
 
     def _logits(self, h: Tensor, index: tuple[Tensor, Tensor], live: Tensor) -> Tensor:
-        """Keep logits (B, N) from the live tokens' hidden features, ``PRUNED_LOGIT`` elsewhere."""
+        """Keep logits (B, N) from the live tokens' hidden features (and the position prior), ``PRUNED_LOGIT``
+        elsewhere."""
         scores = self.logit_head(h).squeeze(-1)
+        if self._prior is not None:
+            if self._prior.device != scores.device:  # moved once, where the policy runs
+                self._prior = self._prior.to(scores.device)
+            scores = scores + self._prior.index_select(0, index[1]).to(scores.dtype)
         if len(scores) == live.numel():  # every token live: already in (row, position) order
             return scores.view(live.shape)
         logits = torch.full(live.shape, PRUNED_LOGIT, dtype=h.dtype, device=h.device)
@@ -305,6 +319,22 @@ class APTPolicy(nn.Module):
         o = self.prepare(obs)
         h, index, _ = self._hidden(o)
         return self._shifted(self._logits(h, index, o.live), o.budget)
+
+    @property
+    def position_prior(self) -> float:
+        """The weight of the ordered-dither prior on the logits (0: none); settable, e.g. on a loaded agent."""
+        return self._position_prior
+
+    @position_prior.setter
+    def position_prior(self, value: float) -> None:
+        weight = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"position_prior must be a finite weight >= 0, got {value!r}")
+        side = math.isqrt(self.num_patches)
+        if weight > 0 and side * side != self.num_patches:
+            raise ValueError(f"position_prior needs a square grid of patches; this policy has {self.num_patches}")
+        self._position_prior = weight
+        self._prior = weight * (1 - 2 * dither_rank((side, side))) if weight > 0 else None
 
     @property
     def calibration(self) -> dict[str, Any] | None:
@@ -336,6 +366,7 @@ class APTPolicy(nn.Module):
         c, d, h = self.embed_dim, self.qk_dim, self.hidden
         # its norm, keys and fc1's share of v_i (folded: C x (D + H)), q * k_i, the rest of fc1, fc2, the logit
         per_token = 5 * c + c * (d + h) + d + (d + int(self.use_cls_attn)) * h + h * h + h
+        per_token += int(self.position_prior > 0)  # the prior's addition
         per_stage = 5 * c + c * d + h * int(self.use_budget)  # class-token norm and query, the budget's projection
         if self.mixer == "attention":
             per_token += 5 * h + 4 * h * h  # its norm, the in and out projections

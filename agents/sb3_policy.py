@@ -97,6 +97,7 @@ class APTActorCriticPolicy(MultiInputActorCriticPolicy):
         use_budget: read ``budget``; default: whether the space has it.
         sampling: ``APTPolicy``'s ``"bernoulli"`` or ``"topk"``.
         mixer: ``APTPolicy``'s ``"none"`` or ``"attention"``.
+        position_prior: ``APTPolicy``'s weight of the ordered-dither prior.
         **kwargs: passed to ``MultiInputActorCriticPolicy`` (optimizer class and kwargs, ...).
     """
 
@@ -112,6 +113,7 @@ class APTActorCriticPolicy(MultiInputActorCriticPolicy):
         use_budget: bool | None = None,
         sampling: str = "bernoulli",
         mixer: str = "none",
+        position_prior: float = 0.0,
         **kwargs: Any,
     ) -> None:
         if not isinstance(action_space, spaces.MultiBinary):
@@ -128,6 +130,7 @@ class APTActorCriticPolicy(MultiInputActorCriticPolicy):
             use_budget=use_budget,
             sampling=sampling,
             mixer=mixer,
+            position_prior=position_prior,
         )
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 

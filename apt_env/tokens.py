@@ -216,3 +216,19 @@ def random_count(live: torch.Tensor, count: torch.Tensor, generator: torch.Gener
     device = live.device if generator is None else generator.device
     scores = torch.rand(live.shape, generator=generator, device=device)
     return top_count(scores.to(live.device), live, count)
+
+
+def dither_rank(grid: tuple[int, int]) -> torch.Tensor:
+    """The ordered-dither (Bayer) rank of each patch position of an (H, W) grid, in raster order, scaled to
+    [0, 1). For every ``k`` the ``k`` lowest-ranked positions spread evenly over the grid, and they are nested, so
+    keeping the lowest-ranked live tokens stage after stage covers the image at every count (halftoning's ordered
+    dither: Bayer, 1973). # -> (H * W,) float"""
+    h, w = grid
+    if h < 1 or w < 1:
+        raise ValueError(f"a patch grid has positive sides, got {grid}")
+    side = 1 << (max(h, w) - 1).bit_length()  # the smallest power of two that covers the grid
+    bayer = torch.zeros(1, 1, dtype=torch.long)
+    while bayer.shape[0] < side:  # Bayer's recursion: M_2n = [[4M, 4M + 2], [4M + 3, 4M + 1]]
+        bayer = torch.cat([torch.cat([4 * bayer, 4 * bayer + 2], 1), torch.cat([4 * bayer + 3, 4 * bayer + 1], 1)])
+    rank = bayer[:h, :w].flatten().argsort().argsort()  # the crop's values, renumbered 0 .. H * W - 1
+    return rank.float() / (h * w)

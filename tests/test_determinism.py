@@ -136,7 +136,7 @@ def test_evaluation_of_sampled_and_random_pruning_repeats_exactly():
     budgets = {0.5: budget_keep_ratio(pv, 0.5)}
 
     def run(seed: int) -> tuple[list[dict], dict]:
-        contenders = script.agent_contenders(policy, budgets, seed) + script.heuristic_contenders(budgets, seed)
+        contenders = script.agent_contenders(policy, budgets, seed) + script.heuristic_contenders(budgets, seed, (4, 4))
         rows, decisions = evaluate_accuracy(pv, loader, contenders)
         return rows, {name: d.masks for name, d in decisions.items()}
 
