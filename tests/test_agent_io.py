@@ -38,7 +38,8 @@ def test_a_policy_is_rebuilt_from_its_config_with_later_options_at_their_default
     assert APTPolicy.from_config({**policy.config(), "format": "ignored"}).config() == policy.config()
     old = {k: v for k, v in policy.config().items() if k in APTPolicy.CONFIG_KEYS}  # saved before the options
     assert APTPolicy.from_config(old).config() == {**old, "use_budget": False, "sampling": "bernoulli",
-                                                   "mixer": "none", "mixer_heads": 4, "calibration": None}  # fmt: skip
+                                                   "mixer": "none", "mixer_heads": 4, "position_prior": 0.0,
+                                                   "calibration": None}  # fmt: skip
     with pytest.raises(ValueError, match="lacks \\['embed_dim'\\]"):
         APTPolicy.from_config({k: v for k, v in old.items() if k != "embed_dim"})
 
