@@ -143,7 +143,6 @@ class APTPolicy(nn.Module):
         self.use_budget, self.sampling = bool(use_budget), sampling
         self.mixer, self.mixer_heads = mixer, mixer_heads
         self.calibration = calibration  # checked, and its thresholds kept as tensors, by the setter
-        self.position_prior = position_prior  # checked, and its (N,) offsets built, by the setter
         self.token_norm = nn.LayerNorm(embed_dim)
         self.cls_norm = nn.LayerNorm(embed_dim)
         self.q = nn.Linear(embed_dim, qk_dim)
@@ -164,6 +163,9 @@ class APTPolicy(nn.Module):
         if mixer == "attention":
             self.mixer_norm = nn.LayerNorm(hidden)
             self.mixer_attn = nn.MultiheadAttention(hidden, mixer_heads, batch_first=True)
+        # The prior's (N,) offsets: a buffer, so that it moves with the policy, derived from the config (not saved).
+        self.register_buffer("_prior", None, persistent=False)
+        self.position_prior = position_prior  # checked, and its offsets built, by the setter
 
     CONFIG_KEYS = ("embed_dim", "num_patches", "num_stages", "hidden", "qk_dim", "use_cls_attn", "init_keep_prob")
     OPTION_KEYS = ("use_budget", "sampling", "mixer", "mixer_heads", "position_prior", "calibration")
@@ -297,8 +299,6 @@ class APTPolicy(nn.Module):
         elsewhere."""
         scores = self.logit_head(h).squeeze(-1)
         if self._prior is not None:
-            if self._prior.device != scores.device:  # moved once, where the policy runs
-                self._prior = self._prior.to(scores.device)
             scores = scores + self._prior.index_select(0, index[1]).to(scores.dtype)
         if len(scores) == live.numel():  # every token live: already in (row, position) order
             return scores.view(live.shape)
@@ -334,7 +334,8 @@ class APTPolicy(nn.Module):
         if weight > 0 and side * side != self.num_patches:
             raise ValueError(f"position_prior needs a square grid of patches; this policy has {self.num_patches}")
         self._position_prior = weight
-        self._prior = weight * (1 - 2 * dither_rank((side, side))) if weight > 0 else None
+        prior = weight * (1 - 2 * dither_rank((side, side))) if weight > 0 else None
+        self._prior = None if prior is None else prior.to(self.stage_embed.weight.device)
 
     @property
     def calibration(self) -> dict[str, Any] | None:
