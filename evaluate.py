@@ -24,7 +24,7 @@ import logging
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from torch.utils.data import Subset
 from agents.baselines import ClsAttentionTopK, DitherGrid, RandomKeep
 from agents.calibrate import check_calibrated_for
 from agents.distributions import gumbel_noise
+from agents.fused import FusedBudgetAgent, kept_masks
 from agents.io import load_policy
 from agents.policy import APTPolicy
 from apt_env.backbone import PrunableViT
@@ -66,6 +67,7 @@ AGENT_SAMPLED = f"{AGENT} (sampled)"
 AGENT_FIXED_DRAW = f"{AGENT} (fixed draw)"
 AGENT_DETERMINISTIC = f"{AGENT} (deterministic)"
 AGENT_ADAPTIVE = f"{AGENT} (adaptive)"
+AGENT_FUSED = f"{AGENT} (fused)"
 CLS_TOPK = "cls-attn top-k"
 GRID = "dither grid"
 REPLAYED = "agent's masks, no decision"
@@ -115,6 +117,12 @@ class Args:
     """run the backbone on the masks of this file (from --save-masks), without any policy"""
     device: str = "cpu"
     """torch device"""
+    fused: bool = True
+    """also run a budget agent (``"topk"``, no mixer) by its static-shape path (``agents.fused``) at every budget:
+    rows ``APT agent (fused) @ B``, the same decisions as ``APT agent @ B`` in fewer ops, timed beside"""
+    compile: bool = False
+    """``torch.compile`` the fused path (on CPU it needs a C++ compiler); compiling happens in the warm-up, outside
+    the timings"""
 
 
 def check_args(args: Args) -> None:
@@ -208,6 +216,41 @@ def agent_contenders(policy: APTPolicy, budgets: dict[float, float], seed: int) 
     return rows
 
 
+@dataclass(frozen=True)
+class FusedRow(Contender):
+    """The agent's mode at one budget by ``FusedBudgetAgent`` (or its compiled form, ``forward``)."""
+
+    forward: Any = None
+    counts: tuple[int, ...] = ()
+
+    def run(self, pv: PrunableViT, images: torch.Tensor, **_: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, kept = self.forward(images, return_positions=True)
+        bounds = pv.stage_bounds
+        tokens = [pv.num_patches] * bounds[1]
+        for stage, count in enumerate(self.counts):
+            tokens += [count] * (bounds[stage + 2] - bounds[stage + 1])
+        entering = torch.tensor(tokens, device=logits.device).expand(len(images), -1)
+        return logits, entering, kept_masks(kept, pv.num_patches)
+
+
+def fused_contenders(pv: PrunableViT, policy: APTPolicy, budgets: dict[float, float], compile: bool) -> list[Contender]:
+    """The budget agent's mode by its fused static-shape path at every budget, compiled if asked."""
+    rows = []
+    for b in budgets:
+        fused = FusedBudgetAgent(pv, policy, b).eval()
+        forward = torch.compile(fused, dynamic=False) if compile else fused
+        mode = lambda o: policy.act(o, deterministic=True)  # noqa: E731  the same decisions, for the record
+        rows.append(FusedRow(f"{AGENT_FUSED} @ {b:g}", mode, b, obs_keys=(*OBS_KEYS, *BUDGET_KEYS),
+                             flops=policy.decision_flops, role="agent", rule=AGENT_FUSED, forward=forward,
+                             counts=fused.counts))  # fmt: skip
+    return rows
+
+
+def has_fused_path(policy: APTPolicy | None) -> bool:
+    """Whether ``agents.fused`` can run this agent: a budget agent of fixed counts without a mixer."""
+    return policy is not None and policy.use_budget and policy.sampling == "topk" and policy.mixer == "none"
+
+
 def adaptive_contenders(policy: APTPolicy, budgets: dict[float, float]) -> list[Contender]:
     """A mean-budget agent by its mode (its calibrated threshold of each budget) at every budget."""
     policy.eval()
@@ -294,7 +337,7 @@ def equal_compute_text(rows: list[dict]) -> str:
 
 def is_agent_decision(row: dict) -> bool:
     """Whether a row is the agent deciding by its mode or logit ranking (not sampling): a row with a replay."""
-    return row["role"] == "agent" and row["rule"] != AGENT_SAMPLED
+    return row["role"] == "agent" and row["rule"] not in (AGENT_SAMPLED, AGENT_FUSED)
 
 
 REPLAY_RECORDED = ("top1", "gflops_backbone")
@@ -347,13 +390,15 @@ def decision_cost_text(rows: list[dict], physical: dict[str, dict]) -> str:
     name), over its masks replayed (the same blocks and pruning, no decision) and over the dense model, at batch 256
     and 1."""
     by_name = {r["policy"]: r for r in rows} | physical
-    lines = [
-        f"{r['policy']}: img/s over the physical reference {speed_ratios(r, by_name[physical_name(r)])}; "
-        f"over its masks replayed {speed_ratios(r, by_name[replay_name(r)])}; "
-        f"over dense {speed_ratios(r, by_name['dense'])}"
-        for r in rows
-        if is_agent_decision(r)
-    ]
+    lines = []
+    for r in rows:
+        if not (is_agent_decision(r) or r["rule"] == AGENT_FUSED):
+            continue
+        replayed = ""
+        if r["rule"] != AGENT_FUSED:  # the fused path has the same masks: its replay is the agent row's
+            replayed = f"over its masks replayed {speed_ratios(r, by_name[replay_name(r)])}; "
+        lines.append(f"{r['policy']}: img/s over the physical reference {speed_ratios(r, by_name[physical_name(r)])}; "
+                     f"{replayed}over dense {speed_ratios(r, by_name['dense'])}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -465,6 +510,7 @@ def evaluate_rows(
     ratios = {b: budget_keep_ratio(pv, b) for b in args.budgets}
     first = [Contender("dense", None, role="dense", rule="dense")]
     first += agent_contenders(agent, ratios, args.seed) if agent is not None else []
+    first += fused_contenders(pv, agent, ratios, args.compile) if args.fused and has_fused_path(agent) else []
     first += adaptive_contenders(adaptive, ratios) if adaptive is not None else []
     rows, decisions = evaluate_accuracy(pv, loader, first, desc="agent")
     budgets = dict(ratios)

@@ -262,12 +262,54 @@ class APTPolicy(nn.Module):
         else:  # each row's values gathered for its tokens
             qk = q.index_select(0, rows) * k
             base = h_v + per_row.index_select(0, rows)
-        feats = [qk] if o.cls_attn is None else [qk, live_rows(o.cls_attn) * self.num_patches]
-        h = torch.addmm(base, torch.cat(feats, -1), self.fc1.weight[:, self.qk_dim :].t())
-        h = self.act_fn(self.fc2(self.act_fn(h)))
+        h = self._token_mlp(qk, base, None if o.cls_attn is None else live_rows(o.cls_attn))
         if self.mixer == "attention":
             h = h + self._mix(h, rows, cols, o.live)
         return h, (rows, cols), q
+
+    def _token_mlp(self, qk: Tensor, base: Tensor, cls_attn: Tensor | None) -> Tensor:
+        """The MLP's hidden features (M, H) of M tokens from ``q * k_i`` (M, D), fc1's share of ``v_i`` plus the row's
+        stage and budget terms (M, H), and the class attention (M, 1) or None."""
+        feats = [qk] if cls_attn is None else [qk, cls_attn * self.num_patches]
+        h = torch.addmm(base, torch.cat(feats, -1), self.fc1.weight[:, self.qk_dim :].t())
+        return self.act_fn(self.fc2(self.act_fn(h)))
+
+    def row_term(self, stage: int, budget: float | None = None) -> Tensor:
+        """What the hidden layer adds for every token of a row at ``stage`` under ``budget`` (H,): the stage
+        embedding and the budget's projection."""
+        term = self.stage_embed.weight[stage]
+        if self.use_budget:
+            if budget is None:
+                raise ValueError("this policy reads a budget: pass one")
+            term = term + self.budget_embed(term.new_tensor([budget]))
+        return term
+
+    def equal_count_logits(
+        self, tokens: Tensor, cls: Tensor, cls_attn: Tensor | None, row_term: Tensor, positions: Tensor
+    ) -> Tensor:
+        """Keep logits (B, M) of rows that all hold M live tokens, given as they are, with no mask over the N
+        positions: what ``keep_logits`` computes for them, in fewer ops (``agents.fused``). Only for
+        ``mixer="none"`` and without calibrated thresholds.
+
+        Args:
+            tokens: the live patch tokens (B, M, C); cls: the class token (B, C).
+            cls_attn: the class attention over those tokens (B, M), or None for a policy that does not read it.
+            row_term: ``row_term(stage, budget)`` (H,).
+            positions: each token's original patch position (B, M) long, for the position prior.
+        """
+        if self.mixer != "none" or self._thresholds is not None:
+            raise ValueError("equal_count_logits is for a policy with mixer='none' and no calibrated thresholds")
+        b, m, _ = tokens.shape
+        weight, bias = self._keys_and_values()
+        k, h_v = F.linear(self.token_norm(tokens), weight, bias).split([self.qk_dim, self.hidden], dim=-1)
+        q = self.q(self.cls_norm(cls))  # (B, D)
+        qk = (k * q.unsqueeze(1)).view(b * m, self.qk_dim)
+        base = (h_v + row_term).view(b * m, self.hidden)
+        attn = None if cls_attn is None else cls_attn.reshape(b * m, 1)
+        scores = self.logit_head(self._token_mlp(qk, base, attn)).view(b, m)
+        if self._prior is not None:
+            scores = scores + self._prior[positions].to(scores.dtype)
+        return scores
 
     def _keys_and_values(self) -> tuple[Tensor, Tensor]:
         """The keys' projection and fc1's share of ``v_i`` as one (D + H, C) weight and its bias.

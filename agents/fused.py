@@ -1,0 +1,136 @@
+"""A budget agent and its backbone as one forward pass of static shapes, for running at one budget.
+
+At a fixed budget every image keeps the same number of patch tokens at each stage, known before any image is seen
+(``apt_env.observe.BudgetKeepRatio``'s counting), so the whole decision path has fixed shapes: the agent scores the
+live tokens as one (B, M, C) batch (no scatter back to the N patch positions, no mask, no ``nonzero``), a ``topk``
+of the known count picks the tokens, one gather removes the others, and nothing waits on the host. The blocks are
+timm's own; the block before each stage also hands out its class attention, from the ``qkv`` it computes anyway.
+The result can be compiled whole (``torch.compile``).
+
+    fused = FusedBudgetAgent(pv, policy, budget=0.5).eval()
+    logits = fused(images)                       # = forward_policy(pv, images, policy's mode at 0.5)
+    logits, positions = fused(images, return_positions=True)  # kept patch positions after each stage
+
+Its logits are those of the generic walk (``apt_env.evaluate.forward_policy`` with the agent's mode) up to float
+rounding, ties between equal logits aside. It is built for the weights it is given: rebuild it after training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Block
+from torch import Tensor, nn
+
+from agents.policy import APTPolicy
+from apt_env.backbone import PrunableViT
+from apt_env.evaluate import budget_keep_ratio
+from apt_env.tokens import keep_count
+
+
+def static_counts(pv: PrunableViT, budget: float) -> tuple[int, ...]:
+    """Patch tokens every image keeps after each stage at ``budget``: the counts the budget's observation gives a
+    ``"topk"`` agent (``keep_count`` at the budget's keep ratio, stage after stage)."""
+    ratio = torch.tensor([budget_keep_ratio(pv, budget)], dtype=torch.float64)
+    live, counts = torch.tensor([float(pv.num_patches)], dtype=torch.float64), []
+    for _ in range(pv.num_stages):
+        live = keep_count(live, ratio, pv.min_keep)
+        counts.append(int(live))
+    return tuple(counts)
+
+
+def block_with_cls_attention(blk: Block, x: Tensor, num_prefix_tokens: int, has_cls: bool) -> tuple[Tensor, Tensor]:
+    """timm's ``Block.forward`` on ``x`` (B, T, C), and the class query's attention over the patch tokens, mean over
+    heads (B, T - P), from the same ``qkv``; without a class token the query is the patch queries' mean."""
+    attn, p = blk.attn, num_prefix_tokens
+    b, t, _ = x.shape
+    qkv = attn.qkv(blk.norm1(x)).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    query = q[:, :, :1] if has_cls else q[:, :, p:].mean(2, keepdim=True)  # (B, H, 1, D)
+    cls_attn = ((query @ k.transpose(-2, -1)) * attn.scale).softmax(-1).mean(1)[:, 0, p:]
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, attn.attn_dim)
+    out = attn.proj_drop(attn.proj(attn.norm(out)))
+    x = x + blk.drop_path1(blk.ls1(out))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))), cls_attn
+
+
+class FusedBudgetAgent(nn.Module):
+    """``pv`` pruned by ``policy``'s mode at one ``budget``, as one static-shape forward pass.
+
+    Args:
+        pv: the backbone; blocks before the pruning layers must be timm's ``Block`` with its ``Attention`` (no gate)
+            when the policy reads the class attention.
+        policy: a budget-conditioned ``"topk"`` agent without a mixer, sized for ``pv``.
+        budget: the fraction of the dense backbone's GFLOPs.
+
+    Raises:
+        ValueError: the policy or the backbone is not of that kind, or they do not fit each other.
+    """
+
+    def __init__(self, pv: PrunableViT, policy: APTPolicy, budget: float) -> None:
+        super().__init__()
+        if policy.sampling != "topk" or not policy.use_budget or policy.mixer != "none":
+            raise ValueError(
+                "a fused path needs a budget agent that keeps the budget's count (sampling='topk', use_budget=True) "
+                f"with mixer='none'; got sampling={policy.sampling!r}, use_budget={policy.use_budget}, "
+                f"mixer={policy.mixer!r}"
+            )
+        if (policy.num_patches, policy.embed_dim, policy.num_stages) != (pv.num_patches, pv.embed_dim, pv.num_stages):
+            raise ValueError(
+                f"the agent is sized for {policy.num_patches} patches of width {policy.embed_dim} over "
+                f"{policy.num_stages} stages; the backbone has {pv.num_patches} of width {pv.embed_dim} over "
+                f"{pv.num_stages}"
+            )
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        if policy.use_cls_attn:
+            for layer in pv.prune_layers:
+                blk = pv.model.blocks[layer - 1]
+                if type(blk) is not Block or type(blk.attn) is not Attention or blk.attn.gate is not None:
+                    raise ValueError(
+                        f"block {layer - 1} is a {type(blk).__name__} with {type(blk.attn).__name__}: the fused path "
+                        "reads the class attention of timm's Block and Attention only"
+                    )
+        self.pv, self.policy, self.budget = pv, policy, float(budget)
+        self.counts = static_counts(pv, budget)
+        with torch.no_grad():
+            terms = torch.stack([policy.row_term(s, budget) for s in range(pv.num_stages)])
+        self.register_buffer("row_terms", terms, persistent=False)  # (K, H): the same for every image
+        self.register_buffer("positions", torch.arange(pv.num_patches), persistent=False)
+
+    def forward(self, images: Tensor, return_positions: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (B, classes); with ``return_positions`` also the patch positions kept after each stage, a list of
+        (B, M_k) long in raster order (``kept_masks`` turns them into masks)."""
+        pv, m = self.pv, self.pv.model
+        p, bounds, has_cls = pv.num_prefix_tokens, pv.stage_bounds, m.cls_token is not None
+        x = pv.embed(images).x  # (B, P + N, C)
+        b, c = x.shape[0], x.shape[-1]
+        pos = self.positions.expand(b, -1)
+        kept = []
+        for stage, count in enumerate(self.counts):
+            cls_attn = None
+            if self.policy.use_cls_attn:
+                x = m.blocks[bounds[stage] : bounds[stage + 1] - 1](x)
+                x, cls_attn = block_with_cls_attention(m.blocks[bounds[stage + 1] - 1], x, p, has_cls)
+            else:
+                x = m.blocks[bounds[stage] : bounds[stage + 1]](x)
+            patches = x[:, p:]
+            cls = x[:, 0] if has_cls else patches.mean(1)
+            scores = self.policy.equal_count_logits(patches, cls, cls_attn, self.row_terms[stage], pos)
+            top = scores.topk(count, dim=1, sorted=False).indices.sort(dim=1).values  # raster order, as the walk
+            pos = pos.gather(1, top)
+            x = torch.cat([x[:, :p], patches.gather(1, top.unsqueeze(-1).expand(-1, -1, c))], dim=1)
+            kept.append(pos)
+        x = m.blocks[bounds[-2] :](x)
+        logits = m.forward_head(m.norm(x))
+        return (logits, kept) if return_positions else logits
+
+
+def kept_masks(kept: list[Tensor], num_patches: int) -> Tensor:
+    """Keep masks over the ``num_patches`` positions after each stage (B, K, N) bool from ``FusedBudgetAgent``'s
+    kept positions (a list of (B, M_k))."""
+    masks = torch.zeros(kept[0].shape[0], len(kept), num_patches, dtype=torch.bool, device=kept[0].device)
+    for stage, pos in enumerate(kept):
+        masks[:, stage].scatter_(1, pos, True)
+    return masks

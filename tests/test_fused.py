@@ -1,0 +1,76 @@
+"""The fused static-shape path of a budget agent: the generic walk's logits and masks, its checks, and its rows."""
+
+import pytest
+import torch
+from helpers import SMALL, TINY_VIT, load_script
+
+from agents.fused import FusedBudgetAgent, kept_masks, static_counts
+from agents.policy import APTPolicy
+from apt_env.backbone import PrunableViT
+from apt_env.evaluate import forward_policy
+from apt_env.observe import BUDGET_KEYS, OBS_KEYS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+KEYS = (*OBS_KEYS, *BUDGET_KEYS)
+
+
+def tiny(position_prior: float = 2.0, **options) -> tuple[PrunableViT, APTPolicy]:
+    torch.manual_seed(0)
+    pv = PrunableViT.from_timm("vit_tiny_patch16_224", **TINY_VIT).eval()
+    options = dict(sampling="topk", use_budget=True, position_prior=position_prior, **SMALL) | options
+    policy = APTPolicy(pv.embed_dim, pv.num_patches, pv.num_stages, **options).eval()
+    torch.nn.init.normal_(policy.logit_head.weight, std=1.0)  # logits far apart: no ties between tokens
+    return pv, policy
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
+@pytest.mark.parametrize("cls_attn", [True, False])
+def test_fused_logits_and_masks_are_the_walks(budget, cls_attn):
+    pv, policy = tiny(use_cls_attn=cls_attn)
+    images = torch.randn(5, 1, 16, 16)
+    keys = KEYS if cls_attn else tuple(k for k in KEYS if k != "cls_attn")
+    with torch.inference_mode():
+        ref, kept, masks = forward_policy(pv, images, lambda o: policy.act(o), obs_keys=keys, budget=budget)
+        fused = FusedBudgetAgent(pv, policy, budget)
+        logits, positions = fused(images, return_positions=True)
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(kept_masks(positions, pv.num_patches), masks)
+    assert [int(c) for c in masks.sum(-1)[0]] == list(fused.counts) == list(static_counts(pv, budget))
+    assert all(torch.equal(p, p.sort(1).values) for p in positions)  # raster order, as the walk keeps them
+
+
+def test_a_fused_path_refuses_agents_it_cannot_run():
+    pv, policy = tiny()
+    for options, match in [(dict(sampling="bernoulli", use_budget=False), "sampling='topk'"),
+                           (dict(mixer="attention"), "mixer='none'")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            FusedBudgetAgent(pv, tiny(**options)[1], 0.5)
+    other = APTPolicy(pv.embed_dim, 4 * pv.num_patches, pv.num_stages, sampling="topk", use_budget=True, **SMALL)
+    with pytest.raises(ValueError, match="sized for 64 patches .* the backbone has 16"):
+        FusedBudgetAgent(pv, other, 0.5)
+    with pytest.raises(ValueError, match=r"budget must be in \(0, 1\]"):
+        FusedBudgetAgent(pv, policy, 1.5)
+
+
+@pytest.mark.slow
+def test_the_compiled_fused_path_gives_the_same_logits():
+    pv, policy = tiny()
+    images = torch.randn(3, 1, 16, 16)
+    fused = FusedBudgetAgent(pv, policy, 0.5)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(fused, dynamic=False)(images), fused(images), rtol=1e-4, atol=1e-4)
+
+
+def test_evaluate_has_fused_rows_with_the_agents_figures(tmp_path):
+    evaluate = load_script("evaluate")
+    pv, policy = tiny()
+    contenders = evaluate.fused_contenders(pv, policy, {0.5: 0.5}, compile=False)
+    assert [c.name for c in contenders] == ["APT agent (fused) @ 0.5"] and evaluate.has_fused_path(policy)
+    images = torch.randn(4, 1, 16, 16)
+    with torch.inference_mode():
+        logits, entering, masks = contenders[0].run(pv, images)
+        ref, ref_entering, ref_masks = forward_policy(pv, images, lambda o: policy.act(o), obs_keys=KEYS, budget=0.5)
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(entering, ref_entering) and torch.equal(masks, ref_masks)
+    assert not evaluate.is_agent_decision({"role": "agent", "rule": evaluate.AGENT_FUSED})
+    assert not evaluate.has_fused_path(tiny(sampling="bernoulli", use_budget=False)[1])
