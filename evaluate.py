@@ -69,6 +69,7 @@ AGENT_DETERMINISTIC = f"{AGENT} (deterministic)"
 AGENT_ADAPTIVE = f"{AGENT} (adaptive)"
 AGENT_FUSED = f"{AGENT} (fused)"
 CLS_TOPK = "cls-attn top-k"
+DENSE_COMPILED = "dense, compiled"
 GRID = "dither grid"
 REPLAYED = "agent's masks, no decision"
 PHYSICAL = "dense batch at the agent's kept lengths"
@@ -246,6 +247,17 @@ def fused_contenders(pv: PrunableViT, policy: APTPolicy, budgets: dict[float, fl
     return rows
 
 
+@dataclass(frozen=True)
+class CompiledDense(Contender):
+    """The dense model compiled as ``--compile`` compiles the fused path, timed only: what compiling alone gives, so
+    that a compiled agent is also compared with a compiled dense model."""
+
+    forward: Any = None
+
+    def run(self, pv: PrunableViT, images: torch.Tensor, **_: Any) -> tuple[torch.Tensor, None, None]:
+        return self.forward(images), None, None
+
+
 def has_fused_path(policy: APTPolicy | None) -> bool:
     """Whether ``agents.fused`` can run this agent: a budget agent of fixed counts without a mixer."""
     return policy is not None and policy.use_budget and policy.sampling == "topk" and policy.mixer == "none"
@@ -397,8 +409,11 @@ def decision_cost_text(rows: list[dict], physical: dict[str, dict]) -> str:
         replayed = ""
         if r["rule"] != AGENT_FUSED:  # the fused path has the same masks: its replay is the agent row's
             replayed = f"over its masks replayed {speed_ratios(r, by_name[replay_name(r)])}; "
+        compiled = ""
+        if r["rule"] == AGENT_FUSED and DENSE_COMPILED in by_name:
+            compiled = f"; over the dense model compiled {speed_ratios(r, by_name[DENSE_COMPILED])}"
         lines.append(f"{r['policy']}: img/s over the physical reference {speed_ratios(r, by_name[physical_name(r)])}; "
-                     f"{replayed}over dense {speed_ratios(r, by_name['dense'])}")  # fmt: skip
+                     f"{replayed}over dense {speed_ratios(r, by_name['dense'])}{compiled}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -466,6 +481,9 @@ def main(args: Args) -> dict[str, dict]:
     check_agent_kinds(args, agent, adaptive, digest)
     rows, decisions, contenders = evaluate_rows(args, pv, loader, agent, adaptive)
     physical = physical_contenders(rows, decisions)
+    if args.compile and any(r["rule"] == AGENT_FUSED for r in rows):
+        compiled = torch.compile(pv.model, dynamic=False)
+        physical.append(CompiledDense(DENSE_COMPILED, role="reference", rule=DENSE_COMPILED, forward=compiled))
     timing = torch.stack([dataset[i][0] for i in range(min(len(dataset), args.batch_size))])
     speed = {b: measure_throughput(pv, timing, contenders + physical, batch_size=b, repeats=args.repeats)
              for b in (len(timing), 1)}  # fmt: skip

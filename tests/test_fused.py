@@ -74,3 +74,18 @@ def test_evaluate_has_fused_rows_with_the_agents_figures(tmp_path):
     assert torch.equal(entering, ref_entering) and torch.equal(masks, ref_masks)
     assert not evaluate.is_agent_decision({"role": "agent", "rule": evaluate.AGENT_FUSED})
     assert not evaluate.has_fused_path(tiny(sampling="bernoulli", use_budget=False)[1])
+
+
+def test_a_fused_row_is_compared_with_the_compiled_dense_model_when_there_is_one():
+    evaluate = load_script("evaluate")
+    fused = {"policy": "APT agent (fused) @ 0.5", "rule": evaluate.AGENT_FUSED, "role": "agent", "budget": 0.5,
+             "img_per_s_b256": 400.0, "img_per_s_b1": 150.0}  # fmt: skip
+    dense = {"policy": "dense", "rule": "dense", "role": "dense", "budget": 1.0, "img_per_s_b256": 200.0,
+             "img_per_s_b1": 100.0}  # fmt: skip
+    physical = {evaluate.physical_name(fused): {"img_per_s_b256": 400.0, "img_per_s_b1": 300.0}}
+    assert "compiled" not in evaluate.decision_cost_text([dense, fused], physical)
+    physical[evaluate.DENSE_COMPILED] = {"img_per_s_b256": 250.0, "img_per_s_b1": 200.0}
+    text = evaluate.decision_cost_text([dense, fused], physical)
+    assert "over dense b256 2.00, b1 1.50; over the dense model compiled b256 1.60, b1 0.75" in text
+    compiled = evaluate.CompiledDense(evaluate.DENSE_COMPILED, role="reference", forward=lambda x: x.sum(-1))
+    assert torch.equal(compiled.run(None, torch.ones(2, 3))[0], torch.full((2,), 3.0))
