@@ -400,7 +400,7 @@ def speed_ratios(row: dict, ref: dict) -> str:
 def decision_cost_text(rows: list[dict], physical: dict[str, dict]) -> str:
     """Each deterministic agent row's throughput over its physical reference (``physical``: images per second by
     name), over its masks replayed (the same blocks and pruning, no decision) and over the dense model, at batch 256
-    and 1."""
+    and 1; a fused row's also over the compiled dense model when ``physical`` has it (``--compile``)."""
     by_name = {r["policy"]: r for r in rows} | physical
     lines = []
     for r in rows:
@@ -481,9 +481,8 @@ def main(args: Args) -> dict[str, dict]:
     check_agent_kinds(args, agent, adaptive, digest)
     rows, decisions, contenders = evaluate_rows(args, pv, loader, agent, adaptive)
     physical = physical_contenders(rows, decisions)
-    if args.compile and any(r["rule"] == AGENT_FUSED for r in rows):
-        compiled = torch.compile(pv.model, dynamic=False)
-        physical.append(CompiledDense(DENSE_COMPILED, role="reference", rule=DENSE_COMPILED, forward=compiled))
+    if args.compile and any(r["rule"] == AGENT_FUSED for r in rows):  # compiled fused rows: compare like with like
+        physical.append(CompiledDense(DENSE_COMPILED, role="reference", forward=torch.compile(pv.model, dynamic=False)))
     timing = torch.stack([dataset[i][0] for i in range(min(len(dataset), args.batch_size))])
     speed = {b: measure_throughput(pv, timing, contenders + physical, batch_size=b, repeats=args.repeats)
              for b in (len(timing), 1)}  # fmt: skip
