@@ -94,9 +94,12 @@ class FusedBudgetAgent(nn.Module):
                     )
         self.pv, self.policy, self.budget = pv, policy, float(budget)
         self.counts = static_counts(pv, budget)
-        with torch.no_grad():
+        with torch.no_grad():  # what does not depend on the image, computed once: no weight checks in the graph
             terms = torch.stack([policy.row_term(s, budget) for s in range(pv.num_stages)])
+            weight, bias = (t.clone() for t in policy.keys_and_values())
         self.register_buffer("row_terms", terms, persistent=False)  # (K, H): the same for every image
+        self.register_buffer("kv_weight", weight, persistent=False)
+        self.register_buffer("kv_bias", bias, persistent=False)
         self.register_buffer("positions", torch.arange(pv.num_patches), persistent=False)
 
     def forward(self, images: Tensor, return_positions: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -117,7 +120,9 @@ class FusedBudgetAgent(nn.Module):
                 x = m.blocks[bounds[stage] : bounds[stage + 1]](x)
             patches = x[:, p:]
             cls = x[:, 0] if has_cls else patches.mean(1)
-            scores = self.policy.equal_count_logits(patches, cls, cls_attn, self.row_terms[stage], pos)
+            scores = self.policy.equal_count_logits(
+                patches, cls, cls_attn, self.row_terms[stage], pos, (self.kv_weight, self.kv_bias)
+            )
             top = scores.topk(count, dim=1, sorted=False).indices.sort(dim=1).values  # raster order, as the walk
             pos = pos.gather(1, top)
             x = torch.cat([x[:, :p], patches.gather(1, top.unsqueeze(-1).expand(-1, -1, c))], dim=1)

@@ -159,7 +159,7 @@ class APTPolicy(nn.Module):
         nn.init.constant_(self.logit_head.bias, math.log(init_keep_prob / (1 - init_keep_prob)))
         if self.use_budget:  # only then: a policy without budgets keeps today's parameters
             self.budget_embed = nn.Linear(1, hidden)
-        self._fold: tuple[tuple, tuple[Tensor, Tensor]] | None = None  # see _keys_and_values
+        self._fold: tuple[tuple, tuple[Tensor, Tensor]] | None = None  # see keys_and_values
         if mixer == "attention":
             self.mixer_norm = nn.LayerNorm(hidden)
             self.mixer_attn = nn.MultiheadAttention(hidden, mixer_heads, batch_first=True)
@@ -250,7 +250,7 @@ class APTPolicy(nn.Module):
 
         x = self.token_norm(live_rows(o.tokens))  # (L, C)
         q = self.q(self.cls_norm(o.cls))  # (B, D)
-        weight, bias = self._keys_and_values()
+        weight, bias = self.keys_and_values()
         k, h_v = F.linear(x, weight, bias).split([self.qk_dim, self.hidden], dim=-1)
         per_row = self.stage_embed(o.stage)  # (B, H): what is the same for every token of a row
         if o.budget is not None:
@@ -285,7 +285,13 @@ class APTPolicy(nn.Module):
         return term
 
     def equal_count_logits(
-        self, tokens: Tensor, cls: Tensor, cls_attn: Tensor | None, row_term: Tensor, positions: Tensor
+        self,
+        tokens: Tensor,
+        cls: Tensor,
+        cls_attn: Tensor | None,
+        row_term: Tensor,
+        positions: Tensor,
+        keys_and_values: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Keep logits (B, M) of rows that all hold M live tokens, given as they are, with no mask over the N
         positions: what ``keep_logits`` computes for them, in fewer ops (``agents.fused``). Only for
@@ -296,11 +302,13 @@ class APTPolicy(nn.Module):
             cls_attn: the class attention over those tokens (B, M), or None for a policy that does not read it.
             row_term: ``row_term(stage, budget)`` (H,).
             positions: each token's original patch position (B, M) long, for the position prior.
+            keys_and_values: ``keys_and_values()`` computed once by the caller (a compiled graph then holds no
+                check of whether the weights changed); None: computed here.
         """
         if self.mixer != "none" or self._thresholds is not None:
             raise ValueError("equal_count_logits is for a policy with mixer='none' and no calibrated thresholds")
         b, m, _ = tokens.shape
-        weight, bias = self._keys_and_values()
+        weight, bias = self.keys_and_values() if keys_and_values is None else keys_and_values
         k, h_v = F.linear(self.token_norm(tokens), weight, bias).split([self.qk_dim, self.hidden], dim=-1)
         q = self.q(self.cls_norm(cls))  # (B, D)
         qk = (k * q.unsqueeze(1)).view(b * m, self.qk_dim)
@@ -311,7 +319,7 @@ class APTPolicy(nn.Module):
             scores = scores + self._prior[positions].to(scores.dtype)
         return scores
 
-    def _keys_and_values(self) -> tuple[Tensor, Tensor]:
+    def keys_and_values(self) -> tuple[Tensor, Tensor]:
         """The keys' projection and fc1's share of ``v_i`` as one (D + H, C) weight and its bias.
 
         fc1's share of ``v_i`` is linear in ``x_i``: one product with ``W1_v W_v`` (C x H) replaces v's (C x D)
