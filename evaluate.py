@@ -237,6 +237,9 @@ class FusedRow(Contender):
 def fused_contenders(pv: PrunableViT, policy: APTPolicy, budgets: dict[float, float], compile: bool) -> list[Contender]:
     """The budget agent's mode by its fused static-shape path at every budget, compiled if asked."""
     rows = []
+    if compile:  # every budget's module shares one forward: each budget and batch shape is a graph of its own
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 4 * len(budgets))
     for b in budgets:
         fused = FusedBudgetAgent(pv, policy, b).eval()
         forward = torch.compile(fused, dynamic=False) if compile else fused
