@@ -96,7 +96,7 @@ class FusedBudgetAgent(nn.Module):
         self.counts = static_counts(pv, budget)
         with torch.no_grad():  # what does not depend on the image, computed once: no weight checks in the graph
             terms = torch.stack([policy.row_term(s, budget) for s in range(pv.num_stages)])
-            weight, bias = (t.clone() for t in policy.keys_and_values())
+            weight, bias = policy.keys_and_values()
         self.register_buffer("row_terms", terms, persistent=False)  # (K, H): the same for every image
         self.register_buffer("kv_weight", weight, persistent=False)
         self.register_buffer("kv_bias", bias, persistent=False)

@@ -291,7 +291,7 @@ class APTPolicy(nn.Module):
         cls_attn: Tensor | None,
         row_term: Tensor,
         positions: Tensor,
-        keys_and_values: tuple[Tensor, Tensor] | None = None,
+        keys_and_values: tuple[Tensor, Tensor],
     ) -> Tensor:
         """Keep logits (B, M) of rows that all hold M live tokens, given as they are, with no mask over the N
         positions: what ``keep_logits`` computes for them, in fewer ops (``agents.fused``). Only for
@@ -302,13 +302,13 @@ class APTPolicy(nn.Module):
             cls_attn: the class attention over those tokens (B, M), or None for a policy that does not read it.
             row_term: ``row_term(stage, budget)`` (H,).
             positions: each token's original patch position (B, M) long, for the position prior.
-            keys_and_values: ``keys_and_values()`` computed once by the caller (a compiled graph then holds no
-                check of whether the weights changed); None: computed here.
+            keys_and_values: ``keys_and_values()``, computed once by the caller (a compiled graph then holds no
+                check of whether the weights changed).
         """
         if self.mixer != "none" or self._thresholds is not None:
             raise ValueError("equal_count_logits is for a policy with mixer='none' and no calibrated thresholds")
         b, m, _ = tokens.shape
-        weight, bias = self.keys_and_values() if keys_and_values is None else keys_and_values
+        weight, bias = keys_and_values
         k, h_v = F.linear(self.token_norm(tokens), weight, bias).split([self.qk_dim, self.hidden], dim=-1)
         q = self.q(self.cls_norm(cls))  # (B, D)
         qk = (k * q.unsqueeze(1)).view(b * m, self.qk_dim)

@@ -52,7 +52,6 @@ def test_a_fused_path_refuses_agents_it_cannot_run():
         FusedBudgetAgent(pv, policy, 1.5)
 
 
-
 @pytest.mark.parametrize("cls_attn", [True, False])
 def test_the_fused_path_traces_as_one_graph(cls_attn):
     """A graph break hands control back to Python between compiled pieces: at batch 1 that costs more than the
@@ -62,6 +61,7 @@ def test_the_fused_path_traces_as_one_graph(cls_attn):
         explained = torch._dynamo.explain(FusedBudgetAgent(pv, policy, 0.5))(torch.randn(1, 1, 16, 16))
     assert explained.graph_break_count == 0, [r.reason.splitlines()[0] for r in explained.break_reasons]
     assert explained.graph_count == 1
+
 
 @pytest.mark.slow
 def test_the_compiled_fused_path_gives_the_same_logits():
