@@ -76,7 +76,8 @@ class Args:
     num_envs: int = 64
     """sub-environments: images per batch"""
     total_env_steps: int = 60_000
-    """env transitions to train for (num_envs per step)"""
+    """env transitions to train for (num_envs per step); 0 with --init-agent and --sampling threshold: only calibrate
+    that agent's thresholds"""
     reward: Literal["loss_delta", "prob_delta", "vs_random"] = "loss_delta"
     """reward: loss_delta, prob_delta or vs_random (the loss under a random mask of the same per-image count
     minus the loss under the agent's)"""
@@ -96,6 +97,9 @@ class Args:
     """the step size of the mean budget's price"""
     calibration_images: int = 1000
     """val images the thresholds of a --budget-mean agent are calibrated on"""
+    thresholds: Literal["per-stage", "shared"] = "per-stage"
+    """a --budget-mean agent's thresholds: one per stage, meeting the fixed-count schedule's mean count at each
+    stage, or one shared by every stage (agents.calibrate.calibrate_thresholds)"""
     flops_weight: float = 0.5
     """weight of the compute term of the reward (fraction of FLOPs saved)"""
     min_keep: int = 1
@@ -141,8 +145,13 @@ SB3_ALGORITHMS: dict[str, type[OnPolicyAlgorithm]] = {"ppo": PPO, "a2c": A2C}
 
 
 def check_args(args: Args) -> None:
-    if args.total_env_steps < 1 or args.num_envs < 1:
-        raise ValueError("--total-env-steps and --num-envs must be positive")
+    if args.total_env_steps < 0 or args.num_envs < 1:
+        raise ValueError("--total-env-steps must be >= 0 and --num-envs positive")
+    if args.total_env_steps == 0 and (args.init_agent is None or args.sampling != "threshold"):
+        raise ValueError(
+            "--total-env-steps 0 calibrates --init-agent's thresholds without training (with --sampling threshold); "
+            f"got --init-agent {args.init_agent}, --sampling {args.sampling}"
+        )
     if args.budget_mean != (args.sampling == "threshold") or (args.budget_mean and args.budget is None):
         raise ValueError(
             "a mean budget (--budget-mean, with --budget LOW HIGH) goes with --sampling threshold, and --sampling "
@@ -184,13 +193,16 @@ def load_teacher(args: Args, envs: APTPruneVectorEnv) -> APTPolicy:
 
 
 def initial_policy(args: Args, envs: APTPruneVectorEnv) -> APTPolicy:
-    """A fresh agent from the flags, or ``--init-agent``'s weights sampled as ``--sampling`` says (uncalibrated)."""
+    """A fresh agent from the flags, or ``--init-agent``'s weights sampled as ``--sampling`` says: a threshold agent
+    keeps its calibrated thresholds (training samples around the budgets from the start; calibrated again after),
+    any other starts uncalibrated."""
     if args.init_agent is None:
         return APTPolicy.for_env(envs, **policy_kwargs(args))
     start = load_agent_for(args, envs, args.init_agent, "--init-agent")
     prior = start.position_prior if args.position_prior is None else args.position_prior
+    calibration = start.calibration if start.sampling == args.sampling == "threshold" else None
     policy = APTPolicy.from_config(
-        {**start.config(), "sampling": args.sampling, "calibration": None, "position_prior": prior}
+        {**start.config(), "sampling": args.sampling, "calibration": calibration, "position_prior": prior}
     )
     policy.load_state_dict(start.state_dict())
     return policy.to(envs.device)
@@ -396,7 +408,7 @@ def calibrate(args: Args, envs: APTPruneVectorEnv, policy: APTPolicy, run_dir: P
     """A threshold agent's thresholds for the budget range, on the first val images, saved with the agent."""
     policy.calibration = calibrate_on_val(
         policy, envs.pv, dataset=args.dataset, budget_range=args.budget, root=args.data_root,
-        images=args.calibration_images,
+        images=args.calibration_images, per_stage=args.thresholds == "per-stage",
     )  # fmt: skip
     save_policy(run_dir / "agent", policy, meta={"algo": args.algo, "calibrated": True})
     logger.info(

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from agents.fused import static_counts
+from agents.observation import live_mask
 from agents.policy import APTPolicy
 from apt_env.backbone import PrunableViT
 from apt_env.data import dataset_for
@@ -26,14 +29,14 @@ from apt_env.evaluate import forward_policy
 from apt_env.flops import FlopCounter
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS
 
-__all__ = ["calibrate_on_val", "calibrate_thresholds", "check_calibrated_for", "mean_gflops_fraction"]
+__all__ = ["calibrate_on_val", "calibrate_thresholds", "check_calibrated_for", "mean_gflops_fraction", "spend"]
 
 _logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _fixed_threshold(policy: APTPolicy, budget: float, shift: float) -> Iterator[None]:
-    """The policy with one threshold ``shift`` at ``budget``, its own calibration restored after."""
+def _fixed_threshold(policy: APTPolicy, budget: float, shift: float | list[float]) -> Iterator[None]:
+    """The policy with one threshold ``shift`` (or one per stage) at ``budget``, its own calibration restored after."""
     saved = policy.calibration
     policy.calibration = {"budgets": [budget], "shifts": [shift]}
     try:
@@ -43,18 +46,75 @@ def _fixed_threshold(policy: APTPolicy, budget: float, shift: float) -> Iterator
 
 
 @torch.inference_mode()
+def spend(
+    policy: APTPolicy, pv: PrunableViT, images: Tensor, budget: float, *, batch_size: int = 256
+) -> tuple[Tensor, float]:
+    """What ``policy``'s deterministic decisions at ``budget`` spend over ``images``: the mean patch tokens kept at
+    each stage (K,) float64, and the backbone's mean GFLOPs as a fraction of the dense model's."""
+    counter = FlopCounter(pv.model)
+    keys = (*OBS_KEYS, *BUDGET_KEYS)
+    flops, counts = 0.0, torch.zeros(pv.num_stages, dtype=torch.float64)
+    for chunk in images.split(batch_size):
+        _, kept, masks = forward_policy(pv, chunk, lambda obs: policy.act(obs), obs_keys=keys, budget=budget)
+        flops += float(counter(kept + pv.num_prefix_tokens).sum())
+        counts += masks.sum(2).sum(0).double().cpu()
+    return counts / len(images), flops / len(images) / counter.dense()
+
+
 def mean_gflops_fraction(
-    policy: APTPolicy, pv: PrunableViT, images: Tensor, budget: float, *, batch_size: int = 1000
+    policy: APTPolicy, pv: PrunableViT, images: Tensor, budget: float, *, batch_size: int = 256
 ) -> float:
     """The backbone's mean GFLOPs over ``images`` under ``policy``'s deterministic decisions at ``budget``,
     as a fraction of the dense model's."""
-    counter = FlopCounter(pv.model)
-    keys = (*OBS_KEYS, *BUDGET_KEYS)
-    total = 0.0
+    return spend(policy, pv, images, budget, batch_size=batch_size)[1]
+
+
+@torch.inference_mode()
+def stage_logits(
+    policy: APTPolicy, pv: PrunableViT, images: Tensor, budget: float, stage: int, *, batch_size: int = 256
+) -> Tensor:
+    """The live tokens' keep logits at ``stage`` (B, N), ``-inf`` at the tokens pruned before it, under ``policy``'s
+    deterministic decisions at ``budget``."""
+    out = []
+
+    def keep(obs: dict[str, Tensor]) -> Tensor:
+        logits = policy.keep_logits(obs)
+        live = live_mask(obs, logits.device)
+        if int(obs["stage"][0]) == stage:
+            out.append(logits.masked_fill(~live, -math.inf).float().cpu())
+        return policy.mode(logits, live, obs)
+
     for chunk in images.split(batch_size):
-        _, kept, _ = forward_policy(pv, chunk, lambda obs: policy.act(obs), obs_keys=keys, budget=budget)
-        total += float(counter(kept + pv.num_prefix_tokens).sum())
-    return total / len(images) / counter.dense()
+        forward_policy(pv, chunk, keep, obs_keys=(*OBS_KEYS, *BUDGET_KEYS), budget=budget)
+    return torch.cat(out)
+
+
+def _count_threshold(logits: Tensor, count: float) -> float:
+    """The threshold that keeps ``count`` tokens per image on average of ``logits`` (B, N): halfway between the
+    ``B * count``-th highest logit and the next."""
+    ranked = logits.flatten().sort(descending=True).values
+    ranked = ranked[torch.isfinite(ranked)]
+    k = round(count * len(logits))
+    if k >= len(ranked):
+        return float(ranked[-1]) - 1.0
+    if k <= 0:
+        return float(ranked[0]) + 1.0
+    return float(ranked[k - 1] + ranked[k]) / 2
+
+
+def _bisect(measure: Callable[[float], float], target: float, *, bound: float, iters: int, tolerance: float) -> float:
+    """The shift in ``[-bound, bound]`` whose ``measure`` (falling as the shift rises) comes closest to ``target``:
+    bisection, stopped once within ``tolerance * target``."""
+    low, high = -bound, bound
+    best = (math.inf, 0.0)  # (distance to the target, shift): the closest tried
+    for _ in range(iters):
+        mid = (low + high) / 2
+        got = measure(mid)
+        best = min(best, (abs(got - target), mid))
+        if best[0] <= tolerance * target:
+            break
+        low, high = (mid, high) if got > target else (low, mid)
+    return best[1]
 
 
 def calibrate_thresholds(
@@ -65,6 +125,8 @@ def calibrate_thresholds(
     *,
     iters: int = 18,
     bound: float = 16.0,
+    tolerance: float = 0.002,
+    per_stage: bool = False,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The calibration ``{"budgets", "shifts", "achieved", **meta}`` of a ``"threshold"`` policy on ``images``.
@@ -74,7 +136,12 @@ def calibrate_thresholds(
         pv: the backbone it decides for, in eval mode on the images' device.
         images: the calibration images (a held-out split, never the test split), preprocessed.
         budgets: the grid of budgets, increasing, in (0, 1].
-        iters: bisection steps per budget over shifts in ``[-bound, bound]``.
+        iters: the most bisection steps per threshold over shifts in ``[-bound, bound]``.
+        tolerance: stop a bisection once within this fraction of its target.
+        per_stage: one threshold per stage, stage after stage, so that the mean count kept at each stage is the
+            fixed-count schedule's at that budget (``agents.fused.static_counts``): the images share the budget's
+            compute unevenly, its stages as a fixed-count agent does. Then one common offset meets the GFLOPs
+            (the attention's cost grows faster than the count). Else one threshold for every stage.
         meta: facts stored beside, e.g. the backbone's digest and the split.
     """
     if policy.sampling != "threshold" or not policy.use_budget:
@@ -87,19 +154,32 @@ def calibrate_thresholds(
         raise ValueError(f"calibration budgets must be increasing fractions in (0, 1], got {budgets}")
     shifts, achieved = [], []
     for budget in budgets:
-        low, high = -bound, bound  # a higher threshold keeps fewer tokens: the fraction falls
-        for _ in range(iters):
-            mid = (low + high) / 2
-            with _fixed_threshold(policy, budget, mid):
-                used = mean_gflops_fraction(policy, pv, images, budget)
-            low, high = (mid, high) if used > budget else (low, mid)
-        shift = (low + high) / 2
-        with _fixed_threshold(policy, budget, shift):
-            achieved.append(mean_gflops_fraction(policy, pv, images, budget))
+
+        def gflops(shift: float | list[float]) -> float:
+            with _fixed_threshold(policy, budget, shift):
+                return spend(policy, pv, images, budget)[1]
+
+        if budget >= 1.0:  # the dense model's compute: every token kept, at every stage
+            shift: float | list[float] = [-bound] * pv.num_stages if per_stage else -bound
+        elif per_stage:
+            stage_shifts = [-bound] * pv.num_stages  # stages not yet calibrated keep every live token
+            for stage, count in enumerate(static_counts(pv, budget)):
+                stage_shifts[stage] = 0.0  # the raw logits at this stage, the earlier ones calibrated
+                with _fixed_threshold(policy, budget, stage_shifts):
+                    logits = stage_logits(policy, pv, images, budget, stage)
+                stage_shifts[stage] = _count_threshold(logits, count)
+            base = list(stage_shifts)
+            offset = _bisect(
+                lambda d: gflops([s + d for s in base]), budget, bound=1.0, iters=iters, tolerance=tolerance
+            )
+            shift = [s + offset for s in base]
+        else:
+            shift = _bisect(gflops, budget, bound=bound, iters=iters, tolerance=tolerance)
         shifts.append(shift)
+        achieved.append(gflops(shift))
         if abs(achieved[-1] - budget) > 0.02 * budget:  # e.g. below what the dense blocks before the first stage cost
             _logger.warning("budget %.3f is not reachable by a threshold: %.4f of dense at best", budget, achieved[-1])
-        _logger.info("budget %.3f: threshold %.4f, mean GFLOPs %.4f of dense", budget, shift, achieved[-1])
+        _logger.info("budget %.3f: threshold %s, mean GFLOPs %.4f of dense", budget, shift, achieved[-1])
     return {"budgets": budgets, "shifts": shifts, "achieved": achieved, "images": len(images), **(meta or {})}
 
 
@@ -112,16 +192,18 @@ def calibrate_on_val(
     root: str = "data",
     images: int = 1000,
     knots: int = 7,
+    per_stage: bool = False,
 ) -> dict[str, Any]:
     """``calibrate_thresholds`` on the first ``images`` of ``dataset``'s val split, at ``knots`` budgets evenly over
-    ``budget_range``, recording the backbone's digest (``check_calibrated_for`` compares it)."""
+    ``budget_range`` (one threshold per stage with ``per_stage``), recording the backbone's digest
+    (``check_calibrated_for`` compares it)."""
     val = dataset_for(pv, dataset, "val", root=root)
     device = next(pv.parameters()).device
     x = torch.stack([val[i][0] for i in range(min(images, len(val)))]).to(device)
     low, high = budget_range
     budgets = sorted({round(low + (high - low) * i / max(1, knots - 1), 4) for i in range(knots)})
     meta = {"backbone": state_digest(pv.model), "split": "val", "dataset": dataset}
-    return calibrate_thresholds(policy.eval(), pv, x, budgets, iters=12, meta=meta)
+    return calibrate_thresholds(policy.eval(), pv, x, budgets, iters=12, per_stage=per_stage, meta=meta)
 
 
 def check_calibrated_for(policy: APTPolicy, *, backbone: str, budgets: Sequence[float]) -> None:

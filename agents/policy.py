@@ -18,8 +18,9 @@ Two ways to turn the logits into a keep mask (``sampling``):
 * ``"threshold"``: for an env with a *mean* budget (``budget_mean=True``): an independent keep decision per live
   token, ``p_i = sigmoid(l_i - s(b))``, so each image keeps as many tokens as its logits earn. ``s(b)`` is the
   threshold calibrated on held-out images so that the mean GFLOPs meet each budget (``agents.calibrate``; 0 before
-  calibration), and the logits the policy returns are already shifted by it. The deterministic action keeps
-  ``l_i > s(b)``: the distribution's mode, token by token, the same for an image alone and inside any batch.
+  calibration), one for every stage or one per stage, and the logits the policy returns are already shifted by it.
+  The deterministic action keeps ``l_i > s(b)``: the distribution's mode, token by token, the same for an image
+  alone and inside any batch.
 
 With ``position_prior`` w > 0 every logit has ``w * (1 - 2 * r_i)`` added, ``r_i`` in [0, 1) the ordered-dither
 rank of the token's patch position (``apt_env.tokens.dither_rank``): the policy then starts from an evenly spread
@@ -102,8 +103,8 @@ class APTPolicy(nn.Module):
         position_prior: w >= 0, the weight of the ordered-dither prior added to every logit (see the module
             docstring); needs a square grid of patches. 0: none.
         calibration: with ``"threshold"``, the calibrated thresholds ``{"budgets": [...], "shifts": [...],
-            "backbone": digest, ...}`` (``agents.calibrate.calibrate_thresholds``), interpolated linearly between
-            budgets; ``None``: threshold 0.
+            "backbone": digest, ...}`` (``agents.calibrate.calibrate_thresholds``), each shift one number or one per
+            stage, interpolated linearly between budgets; ``None``: threshold 0.
     """
 
     def __init__(
@@ -362,13 +363,13 @@ class APTPolicy(nn.Module):
         pooled = h.new_zeros(o.live.shape[0], h.shape[1]).index_add(0, index[0], h)
         pooled = pooled / o.live.sum(1, keepdim=True).clamp(min=1).to(h.dtype)  # mean over live tokens (B, H)
         value = self.value_head(torch.cat([pooled, q], -1)).squeeze(-1)  # (B,)
-        return self._shifted(self._logits(h, index, o.live), o.budget), value
+        return self._shifted(self._logits(h, index, o.live), o.budget, o.stage), value
 
     def keep_logits(self, obs: Mapping[str, Any]) -> Tensor:
         """The keep logits of ``forward`` without the value head: all that a decision needs."""
         o = self.prepare(obs)
         h, index, _ = self._hidden(o)
-        return self._shifted(self._logits(h, index, o.live), o.budget)
+        return self._shifted(self._logits(h, index, o.live), o.budget, o.stage)
 
     @property
     def position_prior(self) -> float:
@@ -394,20 +395,26 @@ class APTPolicy(nn.Module):
 
     @calibration.setter
     def calibration(self, value: Mapping[str, Any] | None) -> None:
-        self._calibration = check_calibration(value, self.sampling, self.use_budget)
+        self._calibration = check_calibration(value, self.sampling, self.use_budget, self.num_stages)
         self._thresholds = None  # (budgets, shifts) as tensors: built once, not at every decision
         if self._calibration is not None:
             budgets, shifts = self._calibration["budgets"], self._calibration["shifts"]
-            self._thresholds = (torch.tensor(budgets, dtype=torch.float64), torch.tensor(shifts, dtype=torch.float64))
+            shifts = torch.tensor(shifts, dtype=torch.float64)
+            if shifts.dim() == 1:  # one threshold for every stage
+                shifts = shifts.unsqueeze(1).expand(-1, self.num_stages)
+            self._thresholds = (torch.tensor(budgets, dtype=torch.float64), shifts.contiguous())
 
-    def _shifted(self, logits: Tensor, budget: Tensor | None) -> Tensor:
-        """With calibrated thresholds, the logits less each row's ``s(b)`` (``budget``: (B, 1)): kept where positive."""
+    def _shifted(self, logits: Tensor, budget: Tensor | None, stage: Tensor) -> Tensor:
+        """With calibrated thresholds, the logits less each row's ``s(b, stage)`` (``budget``: (B, 1), ``stage``:
+        (B,)): kept where positive."""
         if self._thresholds is None:
             return logits
         if self._thresholds[0].device != logits.device:  # moved once, where the policy runs
             self._thresholds = tuple(t.to(logits.device) for t in self._thresholds)
         knots, shifts = self._thresholds
-        return logits - interp(budget.reshape(-1).double(), knots, shifts).to(logits.dtype).unsqueeze(1)
+        b = budget.reshape(-1).double()
+        per_stage = torch.stack([interp(b, knots, shifts[:, k]) for k in range(shifts.shape[1])], 1)  # (B, K)
+        return logits - per_stage.gather(1, stage.reshape(-1, 1)).to(logits.dtype)
 
     def decision_flops(self, live: Tensor) -> Tensor:
         """The FLOPs of ``act`` per image (fvcore's convention: a multiply-add is one, LayerNorm five per
@@ -511,9 +518,11 @@ class APTPolicy(nn.Module):
         return top_count_live(logits, live, expected)
 
 
-def check_calibration(calibration: Mapping[str, Any] | None, sampling: str, use_budget: bool) -> dict | None:
-    """A threshold calibration, checked: only for ``"threshold"`` with a budget input, increasing budgets, one
-    finite shift each."""
+def check_calibration(
+    calibration: Mapping[str, Any] | None, sampling: str, use_budget: bool, num_stages: int
+) -> dict | None:
+    """A threshold calibration, checked: only for ``"threshold"`` with a budget input, increasing budgets, and for
+    each a finite shift, or one per stage (``num_stages`` of them)."""
     if calibration is None:
         return None
     if sampling != "threshold" or not use_budget:
@@ -524,6 +533,12 @@ def check_calibration(calibration: Mapping[str, Any] | None, sampling: str, use_
     budgets, shifts = list(calibration.get("budgets", [])), list(calibration.get("shifts", []))
     if not budgets or len(budgets) != len(shifts) or any(b >= a for b, a in zip(budgets, budgets[1:])):
         raise ValueError(f"a calibration needs increasing 'budgets' with one 'shift' each, got {dict(calibration)!r}")
-    if not all(math.isfinite(v) for v in shifts):
+    per_stage = [len(v) if isinstance(v, (list, tuple)) else None for v in shifts]
+    if len(set(per_stage)) != 1 or per_stage[0] not in (None, num_stages):
+        raise ValueError(
+            f"a calibration's shifts must be one number per budget or {num_stages} per budget (one per stage), "
+            f"got {shifts}"
+        )
+    if not all(math.isfinite(v) for v in (x for s in shifts for x in (s if isinstance(s, (list, tuple)) else [s]))):
         raise ValueError(f"a calibration's shifts must be finite, got {shifts}")
     return dict(calibration)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import SMALL, load_script, tiny_envs
 
-from agents.calibrate import calibrate_thresholds, check_calibrated_for, mean_gflops_fraction
+from agents.calibrate import calibrate_thresholds, check_calibrated_for, mean_gflops_fraction, spend
+from agents.fused import static_counts
 from agents.io import load_policy, save_policy
 from agents.observation import live_mask
 from agents.policy import APTPolicy
@@ -106,6 +107,26 @@ def test_calibration_meets_the_mean_budget_on_held_out_images(tmp_path):
         check_calibrated_for(again, backbone="y", budgets=[0.5])
     with pytest.raises(ValueError, match="outside the calibrated range"):
         check_calibrated_for(again, backbone="x", budgets=[0.9])
+
+
+def test_per_stage_calibration_keeps_the_fixed_schedule_on_average_and_meets_the_budget(tmp_path):
+    envs = tiny_envs(4, budget=(0.25, 1.0), budget_mean=True)
+    pv, policy = envs.unwrapped.pv, threshold_policy(envs)
+    val, test = images_of(envs, "val"), images_of(envs, "test")
+    calibration = calibrate_thresholds(policy, pv, val, [0.4, 0.7], iters=14, per_stage=True)
+    assert all(len(shifts) == pv.num_stages for shifts in calibration["shifts"])
+    policy.calibration = calibration
+    for budget in (0.4, 0.7):  # within 2% of the asked GFLOPs on images it never saw
+        assert spend(policy, pv, test, budget)[1] == pytest.approx(budget, rel=0.02)
+    counts, _ = spend(policy, pv, val, 0.4)
+    assert counts.tolist() == pytest.approx(list(static_counts(pv, 0.4)), abs=0.5)  # within half a token
+    together = policy.act(obs := envs.unwrapped.reset_tensors(seed=3))
+    alone = torch.cat([policy.act({k: v[i : i + 1] for k, v in obs.items()}) for i in range(4)])
+    assert torch.equal(together, alone)
+    save_policy(tmp_path / "agent", policy)
+    assert load_policy(tmp_path / "agent").calibration["shifts"] == calibration["shifts"]
+    with pytest.raises(ValueError, match=f"one number per budget or {pv.num_stages} per budget"):
+        policy.calibration = {"budgets": [0.5], "shifts": [[0.0] * (pv.num_stages + 1)]}
 
 
 def test_calibration_is_for_threshold_agents_only():
