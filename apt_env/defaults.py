@@ -8,7 +8,6 @@ __all__ = [
     "DEFAULT_CHECKPOINT",
     "JOINT_AGENT",
     "PLAIN_CHECKPOINT",
-    "P2_ADAPTIVE",
     "P2_AGENT",
     "P2_CHECKPOINT",
 ]
@@ -34,8 +33,3 @@ weights, trained plainly, then fine-tuned jointly with ``P2_AGENT``. ``APTPrune1
 
 P2_AGENT = ASSETS / "p2_agent"
 """The budget-conditioned agent trained jointly with ``P2_CHECKPOINT``."""
-
-P2_ADAPTIVE = ASSETS / "p2_adaptive"
-"""``P2_AGENT`` made adaptive: keep thresholds per budget and stage, calibrated on val for ``P2_CHECKPOINT``, and
-fine-tuned under a mean budget (``train_agent.py --budget-mean --sampling threshold``): each image keeps its own
-count, the mean meets the budget. ``evaluate.py --adaptive-agent`` runs it."""

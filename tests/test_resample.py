@@ -9,8 +9,6 @@ import apt_env  # noqa: F401  (registers the names)
 from apt_env.backbone import PrunableViT
 from apt_env.checkpoint import load_backbone, save_backbone
 from apt_env.data import dataset_info
-from apt_env.defaults import DEFAULT_CHECKPOINT
-from apt_env.distributed import state_digest
 from apt_env.resample import patch_size, resample_into
 
 
@@ -125,20 +123,3 @@ def test_the_196_token_env_is_one_id_away_and_runs_the_shipped_backbone():
     assert default.unwrapped.pv.num_patches == 49
     policy = load_script("evaluate").load_agent(str(P2_AGENT), load_backbone(P2_CHECKPOINT))
     assert policy.num_patches == 196
-
-
-def test_the_shipped_adaptive_agent_is_calibrated_per_stage_for_the_196_token_backbone():
-    from agents.calibrate import check_calibrated_for
-    from apt_env.defaults import P2_ADAPTIVE, P2_CHECKPOINT
-
-    pv = load_backbone(P2_CHECKPOINT)
-    adaptive = load_script("evaluate").load_agent(str(P2_ADAPTIVE), pv)
-    assert adaptive.sampling == "threshold"
-    assert all(len(shifts) == pv.num_stages for shifts in adaptive.calibration["shifts"])
-    check_calibrated_for(adaptive, backbone=state_digest(pv.model), budgets=[0.25, 0.5, 0.7])
-    evaluate = load_script("evaluate")
-    args = evaluate.Args(model=str(P2_CHECKPOINT), agent=str(P2_ADAPTIVE), budgets=(0.25, 0.5, 0.7))
-    with pytest.raises(ValueError, match="trained for a mean budget"):  # not a fixed-count agent
-        evaluate.check_agent_kinds(args, adaptive, None, state_digest(pv.model))
-    with pytest.raises(ValueError, match="calibrated on backbone"):  # not for the 49-token backbone
-        evaluate.check_agent_kinds(args, None, adaptive, state_digest(load_backbone(DEFAULT_CHECKPOINT).model))
