@@ -1,0 +1,105 @@
+"""Where an adaptive agent spends a mean budget, against the fixed-count agent it was made from, on held-out images.
+
+For each budget and each agent: top-1 with its 95% interval, the paired difference from the fixed-count agent on the
+same images (its 95% interval from the per-image differences), the mean backbone GFLOPs as a fraction of the dense
+model's, the patch tokens kept after each stage (mean and spread over images), and the rank correlation of the
+last stage's count with the dense model's confidence (negative: easy images get fewer tokens). The images are
+``--images`` of ``--split`` from ``--start``: by default val images the thresholds were not calibrated on (the first
+1,000), so that adaptive agents can be chosen here without the test split.
+
+Run: ``python benchmarks/adaptive_counts.py --adaptive RUN/agent [RUN2/agent ...]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+from scipy.stats import spearmanr
+
+from agents.calibrate import check_calibrated_for, spend
+from agents.io import load_policy
+from apt_env.checkpoint import load_backbone
+from apt_env.data import dataset_for
+from apt_env.defaults import P2_AGENT, P2_CHECKPOINT
+from apt_env.distributed import state_digest
+from apt_env.evaluate import forward_policy, wilson_interval
+from apt_env.observe import BUDGET_KEYS, OBS_KEYS
+from apt_env.report import markdown_table
+
+
+@dataclass
+class Args:
+    adaptive: tuple[str, ...]
+    """mean-budget agents (``train_agent.py --budget-mean``), calibrated for ``--model``"""
+    model: str = str(P2_CHECKPOINT)
+    """the backbone checkpoint"""
+    agent: str = str(P2_AGENT)
+    """the fixed-count agent they are compared with"""
+    dataset: str = "fashion-mnist"
+    split: Literal["train", "val", "test"] = "val"
+    start: int = 1000
+    """the first image (val's first 1,000 calibrate the thresholds)"""
+    images: int = 2000
+    budgets: tuple[float, ...] = (0.25, 0.5, 0.7)
+    data_root: str = "data"
+    threads: int = 2
+
+
+@torch.no_grad()  # not inference mode: the agents' weights are loaded here and must stay ordinary tensors
+def main(args: Args) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    pv = load_backbone(args.model)
+    fixed = load_policy(args.agent).eval()
+    adaptive = {path: load_policy(path).eval() for path in args.adaptive}
+    for path, policy in adaptive.items():
+        if policy.sampling != "threshold":
+            raise ValueError(f"--adaptive {path} keeps fixed counts (sampling {policy.sampling!r}): pass it as --agent")
+        check_calibrated_for(policy, backbone=state_digest(pv.model), budgets=args.budgets)
+    data = dataset_for(pv, args.dataset, args.split, root=args.data_root)
+    stop = min(args.start + args.images, len(data))
+    if stop <= args.start:
+        raise ValueError(f"{args.dataset}/{args.split} has {len(data)} images: none from --start {args.start}")
+    x = torch.stack([data[i][0] for i in range(args.start, stop)])
+    y = torch.tensor([data[i][1] for i in range(args.start, stop)])
+    confidence = torch.cat([pv.model(chunk).softmax(-1).amax(-1) for chunk in x.split(256)])
+    keys = (*OBS_KEYS, *BUDGET_KEYS)
+    rows = []
+    for budget in args.budgets:
+        reference = None
+        for name, policy in (("fixed-count agent", fixed), *adaptive.items()):
+            correct, masks = [], []
+            for chunk, labels in zip(x.split(256), y.split(256)):
+                logits, _, kept = forward_policy(pv, chunk, lambda obs: policy.act(obs), obs_keys=keys, budget=budget)
+                correct.append(logits.argmax(-1) == labels)
+                masks.append(kept)
+            correct, counts = torch.cat(correct).double(), torch.cat(masks).sum(-1).double()  # (B,), (B, K)
+            reference = correct if reference is None else reference
+            diff = correct - reference
+            half = 1.96 * float(diff.std()) / math.sqrt(len(diff))
+            low, high = wilson_interval(int(correct.sum()), len(correct))
+            last = counts[:, -1]
+            varies = bool(last.min() < last.max())
+            rho = f"{spearmanr(confidence.numpy(), last.numpy()).statistic:+.3f}" if varies else "one count"
+            rows.append({
+                "budget": f"{budget:g}",
+                "agent": name,
+                "top-1 (%) [95%]": f"{100 * correct.mean():.2f} [{100 * low:.2f}, {100 * high:.2f}]",
+                "minus fixed (points) [95%]": f"{100 * diff.mean():+.2f} [{100 * (diff.mean() - half):+.2f}, "
+                f"{100 * (diff.mean() + half):+.2f}]",
+                "backbone GFLOPs of dense": f"{spend(policy, pv, x, budget)[1]:.4f}",
+                "kept per stage: mean (std)": ", ".join(
+                    f"{m:.1f} ({s:.1f})" for m, s in zip(counts.mean(0).tolist(), counts.std(0).tolist())
+                ),
+                "Spearman(last count, confidence)": rho,
+            })  # fmt: skip
+    print(f"{args.dataset}/{args.split} images {args.start}-{stop - 1} ({stop - args.start}), backbone {args.model}")
+    print(markdown_table(rows, list(rows[0])))
+    return rows
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
