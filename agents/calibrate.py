@@ -33,6 +33,9 @@ __all__ = ["calibrate_on_val", "calibrate_thresholds", "check_calibrated_for", "
 
 _logger = logging.getLogger(__name__)
 
+_KEYS = (*OBS_KEYS, *BUDGET_KEYS)
+"""What a budget agent observes."""
+
 
 @contextlib.contextmanager
 def _fixed_threshold(policy: APTPolicy, budget: float, shift: float | list[float]) -> Iterator[None]:
@@ -52,10 +55,9 @@ def spend(
     """What ``policy``'s deterministic decisions at ``budget`` spend over ``images``: the mean patch tokens kept at
     each stage (K,) float64, and the backbone's mean GFLOPs as a fraction of the dense model's."""
     counter = FlopCounter(pv.model)
-    keys = (*OBS_KEYS, *BUDGET_KEYS)
     flops, counts = 0.0, torch.zeros(pv.num_stages, dtype=torch.float64)
     for chunk in images.split(batch_size):
-        _, kept, masks = forward_policy(pv, chunk, lambda obs: policy.act(obs), obs_keys=keys, budget=budget)
+        _, kept, masks = forward_policy(pv, chunk, policy.act, obs_keys=_KEYS, budget=budget)
         flops += float(counter(kept + pv.num_prefix_tokens).sum())
         counts += masks.sum(2).sum(0).double().cpu()
     return counts / len(images), flops / len(images) / counter.dense()
@@ -85,7 +87,7 @@ def stage_logits(
         return policy.mode(logits, live, obs)
 
     for chunk in images.split(batch_size):
-        forward_policy(pv, chunk, keep, obs_keys=(*OBS_KEYS, *BUDGET_KEYS), budget=budget)
+        forward_policy(pv, chunk, keep, obs_keys=_KEYS, budget=budget)
     return torch.cat(out)
 
 
@@ -102,19 +104,21 @@ def _count_threshold(logits: Tensor, count: float) -> float:
     return float(ranked[k - 1] + ranked[k]) / 2
 
 
-def _bisect(measure: Callable[[float], float], target: float, *, bound: float, iters: int, tolerance: float) -> float:
-    """The shift in ``[-bound, bound]`` whose ``measure`` (falling as the shift rises) comes closest to ``target``:
-    bisection, stopped once within ``tolerance * target``."""
+def _bisect(
+    measure: Callable[[float], float], target: float, *, bound: float, iters: int, tolerance: float
+) -> tuple[float, float]:
+    """The shift in ``[-bound, bound]`` whose ``measure`` (falling as the shift rises) comes closest to ``target``, and
+    that measure: bisection, stopped once within ``tolerance * target``."""
     low, high = -bound, bound
-    best = (math.inf, 0.0)  # (distance to the target, shift): the closest tried
+    best = (math.inf, 0.0, math.nan)  # (distance to the target, shift, measure): the closest tried
     for _ in range(iters):
         mid = (low + high) / 2
         got = measure(mid)
-        best = min(best, (abs(got - target), mid))
+        best = min(best, (abs(got - target), mid, got))
         if best[0] <= tolerance * target:
             break
         low, high = (mid, high) if got > target else (low, mid)
-    return best[1]
+    return best[1], best[2]
 
 
 def calibrate_thresholds(
@@ -161,6 +165,7 @@ def calibrate_thresholds(
 
         if budget >= 1.0:  # the dense model's compute: every token kept, at every stage
             shift: float | list[float] = [-bound] * pv.num_stages if per_stage else -bound
+            used = gflops(shift)
         elif per_stage:
             stage_shifts = [-bound] * pv.num_stages  # stages not yet calibrated keep every live token
             for stage, count in enumerate(static_counts(pv, budget)):
@@ -168,15 +173,14 @@ def calibrate_thresholds(
                 with _fixed_threshold(policy, budget, stage_shifts):
                     logits = stage_logits(policy, pv, images, budget, stage)
                 stage_shifts[stage] = _count_threshold(logits, count)
-            base = list(stage_shifts)
-            offset = _bisect(
-                lambda d: gflops([s + d for s in base]), budget, bound=1.0, iters=iters, tolerance=tolerance
+            offset, used = _bisect(
+                lambda d: gflops([s + d for s in stage_shifts]), budget, bound=1.0, iters=iters, tolerance=tolerance
             )
-            shift = [s + offset for s in base]
+            shift = [s + offset for s in stage_shifts]
         else:
-            shift = _bisect(gflops, budget, bound=bound, iters=iters, tolerance=tolerance)
+            shift, used = _bisect(gflops, budget, bound=bound, iters=iters, tolerance=tolerance)
         shifts.append(shift)
-        achieved.append(gflops(shift))
+        achieved.append(used)
         if abs(achieved[-1] - budget) > 0.02 * budget:  # e.g. below what the dense blocks before the first stage cost
             _logger.warning("budget %.3f is not reachable by a threshold: %.4f of dense at best", budget, achieved[-1])
         _logger.info("budget %.3f: threshold %s, mean GFLOPs %.4f of dense", budget, shift, achieved[-1])

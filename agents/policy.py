@@ -533,12 +533,15 @@ def check_calibration(
     budgets, shifts = list(calibration.get("budgets", [])), list(calibration.get("shifts", []))
     if not budgets or len(budgets) != len(shifts) or any(b >= a for b, a in zip(budgets, budgets[1:])):
         raise ValueError(f"a calibration needs increasing 'budgets' with one 'shift' each, got {dict(calibration)!r}")
-    per_stage = [len(v) if isinstance(v, (list, tuple)) else None for v in shifts]
-    if len(set(per_stage)) != 1 or per_stage[0] not in (None, num_stages):
+    try:  # a number per budget, or a row of one per stage
+        table = torch.tensor(shifts, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):  # ragged rows, or not numbers
+        table = None
+    if table is None or not (table.dim() == 1 or (table.dim() == 2 and table.shape[1] == num_stages)):
         raise ValueError(
             f"a calibration's shifts must be one number per budget or {num_stages} per budget (one per stage), "
             f"got {shifts}"
         )
-    if not all(math.isfinite(v) for v in (x for s in shifts for x in (s if isinstance(s, (list, tuple)) else [s]))):
+    if not bool(torch.isfinite(table).all()):
         raise ValueError(f"a calibration's shifts must be finite, got {shifts}")
     return dict(calibration)

@@ -20,13 +20,14 @@ import torch
 import tyro
 from scipy.stats import spearmanr
 
-from agents.calibrate import check_calibrated_for, spend
+from agents.calibrate import check_calibrated_for
 from agents.io import load_policy
 from apt_env.checkpoint import load_backbone
 from apt_env.data import dataset_for
 from apt_env.defaults import P2_AGENT, P2_CHECKPOINT
 from apt_env.distributed import state_digest
 from apt_env.evaluate import forward_policy, wilson_interval
+from apt_env.flops import FlopCounter
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS
 from apt_env.report import markdown_table
 
@@ -66,17 +67,18 @@ def main(args: Args) -> list[dict]:
     x = torch.stack([data[i][0] for i in range(args.start, stop)])
     y = torch.tensor([data[i][1] for i in range(args.start, stop)])
     confidence = torch.cat([pv.model(chunk).softmax(-1).amax(-1) for chunk in x.split(256)])
-    keys = (*OBS_KEYS, *BUDGET_KEYS)
+    keys, counter = (*OBS_KEYS, *BUDGET_KEYS), FlopCounter(pv.model)
     rows = []
     for budget in args.budgets:
         reference = None
         for name, policy in (("fixed-count agent", fixed), *adaptive.items()):
-            correct, masks = [], []
+            correct, counts, flops = [], [], 0.0
             for chunk, labels in zip(x.split(256), y.split(256)):
-                logits, _, kept = forward_policy(pv, chunk, lambda obs: policy.act(obs), obs_keys=keys, budget=budget)
+                logits, kept, masks = forward_policy(pv, chunk, policy.act, obs_keys=keys, budget=budget)
                 correct.append(logits.argmax(-1) == labels)
-                masks.append(kept)
-            correct, counts = torch.cat(correct).double(), torch.cat(masks).sum(-1).double()  # (B,), (B, K)
+                counts.append(masks.sum(-1))
+                flops += float(counter(kept + pv.num_prefix_tokens).sum())
+            correct, counts = torch.cat(correct).double(), torch.cat(counts).double()  # (B,), (B, K)
             reference = correct if reference is None else reference
             diff = correct - reference
             half = 1.96 * float(diff.std()) / math.sqrt(len(diff))
@@ -90,7 +92,7 @@ def main(args: Args) -> list[dict]:
                 "top-1 (%) [95%]": f"{100 * correct.mean():.2f} [{100 * low:.2f}, {100 * high:.2f}]",
                 "minus fixed (points) [95%]": f"{100 * diff.mean():+.2f} [{100 * (diff.mean() - half):+.2f}, "
                 f"{100 * (diff.mean() + half):+.2f}]",
-                "backbone GFLOPs of dense": f"{spend(policy, pv, x, budget)[1]:.4f}",
+                "backbone GFLOPs of dense": f"{flops / len(x) / counter.dense():.4f}",
                 "kept per stage: mean (std)": ", ".join(
                     f"{m:.1f} ({s:.1f})" for m, s in zip(counts.mean(0).tolist(), counts.std(0).tolist())
                 ),
