@@ -5,7 +5,8 @@ Runs the README's first command (``train_backbone.py --init-checkpoint apt_env/a
 flags, ``--method``: the shipped plain ViT fine-tuned plainly and jointly with a fresh budget agent, same seed and
 schedule) once per seed and prints each row's
 mean and standard deviation: top-1, GFLOPs per image (the agent's cost included), kept tokens. Extra flags go to
-every run, e.g. ``--extra="--epochs 10 --steps-per-epoch 0"``.
+every run, e.g. ``--extra="--epochs 10 --steps-per-epoch 0"``. A seed whose run under ``--out-dir`` already finished is
+read from its ``results.json``, not run again (a killed seed starts over).
 
 Run: ``python benchmarks/joint_vs_plain.py`` (the default schedule: the README's first command, per seed).
 """
@@ -43,17 +44,29 @@ class Args:
     """flags passed to every train_backbone.py run, as one string"""
 
 
+def finished_run(out: Path) -> Path | None:
+    """The newest run folder under ``out`` that finished (wrote ``results.json``), or None: a seed already run is
+    read, not run again, so a killed sweep goes on from the seed it was on."""
+    done = [p for p in out.iterdir() if (p / "results.json").is_file()] if out.is_dir() else []
+    return max(done, key=lambda p: (p / "results.json").stat().st_mtime, default=None)
+
+
 def main(args: Args) -> None:
     rows: dict[str, list[dict]] = {}
     for seed in args.seeds:
         out = Path(args.out_dir) / f"seed{seed}"
-        cmd = [sys.executable, str(SCRIPT), "--mode", "apt", "--seed", str(seed), "--out-dir", str(out)]
-        cmd += ["--init-checkpoint", args.init_checkpoint]
-        cmd += shlex.split(args.method) + shlex.split(args.extra)
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
-        (run_dir,) = [p for p in out.iterdir() if (p / "results.json").is_file()]
+        run_dir = finished_run(out)
+        if run_dir is None:
+            cmd = [sys.executable, str(SCRIPT), "--mode", "apt", "--seed", str(seed), "--out-dir", str(out)]
+            cmd += ["--init-checkpoint", args.init_checkpoint]
+            cmd += shlex.split(args.method) + shlex.split(args.extra)
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+            run_dir = finished_run(out)
+            assert run_dir is not None, f"train_backbone.py wrote no results.json under {out}"
+        else:
+            print(f"seed {seed}: read from {run_dir} (finished earlier)", flush=True)
         for results in json.loads((run_dir / "results.json").read_text()):
             name = results["policy"]
             rows.setdefault(name, []).append(results)

@@ -106,3 +106,36 @@ def test_adaptive_counts_compares_a_calibrated_agent_with_its_fixed_count_form(b
     assert "kept per stage" in proc.stdout and "Spearman" in proc.stdout
     proc = _run(sys.executable, "benchmarks/adaptive_counts.py", "--adaptive", str(tmp_path / "fixed"), *args)
     assert proc.returncode != 0 and "keeps fixed counts" in proc.stderr
+
+
+def test_steered_counts_fits_a_probe_and_scores_each_weight_against_the_unsteered_agent(backbone, tmp_path):
+    from agents.io import save_policy
+    from agents.policy import APTPolicy
+    from apt_env.checkpoint import load_backbone
+
+    pv = load_backbone(backbone)
+    torch.manual_seed(0)
+    agent = APTPolicy(pv.embed_dim, pv.num_patches, pv.num_stages, hidden=8, qk_dim=8, use_budget=True, sampling="topk")
+    proc = _run(sys.executable, "benchmarks/steered_counts.py", "--model", str(backbone), "--agent",
+                str(save_policy(tmp_path / "agent", agent)), "--dataset", "synthetic", "--weights", "0", "2",
+                "--budgets", "0.5", "--train-images", "48", "--calibration-images", "16", "--start", "16",
+                "--images", "24")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "probe correlation with its target" in proc.stdout and "images 16-39" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 0.5 |")]
+    assert len(rows) == 2 and "+0.00 [+0.00, +0.00]" in rows[0]  # weight 0 is its own reference
+
+
+def test_joint_vs_plain_reads_a_finished_seed_instead_of_running_it_again(backbone, tmp_path):
+    extra = ("--dataset synthetic --batch-size 16 --steps-per-epoch 2 --epochs 1 --eval-batch-size 64 "
+             "--num-envs 8 --agent-steps 48")  # fmt: skip
+    args = ("benchmarks/joint_vs_plain.py", "--seeds", "1", "--out-dir", str(tmp_path / "runs"),
+            "--init-checkpoint", str(backbone), f"--extra={extra}")  # fmt: skip
+    first = _run(sys.executable, *args)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "seed 1: APT (no pruning): top-1" in first.stdout and "read from" not in first.stdout
+    again = _run(sys.executable, *args)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "seed 1: read from" in again.stdout and len(list((tmp_path / "runs" / "seed1").iterdir())) == 1
+    table = first.stdout[first.stdout.index("test split, seeds") :]
+    assert again.stdout.endswith(table)  # the same rows, from the same results.json
