@@ -135,8 +135,8 @@ def main(args: Args) -> list[dict]:
     x_fit, y_fit = take(pv, args, "train", sorted(draw[: args.train_images].tolist()))
     x_cal, _ = take(pv, args, "val", list(range(args.calibration_images)))
     x, y = take(pv, args, "val", list(range(args.start, args.start + args.images)))
-    dense_fit = torch.cat([F.cross_entropy(pv.model(c), t, reduction="none") for c, t in zip(x_fit.split(256),
-                                                                                             y_fit.split(256))])  # fmt: skip
+    pairs = zip(x_fit.split(256), y_fit.split(256))
+    dense_fit = torch.cat([F.cross_entropy(pv.model(c), t, reduction="none") for c, t in pairs])
     confidence = torch.cat([pv.model(c).softmax(-1).amax(-1) for c in x.split(256)])
     counter, rows = FlopCounter(pv.model), []
     for budget in args.budgets:
@@ -157,13 +157,14 @@ def main(args: Args) -> list[dict]:
             low, high = wilson_interval(int(correct.sum()), len(correct))
             last = counts[:, -1]
             rho = spearmanr(confidence.numpy(), last.numpy()).statistic if bool(last.min() < last.max()) else math.nan
+            gflops = float(counter(got["kept"] + pv.num_prefix_tokens).mean()) / counter.dense()
             rows.append({
                 "budget": f"{budget:g}",
                 "weight": f"{weight:g}",
                 "top-1 (%) [95%]": f"{100 * correct.mean():.2f} [{100 * low:.2f}, {100 * high:.2f}]",
                 "minus weight 0 (points) [95%]": f"{100 * diff.mean():+.2f} [{100 * (diff.mean() - half):+.2f}, "
                 f"{100 * (diff.mean() + half):+.2f}]",
-                "backbone GFLOPs of dense": f"{float(counter(got['kept'] + pv.num_prefix_tokens).mean()) / counter.dense():.4f}",
+                "backbone GFLOPs of dense": f"{gflops:.4f}",
                 "kept per stage: mean (std)": ", ".join(
                     f"{m:.1f} ({s:.1f})" for m, s in zip(counts.mean(0).tolist(), counts.std(0).tolist())
                 ),
