@@ -153,10 +153,11 @@ def plackett_luce_entropy(logits: Tensor, live: Tensor, count: Tensor) -> Tensor
 
 
 def interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
-    """``numpy.interp`` in torch: piecewise-linear through ``(xp, fp)`` (``xp`` increasing), constant beyond."""
+    """``numpy.interp`` in torch: piecewise-linear through ``(xp, fp)`` (``xp`` increasing), constant beyond. ``fp``
+    may have rows, (J, ...): each ``x`` then gets the interpolated row, ``x.shape + fp.shape[1:]``."""
     if len(xp) == 1:
-        return fp.expand_as(x).clone()
+        return fp[0].expand(*x.shape, *fp.shape[1:]).clone()
     x = x.clamp(xp[0], xp[-1])
     i = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
-    w = (x - xp[i - 1]) / (xp[i] - xp[i - 1])
+    w = ((x - xp[i - 1]) / (xp[i] - xp[i - 1])).reshape(*x.shape, *[1] * (fp.dim() - 1))
     return fp[i - 1] + w * (fp[i] - fp[i - 1])

@@ -412,8 +412,7 @@ class APTPolicy(nn.Module):
         if self._thresholds[0].device != logits.device:  # moved once, where the policy runs
             self._thresholds = tuple(t.to(logits.device) for t in self._thresholds)
         knots, shifts = self._thresholds
-        b = budget.reshape(-1).double()
-        per_stage = torch.stack([interp(b, knots, shifts[:, k]) for k in range(shifts.shape[1])], 1)  # (B, K)
+        per_stage = interp(budget.reshape(-1).double(), knots, shifts)  # (B, K): every stage's row at each budget
         return logits - per_stage.gather(1, stage.reshape(-1, 1)).to(logits.dtype)
 
     def decision_flops(self, live: Tensor) -> Tensor:

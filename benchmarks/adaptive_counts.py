@@ -12,13 +12,11 @@ Run: ``python benchmarks/adaptive_counts.py --adaptive RUN/agent [RUN2/agent ...
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import tyro
-from scipy.stats import spearmanr
 
 from agents.calibrate import check_calibrated_for
 from agents.io import load_policy
@@ -26,10 +24,10 @@ from apt_env.checkpoint import load_backbone
 from apt_env.data import dataset_for
 from apt_env.defaults import P2_AGENT, P2_CHECKPOINT
 from apt_env.distributed import state_digest
-from apt_env.evaluate import forward_policy, wilson_interval
+from apt_env.evaluate import forward_policy
 from apt_env.flops import FlopCounter
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS
-from apt_env.report import markdown_table
+from apt_env.report import markdown_table, paired_columns
 
 
 @dataclass
@@ -80,24 +78,9 @@ def main(args: Args) -> list[dict]:
                 flops += float(counter(kept + pv.num_prefix_tokens).sum())
             correct, counts = torch.cat(correct).double(), torch.cat(counts).double()  # (B,), (B, K)
             reference = correct if reference is None else reference
-            diff = correct - reference
-            half = 1.96 * float(diff.std()) / math.sqrt(len(diff))
-            low, high = wilson_interval(int(correct.sum()), len(correct))
-            last = counts[:, -1]
-            varies = bool(last.min() < last.max())
-            rho = f"{spearmanr(confidence.numpy(), last.numpy()).statistic:+.3f}" if varies else "one count"
-            rows.append({
-                "budget": f"{budget:g}",
-                "agent": name,
-                "top-1 (%) [95%]": f"{100 * correct.mean():.2f} [{100 * low:.2f}, {100 * high:.2f}]",
-                "minus fixed (points) [95%]": f"{100 * diff.mean():+.2f} [{100 * (diff.mean() - half):+.2f}, "
-                f"{100 * (diff.mean() + half):+.2f}]",
-                "backbone GFLOPs of dense": f"{flops / len(x) / counter.dense():.4f}",
-                "kept per stage: mean (std)": ", ".join(
-                    f"{m:.1f} ({s:.1f})" for m, s in zip(counts.mean(0).tolist(), counts.std(0).tolist())
-                ),
-                "Spearman(last count, confidence)": rho,
-            })  # fmt: skip
+            gflops = flops / len(x) / counter.dense()
+            columns = paired_columns(correct, reference, gflops, counts, confidence, versus="fixed")
+            rows.append({"budget": f"{budget:g}", "agent": name, **columns})
     print(f"{args.dataset}/{args.split} images {args.start}-{stop - 1} ({stop - args.start}), backbone {args.model}")
     print(markdown_table(rows, list(rows[0])))
     return rows

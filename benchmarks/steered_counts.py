@@ -15,7 +15,6 @@ Run: ``python benchmarks/steered_counts.py`` (the 196-token model and its agent;
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import tyro
-from scipy.stats import spearmanr
 from torch import Tensor
 
 from agents.calibrate import calibrate_thresholds
@@ -33,10 +31,10 @@ from apt_env.backbone import PrunableViT
 from apt_env.checkpoint import load_backbone
 from apt_env.data import dataset_for
 from apt_env.defaults import P2_AGENT, P2_CHECKPOINT
-from apt_env.evaluate import forward_policy, wilson_interval
+from apt_env.evaluate import forward_policy
 from apt_env.flops import FlopCounter
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS
-from apt_env.report import markdown_table
+from apt_env.report import markdown_table, paired_columns
 
 KEYS = (*OBS_KEYS, *BUDGET_KEYS)
 
@@ -150,26 +148,10 @@ def main(args: Args) -> list[dict]:
             policy.probe = None if not weight else weight * unit
             policy.calibration = calibrate_thresholds(policy, pv, x_cal, [budget], iters=12, per_stage=True)
             got = run(policy, pv, x, y, budget)
-            correct, counts = got["correct"], got["counts"]
-            reference = correct if reference is None else reference
-            diff = correct - reference
-            half = 1.96 * float(diff.std()) / math.sqrt(len(diff))
-            low, high = wilson_interval(int(correct.sum()), len(correct))
-            last = counts[:, -1]
-            rho = spearmanr(confidence.numpy(), last.numpy()).statistic if bool(last.min() < last.max()) else math.nan
+            reference = got["correct"] if reference is None else reference
             gflops = float(counter(got["kept"] + pv.num_prefix_tokens).mean()) / counter.dense()
-            rows.append({
-                "budget": f"{budget:g}",
-                "weight": f"{weight:g}",
-                "top-1 (%) [95%]": f"{100 * correct.mean():.2f} [{100 * low:.2f}, {100 * high:.2f}]",
-                "minus weight 0 (points) [95%]": f"{100 * diff.mean():+.2f} [{100 * (diff.mean() - half):+.2f}, "
-                f"{100 * (diff.mean() + half):+.2f}]",
-                "backbone GFLOPs of dense": f"{gflops:.4f}",
-                "kept per stage: mean (std)": ", ".join(
-                    f"{m:.1f} ({s:.1f})" for m, s in zip(counts.mean(0).tolist(), counts.std(0).tolist())
-                ),
-                "Spearman(last count, confidence)": f"{rho:+.3f}",
-            })  # fmt: skip
+            columns = paired_columns(got["correct"], reference, gflops, got["counts"], confidence, versus="weight 0")
+            rows.append({"budget": f"{budget:g}", "weight": f"{weight:g}", **columns})
     print(f"{args.dataset}/val images {args.start}-{args.start + args.images - 1}, probe fitted on "
           f"{args.train_images} train images, backbone {args.model}")  # fmt: skip
     print(markdown_table(rows, list(rows[0])))
