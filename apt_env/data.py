@@ -5,6 +5,9 @@ mean/std (the model's with a ``data_config``), and ``label``: int. Names (see ``
 
 - ``fashion-mnist`` (default): offline from Debian's ``dataset-fashion-mnist`` (``FASHION_MNIST_DIR``),
   else torchvision's download into ``root``.
+- ``cluttered-fashion-mnist`` (and its ``translated`` and ``scaled`` variants, options after a colon): a garment at a
+  random place on a 56 px canvas among fragments of other garments (``apt_env.cluttered``), with Fashion-MNIST's
+  statistics, so that a model trained on the centered garments sees the same pixel scale.
 - ``cifar10``, ``cifar100``: torchvision's ``CIFAR10`` / ``CIFAR100`` in ``root`` (downloaded when asked).
 - ``digits``: scikit-learn's 8x8 digits, a fixed stratified 80/20 split.
 - ``synthetic``: seeded images whose class is the location of a bright patch; for tests.
@@ -42,8 +45,11 @@ from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
+from apt_env.cluttered import ClutteredDataset, ClutterSpec, parse_cluttered
+
 if TYPE_CHECKING:  # a type only: the backbone imports this module
     from apt_env.backbone import PrunableViT
+
 
 __all__ = [
     "DATASETS",
@@ -68,6 +74,9 @@ logger = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = (
     "fashion-mnist",
+    "cluttered-fashion-mnist",
+    "translated-fashion-mnist",
+    "scaled-cluttered-fashion-mnist",
     "cifar10",
     "cifar100",
     "digits",
@@ -371,6 +380,9 @@ def dataset_info(name: str, root: str | Path = "data") -> DatasetInfo:
     if name.startswith(_IMAGEFOLDER_PREFIX):
         classes = _imagefolder_classes(_imagefolder_path(name))
         return DatasetInfo(name, len(classes), 224, 3, _IMAGENET_MEAN, _IMAGENET_STD)
+    spec = parse_cluttered(name)
+    if spec is not None:  # the garments' statistics, at the canvas size
+        return replace(_NATIVE["fashion-mnist"], name=name, img_size=spec.canvas)
     if name not in _NATIVE:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     return _NATIVE[name]
@@ -428,6 +440,9 @@ def build_dataset(
     if name.startswith(_IMAGEFOLDER_PREFIX):
         transform = _dataset_transform(info, augment=augment, data_config=data_config)
         return _build_imagefolder(_imagefolder_path(name), split=split, transform=transform, info=info)
+    spec = parse_cluttered(name)
+    if spec is not None:
+        return _build_cluttered(name, spec, split, info=info, augment=augment, root=Path(root), download=download)
 
     images, targets, classes = _load_tensors(name, source, root=Path(root), download=download, img_size=info.img_size)
     if len(classes) != native.num_classes:
@@ -667,6 +682,31 @@ def _load_fashion_mnist(split: str, *, root: Path, download: bool) -> tuple[Tens
             "`apt-get install dataset-fashion-mnist`, or go online and pass download=True."
         ) from err
     return tv.data[:, None], tv.targets.long(), list(tv.classes)
+
+
+def _build_cluttered(
+    name: str, spec: ClutterSpec, split: str, *, info: DatasetInfo, augment: bool, root: Path, download: bool
+) -> ClutteredDataset:
+    """The cluttered task on ``split``'s garments (train and val: the same holdout as ``fashion-mnist``)."""
+    if info.img_size != spec.canvas:
+        raise ValueError(
+            f"{name}: the canvas is {spec.canvas} px but the model takes {info.img_size} px images; pass "
+            f"{name.partition(':')[0]}:canvas={info.img_size} or a model of {spec.canvas} px"
+        )
+    if info.in_chans != 1:
+        raise ValueError(f"{name} is gray: the model must take 1 channel, not {info.in_chans}")
+    images, targets, classes = _load_fashion_mnist("test" if split == "test" else "train", root=root, download=download)
+    if split != "test":
+        index = torch.from_numpy(holdout_indices(targets, split))
+        images, targets = images[index], targets[index]
+    transform = build_transform(
+        img_size=spec.canvas, in_chans=1, mean=info.mean, std=info.std, input_shape=(1, spec.canvas, spec.canvas)
+    )  # no crop or flip: the placement is the augmentation, and the box stays true
+    logger.info("%s/%s: %d images of %d px, %s", name, split, len(images), spec.canvas, spec)
+    return ClutteredDataset(
+        images, targets, classes=classes, spec=spec, split=split, redraw=augment and split == "train",
+        transform=transform, info=info,
+    )  # fmt: skip
 
 
 # ---- cifar10 / cifar100 ----
