@@ -35,6 +35,7 @@ __all__ = ["CLUTTERED", "ClutterSpec", "ClutteredDataset", "box_token_mask", "pa
 
 GARMENT = 28  # Fashion-MNIST's side
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}  # one random stream per split
+Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels, end exclusive
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class ClutterSpec:
         if self.fragments < 0:
             raise ValueError(f"fragments must be 0 or more, got {self.fragments}")
         if not 1 <= self.fragment_size <= GARMENT:
-            raise ValueError(f"fragment_size must be in 1..{GARMENT} (cropped from a garment), got {self.fragment_size}")
+            raise ValueError(f"fragment_size must be in 1..{GARMENT} (a crop of a garment), got {self.fragment_size}")
         if self.fragment_size > self.canvas:
             raise ValueError(f"fragments of {self.fragment_size} px do not fit a canvas of {self.canvas} px")
         low, high = self.scale if self.scale is not None else (GARMENT, GARMENT)
@@ -174,7 +175,7 @@ class ClutteredDataset(Dataset[tuple[Tensor, int]]):
             return np.random.default_rng(int(torch.randint(0, 2**62, ())))
         return np.random.default_rng([self.spec.seed, _SPLIT_CODES[self.split], index])
 
-    def render(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    def render(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, Box]:
         """The uint8 ``(canvas, canvas)`` image ``index`` and its garment's box ``(x0, y0, x1, y1)`` (end exclusive)."""
         spec, size = self.spec, self.spec.canvas
         rng = self._rng(index) if rng is None else rng
@@ -202,7 +203,7 @@ class ClutteredDataset(Dataset[tuple[Tensor, int]]):
         x0, y0, x1, y1 = (int(v) for v in box)
         return np.minimum(canvas, 255).astype(np.uint8), (x + x0, y + y0, x + x1, y + y1)
 
-    def box(self, index: int) -> tuple[int, int, int, int]:
+    def box(self, index: int) -> Box:
         """The garment's box in image ``index`` (the fixed image: ``redraw`` does not apply)."""
         return self.render(index, np.random.default_rng([self.spec.seed, _SPLIT_CODES[self.split], index]))[1]
 

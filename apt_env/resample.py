@@ -1,9 +1,10 @@
 """Start a ViT of another patch size from trained weights, FlexiViT's way, with timm's own resampling.
 
 ``resample_into`` loads a trained ``PrunableViT``'s weights into a model of another patch size or image size (and so
-another token count): timm's ``checkpoint_filter_fn`` resamples the patch embedding (``timm.layers.resample_patch_embed``, the
-pseudo-inverse resize of FlexiViT) and the position embedding (``timm.layers.resample_abs_pos_embed``); every other
-weight is shape-independent and copied as is. The data config is the source's at the target's image size.
+another token count): timm's ``checkpoint_filter_fn`` resamples the patch embedding
+(``timm.layers.resample_patch_embed``, the pseudo-inverse resize of FlexiViT) and the position embedding
+(``timm.layers.resample_abs_pos_embed``); every other weight is shape-independent and copied as is. The data config
+is the source's at the target's image size.
 """
 
 from __future__ import annotations

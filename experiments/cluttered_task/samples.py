@@ -1,6 +1,6 @@
 """16 images of a cluttered task's val split with their garment's box and class: the picture in docs/datasets.md.
 
-    python experiments/cluttered_task/samples.py --dataset cluttered-fashion-mnist --out docs/cluttered.png
+python experiments/cluttered_task/samples.py --dataset cluttered-fashion-mnist --out docs/cluttered.png
 """
 
 from __future__ import annotations
