@@ -1,13 +1,16 @@
-"""Evaluate a backbone and its pruning agent against random pruning, EViT's class-attention top-k and an evenly spread
-grid, at matched compute budgets, every policy on the same images.
+"""Evaluate a backbone and its pruning agent against random pruning, EViT's class-attention top-k, an evenly spread
+grid and token merging (ToMe), at matched compute budgets, every policy on the same images.
 
 For each budget (a fraction of the dense backbone's GFLOPs) random pruning, class-attention top-k, the ordered-dither
 grid (``agents.baselines.DitherGrid``, the same tokens in every image) and the agent
 ranked by its keep logits run at the per-stage keep ratio that reaches it; the agent also runs by its own rules
 (sampled, as it was trained, and deterministic), and random and top-k again at the compute it reached; the dense
-model runs once. Each row has top-1 with its 95% interval, the loss, GFLOPs of the backbone and of the policy's
-own decision (its network and the class attention it reads), tokens entering the last block and images per
-second at batch 1 and 256, timed side by side in one interleaved loop (median of ``--repeats``).
+model runs once. ToMe runs at the merge schedule whose backbone GFLOPs are within 2% of each budget it can reach;
+random, top-k and a budget agent's mode run again with EViT's fused token (`` + fused token``: the tokens each stage
+prunes fused into one, weighted by the class attention), each printed against the same rule without it. Each row
+has top-1 with its 95% interval, the loss, GFLOPs of the backbone and of the policy's own decision (its network, the
+class attention it reads, ToMe's matching, the fusing), tokens entering the last block and images per second at
+batch 1 and 256, timed side by side in one interleaved loop (median of ``--repeats``).
 
     python evaluate.py                                   # the shipped backbone and agent, Fashion-MNIST test split
     python evaluate.py --model runs/RUN/checkpoint --agent runs/RUN/agent --budgets 0.3 0.5 0.7
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +45,7 @@ from agents.io import load_policy
 from agents.policy import APTPolicy
 from apt_env.backbone import PrunableViT
 from apt_env.checkpoint import load_backbone, read_backbone_config
+from apt_env.cluttered import box_token_mask
 from apt_env.data import dataset_for, dataset_info, make_loader
 from apt_env.defaults import DEFAULT_AGENT, DEFAULT_CHECKPOINT
 from apt_env.distributed import state_digest
@@ -49,6 +54,8 @@ from apt_env.evaluate import (
     Contender,
     Decisions,
     DenseAtLengths,
+    Merged,
+    box_first_at_counts,
     budget_keep_ratio,
     evaluate_accuracy,
     fixed_masks,
@@ -69,9 +76,13 @@ AGENT_DETERMINISTIC = f"{AGENT} (deterministic)"
 AGENT_ADAPTIVE = f"{AGENT} (adaptive)"
 AGENT_FUSED = f"{AGENT} (fused)"
 CLS_TOPK = "cls-attn top-k"
+FUSED_TOKEN = " + fused token"
+AGENT_FUSED_TOKEN = f"{AGENT}{FUSED_TOKEN}"
+TOME = "ToMe"
 DENSE_COMPILED = "dense, compiled"
 GRID = "dither grid"
 REPLAYED = "agent's masks, no decision"
+ORACLE = "object-box oracle"
 PHYSICAL = "dense batch at the agent's kept lengths"
 CONTROL = "control: "
 
@@ -201,11 +212,16 @@ def agent_contenders(policy: APTPolicy, budgets: dict[float, float], seed: int) 
             draw = gumbel_noise((policy.num_patches,), torch.Generator().manual_seed(seed))
             draw = draw.to(next(policy.parameters()).device)  # once, not at every decision
             rules.append((AGENT_FIXED_DRAW, lambda o: policy.act(o, deterministic=False, gumbel=draw)))
-        return [
+        rows = [
             Contender(f"{rule} @ {b:g}", act, b, obs_keys=keys, flops=cost, role="agent", rule=rule)
             for b in budgets
             for rule, act in rules
         ]
+        return rows + [
+            Contender(f"{AGENT_FUSED_TOKEN} @ {b:g}", mode, b, obs_keys=keys, flops=cost, role="agent",
+                      rule=AGENT_FUSED_TOKEN, fuse=True)
+            for b in budgets
+        ]  # fmt: skip
     rows = [
         Contender(AGENT_SAMPLED, sampled, flops=cost, role="agent"),
         Contender(AGENT_DETERMINISTIC, mode, flops=cost, role="agent"),
@@ -306,7 +322,8 @@ def random_contender(budget: float, ratio: float, seed: int, model: PrunableViT 
 
 def heuristic_contenders(budgets: dict[float, float], seed: int, grid: tuple[int, int]) -> list[Contender]:
     """Random pruning, class-attention top-k (EViT) and the ordered-dither grid of the (H, W) patch ``grid`` at the
-    keep ratio of every budget."""
+    keep ratio of every budget; random and top-k again with EViT's fused token (``FUSED_TOKEN``: the tokens each
+    stage prunes fused into one, weighted by the class attention), the same masks otherwise."""
     rows = []
     for budget, ratio in budgets.items():
         rows.append(random_contender(budget, ratio, seed))
@@ -317,6 +334,25 @@ def heuristic_contenders(budgets: dict[float, float], seed: int, grid: tuple[int
         act = DitherGrid(ratio, grid).act
         rows.append(Contender(f"{GRID} @ {budget:.3g}", act, budget, obs_keys=("keep", "stage"), role="heuristic",
                               rule=GRID))  # fmt: skip
+        fused = f"random{FUSED_TOKEN}"
+        rows.append(Contender(f"{fused} @ {budget:.3g}", RandomKeep(ratio, seed=seed).act, budget,
+                              obs_keys=("keep", "stage"), role="heuristic", rule=fused, fuse=True))  # fmt: skip
+        fused = f"{CLS_TOPK}{FUSED_TOKEN}"
+        rows.append(Contender(f"{fused} @ {budget:.3g}", top.act, budget, obs_keys=keys, role="heuristic", rule=fused,
+                              fuse=True))  # fmt: skip
+    return rows
+
+
+def merging_contenders(pv: PrunableViT, budgets: Iterable[float]) -> list[Contender]:
+    """ToMe at every budget it reaches: the schedule whose backbone GFLOPs are within 2% of the budget
+    (``FlopCounter.merge_schedule``); a budget below what merging half of the tokens in every block reaches is left
+    out, with a warning."""
+    rows = []
+    for budget in budgets:
+        try:
+            rows.append(Merged.at_budget(f"{TOME} @ {budget:.3g}", pv, budget, role="heuristic", rule=TOME))
+        except ValueError as err:
+            logger.warning("no %s row at budget %g: %s", TOME, budget, err)
     return rows
 
 
@@ -334,6 +370,8 @@ def equal_compute_text(rows: list[dict]) -> str:
     """Each deterministic agent row against every baseline family at the agent's GFLOPs, its own cost included:
     the family's top-1 interpolated linearly in GFLOPs between its budget rows and its dense model."""
     families = {"random": ("heuristic", "random"), CLS_TOPK: ("heuristic", CLS_TOPK), GRID: ("heuristic", GRID),
+                TOME: ("heuristic", TOME), f"random{FUSED_TOKEN}": ("heuristic", f"random{FUSED_TOKEN}"),
+                f"{CLS_TOPK}{FUSED_TOKEN}": ("heuristic", f"{CLS_TOPK}{FUSED_TOKEN}"),
                 "control, random": ("control", "random")}  # fmt: skip
     present = {(r["role"], r["rule"]) for r in rows}
     families = {name: family for name, family in families.items() if family in present}
@@ -351,8 +389,26 @@ def equal_compute_text(rows: list[dict]) -> str:
 
 
 def is_agent_decision(row: dict) -> bool:
-    """Whether a row is the agent deciding by its mode or logit ranking (not sampling): a row with a replay."""
-    return row["role"] == "agent" and row["rule"] not in (AGENT_SAMPLED, AGENT_FUSED)
+    """Whether a row is the agent deciding by its mode or logit ranking (not sampling, not fusing): a row with a
+    replay."""
+    return row["role"] == "agent" and row["rule"] not in (AGENT_SAMPLED, AGENT_FUSED, AGENT_FUSED_TOKEN)
+
+
+def fused_token_text(rows: list[dict]) -> str:
+    """Each row with EViT's fused token against the same rule without it at the same budget: top-1 and GFLOPs (its
+    cost included) and their differences."""
+    by_key = {(r["role"], r["rule"], r["budget"]): r for r in rows}
+    lines = []
+    for r in rows:
+        if not r["rule"].endswith(FUSED_TOKEN):
+            continue
+        base = by_key.get((r["role"], r["rule"][: -len(FUSED_TOKEN)], r["budget"]))
+        if base is None:
+            continue
+        lines.append(f"{r['policy']}: {100 * r['top1']:.2f} at {r['gflops']:.4g} GFLOPs; without the fused token "
+                     f"{100 * base['top1']:.2f} at {base['gflops']:.4g} ({100 * (r['top1'] - base['top1']):+.2f} "
+                     f"top-1, {100 * (r['gflops'] / base['gflops'] - 1):+.1f}% GFLOPs)")  # fmt: skip
+    return "\n".join(lines)
 
 
 REPLAY_RECORDED = ("top1", "gflops_backbone")
@@ -382,6 +438,38 @@ def replay_contenders(rows: list[dict], decisions: dict[str, Decisions]) -> list
         )  # fmt: skip
         for r in rows
         if is_agent_decision(r)
+    ]
+
+
+def object_boxes(dataset) -> torch.Tensor | None:
+    """``(M, 4)`` long: the object's box ``(x0, y0, x1, y1)`` in every image of a dataset that knows them (the
+    cluttered task's), else None."""
+    base, positions = (dataset.dataset, list(dataset.indices)) if isinstance(dataset, Subset) else (dataset, None)
+    if not hasattr(base, "box"):
+        return None
+    return torch.tensor([base.box(i) for i in (positions if positions is not None else range(len(base)))])
+
+
+def oracle_contenders(
+    pv: PrunableViT, boxes: torch.Tensor, rows: list[dict], decisions: dict[str, Decisions], seed: int
+) -> list[Contender]:
+    """The object-box oracle at the counts of every fixed-count agent row: the tokens that overlap the object's box
+    first, the rest at random (``box_first_at_counts``)."""
+    (height, width), (rows_, cols) = pv.img_size, pv.grid_size
+    if height // rows_ != width // cols:
+        raise ValueError(f"the object-box oracle needs square patches; the model has {pv.img_size} in {pv.grid_size}")
+    box_tokens = box_token_mask(boxes, grid=rows_, patch=height // rows_)
+    return [
+        Contender(
+            f"{ORACLE} @ {r['budget']:.3g}",
+            box_first_at_counts(decisions[r["policy"]], box_tokens, seed=seed),
+            r["budget"],
+            obs_keys=("keep", "stage"),
+            role="reference",
+            rule=ORACLE,
+        )  # fmt: skip
+        for r in rows
+        if r["rule"] == AGENT
     ]
 
 
@@ -518,6 +606,7 @@ def main(args: Args) -> dict[str, dict]:
     print(header + table)
     print(decision_cost_text(rows, physical_speed))
     print(equal_compute_text(rows))
+    print(fused_token_text(rows))
     print(f"\nwrote {out}/results.csv, results.md, tradeoff.png, masks.png")
     return {r["policy"]: r for r in rows}
 
@@ -537,8 +626,12 @@ def evaluate_rows(
     if agent is not None and not agent.use_budget:
         reached = next(r["budget"] for r in rows if r["rule"] == AGENT_DETERMINISTIC)
         budgets[round(reached, 3)] = budget_keep_ratio(pv, reached)
-    grid = tuple(pv.model.patch_embed.grid_size)
-    second = heuristic_contenders(budgets, args.seed, grid) + replay_contenders(rows, decisions)
+    grid = pv.grid_size
+    second = heuristic_contenders(budgets, args.seed, grid) + merging_contenders(pv, budgets)
+    second += replay_contenders(rows, decisions)
+    boxes = object_boxes(loader.dataset)
+    if boxes is not None:
+        second += oracle_contenders(pv, boxes, rows, decisions, args.seed)
     if args.control:
         second += control_contenders(load_model(args, args.control), pv, budgets, args.seed)
     more_rows, more_decisions = evaluate_accuracy(pv, loader, second, desc="heuristics")
@@ -586,7 +679,7 @@ def write_masks(args: Args, pv: PrunableViT, dataset, rows: list[dict], decision
         path,
         torch.stack([dataset[i][0] for i in range(m)]),
         {name.replace(" @ ", "\n@ "): decisions[name].masks[:m] for name in names},
-        grid=tuple(pv.model.patch_embed.grid_size),
+        grid=pv.grid_size,
         title=f"kept patches at budget {b:g} ({source})",
     )
 

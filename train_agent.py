@@ -34,6 +34,7 @@ from stable_baselines3.common.vec_env import VecMonitor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from agents.build import AgentArgs, build_policy, sampling_for
 from agents.calibrate import calibrate_on_val
 from agents.compare import compare_policies, format_comparison
 from agents.distill import Distiller
@@ -52,7 +53,7 @@ logger = logging.getLogger("train_agent")
 
 
 @dataclass
-class Args:
+class Args(AgentArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
@@ -63,9 +64,6 @@ class Args:
     teacher: str | None = None
     """with `--algo distill`: the trained agent to distil (an agent folder); the student reads, samples and keeps
     budgets as it does (`--sampling` is not used) at its own `--hidden`, `--qk-dim` and `--mixer`"""
-    init_agent: str | None = None
-    """with `--algo native`: start from this agent's weights (an agent folder; its width and inputs), sampled as
-    `--sampling` says: e.g. a fixed-count agent fine-tuned into a mean-budget one"""
     model: str | None = None
     """the frozen backbone: a checkpoint folder from train_backbone.py or a timm name; default: the one that
     ships with the package"""
@@ -76,8 +74,8 @@ class Args:
     num_envs: int = 64
     """sub-environments: images per batch"""
     total_env_steps: int = 60_000
-    """env transitions to train for (num_envs per step); 0 with --init-agent and --sampling threshold: only calibrate
-    that agent's thresholds"""
+    """env transitions to train for (num_envs per step); 0 with --init-agent and --budget-mean: only calibrate that
+    agent's thresholds"""
     reward: Literal["loss_delta", "prob_delta", "vs_random"] = "loss_delta"
     """reward: loss_delta, prob_delta or vs_random (the loss under a random mask of the same per-image count
     minus the loss under the agent's)"""
@@ -86,26 +84,17 @@ class Args:
     none: no budget"""
     budget_weight: float = 2.0
     """weight of the penalty on GFLOPs above the budget at an episode's end"""
-    sampling: Literal["bernoulli", "topk", "threshold"] = "bernoulli"
-    """the policy's sampling: a Bernoulli per token; (with a budget) the budget's token count without
-    replacement, whose mode is its deterministic rule; or (with --budget-mean) a Bernoulli per token against a
-    threshold of the budget, calibrated on val after training"""
     budget_mean: bool = False
     """the budget holds on average over images, not in each: a price of compute learned by dual ascent (needs
-    --budget and --sampling threshold)"""
+    --budget; the agent samples by threshold)"""
     price_lr: float = 1.0
     """the step size of the mean budget's price"""
     calibration_images: int = 1000
     """val images the thresholds of a --budget-mean agent are calibrated on"""
-    thresholds: Literal["per-stage", "shared"] = "per-stage"
-    """a --budget-mean agent's thresholds: one per stage, meeting the fixed-count schedule's mean count at each
-    stage, or one shared by every stage (agents.calibrate.calibrate_thresholds)"""
     flops_weight: float = 0.5
     """weight of the compute term of the reward (fraction of FLOPs saved)"""
     min_keep: int = 1
     """the least number of patch tokens kept"""
-    lr: float | None = None
-    """learning rate; default 3e-4 (PPO, A2C), 2e-3 (distill, annealed linearly to 0)"""
     episodes_per_rollout: int = 4
     """episodes of the whole batch per rollout (PPO: n_steps = this x stages)"""
     update_epochs: int = 4
@@ -114,18 +103,6 @@ class Args:
     """PPO minibatches per pass"""
     ent_coef: float = 0.0
     """entropy bonus"""
-    hidden: int = 64
-    """width of the agent's per-token MLP"""
-    qk_dim: int = 64
-    """width of the agent's query, key and value projections"""
-    mixer: Literal["none", "attention"] = "none"
-    """the agent's token mixer: none (each token scored on its own) or one attention layer over the live tokens"""
-    init_keep_prob: float = 0.9
-    """initial keep probability of every token"""
-    position_prior: float | None = None
-    """weight of the agent's ordered-dither prior on its logits (an evenly spread grid of tokens it learns to depart
-    from; APTPolicy's position_prior): a fresh agent's (None: 0), or with --init-agent in place of the loaded one's
-    (None: keep it)"""
     checkpoint_every: int = 5
     """rollouts between checkpoints"""
     eval_episodes: int = 8
@@ -147,17 +124,13 @@ SB3_ALGORITHMS: dict[str, type[OnPolicyAlgorithm]] = {"ppo": PPO, "a2c": A2C}
 def check_args(args: Args) -> None:
     if args.total_env_steps < 0 or args.num_envs < 1:
         raise ValueError("--total-env-steps must be >= 0 and --num-envs positive")
-    if args.total_env_steps == 0 and (args.init_agent is None or args.sampling != "threshold"):
+    if args.total_env_steps == 0 and (args.init_agent is None or not args.budget_mean):
         raise ValueError(
-            "--total-env-steps 0 calibrates --init-agent's thresholds without training (with --sampling threshold); "
-            f"got --init-agent {args.init_agent}, --sampling {args.sampling}"
+            "--total-env-steps 0 calibrates --init-agent's thresholds without training (with --budget-mean); "
+            f"got --init-agent {args.init_agent}, --budget-mean {args.budget_mean}"
         )
-    if args.budget_mean != (args.sampling == "threshold") or (args.budget_mean and args.budget is None):
-        raise ValueError(
-            "a mean budget (--budget-mean, with --budget LOW HIGH) goes with --sampling threshold, and --sampling "
-            f"threshold with a mean budget; got --sampling {args.sampling}, --budget-mean {args.budget_mean}, "
-            f"--budget {args.budget}"
-        )
+    if args.algo != "distill":  # a student samples as its teacher does
+        sampling_for(args, budget=args.budget, budget_mean=args.budget_mean)
     if args.init_agent is not None and args.algo != "native":
         raise ValueError(f"--init-agent starts native PPO from an agent's weights; --algo {args.algo} builds its own")
     if (args.algo == "distill") != (args.teacher is not None):
@@ -165,8 +138,8 @@ def check_args(args: Args) -> None:
 
 
 def learning_rate(args: Args) -> float:
-    if args.lr is not None:
-        return args.lr
+    if args.agent_lr is not None:
+        return args.agent_lr
     return 2e-3 if args.algo == "distill" else 3e-4
 
 
@@ -190,22 +163,6 @@ def load_teacher(args: Args, envs: APTPruneVectorEnv) -> APTPolicy:
             f"--budget-mean {args.budget_mean}"
         )
     return teacher
-
-
-def initial_policy(args: Args, envs: APTPruneVectorEnv) -> APTPolicy:
-    """A fresh agent from the flags, or ``--init-agent``'s weights sampled as ``--sampling`` says: a threshold agent
-    keeps its calibrated thresholds (training samples around the budgets from the start; calibrated again after),
-    any other starts uncalibrated."""
-    if args.init_agent is None:
-        return APTPolicy.for_env(envs, **policy_kwargs(args))
-    start = load_agent_for(args, envs, args.init_agent, "--init-agent")
-    prior = start.position_prior if args.position_prior is None else args.position_prior
-    calibration = start.calibration if start.sampling == args.sampling == "threshold" else None
-    policy = APTPolicy.from_config(
-        {**start.config(), "sampling": args.sampling, "calibration": calibration, "position_prior": prior}
-    )
-    policy.load_state_dict(start.state_dict())
-    return policy.to(envs.device)
 
 
 def run_folder(args: Args, main_rank: bool) -> tuple[Path, Args]:
@@ -232,12 +189,12 @@ def log_rollout(writer: SummaryWriter | None, stats: dict, step: int) -> None:
 
 
 def policy_kwargs(args: Args) -> dict[str, Any]:
-    """The APT policy's constructor arguments from the flags, for the native trainer and SB3's alike."""
+    """The APT policy's constructor arguments from the flags, for SB3's policy and the distilled student."""
     return dict(
         hidden=args.hidden,
         qk_dim=args.qk_dim,
         init_keep_prob=args.init_keep_prob,
-        sampling=args.sampling,
+        sampling=sampling_for(args, budget=args.budget, budget_mean=args.budget_mean),
         mixer=args.mixer,
         position_prior=args.position_prior or 0.0,
     )
@@ -247,7 +204,8 @@ def train_native(args: Args, envs: APTPruneVectorEnv, run_dir: Path, writer: Sum
     rank = torch.distributed.get_rank() if is_distributed() else 0
     with torch.random.fork_rng(devices=[]):  # every rank starts from the same agent
         torch.manual_seed(args.seed)
-        policy = initial_policy(args, envs)
+        sampling = sampling_for(args, budget=args.budget, budget_mean=args.budget_mean)
+        policy = build_policy(args, envs, sampling=sampling)
     trainer = NativePPO(
         envs,
         policy,
@@ -408,7 +366,7 @@ def calibrate(args: Args, envs: APTPruneVectorEnv, policy: APTPolicy, run_dir: P
     """A threshold agent's thresholds for the budget range, on the first val images, saved with the agent."""
     policy.calibration = calibrate_on_val(
         policy, envs.pv, dataset=args.dataset, budget_range=args.budget, root=args.data_root,
-        images=args.calibration_images, per_stage=args.thresholds == "per-stage",
+        images=args.calibration_images,
     )  # fmt: skip
     save_policy(run_dir / "agent", policy, meta={"algo": args.algo, "calibrated": True})
     logger.info(

@@ -1,9 +1,10 @@
 """Thresholds that make a ``"threshold"`` agent meet mean budgets, calibrated on held-out images.
 
-A ``"threshold"`` agent keeps the tokens whose logit exceeds ``s(b)``: a rule for one image at a time, so
-batch 1 decides as a batch does. The mean GFLOPs it spends at budget ``b`` fall as ``s`` rises, so for each
-budget of a grid a bisection finds the ``s`` at which the backbone's mean GFLOPs over the calibration
-images are ``b`` times the dense model's; between budgets ``s`` is interpolated linearly. The result is
+A ``"threshold"`` agent keeps the tokens whose logit exceeds ``s_k(b)`` at stage ``k``: a rule for one image at a
+time, so batch 1 decides as a batch does. For each budget of a grid the thresholds are read, stage after stage, off
+the sorted logits of the calibration images so that each stage keeps the fixed-count schedule's mean count; then
+one common offset, found by bisection, makes the backbone's mean GFLOPs ``b`` times the dense model's. Between
+budgets the thresholds are interpolated linearly. The result is
 stored with the agent (``APTPolicy.calibration``) with the backbone's digest and the calibration split, so
 that it is not used on another backbone.
 """
@@ -130,7 +131,6 @@ def calibrate_thresholds(
     iters: int = 18,
     bound: float = 16.0,
     tolerance: float = 0.002,
-    per_stage: bool = False,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The calibration ``{"budgets", "shifts", "achieved", **meta}`` of a ``"threshold"`` policy on ``images``.
@@ -142,11 +142,12 @@ def calibrate_thresholds(
         budgets: the grid of budgets, increasing, in (0, 1].
         iters: the most bisection steps per threshold over shifts in ``[-bound, bound]``.
         tolerance: stop a bisection once within this fraction of its target.
-        per_stage: one threshold per stage, stage after stage, so that the mean count kept at each stage is the
-            fixed-count schedule's at that budget (``agents.fused.static_counts``): the images share the budget's
-            compute unevenly, its stages as a fixed-count agent does. Then one common offset meets the GFLOPs
-            (the attention's cost grows faster than the count). Else one threshold for every stage.
         meta: facts stored beside, e.g. the backbone's digest and the split.
+
+    One threshold per stage, stage after stage, so that the mean count kept at each stage is the fixed-count
+    schedule's at that budget (``agents.fused.static_counts``): the images share the budget's compute unevenly, its
+    stages as a fixed-count agent does. Then one common offset meets the GFLOPs (the attention's cost grows faster
+    than the count). The only calibration: both training scripts and the benchmarks call it.
     """
     if policy.sampling != "threshold" or not policy.use_budget:
         raise ValueError(
@@ -164,9 +165,9 @@ def calibrate_thresholds(
                 return spend(policy, pv, images, budget)[1]
 
         if budget >= 1.0:  # the dense model's compute: every token kept, at every stage
-            shift: float | list[float] = [-bound] * pv.num_stages if per_stage else -bound
+            shift = [-bound] * pv.num_stages
             used = gflops(shift)
-        elif per_stage:
+        else:
             stage_shifts = [-bound] * pv.num_stages  # stages not yet calibrated keep every live token
             for stage, count in enumerate(static_counts(pv, budget)):
                 stage_shifts[stage] = 0.0  # the raw logits at this stage, the earlier ones calibrated
@@ -177,8 +178,6 @@ def calibrate_thresholds(
                 lambda d: gflops([s + d for s in stage_shifts]), budget, bound=1.0, iters=iters, tolerance=tolerance
             )
             shift = [s + offset for s in stage_shifts]
-        else:
-            shift, used = _bisect(gflops, budget, bound=bound, iters=iters, tolerance=tolerance)
         shifts.append(shift)
         achieved.append(used)
         if abs(achieved[-1] - budget) > 0.02 * budget:  # e.g. below what the dense blocks before the first stage cost
@@ -196,18 +195,16 @@ def calibrate_on_val(
     root: str = "data",
     images: int = 1000,
     knots: int = 7,
-    per_stage: bool = False,
 ) -> dict[str, Any]:
     """``calibrate_thresholds`` on the first ``images`` of ``dataset``'s val split, at ``knots`` budgets evenly over
-    ``budget_range`` (one threshold per stage with ``per_stage``), recording the backbone's digest
-    (``check_calibrated_for`` compares it)."""
+    ``budget_range``, recording the backbone's digest (``check_calibrated_for`` compares it)."""
     val = dataset_for(pv, dataset, "val", root=root)
     device = next(pv.parameters()).device
     x = torch.stack([val[i][0] for i in range(min(images, len(val)))]).to(device)
     low, high = budget_range
     budgets = sorted({round(low + (high - low) * i / max(1, knots - 1), 4) for i in range(knots)})
     meta = {"backbone": state_digest(pv.model), "split": "val", "dataset": dataset}
-    return calibrate_thresholds(policy.eval(), pv, x, budgets, iters=12, per_stage=per_stage, meta=meta)
+    return calibrate_thresholds(policy.eval(), pv, x, budgets, iters=12, meta=meta)
 
 
 def check_calibrated_for(policy: APTPolicy, *, backbone: str, budgets: Sequence[float]) -> None:

@@ -12,6 +12,12 @@ Two modes give the same logits for the same masks:
 * ``gathered``: pruned tokens are really removed; rows with different keep counts are padded to
   the batch maximum (padding masked as keys). For speed. timm's ``Block`` then runs everything but its attention
   on the live tokens alone (``apt_env.packed``), restating ``Block.forward``'s sequence of timm's own modules.
+
+Both modes can fuse the tokens a stage prunes into one token, as EViT does (``prune``'s ``fuse_attn``,
+``forward(..., fuse=True)``). Token merging (ToMe, ``forward_merged``) merges tokens inside the blocks instead of
+pruning them between blocks: the merge sits between a block's attention and its MLP, so that block runs its own
+modules in ``Block.forward``'s order, the merge between its two residual lines; the operations on tokens are in
+``apt_env.merging``.
 """
 
 from __future__ import annotations
@@ -20,20 +26,30 @@ import inspect
 import logging
 import numbers
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Attention, ResPostBlock, VisionTransformer
+from timm.models.vision_transformer import Attention, Block, ResPostBlock, VisionTransformer
 from torch import nn
 
 from apt_env.data import check_data_config, model_data_config
+from apt_env.merging import (
+    MergeState,
+    bipartite_soft_matching,
+    check_schedule,
+    fuse_pruned,
+    merge_tokens,
+    weighted_mean,
+)
 from apt_env.models import vit_apt_tiny_patch4_28
 from apt_env.packed import packs, run_packed
 from apt_env.tokens import (
     TokenState,
     additive_mask,
+    append_fused,
     apply_keep_mask,
     gather_kept,
     initial_state,
@@ -254,7 +270,7 @@ class PrunableViT(nn.Module):
         training runs in groups too."""
         buckets = None
         if state.packed and not packs(self.model.blocks[start:end]) and not bool(state.keep.all()):
-            buckets = length_buckets(state.num_kept(), state.x.shape[0] // self.bucket_rows, self.num_prefix_tokens)
+            buckets = length_buckets(state.num_kept(), state.x.shape[0] // self.bucket_rows, state.num_prefix_tokens)
         if buckets is None:
             x, extra = run(state)
             return state.with_x(x), extra
@@ -289,15 +305,45 @@ class PrunableViT(nn.Module):
             x = blk(x) if attn_mask is None else blk(x, attn_mask=attn_mask)
         return x
 
-    def prune(self, state: TokenState, mask: torch.Tensor, mode: Mode = "masked") -> TokenState:
-        """Apply a keep mask over the N original patch positions. # mask: (B, N) bool"""
+    def prune(
+        self, state: TokenState, mask: torch.Tensor, mode: Mode = "masked", *, fuse_attn: torch.Tensor | None = None
+    ) -> TokenState:
+        """Apply a keep mask over the N original patch positions. # mask: (B, N) bool
+
+        Args:
+            state: the tokens entering the stage.
+            mask: True for the patch positions to keep; a pruned token stays pruned. # (B, N) bool
+            mode: ``masked`` or ``gathered`` (the same logits).
+            fuse_attn: EViT's fused token: the class attention of the block before at the original positions (the
+                ``cls_attn`` observation). When given, the tokens this mask prunes are summed, weighted by it, into
+                one more token that goes on through the blocks (``apt_env.merging.fuse_pruned``): its weights sum to
+                the pruned tokens' attention. It is never pruned, is left out of pooling, and is not added where no
+                row prunes anything (a row that prunes nothing gets an empty one, masked as a key). Taken from
+                ``advance_to_stage``, the weights carry no gradient. # (B, N) float
+        """
         self.check_mask(mask, batch_size=state.x.shape[0])
-        state = apply_keep_mask(state, mask.to(state.x.device), self.min_keep)
-        return gather_kept(state) if mode == "gathered" else state
+        pruned = apply_keep_mask(state, mask.to(state.x.device), self.min_keep)
+        if fuse_attn is not None:
+            pruned = self._fuse(state, pruned, fuse_attn)
+        return gather_kept(pruned) if mode == "gathered" else pruned
+
+    def _fuse(self, before: TokenState, after: TokenState, attn: torch.Tensor) -> TokenState:
+        """``after`` with the tokens live in ``before`` and not in ``after`` fused into one token, weighted by the
+        class attention ``attn`` (B, N) at the original positions."""
+        expected = (before.x.shape[0], self.num_patches)
+        if not isinstance(attn, torch.Tensor) or tuple(attn.shape) != expected or not attn.is_floating_point():
+            got = f"{attn.dtype} {tuple(attn.shape)}" if isinstance(attn, torch.Tensor) else type(attn).__name__
+            raise ValueError(f"fuse_attn must be the class attention, a float tensor {expected}, got {got}")
+        dropped = before.keep & ~after.keep  # (B, L)
+        if not bool(dropped.any()):  # nothing pruned: no token added, the pass stays the model's own
+            return after
+        weight = attn.to(before.x.device).gather(1, before.index) * dropped  # (B, L)
+        return append_fused(after, fuse_pruned(before.patches, weight), dropped.any(dim=1))
 
     def head(self, state: TokenState) -> torch.Tensor:
-        """Final norm, pooling over live tokens and the classifier. # (B, num_classes)"""
+        """Final norm, pooling over live patch tokens (fused tokens left out) and the classifier. # (B, num_classes)"""
         m = self.model
+        state = state.without_fused()
         x = m.norm(state.x)
         if m.global_pool == "token" or bool(state.keep.all()):
             return m.forward_head(x)
@@ -337,7 +383,7 @@ class PrunableViT(nn.Module):
         if self.model.cls_token is not None:
             xq = x[:, :1]
         else:
-            xq = live_mean(x[:, self.num_prefix_tokens :], state.keep).unsqueeze(1)
+            xq = live_mean(x[:, state.num_prefix_tokens :], state.keep).unsqueeze(1)
         q = F.linear(xq, w[:a], None if bias is None else bias[:a])
         return self._attention_row(attn, q, k, state)
 
@@ -359,7 +405,7 @@ class PrunableViT(nn.Module):
         key_mask = state.key_mask()
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask, float("-inf"))
-        probs = scores.softmax(dim=-1).mean(dim=1)[:, 0, self.num_prefix_tokens :]  # (B, L)
+        probs = scores.softmax(dim=-1).mean(dim=1)[:, 0, state.num_prefix_tokens :]  # (B, L)
         probs = probs * state.keep.to(probs.dtype)
         return probs.new_zeros(b, self.num_patches).scatter(1, state.index, probs)
 
@@ -385,7 +431,7 @@ class PrunableViT(nn.Module):
                     if self.model.cls_token is not None:
                         q = qkv[:, :1, :a]
                     else:  # the query of the live patches' mean: the projection is affine, so their queries' mean
-                        q = live_mean(qkv[:, self.num_prefix_tokens :, :a], part.keep).unsqueeze(1)
+                        q = live_mean(qkv[:, part.num_prefix_tokens :, :a], part.keep).unsqueeze(1)
                     rows.append(self._attention_row(attn, q, qkv[..., a : 2 * a], part))
 
             handle = attn.qkv.register_forward_hook(read)
@@ -430,8 +476,18 @@ class PrunableViT(nn.Module):
         images: torch.Tensor,
         keep_masks: Sequence[torch.Tensor] | None = None,
         mode: Mode = "masked",
+        *,
+        fuse: bool = False,
     ) -> torch.Tensor:
-        """Logits, pruning with ``keep_masks[k]`` (B, N) bool at stage ``k``; fewer masks prune fewer stages."""
+        """Logits, pruning with ``keep_masks[k]`` (B, N) bool at stage ``k``; fewer masks prune fewer stages.
+
+        Args:
+            images: (B, C, H, W), as ``input_size``.
+            keep_masks: one keep mask per stage, at most ``num_stages``.
+            mode: ``masked`` or ``gathered`` (the same logits).
+            fuse: EViT's fused token: at each stage the tokens pruned there are fused into one token, weighted by
+                the class attention of the block before (``prune``'s ``fuse_attn``).
+        """
         try:
             keep_masks = [] if keep_masks is None else list(keep_masks)
         except TypeError:
@@ -445,8 +501,111 @@ class PrunableViT(nn.Module):
         bounds = self.stage_bounds
         state = self.embed(images)
         for k, mask in enumerate(keep_masks):
-            state = self.prune(self.run_blocks(state, bounds[k], bounds[k + 1]), mask, mode)
+            state, attn = self.advance_to_stage(state, k, take_attn=fuse)
+            state = self.prune(state, mask, mode, fuse_attn=attn)
         return self.finish(state, bounds[len(keep_masks)])
+
+    # -- token merging (ToMe) -------------------------------------------------------------------
+
+    def merge_schedule(self, schedule: int | Sequence[int]) -> tuple[int, ...]:
+        """The tokens ToMe merges in each block, checked (``apt_env.merging.check_schedule``): ``r`` for every block
+        or one per block; each at most half of the patch tokens its block has. A block that merges must be timm's
+        ``Block`` or ``ResPostBlock`` with timm's ``Attention``."""
+        rs = check_schedule(schedule, self.depth, self.num_patches)
+        for block, r in enumerate(rs):
+            if r:
+                self._check_mergeable(block)
+        return rs
+
+    def _check_mergeable(self, block: int) -> None:
+        blk = self.model.blocks[block]
+        if type(blk) not in (Block, ResPostBlock) or not isinstance(blk.attn, Attention):
+            raise ValueError(
+                f"block {block} ({type(blk).__name__}, attention {type(blk.attn).__name__}) cannot merge tokens: "
+                "merging runs in timm's Block and ResPostBlock with timm's Attention; set its r to 0"
+            )
+
+    def forward_merged(
+        self, images: torch.Tensor, schedule: int | Sequence[int], *, prop_attn: bool = True
+    ) -> torch.Tensor:
+        """Logits of ToMe: block ``i`` merges ``schedule[i]`` patch tokens between its attention and its MLP.
+
+        With ``r = 0`` in every block this is the dense model exactly.
+
+        Args:
+            images: (B, C, H, W), as ``input_size``.
+            schedule: ``r`` for every block, or one ``r`` per block (``merge_schedule``).
+            prop_attn: proportional attention: each key's ``log(size)`` added to the attention logits.
+        """
+        rs = self.merge_schedule(schedule)
+        state = MergeState(self.embed(images).x, self.num_prefix_tokens)
+        for block, r in enumerate(rs):
+            state = self.merge_block(state, block, r, prop_attn=prop_attn)
+        return self.merged_head(state)
+
+    def merge_block(self, state: MergeState, block: int, r: int, *, prop_attn: bool = True) -> MergeState:
+        """Run ``block``, merging ``r`` patch tokens after its attention (ToMe).
+
+        The block's own modules run in timm's order: ``x + ls1(attn(norm1(x)))`` (``ResPostBlock``:
+        ``x + norm1(attn(x))``), then the merge, then ``x + ls2(mlp(norm2(x)))`` (``x + norm2(mlp(x))``). The
+        matching reads the keys the attention computes (the output of its ``k_norm``, after any qk-norm), averaged
+        over heads (``apt_env.merging.bipartite_soft_matching``); the merge is a mean weighted by the tokens'
+        sizes (``merge_tokens``). A block with ``r = 0`` runs as timm's ``blk(x)``.
+
+        Args:
+            state: the tokens entering the block and their sizes.
+            block: the block's index.
+            r: patch tokens to merge, at most half of those the block has (``merge_schedule`` checks a schedule).
+            prop_attn: add each key's ``log(size)`` to the attention logits (nothing while no token was merged).
+        """
+        blk = self.model.blocks[block]
+        bias = state.attn_bias() if prop_attn else None
+        if r == 0:
+            return replace(state, x=blk(state.x) if bias is None else blk(state.x, attn_mask=bias))
+        self._check_mergeable(block)
+        keys: list[torch.Tensor] = []
+
+        def read(module: nn.Module, args: Any, k: torch.Tensor) -> None:
+            keys.append(k)
+
+        handle = blk.attn.k_norm.register_forward_hook(read)
+        try:
+            x = state.x
+            if type(blk) is ResPostBlock:
+                x = x + blk.drop_path1(blk.norm1(blk.attn(x, attn_mask=bias)))
+            else:
+                x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x), attn_mask=bias)))
+        finally:
+            handle.remove()
+        k = keys[0] if len(keys) == 1 else None
+        if k is None or k.ndim != 4 or k.shape[1] != blk.attn.num_heads or k.shape[2] != x.shape[1]:
+            raise ValueError(f"block {block}'s attention did not give its keys as (B, heads, tokens, head_dim)")
+        p = state.num_prefix_tokens
+        matching = bipartite_soft_matching(k.mean(dim=1)[:, p:], r)
+        x, size = merge_tokens(x, state.sizes(), matching, p)
+        if type(blk) is ResPostBlock:
+            x = x + blk.drop_path2(blk.norm2(blk.mlp(x)))
+        else:
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return MergeState(x, p, size)
+
+    def merged_head(self, state: MergeState) -> torch.Tensor:
+        """Final norm, pooling and the classifier on merged tokens: average pooling weighted by size, attention
+        pooling with each token's ``log(size)`` added to its logits (a token counts as the tokens it merged, with
+        or without proportional attention in the blocks); timm's own head while nothing was merged.
+        # (B, num_classes)"""
+        m = self.model
+        x = m.norm(state.x)
+        if state.size is None or m.global_pool == "token":
+            return m.forward_head(x)
+        size = state.size
+        if not m.pool_include_prefix:
+            x, size = x[:, state.num_prefix_tokens :], size[:, state.num_prefix_tokens :]
+        if m.attn_pool is not None:
+            pooled = m.attn_pool(x, attn_mask=size.log().to(x.dtype)[:, None, None, :])
+        else:
+            pooled = _weighted_pool(x, size, m.global_pool)
+        return m.head(m.head_drop(m.fc_norm(pooled)))
 
     # -- input checks ---------------------------------------------------------------------------
 
@@ -480,6 +639,14 @@ class PrunableViT(nn.Module):
 
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _weighted_pool(x: torch.Tensor, size: torch.Tensor, pool: str) -> torch.Tensor:
+    """timm's ``global_pool_nlc`` with each token counted ``size`` times. # x: (B, T, C), size: (B, T) -> (B, C)"""
+    if pool == "max":
+        return x.amax(1)
+    mean = weighted_mean(x, size)
+    return mean if pool == "avg" else 0.5 * (x.amax(1) + mean)
 
 
 def _masked_pool(x: torch.Tensor, live: torch.Tensor, pool: str) -> torch.Tensor:

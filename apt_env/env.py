@@ -99,7 +99,7 @@ class APTPruneVectorEnv(VectorEnv):
     that picks tokens at random gets 0 in expectation at every stage, whatever it keeps; the return
     does not telescope. ``info["loss_random"]`` is ``L(c_k)``.
 
-    The default is ``loss_delta``, the method's own reward (why: ``benchmarks/agent_evidence.py`` and
+    The default is ``loss_delta``, the method's own reward (why: ``experiments/rl_algorithms/agent_evidence.py`` and
     docs/results.md, "Learning curves"); the shipped agent was trained jointly on ``vs_random``.
 
     With a budget ``b`` (see ``budget``), the last step also subtracts

@@ -34,8 +34,9 @@ from tqdm import tqdm
 from apt_env.atomic import write_file
 from apt_env.backbone import Mode, PrunableViT
 from apt_env.flops import FlopCounter, cls_attention_flops
+from apt_env.merging import check_schedule, merged_counts
 from apt_env.observe import OBS_KEYS, BudgetKeepRatio, KeepFn, walk
-from apt_env.tokens import random_count
+from apt_env.tokens import TokenState, random_count, top_count
 from apt_env.train_state import load_train_state
 
 __all__ = [
@@ -43,8 +44,10 @@ __all__ = [
     "Contender",
     "Decisions",
     "DenseAtLengths",
+    "Merged",
     "ROLES",
     "PolicyFlops",
+    "box_first_at_counts",
     "budget_keep_ratio",
     "evaluate",
     "eval_mode",
@@ -92,6 +95,8 @@ class Contender:
             backbone), or a reference (the agent's masks replayed); tables and plots group rows by it.
         rule: the pruning rule, the same at every budget (e.g. ``"random"``); rows of one ``(role, rule)`` form one
             curve. Default: ``name``.
+        fuse: EViT's fused token: the tokens pruned at each stage fused into one token weighted by the class
+            attention (``PrunableViT.prune``'s ``fuse_attn``); the attention and the fusing count as the policy's cost.
     """
 
     name: str
@@ -102,6 +107,7 @@ class Contender:
     model: PrunableViT | None = None
     role: str = "method"
     rule: str | None = None
+    fuse: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -112,8 +118,18 @@ class Contender:
         observes_budget = bool({"budget", "keep_count"} & set(self.obs_keys))
         budget = self.budget if observes_budget else None
         return forward_policy(
-            self.model or pv, images, self.keep_fn, obs_keys=self.obs_keys, mode=mode, index=index, budget=budget
-        )
+            self.model or pv, images, self.keep_fn, obs_keys=self.obs_keys, mode=mode, index=index, budget=budget,
+            fuse=self.fuse,
+        )  # fmt: skip
+
+    def backbone_flops(self, counter: FlopCounter, entering: Tensor) -> Tensor:
+        """The backbone's FLOPs per image (B,) float64 from the tokens entering each block beyond the prefix tokens
+        (B, depth), as ``run`` returns them."""
+        return counter(entering + counter.num_prefix_tokens)
+
+    def policy_flops(self, pv: PrunableViT) -> PolicyFlops | None:
+        """The policy's own cost on ``pv`` (the row's backbone), besides the class attention it reads: ``flops``."""
+        return self.flops if self.keep_fn is not None else None
 
 
 @dataclass(frozen=True)
@@ -140,6 +156,40 @@ class DenseAtLengths(Contender):
         for stage, length in enumerate(self.lengths):
             x = m.blocks[bounds[stage + 1] : bounds[stage + 2]](x[:, : p + length])
         return m.forward_head(m.norm(x)), torch.empty(0), torch.empty(0)
+
+
+@dataclass(frozen=True)
+class Merged(Contender):
+    """Token merging, ToMe (``PrunableViT.forward_merged``): ``schedule[i]`` patch tokens merged in block ``i``,
+    with proportional attention. Nothing is pruned (its decisions are all-True masks); the matching's cost is the
+    policy's (``FlopCounter.merged``), the backbone's counts each block's MLP half on the tokens left after its
+    merge. ``keep_fn`` and ``obs_keys`` are unused.
+
+    ``Merged.at_budget`` sets the schedule to a budget of the dense backbone's GFLOPs."""
+
+    schedule: tuple[int, ...] = ()
+
+    @classmethod
+    def at_budget(cls, name: str, pv: PrunableViT, budget: float, **kwargs: Any) -> Merged:
+        """The row whose schedule's backbone GFLOPs are within 2% of ``budget`` times the dense model's
+        (``FlopCounter.merge_schedule``; a ValueError where none is)."""
+        schedule = FlopCounter(pv.model).merge_schedule(budget)
+        return cls(name, budget=budget, schedule=schedule, obs_keys=(), **kwargs)
+
+    def policy_flops(self, pv: PrunableViT) -> PolicyFlops | None:
+        matching = FlopCounter(pv.model).merged(self.schedule)[1]  # the same for every image
+        return lambda live: torch.full((live.shape[0],), matching, dtype=torch.float64, device=live.device)
+
+    def run(self, pv: PrunableViT, images: Tensor, **_: Any) -> tuple[Tensor, Tensor, Tensor]:
+        m = self.model or pv
+        counts = merged_counts(m.num_patches, check_schedule(self.schedule, m.depth, m.num_patches))[:-1]
+        b = images.shape[0]
+        entering = torch.tensor(counts, device=images.device).expand(b, -1)
+        masks = torch.ones(b, m.num_stages, m.num_patches, dtype=torch.bool, device=images.device)
+        return m.forward_merged(images, self.schedule), entering, masks
+
+    def backbone_flops(self, counter: FlopCounter, entering: Tensor) -> Tensor:
+        return torch.full((entering.shape[0],), counter.merged(self.schedule)[0], dtype=torch.float64)
 
 
 @dataclass
@@ -199,12 +249,15 @@ def forward_policy(
     mode: Mode = "gathered",
     index: Tensor | None = None,
     budget: float | None = None,
+    fuse: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The model's logits with ``keep_fn`` pruning at every stage (observing ``budget`` where asked).
+    """The model's logits with ``keep_fn`` pruning at every stage (observing ``budget`` where asked), fusing the
+    pruned tokens of each stage into one (EViT) where ``fuse``.
 
     Returns:
-        logits (B, classes); patch tokens entering every block (B, depth) long; the keep mask after every
-        stage (B, K, N) bool (all True for the dense model).
+        logits (B, classes); tokens entering every block beyond the model's prefix tokens, the live patch tokens
+        and any fused ones (B, depth) long; the keep mask after every stage (B, K, N) bool (all True for the
+        dense model).
     """
     b, n, k = images.shape[0], pv.num_patches, pv.num_stages
     if keep_fn is None:  # the dense model, exactly as timm runs it
@@ -223,31 +276,45 @@ def forward_policy(
         obs["index"] = index  # which images these are, for replayed decisions
         return keep_fn(obs)
 
-    state, cls_attn = pv.advance_to_stage(pv.embed(images), 0, take_attn="cls_attn" in obs_keys)
-    pruned = walk(pv, state, cls_attn, keep, keys=obs_keys, mode=mode, budget=budgets, keep_ratio=ratios)
+    state, cls_attn = pv.advance_to_stage(pv.embed(images), 0, take_attn="cls_attn" in obs_keys or fuse)
+    pruned = walk(pv, state, cls_attn, keep, keys=obs_keys, mode=mode, budget=budgets, keep_ratio=ratios, fuse=fuse)
     kept, masks = [state.num_kept().unsqueeze(1).expand(-1, bounds[1])], []
     for stage, state in enumerate(pruned):
         masks.append(state.mask(n))
-        kept.append(state.num_kept().unsqueeze(1).expand(-1, bounds[stage + 2] - bounds[stage + 1]))
+        kept.append(_entering(state).unsqueeze(1).expand(-1, bounds[stage + 2] - bounds[stage + 1]))
     return pv.finish(state, bounds[-2]), torch.cat(kept, dim=1), torch.stack(masks, dim=1)
 
 
-def _decision_gflops(pv: PrunableViT, contender: Contender) -> Callable[[Tensor], Tensor]:
-    """The policy's own GFLOPs per image (B,) from the live patch tokens at each stage (B, K): its network
-    (``contender.flops``) and the class attention it reads, whose coefficients are read once here."""
+def _entering(state: TokenState) -> Tensor:
+    """Tokens of each row beyond the model's prefix tokens that the blocks run on: live patch tokens and fused tokens
+    that hold tokens. # (B,) long"""
+    kept = state.num_kept()
+    if state.fused_live is not None:
+        return kept + state.fused_live.sum(1)
+    return kept + state.num_fused
+
+
+def _decision_gflops(pv: PrunableViT, contender: Contender) -> Callable[[Tensor, Tensor], Tensor]:
+    """The policy's own GFLOPs per image (B,) from the live patch tokens at each stage (B, K) and the tokens entering
+    each block beyond the prefix tokens (B, depth): its own cost (``contender.policy_flops``: its network, ToMe's
+    matching), the class attention it reads or fuses by, whose coefficients are read once here, and the fusing: one
+    product of the attention with the live tokens per stage, ``embed_dim`` per token."""
     attn = []
-    if contender.keep_fn is not None and "cls_attn" in contender.obs_keys:
+    if contender.keep_fn is not None and ("cls_attn" in contender.obs_keys or contender.fuse):
         attn = [
-            cls_attention_flops(pv.model, layer - 1, from_qkv=pv.reads_attention_from_qkv(layer - 1))
+            (layer - 1, *cls_attention_flops(pv.model, layer - 1, from_qkv=pv.reads_attention_from_qkv(layer - 1)))
             for layer in pv.prune_layers
         ]
+    own = contender.policy_flops(pv)
 
-    def cost(live: Tensor) -> Tensor:
+    def cost(live: Tensor, entering: Tensor) -> Tensor:
         total = torch.zeros(live.shape[0], dtype=torch.float64, device=live.device)
-        for stage, (per_token, constant) in enumerate(attn):
-            total += per_token * (live[:, stage].double() + pv.num_prefix_tokens) + constant
-        if contender.keep_fn is not None and contender.flops is not None:
-            total += contender.flops(live).double().to(total.device)
+        for block, per_token, constant in attn:  # on the tokens in that block, fused tokens included
+            total += per_token * (entering[:, block].double() + pv.num_prefix_tokens) + constant
+        if contender.fuse:
+            total += pv.embed_dim * live.double().sum(1)
+        if own is not None:
+            total += own(live).double().to(total.device)
         return total / 1e9
 
     return cost
@@ -311,8 +378,8 @@ def evaluate_accuracy(
                 s = sums[c.name]
                 s["correct"] += int((logits.argmax(dim=1) == labels).sum())
                 s["loss"] += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-                s["backbone"] += float(counters[c.name](kept + m.num_prefix_tokens).sum())
-                s["policy"] += float(policy_cost[c.name](live).sum())
+                s["backbone"] += float(c.backbone_flops(counters[c.name], kept).sum())
+                s["policy"] += float(policy_cost[c.name](live, kept).sum())
                 s["tokens"] += float(kept[:, -1].sum())
                 masks[c.name].append(stage_masks.cpu())
             num_images += len(labels)
@@ -410,6 +477,24 @@ def random_at_counts(decisions: Decisions, *, seed: int) -> KeepFn:
         live = obs["keep"].bool()
         count = counts[decisions.rows(obs["index"]), int(obs["stage"][0])].to(live.device)
         return random_count(live, count, generator)
+
+    return keep
+
+
+def box_first_at_counts(decisions: Decisions, box_tokens: Tensor, *, seed: int) -> KeepFn:
+    """The object-box oracle: in every image and at every stage as many tokens as ``decisions`` kept, the live tokens
+    that overlap the object's box first (at random among them), then the others at random: how far a policy is from
+    knowing where the object is. ``box_tokens`` (M, N) bool marks, by dataset position, the patches the object's box
+    overlaps (``apt_env.cluttered.box_token_mask``)."""
+    counts = decisions.masks.sum(-1)  # (M, K)
+    generator = torch.Generator().manual_seed(seed)
+
+    def keep(obs: dict[str, Tensor]) -> Tensor:
+        live = obs["keep"].bool()
+        rows = decisions.rows(obs["index"])
+        count = counts[rows, int(obs["stage"][0])].to(live.device)
+        scores = torch.rand(live.shape, generator=generator) + box_tokens[rows].float()  # the box's tokens rank first
+        return top_count(scores.to(live.device), live, count)
 
     return keep
 

@@ -22,12 +22,19 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
+from collections.abc import Sequence
 
 import torch
 from timm.layers import AttentionPoolLatent, LayerScale
 from torch import nn
 
+from apt_env.merging import check_schedule, merged_counts
+
 _logger = logging.getLogger(__name__)
+
+MERGE_BUDGET_TOLERANCE = 0.02
+"""How near a budget ``FlopCounter.merge_schedule`` must bring ToMe's backbone FLOPs, relative to the budget."""
 
 # Pool types after which one vector per sample reaches fc_norm and the head.
 _REDUCING_POOLS = ("token", "avg", "max", "avgmax")
@@ -102,7 +109,7 @@ def _check_all_counted(module: nn.Module, counted: set[nn.Module], where: str) -
             )
 
 
-def _block_flops(block: nn.Module, where: str) -> tuple[int, int]:
+def _block_flops(block: nn.Module, where: str) -> tuple[int, int, int]:
     """Linear and quadratic flop coefficients of one transformer block.
 
     Args:
@@ -111,7 +118,8 @@ def _block_flops(block: nn.Module, where: str) -> tuple[int, int]:
         where: module path, for the error message.
 
     Returns:
-        ``(a, b)`` such that the block costs ``a * n + b * n ** 2`` flops on ``n`` tokens.
+        ``(a, m, b)`` such that the block costs ``a * n + b * n ** 2`` flops on ``n`` tokens, ``m`` of ``a`` per
+        token in its MLP half (``norm2`` and ``mlp``), the part that runs after a ToMe merge.
     """
     attn = getattr(block, "attn", None)
     mlp = getattr(block, "mlp", None)
@@ -142,6 +150,7 @@ def _block_flops(block: nn.Module, where: str) -> tuple[int, int]:
     k_norm = getattr(attn, "k_norm", nn.Identity())
     attn_norm = getattr(attn, "norm", nn.Identity())
     gate = getattr(attn, "gate", None)
+    mlp_linear = _norm_flops(block.norm2, f"{where}.norm2") + _per_token_flops(mlp, f"{where}.mlp")
     linear = (
         _norm_flops(block.norm1, f"{where}.norm1")
         + _linear_flops(qkv, f"{where}.attn.qkv")
@@ -151,15 +160,14 @@ def _block_flops(block: nn.Module, where: str) -> tuple[int, int]:
         + heads * _norm_flops(k_norm, f"{where}.attn.k_norm")
         + _norm_flops(attn_norm, f"{where}.attn.norm")
         + _linear_flops(proj, f"{where}.attn.proj")
-        + _norm_flops(block.norm2, f"{where}.norm2")
-        + _per_token_flops(mlp, f"{where}.mlp")
+        + mlp_linear
     )
     quadratic = 2 * attn_dim  # q @ k^T and attn @ v, each n * n * head_dim per head
     counted = {block.norm1, qkv, q_norm, k_norm, attn_norm, proj, block.norm2, *mlp.modules()}
     if gate is not None:
         counted.add(gate)
     _check_all_counted(block, counted, where)
-    return linear, quadratic
+    return linear, mlp_linear, quadratic
 
 
 def _attn_pool_flops(pool: nn.Module, where: str) -> tuple[int, int, int]:
@@ -252,8 +260,10 @@ class FlopCounter:
         else:
             raise ValueError(f"model.global_pool={model.global_pool!r} is not understood by FlopCounter.")
 
-        self._linear = torch.tensor([a for a, _ in coeffs], dtype=torch.float64)
-        self._quadratic = torch.tensor([b for _, b in coeffs], dtype=torch.float64)
+        self._linear = torch.tensor([a for a, _, _ in coeffs], dtype=torch.float64)
+        self._mlp_linear = [float(m) for _, m, _ in coeffs]
+        self._quadratic = torch.tensor([b for _, _, b in coeffs], dtype=torch.float64)
+        self._head_dims = [int(blk.attn.head_dim) for blk in model.blocks]
         self._final = float(final)
         self._constant = float(constant)
         _logger.debug(
@@ -290,6 +300,82 @@ class FlopCounter:
         """FLOPs per sample with every token kept (``num_prefix_tokens + num_patches`` at every block)."""
         full = torch.full((self.depth,), self.num_prefix_tokens + self.num_patches, dtype=torch.long)
         return float(self(full))
+
+    def merged(self, schedule: int | Sequence[int]) -> tuple[float, float]:
+        """FLOPs per sample of ToMe (``PrunableViT.forward_merged``) merging ``schedule[i]`` patch tokens in block
+        ``i``: the backbone's and the matching's, ``(backbone, matching)``.
+
+        Block ``i`` runs its attention half on the tokens entering it and its MLP half (``norm2``, ``mlp``) on those
+        left after its merge; the final norm and pooling run on the tokens leaving the last block. The matching is
+        the merging policy's own cost: in each block that merges, the cosine similarities of set A's keys (averaged
+        over heads) with set B's, one matmul of ``ceil(L / 2) * floor(L / 2) * head_dim`` on ``L`` patch tokens.
+        The head mean, the normalisation, the sort and the weighted merge are reductions or elementwise, free by
+        fvcore's convention, as is the proportional attention's ``log(size)``.
+
+        Args:
+            schedule: ``r`` for every block or one per block, checked as ``apt_env.merging.check_schedule``.
+        """
+        rs = check_schedule(schedule, self.depth, self.num_patches)
+        counts = merged_counts(self.num_patches, rs)
+        p = self.num_prefix_tokens
+        backbone, matching = self._constant + self._final * (p + counts[-1]), 0.0
+        for i, r in enumerate(rs):
+            n, left = p + counts[i], p + counts[i + 1]
+            linear, quadratic, mlp = float(self._linear[i]), float(self._quadratic[i]), self._mlp_linear[i]
+            backbone += (linear - mlp) * n + quadratic * n * n + mlp * left
+            if r:
+                matching += (counts[i] - counts[i] // 2) * (counts[i] // 2) * self._head_dims[i]
+        return backbone, matching
+
+    def merge_schedule(self, budget: float, *, tolerance: float = MERGE_BUDGET_TOLERANCE) -> tuple[int, ...]:
+        """The ToMe schedule whose backbone FLOPs (``merged``) are nearest ``budget`` times the dense model's.
+
+        ToMe's constant ``r``, made fractional to reach any budget: ``m`` merges spread evenly over the blocks,
+        block ``i`` merging ``floor((i + 1) m / depth) - floor(i m / depth)`` tokens (``r = m / depth`` on average,
+        the extra ones in the later blocks first), each at most half of the patch tokens its block has, as ToMe
+        clamps ``r``. Every ``m`` from 0 (dense) to merging half of the tokens in every block is tried; the
+        nearest wins, the fewest merges on a tie. The matching's cost is not part of the match: it is the
+        policy's (``merged``).
+
+        Args:
+            budget: a fraction of the dense backbone's FLOPs, in (0, 1].
+            tolerance: the largest gap allowed between the schedule's fraction and ``budget``, relative to ``budget``.
+
+        Raises:
+            ValueError: a budget outside (0, 1], one below the least that merging half of the tokens in every block
+                reaches, or one that no schedule of the family reaches within ``tolerance`` (each with the limit).
+        """
+        if not isinstance(budget, numbers.Real) or not 0.0 < budget <= 1.0:
+            raise ValueError(f"a budget is a fraction of the dense GFLOPs in (0, 1], got {budget!r}")
+        dense = self.dense()
+        best: tuple[float, tuple[int, ...]] | None = None
+        for m in range(self.depth * (self.num_patches // 2) + 1):
+            rs, length = [], self.num_patches
+            for i in range(self.depth):
+                r = min((i + 1) * m // self.depth - i * m // self.depth, length // 2)
+                rs.append(r)
+                length -= r
+            gap = abs(self.merged(rs)[0] / dense - budget)
+            if best is None or gap < best[0]:
+                best = (gap, tuple(rs))
+        assert best is not None
+        gap, rs = best
+        if gap > tolerance * budget:
+            halves, length = [], self.num_patches
+            for _ in range(self.depth):
+                halves.append(length // 2)
+                length -= length // 2
+            lowest = self.merged(halves)[0] / dense
+            if budget < lowest:
+                raise ValueError(
+                    f"budget {budget:g} is below what ToMe reaches on this model: merging half of the patch tokens "
+                    f"in every block leaves {lowest:.4g} of the dense GFLOPs"
+                )
+            raise ValueError(
+                f"no ToMe schedule reaches budget {budget:g} within {tolerance:.0%}: the nearest, {list(rs)}, gives "
+                f"{self.merged(rs)[0] / dense:.4g} of the dense GFLOPs"
+            )
+        return rs
 
 
 def cls_attention_flops(model: nn.Module, block: int, *, from_qkv: bool = False) -> tuple[int, int]:

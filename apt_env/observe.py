@@ -149,6 +149,7 @@ def walk(
     budget: torch.Tensor | None = None,
     keep_ratio: torch.Tensor | None = None,
     start: int = 0,
+    fuse: bool = False,
 ) -> Iterator[TokenState]:
     """Prune at every stage from ``start`` on with ``keep_fn``'s decisions, from the tokens entering stage ``start``.
 
@@ -159,16 +160,18 @@ def walk(
     Args:
         state, cls_attn: the tokens entering stage ``start`` and their class attention, e.g. from
             ``pv.advance_to_stage(pv.embed(images), 0, ...)``.
+        fuse: EViT's fused token: the tokens pruned at each stage fused into one, weighted by the class attention
+            (``PrunableViT.prune``'s ``fuse_attn``), which is then taken at every stage whatever ``keys`` ask.
 
     Yields:
         the tokens after each stage's pruning; the last one finishes with
         ``pv.finish(state, pv.prune_layers[-1])``.
     """
-    take_attn = "cls_attn" in keys
+    take_attn = "cls_attn" in keys or fuse
     for stage in range(start, pv.num_stages):
         with torch.no_grad():
             keep = keep_fn(observe(pv, state, cls_attn, stage, keys, budget=budget, keep_ratio=keep_ratio))
-        state = pv.prune(state, keep, mode)
+        state = pv.prune(state, keep, mode, fuse_attn=cls_attn if fuse else None)
         yield state
         if stage + 1 < pv.num_stages:
             state, cls_attn = pv.advance_to_stage(state, stage + 1, take_attn=take_attn)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from scipy.stats import spearmanr
 from torch import Tensor
 
-from apt_env.evaluate import eval_mode, forward_policy, wilson_interval
+from apt_env.evaluate import eval_mode, forward_policy
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS
 from apt_env.render import dim_pruned
 
@@ -22,8 +20,6 @@ if TYPE_CHECKING:
 __all__ = [
     "agent_masks_figure",
     "markdown_table",
-    "mean_std",
-    "paired_columns",
     "plot_compute",
     "plot_masks",
     "plot_tradeoff",
@@ -210,49 +206,6 @@ def plot_compute(path: str | Path, confidence: Tensor, counts: Mapping[str, Tens
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return fig
-
-
-def mean_std(values: Sequence[float]) -> str:
-    """``mean ± std`` of a few repeats (sample std; 0 for one value)."""
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return f"{mean:.4g} ± {std:.2g}"
-
-
-def paired_columns(
-    correct: Tensor, reference: Tensor, gflops: float, counts: Tensor, confidence: Tensor, *, versus: str
-) -> dict[str, str]:
-    """The table columns of a mean-budget policy scored on the same images as a reference policy.
-
-    Args:
-        correct, reference: 1 where each policy classified the image right, 0 else (B,) float64.
-        gflops: the policy's mean backbone GFLOPs as a fraction of the dense model's.
-        counts: the patch tokens it kept after each stage (B, K).
-        confidence: the dense model's top probability per image (B,).
-        versus: the reference's name in the difference's column.
-
-    Returns:
-        top-1 with its 95% (Wilson) interval, the paired difference from the reference with its 95% interval (from
-        the per-image differences), the GFLOPs, the kept tokens per stage (mean and std over images) and the
-        Spearman correlation of the last stage's count with ``confidence`` ("one count" where every image keeps
-        the same).
-    """
-    diff = correct - reference
-    mean, half = float(diff.mean()), 1.96 * float(diff.std()) / math.sqrt(len(diff))
-    low, high = wilson_interval(int(correct.sum()), len(correct))
-    last = counts[:, -1]
-    varies = bool(last.min() < last.max())
-    return {
-        "top-1 (%) [95%]": f"{100 * correct.mean():.2f} [{100 * low:.2f}, {100 * high:.2f}]",
-        f"minus {versus} (points) [95%]": f"{100 * mean:+.2f} [{100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}]",
-        "backbone GFLOPs of dense": f"{gflops:.4f}",
-        "kept per stage: mean (std)": ", ".join(
-            f"{m:.1f} ({s:.1f})" for m, s in zip(counts.mean(0).tolist(), counts.std(0).tolist())
-        ),
-        "Spearman(last count, confidence)": (
-            f"{spearmanr(confidence.numpy(), last.numpy()).statistic:+.3f}" if varies else "one count"
-        ),
-    }
 
 
 def agent_masks_figure(pv: Any, policy: Any, dataset: Any, *, count: int = 8, budget: float = 0.5) -> Figure:

@@ -10,7 +10,7 @@ packed to the front of each row and ``L`` is the largest live count in the batch
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,9 +23,14 @@ class TokenState:
         x: tokens, prefix first. # (B, P + L, C)
         keep: live patch slots. # (B, L) bool
         index: original patch position of each slot. # (B, L) long
-        num_prefix_tokens: P, the tokens that are never pruned.
+        num_prefix_tokens: P, the tokens before the patch slots, never pruned: the model's prefix tokens, then
+            any fused tokens (``num_fused``).
         packed: live slots come first in every row (true after ``gather_kept``), so a row whose
             live count is ``n`` can be cut to its first ``P + n`` tokens.
+        num_fused: F, the last of the prefix tokens that are fused tokens (EViT's, ``append_fused``), one per
+            stage that fused.
+        fused_live: which fused tokens of each row hold tokens (a row that pruned nothing at a stage has an empty
+            one, masked as a key); None when all of them do. # (B, F) bool
     """
 
     x: torch.Tensor
@@ -33,6 +38,8 @@ class TokenState:
     index: torch.Tensor
     num_prefix_tokens: int
     packed: bool = True
+    num_fused: int = 0
+    fused_live: torch.Tensor | None = None
 
     @property
     def patches(self) -> torch.Tensor:
@@ -44,20 +51,33 @@ class TokenState:
 
         Returns None on the dense path so that timm's fused attention runs without a mask.
         """
-        if bool(self.keep.all()):
+        if self.fused_live is None and bool(self.keep.all()):
             return None
         prefix = self.keep.new_ones(self.keep.shape[0], self.num_prefix_tokens)
+        if self.fused_live is not None:
+            prefix[:, self.num_prefix_tokens - self.num_fused :] = self.fused_live
         return torch.cat([prefix, self.keep], dim=1)[:, None, None, :]  # (B, 1, 1, P + L)
 
     def with_x(self, x: torch.Tensor) -> TokenState:
-        return TokenState(x, self.keep, self.index, self.num_prefix_tokens, self.packed)
+        p, packed, fused, live = self.num_prefix_tokens, self.packed, self.num_fused, self.fused_live
+        return TokenState(x, self.keep, self.index, p, packed, fused, live)  # not replace(): on every block run
+
+    def without_fused(self) -> TokenState:
+        """The state without its fused tokens: the model's own prefix tokens and the patch slots."""
+        if not self.num_fused:
+            return self
+        p = self.num_prefix_tokens - self.num_fused
+        x = torch.cat([self.x[:, :p], self.x[:, self.num_prefix_tokens :]], dim=1)
+        return replace(self, x=x, num_prefix_tokens=p, num_fused=0, fused_live=None)
 
     def rows(self, rows: torch.Tensor, length: int, x: torch.Tensor | None = None) -> TokenState:
         """The given rows cut to their first ``length`` slots (only for packed states); ``x``: those rows of
         ``self.x`` when the caller has them already (e.g. a split of consecutive rows)."""
         p = self.num_prefix_tokens
         x = (self.x[rows] if x is None else x)[:, : p + length]
-        return TokenState(x, self.keep[rows, :length], self.index[rows, :length], p, True)
+        fused_live = None if self.fused_live is None else self.fused_live[rows]
+        return replace(self, x=x, keep=self.keep[rows, :length], index=self.index[rows, :length], packed=True,
+                       fused_live=fused_live)  # fmt: skip
 
     def num_kept(self) -> torch.Tensor:
         """Live patch tokens per sample. # (B,) long"""
@@ -133,7 +153,26 @@ def apply_keep_mask(state: TokenState, mask: torch.Tensor, min_keep: int) -> Tok
         min_keep: the least number of patch tokens a row keeps (see ``enforce_min_keep``).
     """
     keep = enforce_min_keep(state.keep, state.keep & mask.gather(1, state.index), min_keep)
-    return TokenState(state.x, keep, state.index, state.num_prefix_tokens, packed=False)
+    return replace(state, keep=keep, packed=False)
+
+
+def append_fused(state: TokenState, token: torch.Tensor, live: torch.Tensor) -> TokenState:
+    """``state`` with one more fused token after its prefix tokens (and fused tokens before it).
+
+    The place in the sequence changes no logit: attention does not depend on the order of its tokens, position
+    embeddings are added before the first block, and pooling leaves fused tokens out (``TokenState.without_fused``).
+
+    Args:
+        token: the fused token of each row. # (B, C)
+        live: rows whose fused token holds tokens; the others' is masked as a key. # (B,) bool
+    """
+    p = state.num_prefix_tokens
+    x = torch.cat([state.x[:, :p], token.to(state.x.dtype)[:, None], state.x[:, p:]], dim=1)
+    fused_live = state.fused_live
+    if fused_live is not None or not bool(live.all()):
+        before = live.new_ones(live.shape[0], state.num_fused) if fused_live is None else fused_live
+        fused_live = torch.cat([before, live[:, None]], dim=1)
+    return replace(state, x=x, num_prefix_tokens=p + 1, num_fused=state.num_fused + 1, fused_live=fused_live)
 
 
 def gather_kept(state: TokenState) -> TokenState:
@@ -146,7 +185,7 @@ def gather_kept(state: TokenState) -> TokenState:
     counts = state.keep.sum(dim=1)
     length = int(counts.max())
     if length == state.keep.shape[1] and bool(state.keep.all()):
-        return TokenState(state.x, state.keep, state.index, state.num_prefix_tokens, True)
+        return replace(state, packed=True)
     # A stable sort puts live slots first and keeps their order.
     order = torch.argsort((~state.keep).to(torch.uint8), dim=1, stable=True)[:, :length]  # (B, L')
     b, t, c = state.x.shape
@@ -156,7 +195,7 @@ def gather_kept(state: TokenState) -> TokenState:
     flat = (slots + torch.arange(0, b * t, t, device=order.device).unsqueeze(1)).reshape(-1)
     x = state.x.reshape(b * t, c).index_select(0, flat).view(b, p + length, c)
     keep = torch.arange(length, device=counts.device) < counts.unsqueeze(1)
-    return TokenState(x, keep, state.index.gather(1, order), p, True)
+    return replace(state, x=x, keep=keep, index=state.index.gather(1, order), packed=True)
 
 
 BUCKET_MIN_SAVING = 0.1

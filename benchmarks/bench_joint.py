@@ -1,7 +1,7 @@
 """Time per epoch of joint (APT) training against plain training, measured side by side in one run.
 
 Per training step of the default ViT on Fashion-MNIST batches: the plain channel alone, and the three
-channels with the agent's masks, as the shipped default trains (``--budget 0.25 1.0 --backbone-masks mode
+channels with the agent's masks, as the shipped default trains (``--budget 0.25 1.0
 --reward vs_random``, the agent's mode; ``--budget`` none times a Bernoulli agent's samples instead), with one
 budget per batch (``--budget-groups 1``, the default), four, and one per image (how the shipped default was trained);
 plus one agent phase (PPO on the env over the same backbone). An epoch of the given schedule is then ``steps x

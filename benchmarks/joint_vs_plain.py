@@ -14,19 +14,28 @@ Run: ``python benchmarks/joint_vs_plain.py`` (the default schedule: the README's
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
 
 from apt_env.defaults import PLAIN_CHECKPOINT
-from apt_env.report import markdown_table, mean_std
+from apt_env.report import markdown_table
 
 SCRIPT = Path(__file__).resolve().parents[1] / "train_backbone.py"
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """``mean ± std`` of a few repeats (sample std; 0 for one value)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:.4g} ± {std:.2g}"
 
 
 @dataclass
@@ -37,9 +46,9 @@ class Args:
     """parent folder of the runs"""
     init_checkpoint: str = str(PLAIN_CHECKPOINT)
     """the trained backbone both runs start from"""
-    method: str = "--budget 0.25 1.0 --reward vs_random --backbone-masks mode"
-    """the method's flags, as in the README's first command: one budget agent for [0.25, 1], the backbone trained on
-    its test-time masks; the pruned rows at --eval-budget (0.5)"""
+    method: str = ""
+    """the method's flags beyond train_backbone.py's defaults (which are the shipped recipe: one budget agent for
+    [0.25, 1], the backbone trained on its test-time masks, the pruned rows at --eval-budget 0.5)"""
     extra: str = ""
     """flags passed to every train_backbone.py run, as one string"""
 

@@ -44,6 +44,14 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
+def run_in_checkout(*args: str) -> subprocess.CompletedProcess:
+    """A command run in the repository with this interpreter first on PATH and the repository importable, as in an
+    activated checkout (a benchmark or experiment script as a user launches it)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = dict(os.environ, PATH=path, PYTHONPATH=str(ROOT))
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
 def tiny_envs(num_envs: int = 4, **kwargs) -> APTPruneVectorEnv:
     """The tiny environment, built from a fixed seed."""
     torch.manual_seed(0)

@@ -1,26 +1,18 @@
 """The benchmark scripts' own options, run on tiny settings (their timings are not checked)."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_in_checkout
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow  # each test launches a benchmark script
 
 
-def _env() -> dict:
-    """This interpreter first on PATH, the repository importable: as in an activated checkout."""
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return dict(os.environ, PATH=path, PYTHONPATH=str(ROOT))
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+_run = run_in_checkout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -77,53 +69,6 @@ def test_reference_scores_score_every_policy_on_the_same_episodes_and_refuse_a_b
     assert all(row.rstrip(" |").endswith("| 8 | 64") for row in rows)
     proc = _run(sys.executable, "benchmarks/reference_scores.py", "--agents", "apt_env/assets/default_agent", *common)
     assert proc.returncode != 0 and "--agents takes NAME=FOLDER" in proc.stderr
-
-
-def test_adaptive_counts_compares_a_calibrated_agent_with_its_fixed_count_form(backbone, tmp_path):
-    from agents.calibrate import calibrate_thresholds
-    from agents.io import save_policy
-    from agents.policy import APTPolicy
-    from apt_env.checkpoint import load_backbone
-    from apt_env.data import dataset_for
-    from apt_env.distributed import state_digest
-
-    pv = load_backbone(backbone)
-    torch.manual_seed(0)
-    fixed = APTPolicy(pv.embed_dim, pv.num_patches, pv.num_stages, hidden=8, qk_dim=8, use_budget=True, sampling="topk")
-    adaptive = APTPolicy.from_config({**fixed.config(), "sampling": "threshold"})
-    adaptive.load_state_dict(fixed.state_dict())
-    data = dataset_for(pv, "synthetic", "val")
-    images = torch.stack([data[i][0] for i in range(16)])  # the split's first 16 of 40: calibration
-    adaptive.calibration = calibrate_thresholds(
-        adaptive, pv, images, [0.4, 0.7], per_stage=True, meta={"backbone": state_digest(pv.model)}
-    )
-    args = ("--model", str(backbone), "--agent", str(save_policy(tmp_path / "fixed", fixed)), "--dataset", "synthetic",
-            "--start", "16", "--images", "24", "--budgets", "0.4", "0.7")  # fmt: skip
-    path = save_policy(tmp_path / "adaptive", adaptive)
-    proc = _run(sys.executable, "benchmarks/adaptive_counts.py", "--adaptive", str(path), *args)
-    assert proc.returncode == 0, proc.stderr
-    assert "images 16-39 (24)" in proc.stdout and proc.stdout.count("fixed-count agent") == 2
-    assert "kept per stage" in proc.stdout and "Spearman" in proc.stdout
-    proc = _run(sys.executable, "benchmarks/adaptive_counts.py", "--adaptive", str(tmp_path / "fixed"), *args)
-    assert proc.returncode != 0 and "keeps fixed counts" in proc.stderr
-
-
-def test_steered_counts_fits_a_probe_and_scores_each_weight_against_the_unsteered_agent(backbone, tmp_path):
-    from agents.io import save_policy
-    from agents.policy import APTPolicy
-    from apt_env.checkpoint import load_backbone
-
-    pv = load_backbone(backbone)
-    torch.manual_seed(0)
-    agent = APTPolicy(pv.embed_dim, pv.num_patches, pv.num_stages, hidden=8, qk_dim=8, use_budget=True, sampling="topk")
-    proc = _run(sys.executable, "benchmarks/steered_counts.py", "--model", str(backbone), "--agent",
-                str(save_policy(tmp_path / "agent", agent)), "--dataset", "synthetic", "--weights", "0", "2",
-                "--budgets", "0.5", "--train-images", "48", "--calibration-images", "16", "--start", "16",
-                "--images", "24")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "probe correlation with its target" in proc.stdout and "images 16-39" in proc.stdout
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 0.5 |")]
-    assert len(rows) == 2 and "+0.00 [+0.00, +0.00]" in rows[0]  # weight 0 is its own reference
 
 
 def test_joint_vs_plain_reads_a_finished_seed_instead_of_running_it_again(backbone, tmp_path):

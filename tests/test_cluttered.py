@@ -136,3 +136,29 @@ def test_bad_specs_are_refused_naming_the_values(name: str, message: str) -> Non
 def test_a_canvas_that_does_not_fit_the_models_image_size_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="the canvas is 56 px but the model takes 28 px"):
         build_dataset("cluttered-fashion-mnist", split="val", img_size=28, root=tmp_path, download=False)
+
+
+def test_the_object_box_oracle_keeps_the_policys_counts_exactly_and_the_boxs_tokens_first() -> None:
+    from apt_env.evaluate import Decisions, box_first_at_counts
+
+    torch.manual_seed(0)
+    m, n = 8, 16
+    counts = torch.stack([torch.randint(6, 14, (m,)), torch.randint(2, 6, (m,)), torch.randint(0, 2, (m,))], 1)
+    masks = torch.zeros(m, 3, n, dtype=torch.bool)
+    for stage in range(3):  # any masks of those counts: only the counts are read
+        masks[:, stage] = torch.rand(m, n).argsort(1) < counts[:, stage : stage + 1]
+    boxes = torch.tensor([[0, 0, 8, 8], [4, 4, 12, 16], [0, 0, 16, 16], [13, 13, 16, 16]] * 2)
+    box = box_token_mask(boxes, grid=4, patch=4)
+    keep = box_first_at_counts(Decisions(torch.arange(m), masks), box, seed=0)
+    live = torch.ones(m, n, dtype=torch.bool)
+    for stage in range(3):
+        kept = keep({"keep": live, "stage": torch.full((m,), stage), "index": torch.arange(m)})
+        assert torch.equal(kept.sum(1), counts[:, stage])  # the policy's counts, image by image
+        assert not (kept & ~live).any()  # a pruned token stays pruned
+        in_box = (live & box).sum(1)
+        for row in range(m):
+            if counts[row, stage] <= in_box[row]:
+                assert not (kept[row] & ~box[row]).any()  # all from the box
+            else:
+                assert not (live[row] & box[row] & ~kept[row]).any()  # the whole box, then the rest
+        live = kept

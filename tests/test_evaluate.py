@@ -335,3 +335,23 @@ def test_an_adaptive_agent_joins_the_table_meets_its_mean_budget_and_draws_where
     assert (tmp_path / "eval" / "compute.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="outside the calibrated range"):
         module.main(_args(module, tmp_path, model, None, adaptive_agent=str(path), budgets=(0.9,), picture_budget=0.9))
+
+
+@pytest.mark.slow
+def test_on_the_cluttered_task_the_object_box_oracle_runs_at_the_agents_counts(tmp_path):
+    module = load_script("evaluate")
+    model, _ = _checkpoint(tmp_path)
+    pv = load_backbone(model)
+    torch.manual_seed(0)
+    policy = APTPolicy(pv.embed_dim, pv.num_patches, pv.num_stages, hidden=16, qk_dim=16, use_budget=True,
+                       sampling="topk")  # fmt: skip
+    agent = save_policy(tmp_path / "budget_agent", policy)
+    rows = module.main(_args(module, tmp_path, model, agent, dataset="cluttered-fashion-mnist:canvas=32", images=48,
+                             budgets=(0.3, 0.5), picture_budget=0.3, fused=False))  # fmt: skip
+    for budget in ("0.3", "0.5"):
+        oracle, by_agent = rows[f"object-box oracle @ {budget}"], rows[f"APT agent @ {budget}"]
+        assert (oracle["role"], oracle["rule"]) == ("reference", "object-box oracle")
+        assert oracle["tokens_last"] == by_agent["tokens_last"]
+        assert oracle["gflops_backbone"] == pytest.approx(by_agent["gflops_backbone"])
+    assert not any(name.startswith("object-box oracle") for name in module.main(_args(module, tmp_path, model, agent,
+                   budgets=(0.3,), picture_budget=0.3, fused=False)))  # fmt: skip

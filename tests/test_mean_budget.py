@@ -113,7 +113,7 @@ def test_per_stage_calibration_keeps_the_fixed_schedule_on_average_and_meets_the
     envs = tiny_envs(4, budget=(0.25, 1.0), budget_mean=True)
     pv, policy = envs.unwrapped.pv, threshold_policy(envs)
     val, test = images_of(envs, "val"), images_of(envs, "test")
-    calibration = calibrate_thresholds(policy, pv, val, [0.4, 0.7], iters=14, per_stage=True)
+    calibration = calibrate_thresholds(policy, pv, val, [0.4, 0.7], iters=14)
     assert all(len(shifts) == pv.num_stages for shifts in calibration["shifts"])
     policy.calibration = calibration
     for budget in (0.4, 0.7):  # within 2% of the asked GFLOPs on images it never saw

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import finish_two, load_script, torchrun
+from helpers import finish_two, load_script, run_train_agent, torchrun
 
 from agents.io import load_policy
 from apt_env.checkpoint import load_backbone
@@ -83,7 +83,6 @@ def test_joint_training_prints_the_three_rows_and_writes_backbone_and_agent(tmp_
 @pytest.mark.slow
 def test_joint_training_with_budgets_trains_one_budget_agent_and_reports_it_at_a_budget(tmp_path):
     flags = ["--budget", "0.3", "0.9", "--reward", "vs_random", "--eval-budget", "0.5", "--no-compare-plain"]
-    flags += ["--backbone-masks", "mode"]  # the backbone trains on the agent's test-time masks
     run_dir, stdout = _run(tmp_path / "runs", *APT, "--epochs", "2", *flags)
     policy = load_policy(run_dir / "agent")
     assert policy.use_budget and policy.sampling == "topk"
@@ -98,7 +97,7 @@ def test_joint_training_with_budgets_trains_one_budget_agent_and_reports_it_at_a
 @pytest.mark.slow
 def test_joint_training_with_a_mean_budget_trains_the_backbone_on_a_threshold_agent_calibrated_on_val(tmp_path):
     flags = ["--budget", "0.3", "0.9", "--budget-mean", "--eval-budget", "0.5", "--no-compare-plain"]
-    run_dir, _ = _run(tmp_path / "runs", *APT, "--epochs", "2", "--backbone-masks", "mode", *flags)
+    run_dir, _ = _run(tmp_path / "runs", *APT, "--epochs", "2", *flags)
     policy = load_policy(run_dir / "agent")
     assert policy.sampling == "threshold" and policy.calibration["split"] == "val"
     assert policy.calibration["backbone"] == state_digest(load_backbone(run_dir / "checkpoint").model)
@@ -107,6 +106,13 @@ def test_joint_training_with_a_mean_budget_trains_the_backbone_on_a_threshold_ag
     bad = subprocess.run([sys.executable, str(SCRIPT), "--mode", "plain", "--budget-mean"], capture_output=True,
                          text=True)  # fmt: skip
     assert bad.returncode != 0 and "--budget-mean makes the agent's budget hold on average" in bad.stderr
+    # train_agent.py calibrates the same weights on the same images to the same thresholds: one calibration path.
+    again = tmp_path / "again"
+    run_train_agent("--model", str(run_dir / "checkpoint"), "--init-agent", str(run_dir / "agent"),
+                    "--total-env-steps", "0", *flags[:4], out=again)  # fmt: skip
+    recalibrated = load_policy(next(again.iterdir()) / "agent").calibration
+    assert recalibrated["shifts"] == policy.calibration["shifts"]
+    assert recalibrated["budgets"] == policy.calibration["budgets"]
 
 
 @pytest.mark.slow
@@ -116,7 +122,8 @@ def test_the_random_mask_control_trains_on_each_budgets_count_without_an_agent(t
     rows = {r["policy"]: r for r in json.loads((run_dir / "results.json").read_text())}
     assert set(rows) == {"random-trained (pruning)", "random-trained (no pruning)"} and not (run_dir / "agent").exists()
     assert rows["random-trained (pruning)"]["budget"] == 0.5 and rows["random-trained (pruning)"]["tokens_last"] < 16
-    bad = subprocess.run([sys.executable, str(SCRIPT), "--mode", "random"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--mode", "random", "--budget", "None"], capture_output=True,
+                         text=True)  # fmt: skip
     assert bad.returncode != 0 and "pass --budget" in bad.stderr
 
 
@@ -170,7 +177,8 @@ def _agent(tmp_path, run_dir):
     from agents.policy import APTPolicy
 
     pv = load_backbone(run_dir / "checkpoint")
-    return save_policy(tmp_path / "agent0", APTPolicy(pv.embed_dim, pv.num_patches, pv.num_stages, init_keep_prob=0.7))
+    agent = APTPolicy(pv.embed_dim, pv.num_patches, pv.num_stages, init_keep_prob=0.7, use_budget=True, sampling="topk")
+    return save_policy(tmp_path / "agent0", agent)
 
 
 def test_bad_arguments_are_refused_early():
@@ -182,10 +190,10 @@ def test_bad_arguments_are_refused_early():
     with pytest.raises(ValueError, match="--stop-epoch"):
         script.check_args(script.Args(epochs=2, stop_epoch=3))
     with pytest.raises(ValueError, match="--budget-groups 4 needs --budget"):
-        script.check_args(script.Args(budget_groups=4))
+        script.check_args(script.Args(budget=None, budget_groups=4))
     with pytest.raises(ValueError, match="--budget-groups must be at least 1"):
         script.check_args(script.Args(budget=(0.25, 1.0), budget_groups=0))
-    script.check_args(script.Args())  # the default (one budget per batch) needs no --budget
+    script.check_args(script.Args())  # the default: the shipped recipe, one budget per batch
     script.check_args(script.Args(budget=(0.25, 1.0), budget_groups=None))  # one per image
 
 

@@ -11,7 +11,7 @@ the mode of near-equal logits is a fixed, mostly positional set of tokens, worse
 Writes TensorBoard logs (``--out``/ALGO_REWARD) and ``--png`` (the curves); prints each curve's start, end and
 best, and the reward on which the learners improve fastest (the mean over learners of the end minus the start).
 
-Run: ``python benchmarks/agent_evidence.py``.
+Run: ``python experiments/rl_algorithms/agent_evidence.py``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Args:
     """batches of num_envs val images in the fixed evaluation set"""
     out: str = "runs/agent_evidence"
     """TensorBoard logs"""
-    png: str = "benchmarks/learning_curves.png"
+    png: str = "experiments/rl_algorithms/learning_curves.png"
     """the learning curves"""
     seed: int = 1
     """seed"""

@@ -7,7 +7,7 @@ last stage's count with the dense model's confidence (negative: easy images get 
 ``--images`` of ``--split`` from ``--start``: by default val images the thresholds were not calibrated on (the first
 1,000), so that adaptive agents can be chosen here without the test split.
 
-Run: ``python benchmarks/adaptive_counts.py --adaptive RUN/agent [RUN2/agent ...]``.
+Run: ``python experiments/adaptive_compute/adaptive_counts.py --adaptive RUN/agent [RUN2/agent ...]``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 import tyro
+from paired import paired_columns
 
 from agents.calibrate import check_calibrated_for
 from agents.io import load_policy
@@ -27,7 +28,7 @@ from apt_env.distributed import state_digest
 from apt_env.evaluate import forward_policy
 from apt_env.flops import FlopCounter
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS
-from apt_env.report import markdown_table, paired_columns
+from apt_env.report import markdown_table
 
 
 @dataclass

@@ -10,7 +10,8 @@ val images 0-999 and scored on ``--images`` val images from ``--start``: top-1, 
 unsteered agent (weight 0) with its 95% interval, backbone GFLOPs, counts per stage, and the Spearman correlation of
 the last stage's count with the dense model's confidence.
 
-Run: ``python benchmarks/steered_counts.py`` (the 196-token model and its agent; ~10 minutes on 2 CPU cores).
+Run: ``python experiments/adaptive_compute/steered_counts.py`` (the 196-token model and its agent; ~10 minutes on 2
+CPU cores).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import tyro
+from paired import paired_columns
 from torch import Tensor
 
 from agents.calibrate import calibrate_thresholds
@@ -34,7 +36,7 @@ from apt_env.defaults import P2_AGENT, P2_CHECKPOINT
 from apt_env.evaluate import forward_policy
 from apt_env.flops import FlopCounter
 from apt_env.observe import BUDGET_KEYS, OBS_KEYS
-from apt_env.report import markdown_table, paired_columns
+from apt_env.report import markdown_table
 
 KEYS = (*OBS_KEYS, *BUDGET_KEYS)
 
@@ -146,7 +148,7 @@ def main(args: Args) -> list[dict]:
                 print(f"budget {budget:g}: probe correlation with its target on the train images, per stage: "
                       + ", ".join(f"{r:.2f}" for r in fits), flush=True)  # fmt: skip
             policy.probe = None if not weight else weight * unit
-            policy.calibration = calibrate_thresholds(policy, pv, x_cal, [budget], iters=12, per_stage=True)
+            policy.calibration = calibrate_thresholds(policy, pv, x_cal, [budget], iters=12)
             got = run(policy, pv, x, y, budget)
             reference = got["correct"] if reference is None else reference
             gflops = float(counter(got["kept"] + pv.num_prefix_tokens).mean()) / counter.dense()
