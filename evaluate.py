@@ -43,13 +43,11 @@ from agents.distributions import gumbel_noise
 from agents.fused import FusedBudgetAgent, kept_masks
 from agents.io import load_policy
 from agents.policy import APTPolicy
-from apt_env.backbone import PrunableViT
-from apt_env.checkpoint import load_backbone, read_backbone_config
-from apt_env.cluttered import box_token_mask
-from apt_env.data import dataset_for, dataset_info, make_loader
+from apt_env.data.cluttered import box_token_mask
+from apt_env.data.datasets import dataset_for, dataset_info, make_loader
 from apt_env.defaults import DEFAULT_AGENT, DEFAULT_CHECKPOINT
-from apt_env.distributed import state_digest
-from apt_env.evaluate import (
+from apt_env.envs.observe import BUDGET_KEYS, OBS_KEYS
+from apt_env.eval.evaluate import (
     COLUMNS,
     Contender,
     Decisions,
@@ -63,9 +61,11 @@ from apt_env.evaluate import (
     measure_throughput,
     save_decisions,
 )
-from apt_env.observe import BUDGET_KEYS, OBS_KEYS
-from apt_env.report import markdown_table, plot_compute, plot_masks, plot_tradeoff, write_csv
-from apt_env.runs import seed_everything
+from apt_env.eval.report import markdown_table, plot_compute, plot_masks, plot_tradeoff, write_csv
+from apt_env.models.backbone import PrunableViT
+from apt_env.models.checkpoint import load_backbone, read_backbone_config
+from apt_env.train.distributed import state_digest
+from apt_env.train.runs import seed_everything
 
 logger = logging.getLogger("evaluate")
 

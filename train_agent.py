@@ -42,12 +42,12 @@ from agents.io import load_policy, save_policy
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from agents.sb3_policy import APTActorCriticPolicy
-from apt_env.distributed import gather_objects, init_distributed, is_distributed, state_digest
-from apt_env.env import APTPruneVectorEnv
-from apt_env.report import agent_masks_figure
-from apt_env.runs import hyperparameters_text, new_run_dir, resume_args, seed_everything
-from apt_env.sb3_vec_env import SB3VecEnv
-from apt_env.train_state import TRAIN_STATE_FILE, get_rng_state, resume_state, save_train_state
+from apt_env.envs.env import APTPruneVectorEnv
+from apt_env.envs.sb3_vec_env import SB3VecEnv
+from apt_env.eval.report import agent_masks_figure
+from apt_env.train.distributed import gather_objects, init_distributed, is_distributed, state_digest
+from apt_env.train.runs import hyperparameters_text, new_run_dir, resume_args, seed_everything
+from apt_env.train.state import TRAIN_STATE_FILE, get_rng_state, resume_state, save_train_state
 
 logger = logging.getLogger("train_agent")
 

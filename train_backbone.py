@@ -9,7 +9,7 @@ schedule, and the final table puts plain ViT | APT (pruning) | APT (no pruning) 
 
 The default run is short (5 epochs of 50 batches on Fashion-MNIST); see
 ``--steps-per-epoch`` for the full schedule. Each epoch ends with an atomic checkpoint in the run folder
-(``checkpoint/``, loadable with ``apt_env.checkpoint.load_backbone``) and a training state for
+(``checkpoint/``, loadable with ``apt_env.models.checkpoint.load_backbone``) and a training state for
 ``--resume``; the run ends with a test-split evaluation table.
 
     python train_backbone.py                                   # joint training of the default ViT on Fashion-MNIST
@@ -49,13 +49,12 @@ from agents.calibrate import calibrate_on_val
 from agents.io import load_policy, save_policy
 from agents.observation import keep_counts, live_mask
 from agents.ppo import NativePPO
-from apt_env.arguments import budget_range
-from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
-from apt_env.checkpoint import load_backbone, save_backbone
-from apt_env.data import VAL_FRACTION, DatasetInfo, dataset_data_config, dataset_for, dataset_info, make_loader
-from apt_env.distributed import gather_objects, init_distributed, state_digest
-from apt_env.env import APTPruneVectorEnv
-from apt_env.evaluate import (
+from apt_env.data.datasets import DatasetInfo, dataset_data_config, dataset_for, dataset_info, make_loader
+from apt_env.data.splits import VAL_FRACTION
+from apt_env.envs.arguments import budget_range
+from apt_env.envs.env import APTPruneVectorEnv
+from apt_env.envs.observe import BUDGET_KEYS, OBS_KEYS
+from apt_env.eval.evaluate import (
     Contender,
     budget_keep_ratio,
     evaluate,
@@ -63,13 +62,15 @@ from apt_env.evaluate import (
     measure_throughput,
     random_at_counts,
 )
-from apt_env.joint import ChannelLosses, draw_budgets
-from apt_env.observe import BUDGET_KEYS, OBS_KEYS
-from apt_env.report import agent_masks_figure, markdown_table
-from apt_env.resample import patch_size, resample_into
-from apt_env.runs import hyperparameters_text, new_run_dir, resume_args, seed_everything
-from apt_env.tokens import random_count
-from apt_env.train_state import TRAIN_STATE_FILE, Resumed, get_rng_state, resume_state, save_train_state
+from apt_env.eval.report import agent_masks_figure, markdown_table
+from apt_env.models.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
+from apt_env.models.checkpoint import load_backbone, save_backbone
+from apt_env.models.resample import patch_size, resample_into
+from apt_env.models.tokens import random_count
+from apt_env.train.distributed import gather_objects, init_distributed, state_digest
+from apt_env.train.joint import ChannelLosses, draw_budgets
+from apt_env.train.runs import hyperparameters_text, new_run_dir, resume_args, seed_everything
+from apt_env.train.state import TRAIN_STATE_FILE, Resumed, get_rng_state, resume_state, save_train_state
 
 logger = logging.getLogger("train_backbone")
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from agents.distributions import check_keep_ratio, ratio_count, top_k_live
 from agents.observation import live_mask, obs_tensor
 from agents.policy import TokenPolicy
-from apt_env.tokens import dither_rank, random_count
+from apt_env.models.tokens import dither_rank, random_count
 
 __all__ = ["ClsAttentionTopK", "DitherGrid", "KeepAll", "RandomKeep", "TokenPolicy"]
 
@@ -74,7 +74,7 @@ class ClsAttentionTopK:
 
 
 class DitherGrid:
-    """Keep the live tokens of the lowest ordered-dither rank (``apt_env.tokens.dither_rank``) at every stage: an
+    """Keep the live tokens of the lowest ordered-dither rank (``apt_env.models.tokens.dither_rank``) at every stage: an
     evenly spread subset of the image, the same in every image (a stride grid at any count). On small patches
     neighbouring tokens carry much the same pixels, and spreading the kept ones over the image is what random
     pruning does by chance and a score's top-k does not.

@@ -13,7 +13,7 @@ from typing import Literal
 
 from agents.io import load_policy
 from agents.policy import APTPolicy
-from apt_env.env import APTPruneVectorEnv
+from apt_env.envs.env import APTPruneVectorEnv
 
 __all__ = ["AgentArgs", "Sampling", "build_policy", "sampling_for"]
 

@@ -23,12 +23,12 @@ from torch import Tensor
 from agents.fused import static_counts
 from agents.observation import live_mask
 from agents.policy import APTPolicy
-from apt_env.backbone import PrunableViT
-from apt_env.data import dataset_for
-from apt_env.distributed import state_digest
-from apt_env.evaluate import forward_policy
-from apt_env.flops import FlopCounter
-from apt_env.observe import BUDGET_KEYS, OBS_KEYS
+from apt_env.data.datasets import dataset_for
+from apt_env.envs.observe import BUDGET_KEYS, OBS_KEYS
+from apt_env.eval.evaluate import forward_policy
+from apt_env.models.backbone import PrunableViT
+from apt_env.models.flops import FlopCounter
+from apt_env.train.distributed import state_digest
 
 __all__ = ["calibrate_on_val", "calibrate_thresholds", "check_calibrated_for", "mean_gflops_fraction", "spend"]
 

@@ -10,10 +10,10 @@ import torch
 from agents.baselines import ClsAttentionTopK, KeepAll, RandomKeep
 from agents.policy import APTPolicy
 from agents.rollout import at_stage_ratios, evaluate_returns
-from apt_env.data import dataset_for, make_loader
-from apt_env.env import APTPruneVectorEnv
-from apt_env.evaluate import evaluate
-from apt_env.report import markdown_table
+from apt_env.data.datasets import dataset_for, make_loader
+from apt_env.envs.env import APTPruneVectorEnv
+from apt_env.eval.evaluate import evaluate
+from apt_env.eval.report import markdown_table
 
 _logger = logging.getLogger(__name__)
 

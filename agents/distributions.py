@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from apt_env.tokens import top_count
+from apt_env.models.tokens import top_count
 
 _ABSENT = 1e4
 """How far below a row's lowest logit the Plackett-Luce terms put tokens that cannot be picked:

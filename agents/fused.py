@@ -1,7 +1,7 @@
 """A budget agent and its backbone as one forward pass of static shapes, for running at one budget.
 
 At a fixed budget every image keeps the same number of patch tokens at each stage, known before any image is seen
-(``apt_env.observe.BudgetKeepRatio``'s counting), so the whole decision path has fixed shapes: the agent scores the
+(``apt_env.envs.observe.BudgetKeepRatio``'s counting), so the whole decision path has fixed shapes: the agent scores the
 live tokens as one (B, M, C) batch (no scatter back to the N patch positions, no mask, no ``nonzero``), a ``topk``
 of the known count picks the tokens, one gather removes the others, and nothing waits on the host. The blocks are
 timm's own; the block before each stage also hands out its class attention, from the ``qkv`` it computes anyway.
@@ -11,7 +11,7 @@ The result can be compiled whole (``torch.compile``).
     logits = fused(images)                       # = forward_policy(pv, images, policy's mode at 0.5)
     logits, positions = fused(images, return_positions=True)  # kept patch positions after each stage
 
-Its logits are those of the generic walk (``apt_env.evaluate.forward_policy`` with the agent's mode) up to float
+Its logits are those of the generic walk (``apt_env.eval.evaluate.forward_policy`` with the agent's mode) up to float
 rounding, ties between equal logits aside. It is built for the weights it is given: rebuild it after training.
 """
 
@@ -23,9 +23,9 @@ from timm.models.vision_transformer import Attention, Block
 from torch import Tensor, nn
 
 from agents.policy import APTPolicy
-from apt_env.backbone import PrunableViT
-from apt_env.evaluate import budget_keep_ratio
-from apt_env.tokens import keep_count
+from apt_env.eval.evaluate import budget_keep_ratio
+from apt_env.models.backbone import PrunableViT
+from apt_env.models.tokens import keep_count
 
 
 def static_counts(pv: PrunableViT, budget: float) -> tuple[int, ...]:

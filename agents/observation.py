@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from apt_env.observe import as_tensor
+from apt_env.envs.observe import as_tensor
 
 TOPK_NEEDS_BUDGET = (
     "sampling='topk' keeps obs['keep_count'] tokens, which only an env with a budget observes: pass budget= "

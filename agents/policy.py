@@ -23,7 +23,7 @@ Two ways to turn the logits into a keep mask (``sampling``):
   alone and inside any batch.
 
 With ``position_prior`` w > 0 every logit has ``w * (1 - 2 * r_i)`` added, ``r_i`` in [0, 1) the ordered-dither
-rank of the token's patch position (``apt_env.tokens.dither_rank``): the policy then starts from an evenly spread
+rank of the token's patch position (``apt_env.models.tokens.dither_rank``): the policy then starts from an evenly spread
 grid of tokens and learns where the image needs another one, in every sampling rule alike.
 
 The distributions live in ``agents.distributions``, the reading of observations in ``agents.observation``.
@@ -59,7 +59,7 @@ from agents.observation import (
     live_mask,
     read_batch,
 )
-from apt_env.tokens import dither_rank
+from apt_env.models.tokens import dither_rank
 
 PRUNED_LOGIT = -30.0
 """The logit of a token pruned at an earlier stage: finite, so log-probs stay finite, and so low
@@ -72,7 +72,7 @@ MIXERS: tuple[str, ...] = ("none", "attention")
 @runtime_checkable
 class TokenPolicy(Protocol):
     """The APT agent and the heuristic baselines alike: ``act``, with its options bound, is the ``KeepFn``
-    (``apt_env.observe``) that the env, joint training and evaluation call to pick the patch tokens to keep."""
+    (``apt_env.envs.observe``) that the env, joint training and evaluation call to pick the patch tokens to keep."""
 
     def act(self, obs: Mapping[str, Any], *, deterministic: bool = True, keep_ratio: float | None = None) -> Tensor:
         """A keep mask (B, N) bool for a batched observation; pruned tokens are never kept."""

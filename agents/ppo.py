@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from agents.policy import APTPolicy
-from apt_env.distributed import all_reduce_grads
+from apt_env.train.distributed import all_reduce_grads
 
 _logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from apt_env.env import APTPruneVectorEnv
-from apt_env.observe import KeepFn
+from apt_env.envs.env import APTPruneVectorEnv
+from apt_env.envs.observe import KeepFn
 
 
 @torch.no_grad()

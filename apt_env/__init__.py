@@ -12,21 +12,21 @@ environment on the 196-token backbone, ``apt_env.defaults.P2_CHECKPOINT``)::
 
 from gymnasium.envs.registration import register, registry
 
-from apt_env.backbone import PrunableViT
 from apt_env.defaults import P2_CHECKPOINT
+from apt_env.models.backbone import PrunableViT
 
 __all__ = ["PrunableViT"]
 
 if "APTPrune-v0" not in registry:
     register(
         id="APTPrune-v0",
-        entry_point="apt_env.env:APTPruneEnv",
-        vector_entry_point="apt_env.env:APTPruneVectorEnv",
+        entry_point="apt_env.envs.env:APTPruneEnv",
+        vector_entry_point="apt_env.envs.env:APTPruneVectorEnv",
     )
 if "APTPrune196-v0" not in registry:
     register(
         id="APTPrune196-v0",
-        entry_point="apt_env.env:APTPruneEnv",
-        vector_entry_point="apt_env.env:APTPruneVectorEnv",
+        entry_point="apt_env.envs.env:APTPruneEnv",
+        vector_entry_point="apt_env.envs.env:APTPruneVectorEnv",
         kwargs={"model": str(P2_CHECKPOINT)},
     )

@@ -23,9 +23,9 @@ from stable_baselines3 import PPO
 
 from agents.ppo import NativePPO
 from agents.sb3_policy import APTActorCriticPolicy
-from apt_env.env import APTPruneVectorEnv
-from apt_env.runs import seed_everything
-from apt_env.sb3_vec_env import SB3VecEnv
+from apt_env.envs.env import APTPruneVectorEnv
+from apt_env.envs.sb3_vec_env import SB3VecEnv
+from apt_env.train.runs import seed_everything
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""torch's ``scaled_dot_product_attention`` by row length, side by side in one run: why ``apt_env.packed`` pads a row
+"""torch's ``scaled_dot_product_attention`` by row length, side by side in one run: why ``models.packed`` pads a row
 length just short of a multiple of 16 up to it on CPU (``attention_length``).
 
 For each length, the time of one call on a batch of rows of that length (keys masked as in the packed blocks), and
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from apt_env.evaluate import synchronize
-from apt_env.packed import CPU_ATTENTION_TILE
+from apt_env.eval.evaluate import synchronize
+from apt_env.models.packed import CPU_ATTENTION_TILE
 
 
 @dataclass

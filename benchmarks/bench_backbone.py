@@ -4,11 +4,11 @@ For each backbone, batch size and keep ratio ``r`` (stage ``k`` keeps ``r**k`` o
 DynamicViT), with counts uniform or varying inside the batch (``r`` +- 0.15 per sample):
 
 * ``img/s``: throughput of ``PrunableViT(x, keep_masks, mode="gathered")``;
-* ``flops x``: dense FLOPs / pruned FLOPs (analytic, ``apt_env.flops``);
+* ``flops x``: dense FLOPs / pruned FLOPs (analytic, ``apt_env.models.flops``);
 * ``dense x``: the reference's speed-up over the unpruned model;
 * ``efficiency``: time of the reference / measured time. The reference runs the same blocks on a
   plain dense batch whose length at each stage is the batch's mean kept length: no masks, no
-  padding, no gathering (``apt_env.evaluate.DenseAtLengths``).
+  padding, no gathering (``apt_env.eval.evaluate.DenseAtLengths``).
 
 Run: ``python benchmarks/bench_backbone.py``; on a GPU, e.g.
 ``--device cuda --models vit_small_patch16_224 vit_base_patch16_224 --batch-sizes 256 --amp bf16``.
@@ -25,9 +25,9 @@ from typing import Literal
 import torch
 import tyro
 
-from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
-from apt_env.evaluate import DenseAtLengths, synchronize
-from apt_env.flops import FlopCounter
+from apt_env.eval.evaluate import DenseAtLengths, synchronize
+from apt_env.models.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
+from apt_env.models.flops import FlopCounter
 
 
 @dataclass

@@ -4,9 +4,9 @@ For each backbone and batch size, at one budget: the dense model (timm's forward
 every stage (``act``, its mode: observe, score the live tokens, keep the budget's count), the masks it chose
 replayed with nothing observed or decided (the pruning itself still applied: masks, gathers), and the physical
 reference: the same blocks on a plain dense batch whose length at each stage is the agent's mean kept length, no
-decision, no mask, no gather (``apt_env.evaluate.DenseAtLengths``). The agents are fresh, seeded ones of each
+decision, no mask, no gather (``apt_env.eval.evaluate.DenseAtLengths``). The agents are fresh, seeded ones of each
 size: at a budget the count is fixed, so the blocks run and the decision's cost do not depend on the agent's
-weights. ``apt_env.evaluate.measure_throughput`` times every row in one interleaved loop (median of repeats).
+weights. ``apt_env.eval.evaluate.measure_throughput`` times every row in one interleaved loop (median of repeats).
 Printed: each row's images/s and its ratios to the others; ``physical / dense`` is the most any decision could reach.
 
 Run: ``python benchmarks/bench_decision.py``.
@@ -21,13 +21,13 @@ import tyro
 from gymnasium import spaces
 
 from agents.policy import APTPolicy
-from apt_env.backbone import PrunableViT
-from apt_env.checkpoint import load_backbone
 from apt_env.defaults import DEFAULT_CHECKPOINT
-from apt_env.env import APTPruneVectorEnv
-from apt_env.evaluate import Contender, Decisions, DenseAtLengths, fixed_masks, forward_policy, measure_throughput
-from apt_env.observe import BUDGET_KEYS, OBS_KEYS
-from apt_env.report import markdown_table
+from apt_env.envs.env import APTPruneVectorEnv
+from apt_env.envs.observe import BUDGET_KEYS, OBS_KEYS
+from apt_env.eval.evaluate import Contender, Decisions, DenseAtLengths, fixed_masks, forward_policy, measure_throughput
+from apt_env.eval.report import markdown_table
+from apt_env.models.backbone import PrunableViT
+from apt_env.models.checkpoint import load_backbone
 
 
 @dataclass

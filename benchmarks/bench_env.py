@@ -30,10 +30,10 @@ import tyro
 from torch.utils.benchmark import Timer
 
 import apt_env  # noqa: F401  (registers APTPrune-v0)
-from apt_env.env import APTPruneVectorEnv
-from apt_env.evaluate import synchronize
-from apt_env.observe import CHANNELS
-from apt_env.runs import seed_everything
+from apt_env.envs.env import APTPruneVectorEnv
+from apt_env.envs.observe import CHANNELS
+from apt_env.eval.evaluate import synchronize
+from apt_env.train.runs import seed_everything
 
 
 @dataclass

@@ -21,12 +21,12 @@ import tyro
 
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
-from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
-from apt_env.data import dataset_for, make_loader
-from apt_env.env import APTPruneVectorEnv
-from apt_env.joint import ChannelLosses, draw_budgets
-from apt_env.report import markdown_table
-from apt_env.runs import seed_everything
+from apt_env.data.datasets import dataset_for, make_loader
+from apt_env.envs.env import APTPruneVectorEnv
+from apt_env.eval.report import markdown_table
+from apt_env.models.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
+from apt_env.train.joint import ChannelLosses, draw_budgets
+from apt_env.train.runs import seed_everything
 
 
 @dataclass

@@ -17,7 +17,7 @@ cat > "$out/nccl_check.py" <<'PY'
 import torch
 import torch.distributed as dist
 
-from apt_env.distributed import backend_for
+from apt_env.train.distributed import backend_for
 
 dist.init_process_group(backend_for(use_cuda=True))
 x = torch.ones(1, device="cuda")

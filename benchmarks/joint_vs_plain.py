@@ -26,7 +26,7 @@ from pathlib import Path
 import tyro
 
 from apt_env.defaults import PLAIN_CHECKPOINT
-from apt_env.report import markdown_table
+from apt_env.eval.report import markdown_table
 
 SCRIPT = Path(__file__).resolve().parents[1] / "train_backbone.py"
 

@@ -22,12 +22,12 @@ from torch.utils.data import Subset
 from agents.baselines import ClsAttentionTopK, RandomKeep
 from agents.io import load_policy
 from agents.rollout import evaluate_returns
-from apt_env.data import make_loader
-from apt_env.env import APTPruneVectorEnv
-from apt_env.evaluate import Contender, budget_keep_ratio, evaluate_accuracy
-from apt_env.observe import BUDGET_KEYS, OBS_KEYS
-from apt_env.report import markdown_table
-from apt_env.runs import seed_everything
+from apt_env.data.datasets import make_loader
+from apt_env.envs.env import APTPruneVectorEnv
+from apt_env.envs.observe import BUDGET_KEYS, OBS_KEYS
+from apt_env.eval.evaluate import Contender, budget_keep_ratio, evaluate_accuracy
+from apt_env.eval.report import markdown_table
+from apt_env.train.runs import seed_everything
 
 
 @dataclass

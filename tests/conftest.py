@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import TINY_VIT, run_train_agent
 
-from apt_env.backbone import PrunableViT
-from apt_env.checkpoint import save_backbone
-from apt_env.data import dataset_data_config
+from apt_env.data.datasets import dataset_data_config
+from apt_env.models.backbone import PrunableViT
+from apt_env.models.checkpoint import save_backbone
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from types import ModuleType
 
 import torch
 
-from apt_env.env import APTPruneVectorEnv
+from apt_env.envs.env import APTPruneVectorEnv
 
 TINY_VIT = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2)
 """timm kwargs of the tiny ViT: 16 patch tokens of 4x4 pixels, 4 blocks (pruning before blocks 1, 2, 3)."""

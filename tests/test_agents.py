@@ -10,8 +10,8 @@ from agents.baselines import ClsAttentionTopK, KeepAll, RandomKeep
 from agents.policy import PRUNED_LOGIT, APTPolicy, TokenPolicy
 from agents.ppo import NativePPO
 from agents.sb3_policy import APTActorCriticPolicy
-from apt_env.sb3_vec_env import SB3VecEnv
-from apt_env.train_state import load_train_state, save_train_state
+from apt_env.envs.sb3_vec_env import SB3VecEnv
+from apt_env.train.state import load_train_state, save_train_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

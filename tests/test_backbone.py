@@ -2,7 +2,7 @@ import pytest
 import timm
 import torch
 
-from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT, default_prune_layers
+from apt_env.models.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT, default_prune_layers
 
 # Small versions of the ViT families that pruning must handle, each at a small img_size.
 FAMILIES = {
@@ -116,7 +116,7 @@ def test_cls_attention_matches_timm_attention_probs():
 def test_the_walk_reads_the_class_attention_from_the_blocks_own_qkv(family, mode):
     """``advance_to_stage`` reads the attention from the projections the block computes anyway: the same
     values as the separate computation, the same tokens as a walk without it, and far fewer FLOPs."""
-    from apt_env.flops import FlopCounter, cls_attention_flops
+    from apt_env.models.flops import FlopCounter, cls_attention_flops
 
     pv = _build(family, bucket_rows=4)  # several length buckets at batch 12
     x = torch.randn(12, 3, 32, 32)
@@ -144,11 +144,11 @@ def test_the_walk_reads_the_class_attention_from_the_blocks_own_qkv(family, mode
 def test_the_walk_reads_the_class_attention_where_packed_rows_are_padded_for_the_attention(grouped, monkeypatch):
     """Packed rows whose attention runs padded to 16 slots (15 long: a prefix token and at most 14 patches), and with
     groups allowed: the class attention read from ``qkv`` and the tokens are those of masked mode."""
-    import apt_env.packed
+    import apt_env.models.packed
 
     if grouped:
-        monkeypatch.setattr(apt_env.packed, "ATTENTION_GROUP_ROWS", 2)
-        monkeypatch.setattr(apt_env.packed, "ATTENTION_GROUP_MIN_ELEMENTS", 1)
+        monkeypatch.setattr(apt_env.models.packed, "ATTENTION_GROUP_ROWS", 2)
+        monkeypatch.setattr(apt_env.models.packed, "ATTENTION_GROUP_MIN_ELEMENTS", 1)
     pv = _build("vit")
     x = torch.randn(8, 3, 32, 32)
     rank = torch.rand(8, pv.num_patches, generator=torch.Generator().manual_seed(0)).argsort(1).argsort(1)
@@ -159,7 +159,7 @@ def test_the_walk_reads_the_class_attention_where_packed_rows_are_padded_for_the
             state = pv.prune(pv.advance_to_stage(pv.embed(x), 0, take_attn=False)[0], mask, mode)
             state, attn = pv.advance_to_stage(state, 1, take_attn=True)
             seen[mode] = (attn, pv.finish(state, pv.stage_bounds[2]))
-    assert apt_env.packed.attention_length(pv.model.blocks, 15, x.device) == 16
+    assert apt_env.models.packed.attention_length(pv.model.blocks, 15, x.device) == 16
     torch.testing.assert_close(seen["gathered"][0], seen["masked"][0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(seen["gathered"][1], seen["masked"][1], atol=1e-5, rtol=1e-4)
 
@@ -223,8 +223,8 @@ def test_gathered_varying_counts_agree_with_masked_in_values_and_gradients(famil
     split into groups, not indexed."""
     from timm.models.vision_transformer import ResPostBlock
 
-    from apt_env.packed import packs
-    from apt_env.tokens import length_buckets
+    from apt_env.models.packed import packs
+    from apt_env.models.tokens import length_buckets
 
     pv = _build(family, bucket_rows=8, **({} if path == "packed" else {"block_fn": ResPostBlock}))
     assert packs(pv.model.blocks) == (path == "packed")
@@ -254,7 +254,7 @@ def test_gathered_varying_counts_agree_with_masked_in_values_and_gradients(famil
 
 
 def test_length_buckets_group_only_when_they_save_padding():
-    from apt_env.tokens import length_buckets
+    from apt_env.models.tokens import length_buckets
 
     varied = torch.tensor([2, 30, 3, 29, 4, 28, 5, 27])
     buckets = length_buckets(varied, 2, num_prefix_tokens=1)
@@ -302,7 +302,7 @@ def test_the_default_model_has_a_registered_name_that_states_its_config():
 
 def test_rows_with_equal_counts_take_the_unpadded_path():
     """A budget gives every row the same count: the gathered batch is then dense, and attention runs unmasked."""
-    from apt_env.tokens import top_count
+    from apt_env.models.tokens import top_count
 
     pv = _build("vit")
     state = pv.embed(torch.randn(6, 3, 32, 32))

@@ -22,12 +22,12 @@ from agents.observation import keep_counts
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from agents.sb3_policy import APTActorCriticPolicy
-from apt_env.data import build_dataset
-from apt_env.env import APTPruneEnv, APTPruneVectorEnv
-from apt_env.evaluate import budget_keep_ratio
-from apt_env.model_spec import build_backbone
-from apt_env.observe import BudgetKeepRatio
-from apt_env.sb3_vec_env import SB3VecEnv
+from apt_env.data.datasets import build_dataset
+from apt_env.envs.env import APTPruneEnv, APTPruneVectorEnv
+from apt_env.envs.model_spec import build_backbone
+from apt_env.envs.observe import BudgetKeepRatio
+from apt_env.envs.sb3_vec_env import SB3VecEnv
+from apt_env.eval.evaluate import budget_keep_ratio
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,10 +6,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from apt_env import checkpoint
-from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
-from apt_env.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_backbone, save_backbone
-from apt_env.train_state import get_rng_state, load_train_state, resume_state, save_train_state, set_rng_state
+from apt_env.models import checkpoint
+from apt_env.models.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
+from apt_env.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_backbone, save_backbone
+from apt_env.train.state import get_rng_state, load_train_state, resume_state, save_train_state, set_rng_state
 
 META = {"dataset": "fashion-mnist", "num_classes": 10, "img_size": 28, "in_chans": 1}
 

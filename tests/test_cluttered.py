@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from apt_env.cluttered import GARMENT, ClutteredDataset, ClutterSpec, box_token_mask, parse_cluttered
-from apt_env.data import build_dataset, dataset_info
+from apt_env.data.cluttered import GARMENT, ClutteredDataset, ClutterSpec, box_token_mask, parse_cluttered
+from apt_env.data.datasets import build_dataset, dataset_info
 
 
 def _dataset(garments: torch.Tensor, spec: ClutterSpec, split: str = "val", redraw: bool = False) -> ClutteredDataset:
@@ -139,7 +139,7 @@ def test_a_canvas_that_does_not_fit_the_models_image_size_is_refused(tmp_path: P
 
 
 def test_the_object_box_oracle_keeps_the_policys_counts_exactly_and_the_boxs_tokens_first() -> None:
-    from apt_env.evaluate import Decisions, box_first_at_counts
+    from apt_env.eval.evaluate import Decisions, box_first_at_counts
 
     torch.manual_seed(0)
     m, n = 8, 16

@@ -18,8 +18,9 @@ from torch.utils.data import SequentialSampler
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.transforms import v2
 
-from apt_env import data
-from apt_env.data import DATASETS, build_dataset, dataset_info, make_loader, model_data_config
+from apt_env.data import datasets as data
+from apt_env.data.config import model_data_config
+from apt_env.data.datasets import DATASETS, build_dataset, dataset_info, make_loader
 
 
 def denormalize(x: torch.Tensor, info: data.DatasetInfo) -> torch.Tensor:

@@ -15,11 +15,11 @@ from torch.utils.tensorboard import SummaryWriter
 
 from agents.compare import compare_policies
 from agents.policy import APTPolicy
-from apt_env.backbone import PrunableViT
-from apt_env.checkpoint import save_backbone
-from apt_env.data import build_dataset, make_loader
-from apt_env.env import APTPruneVectorEnv
-from apt_env.evaluate import evaluate
+from apt_env.data.datasets import build_dataset, make_loader
+from apt_env.envs.env import APTPruneVectorEnv
+from apt_env.eval.evaluate import evaluate
+from apt_env.models.backbone import PrunableViT
+from apt_env.models.checkpoint import save_backbone
 
 RECORDED = {"input_size": [1, 16, 16], "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
             "mean": [0.9], "std": [0.05]}  # fmt: skip
@@ -78,8 +78,8 @@ def test_train_agents_val_table_scores_a_checkpoint_on_its_recorded_preprocessin
 def test_a_backbone_carries_its_data_config_through_its_checkpoint_as_one_pretrained_cfg(tmp_path):
     import timm
 
-    from apt_env.checkpoint import load_backbone
-    from apt_env.data import dataset_for
+    from apt_env.data.datasets import dataset_for
+    from apt_env.models.checkpoint import load_backbone
 
     pv = PrunableViT.from_timm("vit_tiny_patch16_224", **TINY_VIT)
     assert pv.data_config["input_size"] == (1, 16, 16) and pv.data_config["preprocessing"] == "apt_env"
@@ -97,8 +97,8 @@ def test_a_backbone_carries_its_data_config_through_its_checkpoint_as_one_pretra
 
 
 def test_a_shipped_checkpoint_loads_with_its_recorded_statistics():
-    from apt_env.checkpoint import load_backbone
     from apt_env.defaults import DEFAULT_CHECKPOINT
+    from apt_env.models.checkpoint import load_backbone
 
     config = load_backbone(DEFAULT_CHECKPOINT).data_config
     assert (config["mean"], config["std"], config["preprocessing"]) == ((0.286,), (0.353,), "apt_env")
@@ -130,8 +130,8 @@ def test_an_image_folder_without_splits_holds_out_a_fixed_stratified_test_part(t
 
 
 def test_a_backbone_built_untrained_takes_the_statistics_of_the_data_it_meets():
-    from apt_env.data import dataset_info
-    from apt_env.resample import resample_into
+    from apt_env.data.datasets import dataset_info
+    from apt_env.models.resample import resample_into
 
     synthetic = ((0.2380,), (0.1748,))
     envs = APTPruneVectorEnv(2, model=("vit_tiny_patch16_224", TINY_VIT), dataset="synthetic")

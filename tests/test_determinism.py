@@ -20,11 +20,11 @@ from torch.utils.tensorboard import SummaryWriter
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from agents.sb3_policy import APTActorCriticPolicy
-from apt_env.backbone import PrunableViT
-from apt_env.checkpoint import load_backbone
-from apt_env.evaluate import budget_keep_ratio, evaluate_accuracy
-from apt_env.sb3_vec_env import SB3VecEnv
-from apt_env.train_state import load_train_state
+from apt_env.envs.sb3_vec_env import SB3VecEnv
+from apt_env.eval.evaluate import budget_keep_ratio, evaluate_accuracy
+from apt_env.models.backbone import PrunableViT
+from apt_env.models.checkpoint import load_backbone
+from apt_env.train.state import load_train_state
 
 
 @pytest.fixture
@@ -143,6 +143,7 @@ def test_evaluation_of_sampled_and_random_pruning_repeats_exactly():
     (ra, ma), (rb, mb), (rc, mc) = run(0), run(0), run(1)
     assert ra == rb and same(ma, mb)
     assert ra != rc
-    seeded = ("APT agent (sampled)", "random @ 0.5")
+    seeded = ("APT agent (sampled)", "random @ 0.5", "random + fused token @ 0.5")
+    assert set(seeded) <= set(ma)
     assert all(not torch.equal(ma[name], mc[name]) for name in seeded)
     assert all(torch.equal(ma[name], mc[name]) for name in ma if name not in seeded)  # only the seeded differ

@@ -69,11 +69,11 @@ def test_the_student_must_read_and_sample_as_the_teacher():
 
 def test_the_shipped_agent_decides_as_the_joint_agent_it_was_distilled_from():
     from agents.io import load_policy
-    from apt_env.checkpoint import load_backbone
-    from apt_env.data import build_dataset
+    from apt_env.data.datasets import build_dataset
     from apt_env.defaults import DEFAULT_AGENT, DEFAULT_CHECKPOINT, JOINT_AGENT
-    from apt_env.evaluate import forward_policy
-    from apt_env.observe import BUDGET_KEYS, OBS_KEYS
+    from apt_env.envs.observe import BUDGET_KEYS, OBS_KEYS
+    from apt_env.eval.evaluate import forward_policy
+    from apt_env.models.checkpoint import load_backbone
 
     pv = load_backbone(DEFAULT_CHECKPOINT).eval()
     student, teacher = load_policy(DEFAULT_AGENT).eval(), load_policy(JOINT_AGENT).eval()

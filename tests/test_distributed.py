@@ -7,7 +7,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from apt_env.distributed import backend_for, broadcast_int, broadcast_object, init_distributed, is_distributed
+from apt_env.train.distributed import backend_for, broadcast_int, broadcast_object, init_distributed, is_distributed
 
 
 def test_backend_for_device():

@@ -7,7 +7,7 @@ from helpers import SMALL, load_script, tiny_envs
 from agents.baselines import DitherGrid
 from agents.io import load_policy, save_policy
 from agents.policy import APTPolicy
-from apt_env.tokens import dither_rank
+from apt_env.models.tokens import dither_rank
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,10 +14,10 @@ from helpers import TINY, tiny_envs
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import apt_env  # noqa: F401  (registers APTPrune-v0)
-from apt_env.backbone import PrunableViT
-from apt_env.checkpoint import save_backbone
-from apt_env.env import APTPruneEnv, APTPruneVectorEnv
-from apt_env.observe import CHANNELS
+from apt_env.envs.env import APTPruneEnv, APTPruneVectorEnv
+from apt_env.envs.observe import CHANNELS
+from apt_env.models.backbone import PrunableViT
+from apt_env.models.checkpoint import save_backbone
 
 _vec = tiny_envs  # the same untrained weights in every env built here
 
@@ -242,8 +242,8 @@ def test_masked_and_gathered_envs_agree():
 
 
 def test_env_loads_a_checkpoint_folder(tmp_path):
-    from apt_env.backbone import PrunableViT
-    from apt_env.checkpoint import save_backbone
+    from apt_env.models.backbone import PrunableViT
+    from apt_env.models.checkpoint import save_backbone
 
     name, kwargs = TINY["model"]
     torch.manual_seed(0)

@@ -8,11 +8,11 @@ from torch.utils.data import TensorDataset
 
 from agents.io import save_policy
 from agents.policy import APTPolicy
-from apt_env.backbone import PrunableViT
-from apt_env.checkpoint import load_backbone, save_backbone
-from apt_env.data import dataset_data_config, dataset_for
-from apt_env.evaluate import COLUMNS, Contender, budget_keep_ratio, evaluate, evaluate_accuracy, wilson_interval
-from apt_env.flops import FlopCounter
+from apt_env.data.datasets import dataset_data_config, dataset_for
+from apt_env.eval.evaluate import COLUMNS, Contender, budget_keep_ratio, evaluate, evaluate_accuracy, wilson_interval
+from apt_env.models.backbone import PrunableViT
+from apt_env.models.checkpoint import load_backbone, save_backbone
+from apt_env.models.flops import FlopCounter
 
 
 def _setup():
@@ -121,7 +121,7 @@ def test_random_and_topk_at_a_budget_land_within_5_percent(budget):
 
 
 def test_the_physical_reference_runs_the_blocks_on_a_dense_batch_at_the_mean_kept_lengths():
-    from apt_env.evaluate import Decisions, DenseAtLengths, measure_throughput
+    from apt_env.eval.evaluate import Decisions, DenseAtLengths, measure_throughput
 
     pv, _ = _setup()
     masks = torch.zeros(4, pv.num_stages, pv.num_patches, dtype=torch.bool)
@@ -172,7 +172,7 @@ def test_evaluate_script_writes_the_table_the_plots_and_replays_exactly(tmp_path
 
     # keep-all is the dense model exactly
     pv = module.load_model(_args(module, tmp_path, model, agent))
-    from apt_env.data import build_dataset
+    from apt_env.data.datasets import build_dataset
 
     data = build_dataset("synthetic", split="test", img_size=32, in_chans=1)
     images = torch.stack([data[i][0] for i in range(96)])
@@ -227,7 +227,7 @@ def test_a_control_backbone_joins_the_table_and_every_family_is_compared_at_the_
 
 
 def test_pictures_have_one_panel_per_image_policy_and_stage(tmp_path):
-    from apt_env.report import plot_masks, plot_tradeoff
+    from apt_env.eval.report import plot_masks, plot_tradeoff
 
     masks = {name: torch.rand(4, 3, 16) > 0.5 for name in ("agent", "top-k", "random")}
     fig = plot_masks(tmp_path / "masks.png", torch.randn(4, 1, 16, 16), masks, grid=(4, 4))
@@ -279,8 +279,8 @@ def test_a_budget_agent_is_run_through_its_budget_input_and_meets_it(tmp_path):
 @pytest.mark.slow
 def test_a_checkpoints_recorded_preprocessing_is_used_by_evaluation_and_the_env(tmp_path):
     """A backbone started from timm's pretrained weights records their data config; every reader applies it."""
-    from apt_env.data import build_dataset
-    from apt_env.env import APTPruneVectorEnv
+    from apt_env.data.datasets import build_dataset
+    from apt_env.envs.env import APTPruneVectorEnv
 
     module = load_script("evaluate")
     model, _ = _checkpoint(tmp_path)
@@ -309,7 +309,7 @@ def test_a_checkpoints_recorded_preprocessing_is_used_by_evaluation_and_the_env(
 @pytest.mark.slow
 def test_an_adaptive_agent_joins_the_table_meets_its_mean_budget_and_draws_where_its_compute_went(tmp_path, capsys):
     from agents.calibrate import calibrate_thresholds
-    from apt_env.distributed import state_digest
+    from apt_env.train.distributed import state_digest
 
     module = load_script("evaluate")
     model, agent = _checkpoint(tmp_path)

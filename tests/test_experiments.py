@@ -18,9 +18,9 @@ def test_adaptive_counts_compares_a_calibrated_agent_with_its_fixed_count_form(b
     from agents.calibrate import calibrate_thresholds
     from agents.io import save_policy
     from agents.policy import APTPolicy
-    from apt_env.checkpoint import load_backbone
-    from apt_env.data import dataset_for
-    from apt_env.distributed import state_digest
+    from apt_env.data.datasets import dataset_for
+    from apt_env.models.checkpoint import load_backbone
+    from apt_env.train.distributed import state_digest
 
     pv = load_backbone(backbone)
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from fvcore.nn import FlopCountAnalysis
 from timm.models.vision_transformer import ParallelScalingBlock
 from torch import nn
 
-from apt_env.flops import FlopCounter
+from apt_env.models.flops import FlopCounter
 
 # FlopCounter follows fvcore's convention term by term, so the counts agree exactly; any looser tolerance
 # would hide small terms (a distillation head or the 'map' pool's attention are ~1e-5 of the total).

@@ -6,9 +6,9 @@ from helpers import SMALL, TINY_VIT, load_script
 
 from agents.fused import FusedBudgetAgent, kept_masks, static_counts
 from agents.policy import APTPolicy
-from apt_env.backbone import PrunableViT
-from apt_env.evaluate import forward_policy
-from apt_env.observe import BUDGET_KEYS, OBS_KEYS
+from apt_env.envs.observe import BUDGET_KEYS, OBS_KEYS
+from apt_env.eval.evaluate import forward_policy
+from apt_env.models.backbone import PrunableViT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KEYS = (*OBS_KEYS, *BUDGET_KEYS)

@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from agents.baselines import ClsAttentionTopK, KeepAll, RandomKeep
 from agents.io import load_policy, save_policy
 from agents.policy import APTPolicy
-from apt_env.backbone import PrunableViT
-from apt_env.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_backbone, save_backbone
-from apt_env.env import APTPruneEnv, APTPruneVectorEnv
-from apt_env.episodes import REWARDS
-from apt_env.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS
+from apt_env.envs.env import APTPruneEnv, APTPruneVectorEnv
+from apt_env.envs.episodes import REWARDS
+from apt_env.envs.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS
+from apt_env.models.backbone import PrunableViT
+from apt_env.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_backbone, save_backbone
 
 CLEAR = (ValueError, TypeError, FileNotFoundError)
 

@@ -29,7 +29,7 @@ import torch
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from apt_env.episodes import PruningEpisodes
+from apt_env.envs.episodes import PruningEpisodes
 
 script_path, out = sys.argv[1], Path(sys.argv[2])
 sys.argv = [script_path, *sys.argv[3:]]

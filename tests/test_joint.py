@@ -2,8 +2,8 @@ import pytest
 import torch
 from helpers import load_script
 
-from apt_env.backbone import MODES, PrunableViT
-from apt_env.joint import ChannelLosses
+from apt_env.models.backbone import MODES, PrunableViT
+from apt_env.train.joint import ChannelLosses
 
 KWARGS = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2)
 
@@ -145,8 +145,8 @@ def test_joint_training_freezes_the_agent_in_the_backbone_phase_and_the_backbone
 def test_a_budget_agent_is_observed_with_each_images_budget_and_its_count():
     """With budgets the backbone trains on the masks a budget agent picks at test time: the env's observation."""
     from agents.policy import APTPolicy
-    from apt_env.observe import BudgetKeepRatio
-    from apt_env.tokens import keep_count
+    from apt_env.envs.observe import BudgetKeepRatio
+    from apt_env.models.tokens import keep_count
 
     pv, x, y = _setup()
     budget = torch.tensor([0.3, 0.5, 0.7, 1.0, 0.25, 0.6], dtype=torch.float64)
@@ -173,7 +173,7 @@ def test_a_budget_agent_is_observed_with_each_images_budget_and_its_count():
 
 @pytest.mark.parametrize("groups", [None, 1, 3, 10])
 def test_budgets_come_in_stratified_groups_of_consecutive_rows_in_order(groups):
-    from apt_env.joint import draw_budgets
+    from apt_env.train.joint import draw_budgets
 
     torch.manual_seed(0)
     budget = draw_budgets((0.25, 1.0), 10, torch.device("cpu"), groups)
@@ -192,7 +192,7 @@ def test_budgets_come_in_stratified_groups_of_consecutive_rows_in_order(groups):
 def test_one_budget_per_batch_runs_the_pruned_channels_unpadded_and_trains_as_masked():
     """Rows of one budget keep the same counts: no padding in the gathered channels, masked mode's losses."""
     from agents.policy import APTPolicy
-    from apt_env.joint import draw_budgets
+    from apt_env.train.joint import draw_budgets
 
     pv, x, y = _setup()
     policy = APTPolicy(32, 16, 3, hidden=16, qk_dim=16, use_budget=True, sampling="topk")

@@ -13,7 +13,7 @@ import torch
 from helpers import ROOT, finish_two, torchrun
 
 from agents.io import load_policy
-from apt_env.train_state import load_train_state
+from apt_env.train.state import load_train_state
 
 TOTAL = 96
 """env steps of a run: 4 rollouts of 1 episode x 3 stages x 8 images"""

@@ -11,8 +11,8 @@ from agents.fused import static_counts
 from agents.io import load_policy, save_policy
 from agents.observation import live_mask
 from agents.policy import APTPolicy
-from apt_env.data import build_dataset
-from apt_env.mean_budget import BudgetPrice
+from apt_env.data.datasets import build_dataset
+from apt_env.envs.mean_budget import BudgetPrice
 
 
 def threshold_policy(envs, seed: int = 0) -> APTPolicy:

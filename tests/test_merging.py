@@ -13,10 +13,10 @@ from fvcore.nn import FlopCountAnalysis
 from timm.models.vision_transformer import ResPostBlock
 from torch import nn
 
-from apt_env.backbone import PrunableViT
-from apt_env.flops import FlopCounter
-from apt_env.merging import MergeState, check_schedule, merged_counts
-from apt_env.tokens import initial_state
+from apt_env.models.backbone import PrunableViT
+from apt_env.models.flops import FlopCounter
+from apt_env.models.merging import MergeState, check_schedule, merged_counts
+from apt_env.models.tokens import initial_state
 
 # Small versions of the ViT families the engine runs, 64 patch tokens of 4x4 pixels at 32 px, 4 blocks.
 FAMILIES = {
@@ -368,7 +368,7 @@ def _loader(pv: PrunableViT, images: int = 24) -> torch.utils.data.DataLoader:
 
 
 def test_a_tome_row_meets_its_budget_and_pays_for_its_matching(one_thread):
-    from apt_env.evaluate import Contender, Merged, evaluate_accuracy, measure_throughput
+    from apt_env.eval.evaluate import Contender, Merged, evaluate_accuracy, measure_throughput
 
     pv = _model("registers")
     tome = Merged.at_budget("ToMe @ 0.5", pv, 0.5, role="heuristic", rule="ToMe")
@@ -394,7 +394,7 @@ def test_a_tome_row_meets_its_budget_and_pays_for_its_matching(one_thread):
 @pytest.mark.parametrize("rule", ["random", "top-k"])
 def test_a_fused_token_row_keeps_the_rules_masks_and_pays_for_its_token(rule, one_thread):
     from agents.baselines import ClsAttentionTopK, RandomKeep
-    from apt_env.evaluate import Contender, evaluate_accuracy
+    from apt_env.eval.evaluate import Contender, evaluate_accuracy
 
     pv = _model("vit")
     if rule == "random":

@@ -3,9 +3,9 @@ import timm
 import torch
 from timm.models.vision_transformer import ResPostBlock
 
-import apt_env.packed
-from apt_env.packed import attention_groups, attention_length, packs, run_packed
-from apt_env.tokens import additive_mask
+import apt_env.models.packed
+from apt_env.models.packed import attention_groups, attention_length, packs, run_packed
+from apt_env.models.tokens import additive_mask
 
 
 def _model(**kwargs) -> torch.nn.Module:
@@ -24,8 +24,8 @@ def test_packed_blocks_give_each_row_what_timm_gives_it_alone(kwargs, fused, cou
     """Each row's live tokens come out as timm's blocks give that row run alone, cut to them, with no mask; slots
     not live come back untouched."""
     if len(counts) == 8:  # attention in groups of rows of similar count, however small the batch
-        monkeypatch.setattr(apt_env.packed, "ATTENTION_GROUP_ROWS", 2)
-        monkeypatch.setattr(apt_env.packed, "ATTENTION_GROUP_MIN_ELEMENTS", 1)
+        monkeypatch.setattr(apt_env.models.packed, "ATTENTION_GROUP_ROWS", 2)
+        monkeypatch.setattr(apt_env.models.packed, "ATTENTION_GROUP_MIN_ELEMENTS", 1)
     blocks = _model(**kwargs).eval().blocks
     for blk in blocks:
         blk.attn.fused_attn = fused
@@ -42,8 +42,8 @@ def test_packed_blocks_give_each_row_what_timm_gives_it_alone(kwargs, fused, cou
 @pytest.mark.parametrize("grouped", [False, True], ids=["one_group", "groups"])
 def test_packed_gradients_reach_every_live_token_and_no_padding(grouped, monkeypatch):
     if grouped:
-        monkeypatch.setattr(apt_env.packed, "ATTENTION_GROUP_ROWS", 1)
-        monkeypatch.setattr(apt_env.packed, "ATTENTION_GROUP_MIN_ELEMENTS", 1)
+        monkeypatch.setattr(apt_env.models.packed, "ATTENTION_GROUP_ROWS", 1)
+        monkeypatch.setattr(apt_env.models.packed, "ATTENTION_GROUP_MIN_ELEMENTS", 1)
     blocks = _model().train().blocks
     x = torch.randn(3, 7, blocks[0].norm1.normalized_shape[0], requires_grad=True)
     live = torch.arange(7) < torch.tensor([[7], [3], [5]])

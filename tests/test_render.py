@@ -11,8 +11,8 @@ from gymnasium.utils.env_checker import check_env
 from helpers import TINY, tiny_envs
 
 import apt_env  # noqa: F401  (registers APTPrune-v0)
-from apt_env.env import APTPruneEnv
-from apt_env.render import PRUNED_BRIGHTNESS
+from apt_env.envs.env import APTPruneEnv
+from apt_env.envs.render import PRUNED_BRIGHTNESS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,10 +6,10 @@ import torch
 from helpers import TINY_VIT, load_script
 
 import apt_env  # noqa: F401  (registers the names)
-from apt_env.backbone import PrunableViT
-from apt_env.checkpoint import load_backbone, save_backbone
-from apt_env.data import dataset_info
-from apt_env.resample import patch_size, resample_into
+from apt_env.data.datasets import dataset_info
+from apt_env.models.backbone import PrunableViT
+from apt_env.models.checkpoint import load_backbone, save_backbone
+from apt_env.models.resample import patch_size, resample_into
 
 
 def _tiny(patch: int) -> PrunableViT:
@@ -100,7 +100,7 @@ def test_a_checkpoint_whose_pruning_does_not_fit_its_model_names_both(tmp_path, 
 
 def test_an_agent_for_one_token_count_on_a_backbone_of_another_names_both(tmp_path):
     from agents.policy import APTPolicy
-    from apt_env.env import APTPruneVectorEnv
+    from apt_env.envs.env import APTPruneVectorEnv
 
     envs = APTPruneVectorEnv(2, model=_tiny(2), dataset="synthetic")
     other = APTPolicy.for_env(APTPruneVectorEnv(2, model=_tiny(4), dataset="synthetic"), hidden=8, qk_dim=8)

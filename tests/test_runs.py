@@ -1,4 +1,4 @@
-"""The run helpers every script shares (``apt_env.runs``) and the Markdown tables of ``apt_env.report``."""
+"""The run helpers every script shares (``apt_env.train.runs``) and the Markdown tables of ``apt_env.eval.report``."""
 
 import json
 import random
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from apt_env.report import markdown_table
-from apt_env.runs import hyperparameters_text, load_args, new_run_dir, resume_args, seed_everything
+from apt_env.eval.report import markdown_table
+from apt_env.train.runs import hyperparameters_text, load_args, new_run_dir, resume_args, seed_everything
 
 
 @dataclass

@@ -4,8 +4,8 @@ from helpers import TINY
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecEnv
 
-from apt_env.env import APTPruneVectorEnv
-from apt_env.sb3_vec_env import SB3VecEnv
+from apt_env.envs.env import APTPruneVectorEnv
+from apt_env.envs.sb3_vec_env import SB3VecEnv
 
 
 def _adapter(num_envs: int = 4, **kwargs) -> SB3VecEnv:

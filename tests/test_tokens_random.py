@@ -4,8 +4,8 @@ import torch
 
 from agents.baselines import RandomKeep
 from agents.distributions import ratio_count
-from apt_env.evaluate import Decisions, random_at_counts
-from apt_env.tokens import random_count
+from apt_env.eval.evaluate import Decisions, random_at_counts
+from apt_env.models.tokens import random_count
 
 
 def _live(rows: int = 400, n: int = 12) -> torch.Tensor:

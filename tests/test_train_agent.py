@@ -13,7 +13,7 @@ from helpers import TINY_VIT, load_script
 from helpers import run_train_agent as run
 
 from agents.io import load_policy
-from apt_env.env import APTPruneVectorEnv
+from apt_env.envs.env import APTPruneVectorEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_a_budget_agent_trains_with_the_variance_reduced_reward(algo, backbone, 
 def test_reward_choices_are_the_environments():
     import typing
 
-    from apt_env.episodes import REWARDS
+    from apt_env.envs.episodes import REWARDS
 
     module = load_script("train_agent")
     hints = typing.get_type_hints(module.Args)

@@ -15,10 +15,10 @@ import torch
 from helpers import finish_two, load_script, run_train_agent, torchrun
 
 from agents.io import load_policy
-from apt_env.checkpoint import load_backbone
-from apt_env.distributed import state_digest
-from apt_env.env import APTPruneVectorEnv
-from apt_env.train_state import load_train_state
+from apt_env.envs.env import APTPruneVectorEnv
+from apt_env.models.checkpoint import load_backbone
+from apt_env.train.distributed import state_digest
+from apt_env.train.state import load_train_state
 
 SCRIPT = Path(__file__).resolve().parents[1] / "train_backbone.py"
 TINY_MODEL = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 16}
@@ -158,8 +158,8 @@ def test_init_checkpoint_fine_tunes_a_trained_backbone_in_both_modes(tmp_path):
         assert load_backbone(run / "checkpoint").depth == 2  # ... the checkpoint's architecture
     small = tmp_path / "small"
     torch.manual_seed(0)
-    from apt_env.backbone import PrunableViT
-    from apt_env.checkpoint import save_backbone
+    from apt_env.models.backbone import PrunableViT
+    from apt_env.models.checkpoint import save_backbone
 
     kwargs = {**TINY_MODEL, "patch_size": 4, "in_chans": 1, "num_classes": 5}
     pv = PrunableViT.from_timm("vit_tiny_patch16_224", **kwargs)

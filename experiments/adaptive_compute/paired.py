@@ -7,7 +7,7 @@ import math
 from scipy.stats import spearmanr
 from torch import Tensor
 
-from apt_env.evaluate import wilson_interval
+from apt_env.eval.evaluate import wilson_interval
 
 
 def paired_columns(

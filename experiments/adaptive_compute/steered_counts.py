@@ -29,14 +29,14 @@ from torch import Tensor
 from agents.calibrate import calibrate_thresholds
 from agents.io import load_policy
 from agents.policy import APTPolicy
-from apt_env.backbone import PrunableViT
-from apt_env.checkpoint import load_backbone
-from apt_env.data import dataset_for
+from apt_env.data.datasets import dataset_for
 from apt_env.defaults import P2_AGENT, P2_CHECKPOINT
-from apt_env.evaluate import forward_policy
-from apt_env.flops import FlopCounter
-from apt_env.observe import BUDGET_KEYS, OBS_KEYS
-from apt_env.report import markdown_table
+from apt_env.envs.observe import BUDGET_KEYS, OBS_KEYS
+from apt_env.eval.evaluate import forward_policy
+from apt_env.eval.report import markdown_table
+from apt_env.models.backbone import PrunableViT
+from apt_env.models.checkpoint import load_backbone
+from apt_env.models.flops import FlopCounter
 
 KEYS = (*OBS_KEYS, *BUDGET_KEYS)
 

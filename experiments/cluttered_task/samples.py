@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 
-from apt_env.data import build_dataset
+from apt_env.data.datasets import build_dataset
 
 
 def main() -> None:

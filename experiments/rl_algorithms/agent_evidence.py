@@ -35,10 +35,10 @@ from agents.policy import APTPolicy  # noqa: E402
 from agents.ppo import NativePPO  # noqa: E402
 from agents.rollout import evaluate_returns  # noqa: E402
 from agents.sb3_policy import APTActorCriticPolicy  # noqa: E402
-from apt_env.env import APTPruneVectorEnv  # noqa: E402
-from apt_env.report import markdown_table  # noqa: E402
-from apt_env.runs import seed_everything  # noqa: E402
-from apt_env.sb3_vec_env import SB3VecEnv  # noqa: E402
+from apt_env.envs.env import APTPruneVectorEnv  # noqa: E402
+from apt_env.envs.sb3_vec_env import SB3VecEnv  # noqa: E402
+from apt_env.eval.report import markdown_table  # noqa: E402
+from apt_env.train.runs import seed_everything  # noqa: E402
 
 ALGOS = ("native", "ppo", "a2c")
 

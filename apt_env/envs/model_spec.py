@@ -9,9 +9,9 @@ from pathlib import Path
 
 from torch import nn
 
-from apt_env.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
-from apt_env.checkpoint import load_backbone, read_backbone_config
 from apt_env.defaults import DEFAULT_CHECKPOINT
+from apt_env.models.backbone import DEFAULT_MODEL_KWARGS, DEFAULT_MODEL_NAME, PrunableViT
+from apt_env.models.checkpoint import load_backbone, read_backbone_config
 
 __all__ = ["ModelSpec", "build_backbone", "check_model_fits_data", "default_model", "is_checkpoint"]
 

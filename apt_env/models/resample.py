@@ -14,7 +14,7 @@ import logging
 import torch
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from apt_env.backbone import PrunableViT
+from apt_env.models.backbone import PrunableViT
 
 __all__ = ["patch_size", "resample_into"]
 

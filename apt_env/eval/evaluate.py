@@ -1,7 +1,7 @@
 """Evaluation of token-pruning policies: top-1 with its interval, GFLOPs with the policy's own cost counted,
 and throughput measured side by side, every policy on the same images.
 
-A policy is a ``KeepFn`` (``apt_env.observe``): ``keep_fn(obs) -> (B, N) bool`` on a batched observation of
+A policy is a ``KeepFn`` (``apt_env.envs.observe``): ``keep_fn(obs) -> (B, N) bool`` on a batched observation of
 ``APTPrune-v0`` (only the keys the policy asks for) that also carries ``index``, the position of each image in
 the evaluated dataset, so that a policy can replay recorded decisions. The dense model runs
 as timm's own ``model(images)``, with nothing observed. The agent, the heuristics (random, EViT's
@@ -32,12 +32,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from apt_env.atomic import write_file
-from apt_env.backbone import Mode, PrunableViT
-from apt_env.flops import FlopCounter, cls_attention_flops
-from apt_env.merging import check_schedule, merged_counts
-from apt_env.observe import OBS_KEYS, BudgetKeepRatio, KeepFn, walk
-from apt_env.tokens import TokenState, random_count, top_count
-from apt_env.train_state import load_train_state
+from apt_env.envs.observe import OBS_KEYS, BudgetKeepRatio, KeepFn, walk
+from apt_env.models.backbone import Mode, PrunableViT
+from apt_env.models.flops import FlopCounter, cls_attention_flops
+from apt_env.models.merging import check_schedule, merged_counts
+from apt_env.models.tokens import TokenState, random_count, top_count
+from apt_env.train.state import load_train_state
 
 __all__ = [
     "COLUMNS",
@@ -485,7 +485,7 @@ def box_first_at_counts(decisions: Decisions, box_tokens: Tensor, *, seed: int) 
     """The object-box oracle: in every image and at every stage as many tokens as ``decisions`` kept, the live tokens
     that overlap the object's box first (at random among them), then the others at random: how far a policy is from
     knowing where the object is. ``box_tokens`` (M, N) bool marks, by dataset position, the patches the object's box
-    overlaps (``apt_env.cluttered.box_token_mask``)."""
+    overlaps (``apt_env.data.cluttered.box_token_mask``)."""
     counts = decisions.masks.sum(-1)  # (M, K)
     generator = torch.Generator().manual_seed(seed)
 

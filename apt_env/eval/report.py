@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from apt_env.evaluate import eval_mode, forward_policy
-from apt_env.observe import BUDGET_KEYS, OBS_KEYS
-from apt_env.render import dim_pruned
+from apt_env.envs.observe import BUDGET_KEYS, OBS_KEYS
+from apt_env.envs.render import dim_pruned
+from apt_env.eval.evaluate import eval_mode, forward_policy
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -6,7 +6,7 @@ mean/std (the model's with a ``data_config``), and ``label``: int. Names (see ``
 - ``fashion-mnist`` (default): offline from Debian's ``dataset-fashion-mnist`` (``FASHION_MNIST_DIR``),
   else torchvision's download into ``root``.
 - ``cluttered-fashion-mnist`` (and its ``translated`` and ``scaled`` variants, options after a colon): a garment at a
-  random place on a 56 px canvas among fragments of other garments (``apt_env.cluttered``), with Fashion-MNIST's
+  random place on a 56 px canvas among fragments of other garments (``apt_env.data.cluttered``), with Fashion-MNIST's
   statistics, so that a model trained on the centered garments sees the same pixel scale.
 - ``cifar10``, ``cifar100``: torchvision's ``CIFAR10`` / ``CIFAR100`` in ``root`` (downloaded when asked).
 - ``digits``: scikit-learn's 8x8 digits, a fixed stratified 80/20 split.
@@ -16,13 +16,10 @@ mean/std (the model's with a ``data_config``), and ``label``: int. Names (see ``
   class as ``test`` (logged when built); ``train`` and ``val`` share the rest.
 
 Fixed-size datasets are kept as one uint8 tensor in memory and transformed per item by torchvision's
-transforms v2 (``build_transform``).
+transforms v2 (``apt_env.data.transforms.build_transform``).
 
-A backbone carries its preprocessing, ``PrunableViT.data_config``: timm's data config form (``input_size``, ``mean``,
-``std``, ``interpolation``, ``crop_pct``, ``crop_mode``) and ``preprocessing``, either ``"apt_env"`` (this module's
-transform, normalised with the recorded statistics: those of the dataset the backbone was trained on) or ``"timm"``
-(timm's own eval transform: a backbone started from timm's pretrained weights). ``dataset_for(pv, name, split)``
-builds a dataset as that backbone sees it; every script reads its data through it.
+A backbone carries its preprocessing (``apt_env.data.config``): ``dataset_for(pv, name, split)`` builds a dataset as
+that backbone sees it; every script reads its data through it.
 """
 
 from __future__ import annotations
@@ -45,10 +42,13 @@ from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
-from apt_env.cluttered import ClutteredDataset, ClutterSpec, parse_cluttered
+from apt_env.data.cluttered import ClutteredDataset, ClutterSpec, parse_cluttered
+from apt_env.data.config import apt_env_data_config
+from apt_env.data.splits import TEST_FRACTION, TEST_SEED, VAL_FRACTION, VAL_SEED, holdout_indices, stratified_holdout
+from apt_env.data.transforms import CHANNELS, build_transform, timm_eval_transform
 
 if TYPE_CHECKING:  # a type only: the backbone imports this module
-    from apt_env.backbone import PrunableViT
+    from apt_env.models.backbone import PrunableViT
 
 
 __all__ = [
@@ -56,18 +56,12 @@ __all__ = [
     "DatasetInfo",
     "FASHION_MNIST_DIR",
     "FolderImageDataset",
-    "PREPROCESSING",
-    "TEST_FRACTION",
     "TensorImageDataset",
-    "apt_env_data_config",
     "build_dataset",
-    "build_transform",
-    "check_data_config",
     "dataset_data_config",
     "dataset_for",
     "dataset_info",
     "make_loader",
-    "model_data_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,23 +91,11 @@ _FASHION_MNIST_CLASSES = (
 )  # fmt: skip
 _IMAGEFOLDER_PREFIX = "imagefolder:"
 _SPLITS = ("train", "val", "test")
-VAL_FRACTION = 1 / 12
-"""Share of the original train split held out as ``val`` (5,000 of Fashion-MNIST's 60,000 images): tuning and
-model selection happen there, never on ``test``."""
-_VAL_SEED = 0
-TEST_FRACTION = 0.1
-"""Share of an ``imagefolder:PATH`` without split subfolders held out as ``test`` (stratified, seeded)."""
-_TEST_SEED = 1  # another stream than the val split's, which is drawn from what is left
-PREPROCESSING: tuple[str, ...] = ("apt_env", "timm")
-"""What a data config's ``preprocessing`` names: this module's ``build_transform`` or timm's eval transform."""
-_OWN_TRANSFORM = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}  # build_transform's resize
-_TIMM_DATA_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 _DIGITS_SEED = 0
 _SYNTHETIC_SEEDS = {"train": 0, "test": 1}
 _SYNTHETIC_SIZES = {"train": 512, "test": 128}
 _SYNTHETIC_GRID = 4  # patch positions on a 4x4 grid: room for the 10 classes
 _NO_HFLIP = frozenset({"digits", "synthetic"})  # a mirrored digit or patch location changes the class
-_CHANNELS = (1, 3)  # gray or RGB: what v2.Grayscale and v2.RGB convert between
 _LUMA = (0.2989, 0.587, 0.114)  # v2.Grayscale's weights of R, G, B (ITU-R 601-2)
 
 
@@ -154,153 +136,11 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def build_transform(
-    *,
-    img_size: int,
-    in_chans: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    augment: bool = False,
-    hflip: bool = True,
-    input_shape: tuple[int, int, int] | None = None,
-) -> v2.Compose:
-    """uint8 image (PIL or ``(C, H, W)`` tensor) -> normalized float32 ``(in_chans, img_size, img_size)``.
-
-    Channels: ``v2.Grayscale`` turns RGB into gray (luma) when ``in_chans`` is 1, ``v2.RGB`` repeats gray
-    when it is 3. Size: ``v2.Resize`` of the short side to ``img_size`` (bilinear, antialias), then
-    ``v2.CenterCrop``. Augmentation: ``v2.RandomCrop`` with zero padding of ``img_size // 8``, then
-    ``v2.RandomHorizontalFlip`` when ``hflip``; both draw from torch's global RNG, which DataLoader
-    workers seed from the loader's generator.
-
-    Args:
-        img_size: output side in pixels.
-        in_chans: output channels, 1 or 3.
-        mean: per-channel mean of the output channels, 0..1 scale.
-        std: per-channel standard deviation of the output channels.
-        augment: add the random crop (and flip when ``hflip``).
-        hflip: allow the horizontal flip when augmenting.
-        input_shape: ``(C, H, W)`` of every input when all share it (tensor datasets): the steps that would
-            not change it are left out, saving their per-image cost. None: any PIL image or tensor.
-
-    Returns:
-        The transform.
-    """
-    if in_chans not in _CHANNELS:
-        raise ValueError(f"in_chans must be 1 (gray) or 3 (RGB), got {in_chans}")
-    chans, height, width = (None, None, None) if input_shape is None else input_shape
-    steps: list[v2.Transform] = [v2.PILToTensor()] if input_shape is None else []  # PIL to uint8 tensor
-    # x / 255 exactly, as ToTensor and timm's eval transform divide; ToDtype(scale=True) multiplies by 1 / 255,
-    # one ulp away on half of the 256 levels.
-    steps += [v2.ToDtype(torch.float32), v2.Normalize(mean=[0.0], std=[255.0])]
-    if in_chans == 1 and chans != 1:
-        steps.append(v2.Grayscale(1))  # before resizing: less work
-    if (height, width) != (img_size, img_size):
-        steps += [v2.Resize(img_size, interpolation=v2.InterpolationMode.BILINEAR), v2.CenterCrop(img_size)]
-    if augment:
-        steps.append(v2.RandomCrop(img_size, padding=max(1, img_size // 8)))
-        if hflip:
-            steps.append(v2.RandomHorizontalFlip())
-    if in_chans == 3 and chans != 3:
-        steps.append(v2.RGB())  # after resizing: less work
-    steps.append(v2.Normalize(mean=list(mean), std=list(std)))
-    return v2.Compose(steps)
-
-
-def _timm_eval_transform(data_config: Mapping[str, Any], *, in_chans: int) -> v2.Compose:
-    """timm's eval transform of a model's data config, fed PIL images in the model's channels, as timm's
-    own datasets feed it."""
-    import timm.data  # here: importing timm is slow and only this path needs it
-
-    timm_config = {k: v for k, v in data_config.items() if k in _TIMM_DATA_KEYS}  # not ``preprocessing``
-    return v2.Compose(
-        [
-            v2.ToPILImage(),  # uint8 tensors to PIL; PIL images pass through
-            v2.Grayscale(1) if in_chans == 1 else v2.RGB(),
-            timm.data.create_transform(**timm_config, is_training=False),
-        ]
-    )
-
-
-def check_data_config(config: Mapping[str, Any], *, input_size: Sequence[int]) -> dict[str, Any]:
-    """``config`` as a backbone keeps it: timm's data config keys and ``preprocessing``, sizes as int tuples and
-    statistics as float tuples, checked against the model's ``input_size`` ``(C, H, W)``.
-
-    Raises:
-        ValueError: a key missing or malformed, an input size other than the model's, statistics for other channels,
-            an unknown ``preprocessing``, or an ``apt_env`` config that does not resize as ``build_transform`` does.
-    """
-    missing = [k for k in (*_TIMM_DATA_KEYS, "preprocessing") if k not in config]
-    if missing:
-        raise ValueError(f"a data config needs {missing} (timm's data config keys and preprocessing), got {config!r}")
-    out = {k: config[k] for k in (*_TIMM_DATA_KEYS, "preprocessing")}
-    try:
-        out["input_size"] = tuple(int(v) for v in out["input_size"])
-        out["mean"], out["std"] = (tuple(float(v) for v in out[k]) for k in ("mean", "std"))
-        out["crop_pct"] = float(out["crop_pct"])
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"a data config's input_size, mean and std are sequences, crop_pct a number: {config!r}"
-        ) from err
-    input_size = tuple(int(v) for v in input_size)
-    if out["input_size"] != input_size:
-        raise ValueError(f"the data config's input_size {out['input_size']} is not the model's {input_size}")
-    if not len(out["mean"]) == len(out["std"]) == input_size[0]:
-        raise ValueError(
-            f"the data config has {len(out['mean'])} mean and {len(out['std'])} std values for a model of "
-            f"{input_size[0]} channel(s)"
-        )
-    if out["preprocessing"] not in PREPROCESSING:
-        raise ValueError(f"a data config's preprocessing is one of {PREPROCESSING}, got {out['preprocessing']!r}")
-    if out["preprocessing"] == "apt_env" and any(out[k] != v for k, v in _OWN_TRANSFORM.items()):
-        raise ValueError(
-            f"an apt_env data config resizes as build_transform does, {_OWN_TRANSFORM}; got {config!r}: pass "
-            "preprocessing='timm' for timm's eval transform"
-        )
-    return out
-
-
-def apt_env_data_config(input_size: Sequence[int], *, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
-    """The data config of this module's transform (``build_transform``) at ``input_size`` with ``mean`` and ``std``."""
-    config = {"input_size": input_size, **_OWN_TRANSFORM, "mean": mean, "std": std, "preprocessing": "apt_env"}
-    return check_data_config(config, input_size=input_size)
-
-
 def dataset_data_config(name: str, *, img_size: int, in_chans: int, root: str | Path = "data") -> dict[str, Any]:
     """The data config of a backbone trained from scratch on ``name``: this module's transform with the dataset's
     statistics, converted to the model's channels (``build_dataset`` without a data config)."""
     info = _converted_info(dataset_info(name, root), img_size=img_size, in_chans=in_chans)
     return apt_env_data_config((in_chans, img_size, img_size), mean=info.mean, std=info.std)
-
-
-def model_data_config(
-    pretrained_cfg: Mapping[str, Any], *, input_size: Sequence[int], pretrained: bool
-) -> dict[str, Any]:
-    """A timm model's own data config at the size and channels it runs with.
-
-    With ``pretrained`` weights: timm's preprocessing of them (its eval transform). Else this module's transform
-    with the statistics its timm config names (the registered ``vit_apt_*`` names name Fashion-MNIST's). An RGB
-    model's statistics adapted to gray are their mean; gray ones are repeated for RGB.
-    """
-    import timm.data  # here: importing timm is slow and only this path needs it
-
-    input_size = tuple(int(v) for v in input_size)
-    config = timm.data.resolve_data_config({"input_size": input_size}, pretrained_cfg=dict(pretrained_cfg))
-    mean, std = (_for_channels(config[k], input_size[0]) for k in ("mean", "std"))
-    if pretrained:
-        config = {**config, "mean": mean, "std": std, "preprocessing": "timm"}
-        return check_data_config(config, input_size=input_size)
-    return apt_env_data_config(input_size, mean=mean, std=std)
-
-
-def _for_channels(values: Sequence[float], chans: int) -> tuple[float, ...]:
-    values = tuple(float(v) for v in values)
-    if len(values) == chans:
-        return values
-    if chans == 1:  # an RGB model adapted to gray: gray statistics
-        return (float(np.mean(values)),)
-    if len(values) == 1:
-        return values * chans
-    raise ValueError(f"cannot adapt statistics of {len(values)} channels to {chans}")
 
 
 class TensorImageDataset(Dataset[tuple[Tensor, int]]):
@@ -496,7 +336,7 @@ def _dataset_transform(
 ) -> Callable[[Tensor | Image.Image], Tensor]:
     """timm's eval transform for a ``"timm"`` data config, else ``build_transform``."""
     if data_config is not None and data_config.get("preprocessing", "timm") == "timm" and not augment:
-        return _timm_eval_transform(data_config, in_chans=info.in_chans)
+        return timm_eval_transform(data_config, in_chans=info.in_chans)
     return build_transform(
         img_size=info.img_size,
         in_chans=info.in_chans,
@@ -506,31 +346,6 @@ def _dataset_transform(
         hflip=info.name not in _NO_HFLIP,
         input_shape=input_shape,
     )
-
-
-def holdout_indices(targets: Tensor | list[int], split: str) -> np.ndarray:
-    """Sorted indices of ``split`` (``train`` or ``val``) within an original train split of ``targets``.
-
-    A stratified ``VAL_FRACTION`` of every class (at least one image where a class has two or more) goes to
-    ``val``, drawn with a fixed seed, so the same images are held out in every run and on every machine.
-    """
-    is_val = _stratified_holdout(targets, VAL_FRACTION, seed=_VAL_SEED)
-    return np.flatnonzero(is_val if split == "val" else ~is_val)
-
-
-def _stratified_holdout(targets: Tensor | list[int], fraction: float, *, seed: int) -> np.ndarray:
-    """Which items are held out: ``fraction`` of every class (at least one where a class has two or more), drawn with
-    ``seed``. Not scikit-learn's ``train_test_split``: it refuses a class of one image, which small folders have."""
-    labels = np.asarray(targets, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    held = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        count = max(1, round(len(members) * fraction)) if len(members) > 1 else 0
-        held.append(rng.permutation(members)[:count])
-    out = np.zeros(len(labels), dtype=bool)
-    out[np.concatenate(held) if held else []] = True
-    return out
 
 
 class _Subset(torch.utils.data.Subset):
@@ -592,7 +407,7 @@ def _converted_info(native: DatasetInfo, *, img_size: int | None, in_chans: int 
     in_chans = native.in_chans if in_chans is None else in_chans
     if img_size < 1:
         raise ValueError(f"img_size must be positive, got {img_size}")
-    if in_chans not in _CHANNELS:
+    if in_chans not in CHANNELS:
         raise ValueError(
             f"{native.name} has {native.in_chans} channel(s); in_chans can be 1 (gray) or 3 (RGB), got {in_chans}"
         )
@@ -619,7 +434,7 @@ def _data_config_info(
             f"with input_size (C, H, W), mean and std; got {data_config!r}"
         ) from err
     input_size = (chans, height, width)
-    if height != width or chans not in _CHANNELS:
+    if height != width or chans not in CHANNELS:
         raise ValueError(f"the data config's input_size must be square, gray or RGB (1 or 3, S, S); got {input_size}")
     if len(mean) != chans or len(std) != chans:
         raise ValueError(
@@ -825,14 +640,14 @@ def _build_imagefolder(
 def _held_out_of_folder(dataset: FolderImageDataset, split: str) -> _Subset:
     """A folder without split subfolders: a fixed stratified ``TEST_FRACTION`` of it is ``test`` (so that nothing is
     scored on its training images), and ``train`` / ``val`` split the rest as an original train split."""
-    is_test = _stratified_holdout(dataset.targets, TEST_FRACTION, seed=_TEST_SEED)
+    is_test = stratified_holdout(dataset.targets, TEST_FRACTION, seed=TEST_SEED)
     if split == "test":
         index = np.flatnonzero(is_test)
         per_class = np.bincount(np.asarray(dataset.targets)[index], minlength=len(dataset.classes))
         logger.info(
             "%s has no train/val/test subfolders: held out %d of its %d images as test (%.0f%% of every class, "
             "seed %d; per class %s)",
-            dataset.root, len(index), len(dataset), 100 * TEST_FRACTION, _TEST_SEED, per_class.tolist(),
+            dataset.root, len(index), len(dataset), 100 * TEST_FRACTION, TEST_SEED, per_class.tolist(),
         )  # fmt: skip
         logger.debug("held out as test: %s", [dataset.samples[i][0] for i in index])
     else:

@@ -19,7 +19,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from apt_env.tokens import additive_mask, length_buckets
+from apt_env.models.tokens import additive_mask, length_buckets
 
 CPU_ATTENTION_TILE = 16
 """torch's CPU ``scaled_dot_product_attention`` is fastest at lengths that are multiples of this (see

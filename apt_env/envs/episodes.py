@@ -1,6 +1,6 @@
 """The episode engine on the device: a batch of images walked through the pruning stages, and the rewards.
 
-One row per image, all in torch; the Gymnasium classes (``apt_env.env``) only add spaces, seeding and numpy.
+One row per image, all in torch; the Gymnasium classes (``apt_env.envs.env``) only add spaces, seeding and numpy.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from apt_env.backbone import Mode, PrunableViT
-from apt_env.flops import FlopCounter
-from apt_env.mean_budget import BudgetPrice
-from apt_env.observe import BUDGET_KEYS, BudgetKeepRatio, observe
-from apt_env.tokens import TokenState, random_count
+from apt_env.envs.mean_budget import BudgetPrice
+from apt_env.envs.observe import BUDGET_KEYS, BudgetKeepRatio, observe
+from apt_env.models.backbone import Mode, PrunableViT
+from apt_env.models.flops import FlopCounter
+from apt_env.models.tokens import TokenState, random_count
 
 __all__ = ["DEFAULT_CHANNELS", "REWARDS", "PruningEpisodes"]
 

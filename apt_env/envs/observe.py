@@ -15,15 +15,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from apt_env.backbone import Mode, PrunableViT
-from apt_env.flops import FlopCounter
-from apt_env.tokens import TokenState, keep_count, live_mean
+from apt_env.models.backbone import Mode, PrunableViT
+from apt_env.models.flops import FlopCounter
+from apt_env.models.tokens import TokenState, keep_count, live_mean
 
 OBS_KEYS: tuple[str, ...] = ("tokens", "cls", "cls_attn", "keep", "stage")
 BUDGET_KEYS: tuple[str, ...] = ("budget", "keep_count")
 """Observed exactly when the env has a budget (``budget=``), in addition to ``obs_keys``."""
 BUDGET_RESOLUTION = 4096
-"""Keep ratios tried per budget, as in ``apt_env.evaluate.budget_keep_ratio``."""
+"""Keep ratios tried per budget, as in ``apt_env.eval.evaluate.budget_keep_ratio``."""
 CHANNELS: tuple[str, ...] = ("plain", "single", "multi")
 """The original method's three channels: no pruning, one stage's action alone, every action so far."""
 
@@ -57,7 +57,7 @@ def as_tensor(value: Any, what: str, device: torch.device | str | None = None) -
 class BudgetKeepRatio:
     """The uniform per-stage keep ratio whose backbone GFLOPs are closest to a budget, for many budgets at once.
 
-    The counting of ``apt_env.evaluate.budget_keep_ratio``, tabulated once: at every stage a row keeps
+    The counting of ``apt_env.eval.evaluate.budget_keep_ratio``, tabulated once: at every stage a row keeps
     ``floor(live * ratio + 0.5)`` of its live patch tokens, at least ``max(1, min_keep)`` and at most all
     of them (``keep_count``), and the ratio whose dense-relative FLOPs are nearest the budget wins.
 

@@ -20,7 +20,7 @@ statistics of ``pretrained_cfg`` (``recorded_data_config``).
 
 The folder is written atomically (``apt_env.atomic.write_folder``): a crash leaves either the previous
 complete checkpoint or the new one, never half of one. The training state for ``--resume`` lives in
-``apt_env.train_state``.
+``apt_env.train.state``.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import safetensors.torch
 import torch
 
 from apt_env.atomic import recover_interrupted_save, write_folder
-from apt_env.backbone import PrunableViT
-from apt_env.data import apt_env_data_config
+from apt_env.data.config import apt_env_data_config
+from apt_env.models.backbone import PrunableViT
 
 __all__ = [
     "CONFIG_FILE",

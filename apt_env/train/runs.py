@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 from stable_baselines3.common.utils import set_random_seed
 
-from apt_env.distributed import broadcast_int
+from apt_env.train.distributed import broadcast_int
 
 __all__ = ["ARGS_FILE", "hyperparameters_text", "load_args", "new_run_dir", "resume_args", "seed_everything"]
 

@@ -1,6 +1,6 @@
 """``PrunableViT``: any timm ViT run block by block under token keep masks.
 
-This module and ``apt_env.packed`` are the only ones that know timm internals. It drives the pieces timm's own
+This module and ``apt_env.models.packed`` are the only ones that know timm internals. It drives the pieces timm's own
 forward pass uses (``patch_embed``, ``_pos_embed``, ``norm_pre``, ``blocks``, ``norm``, ``forward_head``) and
 passes pruning to the blocks as an attention mask, so no attention code is forked.
 
@@ -11,13 +11,13 @@ Two modes give the same logits for the same masks:
   pooling. Differentiable, for training.
 * ``gathered``: pruned tokens are really removed; rows with different keep counts are padded to
   the batch maximum (padding masked as keys). For speed. timm's ``Block`` then runs everything but its attention
-  on the live tokens alone (``apt_env.packed``), restating ``Block.forward``'s sequence of timm's own modules.
+  on the live tokens alone (``packed``), restating ``Block.forward``'s sequence of timm's own modules.
 
 Both modes can fuse the tokens a stage prunes into one token, as EViT does (``prune``'s ``fuse_attn``,
 ``forward(..., fuse=True)``). Token merging (ToMe, ``forward_merged``) merges tokens inside the blocks instead of
 pruning them between blocks: the merge sits between a block's attention and its MLP, so that block runs its own
 modules in ``Block.forward``'s order, the merge between its two residual lines; the operations on tokens are in
-``apt_env.merging``.
+``apt_env.models.merging``.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, ResPostBlock, VisionTransformer
 from torch import nn
 
-from apt_env.data import check_data_config, model_data_config
-from apt_env.merging import (
+from apt_env.data.config import check_data_config, model_data_config
+from apt_env.models.merging import (
     MergeState,
     bipartite_soft_matching,
     check_schedule,
@@ -44,9 +44,9 @@ from apt_env.merging import (
     merge_tokens,
     weighted_mean,
 )
-from apt_env.models import vit_apt_tiny_patch4_28
-from apt_env.packed import packs, run_packed
-from apt_env.tokens import (
+from apt_env.models.packed import packs, run_packed
+from apt_env.models.registry import vit_apt_tiny_patch4_28
+from apt_env.models.tokens import (
     TokenState,
     additive_mask,
     append_fused,
@@ -64,7 +64,7 @@ MODES: tuple[str, ...] = ("masked", "gathered")
 _POOLS = ("token", "avg", "max", "avgmax", "map")
 
 # The default backbone: a small ViT for 28x28 gray images (Fashion-MNIST), 49 patch tokens; its configuration
-# is in its registered name (apt_env/models.py), so no kwargs are needed.
+# is in its registered name (apt_env/models/registry.py), so no kwargs are needed.
 DEFAULT_MODEL_NAME = vit_apt_tiny_patch4_28.__name__
 DEFAULT_MODEL_KWARGS: dict = {}
 
@@ -92,8 +92,8 @@ class PrunableViT(nn.Module):
             When a mask leaves a row fewer, the row keeps the tokens the mask kept plus those it
             dropped that were live before, lowest patch index first, until it has ``min_keep``.
         bucket_rows: in gathered mode, a batch whose rows keep different numbers of tokens runs timm's ``Block``
-            packed (``apt_env.packed``); other blocks run in groups of about this many rows of similar length, each
-            cut to its own longest row, when that saves enough padding (``apt_env.tokens.length_buckets``).
+            packed (``packed``); other blocks run in groups of about this many rows of similar length, each
+            cut to its own longest row, when that saves enough padding (``tokens.length_buckets``).
         data_config: the model's preprocessing (``data_config``); default the model's own, ``model_data_config``
             of its timm ``pretrained_cfg`` without pretrained weights (``from_timm`` says when it loaded them).
 
@@ -262,7 +262,7 @@ class PrunableViT(nn.Module):
         run: Callable[[TokenState], tuple[torch.Tensor, torch.Tensor | None]],
     ) -> tuple[TokenState, torch.Tensor | None]:
         """``run(part) -> (x, extra)`` for blocks ``[start, end)`` on the whole batch, or, for a gathered batch whose
-        rows keep different numbers of tokens and blocks that do not run packed (``apt_env.packed``), on groups of
+        rows keep different numbers of tokens and blocks that do not run packed (``packed``), on groups of
         rows of similar length, each cut to its own longest row (``length_buckets``), put back in the batch's order.
         ``extra`` (rows first) or None.
 
@@ -294,7 +294,7 @@ class PrunableViT(nn.Module):
 
     def _run(self, state: TokenState, start: int, end: int, *, grouped: bool = True) -> torch.Tensor:
         """Blocks ``[start, end)`` on ``state``'s tokens: a gathered batch with padding runs packed where the blocks
-        allow (``apt_env.packed``, its attention in groups of rows where ``grouped`` and large enough), else every slot
+        allow (``packed``, its attention in groups of rows where ``grouped`` and large enough), else every slot
         runs and pruned ones are masked as keys."""
         blocks, x = self.model.blocks[start:end], state.x
         key_mask = state.key_mask()
@@ -316,7 +316,7 @@ class PrunableViT(nn.Module):
             mode: ``masked`` or ``gathered`` (the same logits).
             fuse_attn: EViT's fused token: the class attention of the block before at the original positions (the
                 ``cls_attn`` observation). When given, the tokens this mask prunes are summed, weighted by it, into
-                one more token that goes on through the blocks (``apt_env.merging.fuse_pruned``): its weights sum to
+                one more token that goes on through the blocks (``merging.fuse_pruned``): its weights sum to
                 the pruned tokens' attention. It is never pruned, is left out of pooling, and is not added where no
                 row prunes anything (a row that prunes nothing gets an empty one, masked as a key). Taken from
                 ``advance_to_stage``, the weights carry no gradient. # (B, N) float
@@ -508,7 +508,7 @@ class PrunableViT(nn.Module):
     # -- token merging (ToMe) -------------------------------------------------------------------
 
     def merge_schedule(self, schedule: int | Sequence[int]) -> tuple[int, ...]:
-        """The tokens ToMe merges in each block, checked (``apt_env.merging.check_schedule``): ``r`` for every block
+        """The tokens ToMe merges in each block, checked (``merging.check_schedule``): ``r`` for every block
         or one per block; each at most half of the patch tokens its block has. A block that merges must be timm's
         ``Block`` or ``ResPostBlock`` with timm's ``Attention``."""
         rs = check_schedule(schedule, self.depth, self.num_patches)
@@ -549,7 +549,7 @@ class PrunableViT(nn.Module):
         The block's own modules run in timm's order: ``x + ls1(attn(norm1(x)))`` (``ResPostBlock``:
         ``x + norm1(attn(x))``), then the merge, then ``x + ls2(mlp(norm2(x)))`` (``x + norm2(mlp(x))``). The
         matching reads the keys the attention computes (the output of its ``k_norm``, after any qk-norm), averaged
-        over heads (``apt_env.merging.bipartite_soft_matching``); the merge is a mean weighted by the tokens'
+        over heads (``apt_env.models.merging.bipartite_soft_matching``); the merge is a mean weighted by the tokens'
         sizes (``merge_tokens``). A block with ``r = 0`` runs as timm's ``blk(x)``.
 
         Args:

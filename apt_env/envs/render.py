@@ -1,4 +1,4 @@
-"""Pictures of kept tokens: pruned patches dimmed, as ``masks.png`` (``apt_env.report``) and the env's ``render`` draw
+"""Pictures of kept tokens: pruned patches dimmed, as ``masks.png`` (``eval.report``) and the env's ``render`` draw
 them."""
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import torch
 from timm.layers import AttentionPoolLatent, LayerScale
 from torch import nn
 
-from apt_env.merging import check_schedule, merged_counts
+from apt_env.models.merging import check_schedule, merged_counts
 
 _logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def _norm_flops(norm: nn.Module, where: str) -> int:
         return (5 if norm.weight is not None else 4) * math.prod(norm.normalized_shape)
     raise ValueError(
         f"{where} is a {type(norm).__name__}; FlopCounter counts only nn.LayerNorm (and subclasses) "
-        "or nn.Identity norms. Add its fvcore-equivalent count to apt_env/flops.py to support it."
+        "or nn.Identity norms. Add its fvcore-equivalent count to apt_env/models/flops.py to support it."
     )
 
 
@@ -184,7 +184,7 @@ def _attn_pool_flops(pool: nn.Module, where: str) -> tuple[int, int, int]:
     if not isinstance(pool, AttentionPoolLatent):
         raise ValueError(
             f"{where} is a {type(pool).__name__}; FlopCounter supports only AttentionPoolLatent ('map'). "
-            "Use global_pool='token' or 'avg', or add its count to apt_env/flops.py."
+            "Use global_pool='token' or 'avg', or add its count to apt_env/models/flops.py."
         )
     if pool.pos_embed is not None:
         raise ValueError(f"{where} has a fixed-length pos_embed, so it cannot take a pruned token count.")
@@ -313,7 +313,7 @@ class FlopCounter:
         fvcore's convention, as is the proportional attention's ``log(size)``.
 
         Args:
-            schedule: ``r`` for every block or one per block, checked as ``apt_env.merging.check_schedule``.
+            schedule: ``r`` for every block or one per block, checked as ``apt_env.models.merging.check_schedule``.
         """
         rs = check_schedule(schedule, self.depth, self.num_patches)
         counts = merged_counts(self.num_patches, rs)

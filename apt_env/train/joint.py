@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apt_env.backbone import Mode, PrunableViT
-from apt_env.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS, BudgetKeepRatio, KeepFn, observe, walk
-from apt_env.tokens import TokenState
+from apt_env.envs.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS, BudgetKeepRatio, KeepFn, observe, walk
+from apt_env.models.backbone import Mode, PrunableViT
+from apt_env.models.tokens import TokenState
 
 
 class ChannelLosses(nn.Module):

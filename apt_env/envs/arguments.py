@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from apt_env.backbone import MODES
-from apt_env.episodes import REWARDS
-from apt_env.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS
+from apt_env.envs.episodes import REWARDS
+from apt_env.envs.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS
+from apt_env.models.backbone import MODES
 
 __all__ = ["EnvArguments", "budget_range", "check_choice", "check_device", "check_env_arguments", "check_finite"]
 

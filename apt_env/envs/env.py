@@ -1,7 +1,7 @@
 """The ViT as a Gymnasium environment: one image per sub-environment, one step per pruning stage.
 
-The Gymnasium classes and the numpy conversion; the episodes themselves run in torch (``apt_env.episodes``), the
-model argument resolves in ``apt_env.model_spec`` and the other arguments are checked in ``apt_env.arguments``.
+The Gymnasium classes and the numpy conversion; the episodes themselves run in torch (``episodes``), the model
+argument resolves in ``model_spec`` and the other arguments are checked in ``arguments``.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space, iterate
 
-from apt_env.arguments import check_env_arguments, check_finite
-from apt_env.backbone import PrunableViT
-from apt_env.data import dataset_data_config, dataset_for
-from apt_env.episodes import DEFAULT_CHANNELS, PruningEpisodes
-from apt_env.mean_budget import BudgetPrice
-from apt_env.model_spec import ModelSpec, build_backbone, check_model_fits_data, default_model, is_checkpoint
-from apt_env.observe import BUDGET_KEYS, OBS_KEYS, as_tensor
-from apt_env.render import rgb_frame
+from apt_env.data.datasets import dataset_data_config, dataset_for
+from apt_env.envs.arguments import check_env_arguments, check_finite
+from apt_env.envs.episodes import DEFAULT_CHANNELS, PruningEpisodes
+from apt_env.envs.mean_budget import BudgetPrice
+from apt_env.envs.model_spec import ModelSpec, build_backbone, check_model_fits_data, default_model, is_checkpoint
+from apt_env.envs.observe import BUDGET_KEYS, OBS_KEYS, as_tensor
+from apt_env.envs.render import rgb_frame
+from apt_env.models.backbone import PrunableViT
 
 __all__ = ["APTPruneEnv", "APTPruneVectorEnv", "keep_mask"]
 
@@ -71,7 +71,7 @@ class APTPruneVectorEnv(VectorEnv):
     ``keep_count`` is the budget's schedule, set by the env so that a policy need not know the
     backbone: the per-stage keep ratio ``rho`` whose FLOPs, keeping the same share of the live tokens
     at every stage, are closest to the budget (``BudgetKeepRatio``, the counting of
-    ``apt_env.evaluate.budget_keep_ratio``), applied to this row's live count:
+    ``apt_env.eval.evaluate.budget_keep_ratio``), applied to this row's live count:
     ``floor(live * rho + 0.5)``, at least ``max(1, min_keep)``, at most ``live``. A policy that keeps
     exactly ``keep_count`` tokens at every stage ends at that ratio's FLOPs, the reachable fraction
     nearest the budget.
@@ -110,7 +110,7 @@ class APTPruneVectorEnv(VectorEnv):
 
     With ``budget_mean=True`` the budget holds on average over images, not in each: the last step subtracts
     ``lambda(b) * (F(final) / F(all) - b)`` instead, a price of compute that pays back what an image saves under
-    its budget. ``lambda`` (``apt_env.mean_budget.BudgetPrice``, piecewise linear in ``b``, non-negative) takes a
+    its budget. ``lambda`` (``apt_env.envs.mean_budget.BudgetPrice``, piecewise linear in ``b``, non-negative) takes a
     dual-ascent step of ``price_lr`` times the mean overshoot after every batch of episodes, so that the agent's
     mean compute meets each budget while images that need more tokens may take them. Use it with
     ``APTPolicy(sampling="threshold")``; ``keep_count`` is then the budget's count, for reference only.
