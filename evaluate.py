@@ -34,14 +34,13 @@ import numpy as np
 import torch
 import tyro
 from scipy.stats import spearmanr
-from stable_baselines3.common.save_util import load_from_zip_file
 from torch.utils.data import Subset
 
 from agents.baselines import ClsAttentionTopK, DitherGrid, RandomKeep
 from agents.calibrate import check_calibrated_for
 from agents.distributions import gumbel_noise
 from agents.fused import FusedBudgetAgent, kept_masks
-from agents.io import load_policy
+from agents.io import load_any_policy
 from agents.policy import APTPolicy
 from apt_env.data.cluttered import box_token_mask
 from apt_env.data.datasets import dataset_for, dataset_info, make_loader
@@ -163,26 +162,8 @@ def load_model(args: Args, path: str | None = None) -> PrunableViT:
 
 
 def load_agent(path: str, pv: PrunableViT) -> APTPolicy:
-    """An agent folder (``agents.io``) or an SB3 zip of ``APTActorCriticPolicy``, sized for ``pv``."""
-    if not path.endswith(".zip"):
-        return check_fits(load_policy(path), pv, path)
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"agent zip {path} does not exist")
-    try:
-        data, params, _ = load_from_zip_file(path, device="cpu")
-    except Exception as err:  # SB3 raises many types for a bad zip
-        raise ValueError(f"{path} is not a readable stable-baselines3 zip: {err}") from err
-    keys = APTPolicy.CONFIG_KEYS + APTPolicy.OPTION_KEYS
-    kwargs = {k: v for k, v in (data or {}).get("policy_kwargs", {}).items() if k in keys}
-    net = {k[len("net.") :]: v for k, v in (params or {}).get("policy", {}).items() if k.startswith("net.")}
-    if not net:
-        raise ValueError(f"{path} holds no APTActorCriticPolicy weights (no 'net.' parameters)")
-    policy = APTPolicy.from_space(data["observation_space"], **kwargs)
-    try:
-        policy.load_state_dict(net)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: the agent's weights do not fit its config: {err}") from err
-    return check_fits(policy, pv, path)
+    """An agent folder or an SB3 zip of ``APTActorCriticPolicy`` (``agents.io.load_any_policy``), sized for ``pv``."""
+    return check_fits(load_any_policy(path), pv, path)
 
 
 def check_fits(policy: APTPolicy, pv: PrunableViT, path: str) -> APTPolicy:

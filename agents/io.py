@@ -83,3 +83,38 @@ def _check_fits_space(folder: Path, policy: APTPolicy, space: spaces.Dict) -> No
     stages = space["stage"].n if "stage" in space.spaces else policy.num_stages
     if stages != policy.num_stages:
         raise ValueError(f"agent checkpoint {folder} has {policy.num_stages} stages, the environment {stages}")
+
+
+def load_sb3_policy(path: str | Path) -> APTPolicy:
+    """The APT policy inside a stable-baselines3 zip of ``APTActorCriticPolicy`` (``model.save``), as an agent.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a readable SB3 zip, no APT policy weights in it, or weights that do not fit its config.
+    """
+    from stable_baselines3.common.save_util import load_from_zip_file  # here: SB3 is slow to import
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"agent zip {path} does not exist")
+    try:
+        data, params, _ = load_from_zip_file(str(path), device="cpu")
+    except Exception as err:  # SB3 raises many types for a bad zip
+        raise ValueError(f"{path} is not a readable stable-baselines3 zip: {err}") from err
+    keys = APTPolicy.CONFIG_KEYS + APTPolicy.OPTION_KEYS
+    kwargs = {k: v for k, v in (data or {}).get("policy_kwargs", {}).items() if k in keys}
+    net = {k[len("net.") :]: v for k, v in (params or {}).get("policy", {}).items() if k.startswith("net.")}
+    if not net:
+        raise ValueError(f"{path} holds no APTActorCriticPolicy weights (no 'net.' parameters)")
+    policy = APTPolicy.from_space(data["observation_space"], **kwargs)
+    try:
+        policy.load_state_dict(net)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: the agent's weights do not fit its config: {err}") from err
+    return policy
+
+
+def load_any_policy(path: str | Path) -> APTPolicy:
+    """An agent folder (``load_policy``) or, for a path ending in ``.zip``, a stable-baselines3 zip
+    (``load_sb3_policy``)."""
+    return load_sb3_policy(path) if str(path).endswith(".zip") else load_policy(path)

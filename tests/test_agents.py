@@ -264,6 +264,15 @@ def test_sb3_trains_the_apt_policy_and_round_trips(algo, tmp_path):
     values = model.policy.predict_values(obs_as_tensor(obs, "cpu"))
     assert values.shape == (4, 1)
     torch.testing.assert_close(loaded.policy.predict_values(obs_as_tensor(obs, "cpu")), values)
+    # The APT policy alone, out of SB3's zip, as evaluate.py takes an agent: the same weights.
+    from agents.io import load_any_policy
+
+    alone = load_any_policy(tmp_path / "agent.zip")
+    for name, tensor in model.policy.net.state_dict().items():
+        torch.testing.assert_close(alone.state_dict()[name], tensor)
+    (tmp_path / "broken.zip").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable stable-baselines3 zip"):
+        load_any_policy(tmp_path / "broken.zip")
 
 
 def test_sb3_deterministic_prediction_prunes_as_act_does():
