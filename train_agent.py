@@ -105,10 +105,10 @@ class Args(AgentArgs):
     """entropy bonus"""
     checkpoint_every: int = 5
     """rollouts between checkpoints"""
-    eval_episodes: int = 8
-    """test-split batches of num_envs images for the episode-return comparison"""
-    eval_images: int = 2000
-    """test images for the accuracy table (0: all)"""
+    val_episodes: int = 8
+    """val-split batches of num_envs images for the episode-return comparison"""
+    val_images: int = 2000
+    """val images for the accuracy table (0: all)"""
     device: str | None = None
     """torch device; default cuda when available, else cpu"""
     out_dir: str = "runs"
@@ -380,7 +380,7 @@ def report(args: Args, envs: APTPruneVectorEnv, policy: APTPolicy, writer: Summa
     if args.budget is not None:
         print("\na budget agent: compare it at matched budgets with `python evaluate.py --split val --agent RUN/agent`")
         return
-    test_envs = APTPruneVectorEnv(
+    val_envs = APTPruneVectorEnv(
         args.num_envs,
         model=envs.pv,
         dataset=args.dataset,
@@ -392,8 +392,8 @@ def report(args: Args, envs: APTPruneVectorEnv, policy: APTPolicy, writer: Summa
         device=envs.device,
     )
     ratios, rows = compare_policies(
-        test_envs, policy, dataset=args.dataset, data_root=args.data_root, episodes=args.eval_episodes,
-        images=args.eval_images, seed=args.seed,
+        val_envs, policy, dataset=args.dataset, data_root=args.data_root, episodes=args.val_episodes,
+        images=args.val_images, seed=args.seed,
     )  # fmt: skip
     print(f"\n{args.dataset} val split")
     print(format_comparison(ratios, rows, envs.pv.num_patches))

@@ -19,7 +19,7 @@ _logger = logging.getLogger(__name__)
 
 
 def compare_policies(
-    test_envs: APTPruneVectorEnv,
+    envs: APTPruneVectorEnv,
     policy: APTPolicy,
     *,
     dataset: str,
@@ -32,7 +32,7 @@ def compare_policies(
     """Rows for the agent, keep-all, random and class-attention top-k (both at the agent's stage ratios).
 
     Args:
-        test_envs: the environment on the split of the returns (its backbone is evaluated).
+        envs: the environment on the split of the returns (its backbone is evaluated).
         policy: the agent, acting deterministically (its expected keep count, by logit).
         dataset: the dataset's name, for the accuracy pass over its ``split``.
         data_root: where datasets live.
@@ -45,10 +45,10 @@ def compare_policies(
         The agent's keep ratio per stage, and ``(name, results)`` rows, results holding
         ``evaluate_returns``'s and ``evaluate``'s keys.
     """
-    pv = test_envs.pv
+    pv = envs.pv
     policy.eval()
     agent = lambda obs: policy.act(obs, deterministic=True)  # noqa: E731
-    ours = evaluate_returns(test_envs, agent, episodes=episodes, seed=seed)
+    ours = evaluate_returns(envs, agent, episodes=episodes, seed=seed)
     ratios = ours["stage_ratios"]
     acts = {
         "APT agent": agent,
@@ -62,7 +62,7 @@ def compare_policies(
     loader = make_loader(test_set, batch_size=256, shuffle=False, seed=seed)
     rows = []
     for name, act in acts.items():
-        returns = ours if name == "APT agent" else evaluate_returns(test_envs, act, episodes=episodes, seed=seed)
+        returns = ours if name == "APT agent" else evaluate_returns(envs, act, episodes=episodes, seed=seed)
         rows.append((name, {**returns, **evaluate(pv, loader, act, desc=name)}))
     return ratios, rows
 

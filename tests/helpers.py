@@ -61,7 +61,7 @@ def tiny_envs(num_envs: int = 4, **kwargs) -> APTPruneVectorEnv:
 def run_train_agent(*flags: str, out: Path, check: bool = True) -> subprocess.CompletedProcess:
     """``train_agent.py`` as a user launches it, on synthetic data with 8 envs and a short final evaluation."""
     cmd = [sys.executable, str(ROOT / "train_agent.py"), "--dataset", "synthetic", "--num-envs", "8"]
-    cmd += ["--eval-episodes", "1", "--eval-images", "32", "--out-dir", str(out), *flags]
+    cmd += ["--val-episodes", "1", "--val-images", "32", "--out-dir", str(out), *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -63,7 +63,7 @@ def test_the_comparison_table_scores_a_checkpoint_on_its_recorded_preprocessing(
 
 def test_train_agents_val_table_scores_a_checkpoint_on_its_recorded_preprocessing(pretrained_like, tmp_path):
     module = load_script("train_agent")
-    args = module.Args(model=str(pretrained_like), dataset="synthetic", num_envs=4, eval_episodes=1, eval_images=32)
+    args = module.Args(model=str(pretrained_like), dataset="synthetic", num_envs=4, val_episodes=1, val_images=32)
     envs = APTPruneVectorEnv(4, model=pretrained_like, dataset="synthetic")
     writer = SummaryWriter(str(tmp_path / "tb"))
     module.report(args, envs, APTPolicy.for_env(envs, **SMALL), writer)

@@ -25,7 +25,7 @@ def command(algo: str, backbone: Path, out: Path, teacher: Path | None = None) -
     flags = ["--algo", algo, "--model", str(backbone), "--dataset", "synthetic", "--num-envs", "8"]
     flags += [] if teacher is None else ["--teacher", str(teacher)]
     flags += ["--episodes-per-rollout", "1", "--checkpoint-every", "2", "--total-env-steps", str(TOTAL)]
-    flags += ["--eval-episodes", "1", "--eval-images", "32", "--out-dir", str(out)]
+    flags += ["--val-episodes", "1", "--val-images", "32", "--out-dir", str(out)]
     return [sys.executable, str(ROOT / "train_agent.py"), *flags]
 
 

@@ -84,7 +84,7 @@ def test_agent_for_another_backbone_is_a_clear_error(backbone, tmp_path):
 def test_two_processes_end_with_identical_agents(backbone, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "train_agent.py")]
     cmd += ["--model", str(backbone), "--dataset", "synthetic", "--num-envs", "4", "--total-env-steps", "96"]
-    cmd += ["--eval-episodes", "1", "--eval-images", "32", "--out-dir", str(tmp_path)]
+    cmd += ["--val-episodes", "1", "--val-images", "32", "--out-dir", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

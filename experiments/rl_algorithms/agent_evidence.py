@@ -2,7 +2,7 @@
 
 Every learner trains the same budget-conditioned APT policy (Gumbel top-k, one budget per episode from
 ``--budget``) on the default backbone, once per reward in ``--rewards``, and is evaluated every ``--eval-every``
-transitions on one fixed evaluation set: the same ``--eval-episodes`` batches of held-out ``val`` images with
+transitions on one fixed evaluation set: the same ``--val-episodes`` batches of held-out ``val`` images with
 the same budgets, the policy deterministic (its mode), scored by the ``vs_random`` return, the loss under random
 masks of the same per-image counts minus the loss under the agent's (common random numbers): how much better
 than chance its choice of tokens is, whatever reward it was trained on. An untrained policy scores below 0:
@@ -57,7 +57,7 @@ class Args:
     """the budget range, one budget drawn per episode"""
     num_envs: int = 64
     """sub-environments"""
-    eval_episodes: int = 4
+    val_episodes: int = 4
     """batches of num_envs val images in the fixed evaluation set"""
     out: str = "runs/agent_evidence"
     """TensorBoard logs"""
@@ -79,7 +79,7 @@ def make_evaluator(args: Args) -> Callable[[APTPolicy], float]:
         was_training = policy.training
         policy.eval()
         act = lambda obs: policy.act(obs, deterministic=True)  # noqa: E731
-        result = evaluate_returns(envs, act, episodes=args.eval_episodes, seed=args.seed)["episode_return"]
+        result = evaluate_returns(envs, act, episodes=args.val_episodes, seed=args.seed)["episode_return"]
         policy.train(was_training)
         return float(result)
 
@@ -149,7 +149,7 @@ def main(args: Args) -> None:
             })  # fmt: skip
             print(f"{algo} on {reward}: " + ", ".join(f"{step}: {s:.4f}" for step, s in curve), flush=True)
 
-    print(f"\nbudget {args.budget}, fixed evaluation: {args.eval_episodes} x {args.num_envs} val episodes, the mode's")
+    print(f"\nbudget {args.budget}, fixed evaluation: {args.val_episodes} x {args.num_envs} val episodes, the mode's")
     print("vs_random return (loss under random masks of the same counts minus the agent's; end: mean of the last two)")
     formats = {"start": ".4f", "end": ".4f", "best": ".4f", "transitions": "d", "seconds": ".0f"}
     print(markdown_table(rows, list(rows[0]), formats=formats, left=["learner", "reward"]))
