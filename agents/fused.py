@@ -85,11 +85,12 @@ class FusedBudgetAgent(nn.Module):
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {budget}")
         if policy.use_cls_attn:
-            for layer in pv.prune_layers:
-                blk = pv.model.blocks[layer - 1]
+            for stage in range(pv.num_stages):
+                block, _ = pv.attention_source(stage)
+                blk = pv.model.blocks[block]
                 if type(blk) is not Block or type(blk.attn) is not Attention or blk.attn.gate is not None:
                     raise ValueError(
-                        f"block {layer - 1} is a {type(blk).__name__} with {type(blk.attn).__name__}: the fused path "
+                        f"block {block} is a {type(blk).__name__} with {type(blk.attn).__name__}: the fused path "
                         "reads the class attention of timm's Block and Attention only"
                     )
         self.pv, self.policy, self.budget = pv, policy, float(budget)
@@ -107,13 +108,16 @@ class FusedBudgetAgent(nn.Module):
         (B, M_k) long in raster order (``kept_masks`` turns them into masks)."""
         pv, m = self.pv, self.pv.model
         p, bounds, has_cls = pv.num_prefix_tokens, pv.stage_bounds, m.cls_token is not None
-        x = pv.embed(images).x  # (B, P + N, C)
+        embedded = pv.embed(images)
+        x = embedded.x  # (B, P + N, C)
         b, c = x.shape[0], x.shape[-1]
         pos = self.positions.expand(b, -1)
         kept = []
         for stage, count in enumerate(self.counts):
             cls_attn = None
-            if self.policy.use_cls_attn:
+            if self.policy.use_cls_attn and bounds[stage + 1] == 0:  # before block 0: what block 0 will attend to
+                cls_attn = pv.cls_attention(embedded, 0)
+            elif self.policy.use_cls_attn:
                 x = m.blocks[bounds[stage] : bounds[stage + 1] - 1](x)
                 x, cls_attn = block_with_cls_attention(m.blocks[bounds[stage + 1] - 1], x, p, has_cls)
             else:

@@ -209,7 +209,7 @@ def test_bad_construction_is_clear_error():
     with pytest.raises(ValueError, match="strictly increasing"):
         _build("vit", prune_layers=(2, 1))
     with pytest.raises(ValueError, match="strictly increasing"):
-        _build("vit", prune_layers=(0, 2))
+        _build("vit", prune_layers=(-1, 2))
     with pytest.raises(ValueError, match="min_keep"):
         _build("avg_pool", min_keep=0)
 
@@ -312,3 +312,28 @@ def test_rows_with_equal_counts_take_the_unpadded_path():
     assert pruned.x.shape[1] == pv.num_prefix_tokens + 7 and pruned.key_mask() is None
     keep[0, keep[0].nonzero()[0]] = False  # one row one token short: padded and masked
     assert pv.prune(state, keep, "gathered").key_mask() is not None
+
+
+def test_a_stage_before_block_0_prunes_the_embedded_patches_and_reaches_budgets_below_one_block():
+    from agents.baselines import ClsAttentionTopK
+    from apt_env.eval.evaluate import budget_keep_ratio, forward_policy
+    from apt_env.models.flops import FlopCounter
+
+    torch.manual_seed(0)
+    pv = _build("vit", prune_layers=(0, 2, 3)).eval()
+    images = torch.randn(3, *pv.input_size)
+    masks = [torch.rand(3, pv.num_patches) < 0.5 for _ in range(3)]
+    with torch.no_grad():
+        torch.testing.assert_close(pv(images, masks, mode="masked"), pv(images, masks, mode="gathered"))
+        state, attn = pv.advance_to_stage(pv.embed(images), 0, take_attn=True)
+        torch.testing.assert_close(state.x, pv.embed(images).x)  # no block has run
+        torch.testing.assert_close(attn, pv.cls_attention(pv.embed(images), 0))  # what block 0 will attend to
+    assert pv.attention_source(0) == (0, False) and pv.attention_source(1)[0] == 1
+    # Below the cost of one block, which a first stage before block 1 cannot go under (block 0 runs dense).
+    counter, reached = FlopCounter(pv.model), []
+    for model in (pv, pv.with_pruning(prune_layers=(1, 2, 3))):
+        keep = ClsAttentionTopK(budget_keep_ratio(model, 0.05)).act
+        with torch.no_grad():
+            _, kept, _ = forward_policy(model, images, keep, obs_keys=("cls_attn", "keep", "stage"))
+        reached.append(float(counter(kept + model.num_prefix_tokens).mean()) / counter.dense())
+    assert reached[0] < 1 / pv.depth <= reached[1], reached

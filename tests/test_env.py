@@ -294,11 +294,11 @@ def model_specs(tmp_path_factory) -> dict:
     [
         (
             dict(prune_layers=(3, 1)),
-            r"prune_layers must be strictly increasing block indices in \[1, 3\].*got \(3, 1\)",
+            r"prune_layers must be strictly increasing block indices in \[0, 3\].*got \(3, 1\)",
         ),
-        (dict(prune_layers=(0, 3)), r"in \[1, 3\].*got \(0, 3\)"),
-        (dict(prune_layers=(1, 4)), r"in \[1, 3\].*got \(1, 4\)"),
-        (dict(prune_layers=(1.5, 3)), r"in \[1, 3\].*got \(1.5, 3\)"),
+        (dict(prune_layers=(-1, 3)), r"in \[0, 3\].*got \(-1, 3\)"),
+        (dict(prune_layers=(1, 4)), r"in \[0, 3\].*got \(1, 4\)"),
+        (dict(prune_layers=(1.5, 3)), r"in \[0, 3\].*got \(1.5, 3\)"),
         (dict(min_keep=500), r"min_keep must be an integer in \[1, 16\].*got 500"),
         (dict(min_keep=0), r"min_keep must be an integer in \[1, 16\].*pools the patch tokens.*got 0"),
     ],
@@ -472,3 +472,16 @@ def test_model_and_dataset_that_do_not_fit_are_named(tmp_path, caplog):
         APTPruneVectorEnv(2, model=str(path), dataset="synthetic")
         APTPruneVectorEnv(2, **TINY)
     assert "trained on digits" in caplog.text and "built untrained" in caplog.text
+
+
+def test_a_first_stage_before_block_0_observes_the_embedded_patches_and_passes_the_checker():
+    from apt_env.envs.env import APTPruneEnv
+
+    env = APTPruneEnv(**TINY, prune_layers=(0, 2, 3), budget=(0.1, 1.0))
+    check_env(env.unwrapped, skip_render_check=True)
+    envs = tiny_envs(4, prune_layers=(0, 2, 3), budget=0.1)
+    obs, _ = envs.reset(seed=0)
+    assert (obs["cls_attn"] > 0).all() and (obs["cls_attn"].sum(1) < 1).all()  # block 0 attends to every patch
+    for _ in range(3):
+        obs, reward, terminated, truncated, info = envs.step(envs.action_space.sample())
+    assert terminated.all() and np.isfinite(reward).all()

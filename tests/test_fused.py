@@ -25,8 +25,10 @@ def tiny(position_prior: float = 2.0, **options) -> tuple[PrunableViT, APTPolicy
 
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
 @pytest.mark.parametrize("cls_attn", [True, False])
-def test_fused_logits_and_masks_are_the_walks(budget, cls_attn):
+@pytest.mark.parametrize("prune_layers", [None, (0, 2, 3)])
+def test_fused_logits_and_masks_are_the_walks(budget, cls_attn, prune_layers):
     pv, policy = tiny(use_cls_attn=cls_attn)
+    pv = pv.with_pruning(prune_layers=prune_layers)  # (0, ...): the first stage before any block
     images = torch.randn(5, 1, 16, 16)
     keys = KEYS if cls_attn else tuple(k for k in KEYS if k != "cls_attn")
     with torch.inference_mode():

@@ -86,7 +86,7 @@ def test_train_backbone_resamples_only_when_asked(tmp_path):
 
 @pytest.mark.parametrize(
     ("key", "value", "names"),
-    [("prune_layers", [1, 2, 9], r"\[1, 3\].*4 blocks.*\[1, 2, 9\]"), ("min_keep", 65, r"\[0, 64\].*65")],
+    [("prune_layers", [1, 2, 9], r"\[0, 3\].*4 blocks.*\[1, 2, 9\]"), ("min_keep", 65, r"\[0, 64\].*65")],
 )
 def test_a_checkpoint_whose_pruning_does_not_fit_its_model_names_both(tmp_path, key, value, names):
     import json

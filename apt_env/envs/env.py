@@ -159,7 +159,8 @@ class APTPruneVectorEnv(VectorEnv):
     * ``dataset``, ``split``, ``data_root``: a dataset from ``apt_env.data`` and where it lives, preprocessed as
       the backbone says (``PrunableViT.data_config``: a checkpoint's recorded one, a ``PrunableViT``'s own); a model
       built here untrained (a timm name, ``(name, kwargs)``, a module) takes the dataset's statistics.
-    * ``prune_layers``: blocks before which the stages prune, strictly increasing in ``[1, depth - 1]``.
+    * ``prune_layers``: blocks before which the stages prune, strictly increasing in ``[0, depth - 1]`` (0: the
+      embedded patches, before any block).
     * ``reward``: ``"loss_delta"``, ``"prob_delta"`` or ``"vs_random"``; ``flops_weight``: weight of
       the compute term.
     * ``budget``: ``None`` (no budget, the default), a fraction in ``(0, 1]`` of the dense backbone's

@@ -301,10 +301,8 @@ def _decision_gflops(pv: PrunableViT, contender: Contender) -> Callable[[Tensor,
     product of the attention with the live tokens per stage, ``embed_dim`` per token."""
     attn = []
     if contender.keep_fn is not None and ("cls_attn" in contender.obs_keys or contender.fuse):
-        attn = [
-            (layer - 1, *cls_attention_flops(pv.model, layer - 1, from_qkv=pv.reads_attention_from_qkv(layer - 1)))
-            for layer in pv.prune_layers
-        ]
+        sources = [pv.attention_source(stage) for stage in range(pv.num_stages)]
+        attn = [(block, *cls_attention_flops(pv.model, block, from_qkv=from_qkv)) for block, from_qkv in sources]
     own = contender.policy_flops(pv)
 
     def cost(live: Tensor, entering: Tensor) -> Tensor:

@@ -86,7 +86,9 @@ class PrunableViT(nn.Module):
         model: a timm ``VisionTransformer`` (or subclass: DeiT distilled, register tokens, average
             or attention pooling).
         prune_layers: block indices before which pruning happens, strictly increasing in
-            ``[1, depth - 1]``; default three evenly spaced blocks.
+            ``[0, depth - 1]``; default three evenly spaced blocks. 0 prunes the embedded patches before any block
+            (observed with the class attention block 0 is about to compute: ``attention_source``), so that budgets
+            below the cost of the first block are reachable.
         min_keep: the least number of patch tokens a row keeps, in ``[0, num_patches]`` for a
             class-token classifier and ``[1, num_patches]`` for a model that pools its patch tokens.
             When a mask leaves a row fewer, the row keeps the tokens the mask kept plus those it
@@ -203,7 +205,7 @@ class PrunableViT(nn.Module):
     def _check_prune_layers(self, prune_layers: Sequence[int] | None) -> tuple[int, ...]:
         if prune_layers is None:
             return default_prune_layers(self.depth)
-        valid = f"strictly increasing block indices in [1, {self.depth - 1}] (the model has {self.depth} blocks)"
+        valid = f"strictly increasing block indices in [0, {self.depth - 1}] (the model has {self.depth} blocks)"
         try:
             layers = tuple(prune_layers)
         except TypeError:
@@ -212,7 +214,7 @@ class PrunableViT(nn.Module):
             not layers
             or not all(_is_int(i) for i in layers)
             or any(b <= a for a, b in zip(layers, layers[1:]))
-            or not 1 <= layers[0] <= layers[-1] < self.depth
+            or not 0 <= layers[0] <= layers[-1] < self.depth
         ):
             raise ValueError(f"prune_layers must be {valid}, got {prune_layers!r}")
         return tuple(int(i) for i in layers)
@@ -462,12 +464,23 @@ class PrunableViT(nn.Module):
         start, end = self.stage_bounds[stage], self.stage_bounds[stage + 1]
         if not take_attn:
             return self.run_blocks(state, start, end), None
-        state = self.run_blocks(state, start, end - 1)
-        if self.reads_attention_from_qkv(end - 1):
-            return self._run_reading_attention(state, end - 1)
+        block, from_qkv = self.attention_source(stage)
+        state = self.run_blocks(state, start, min(block, end))
+        if from_qkv:
+            return self._run_reading_attention(state, block)
         with torch.no_grad():
-            attn = self.cls_attention(state, end - 1)
-        return self.run_blocks(state, end - 1, end), attn
+            attn = self.cls_attention(state, block)
+        return self.run_blocks(state, min(block, end), end), attn
+
+    def attention_source(self, stage: int) -> tuple[int, bool]:
+        """The block whose class attention stage ``stage`` observes, and whether it is read from that block's own
+        ``qkv`` as the block runs (``reads_attention_from_qkv``). The last block before the stage; for a stage
+        before block 0 (``prune_layers[0] == 0``), block 0's attention over the embedded tokens, computed apart by
+        ``cls_attention`` before the block runs (what block 0 is about to attend to)."""
+        layer = self.prune_layers[stage]
+        if layer == 0:
+            return 0, False
+        return layer - 1, self.reads_attention_from_qkv(layer - 1)
 
     # -- whole pass -----------------------------------------------------------------------------
 
