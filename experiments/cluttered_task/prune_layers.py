@@ -38,7 +38,7 @@ class Args:
     """the backbone checkpoint (trained on the cluttered task)"""
     dataset: str = "cluttered-fashion-mnist"
     """a dataset whose images know their object's box"""
-    layers: tuple[str, ...] = ("1,3,4", "1,2,3", "1,2,4", "2,3,4", "1,2,3,4", "1,3", "1,2", "2,4", "1", "2")
+    layers: tuple[str, ...] = ("1,3,4", "1,2,3", "1,2,4", "1,2", "0,2,4", "0,1,3", "0,2,3", "0,3", "0,2", "0")
     """candidate sets of pruning layers, each comma-separated"""
     budget: float = 0.25
     """the fraction of the dense backbone's GFLOPs every set is run at"""
