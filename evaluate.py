@@ -392,6 +392,28 @@ def fused_token_text(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def speed_per_gflop_text(rows: list[dict]) -> str:
+    """Merging against pruning on this machine: at each budget ToMe reaches, the measured img/s over the dense model's
+    against the speed-up its GFLOPs promise (dense GFLOPs over the row's, its own cost included), for ToMe, random
+    tokens and class-attention top-k, at batch 256 and 1. An efficiency of 1 turns every GFLOP saved into time."""
+    dense = next(r for r in rows if r["role"] == "dense")
+    by_key = {(r["role"], r["rule"], r["budget"]): r for r in rows}
+    lines = []
+    for tome in (r for r in rows if r["rule"] == TOME):
+        parts = []
+        for rule in (TOME, "random", CLS_TOPK):
+            r = by_key.get(("heuristic", rule, tome["budget"]))
+            if r is None:
+                continue
+            promised = dense["gflops"] / r["gflops"]
+            measured = [r[f"img_per_s_{b}"] / dense[f"img_per_s_{b}"] for b in ("b256", "b1")]
+            parts.append(f"{rule} {measured[0]:.2f}x / {measured[1]:.2f}x of {promised:.2f}x (efficiency "
+                         f"{measured[0] / promised:.2f} / {measured[1] / promised:.2f})")  # fmt: skip
+        lines.append(f"budget {tome['budget']:.3g}, img/s over dense at batch 256 / 1 of the GFLOPs' speed-up: "
+                     + "; ".join(parts))  # fmt: skip
+    return "\n".join(lines)
+
+
 REPLAY_RECORDED = ("top1", "gflops_backbone")
 """What a replay file records of its evaluation, printed and written beside the replayed figures."""
 
@@ -588,6 +610,7 @@ def main(args: Args) -> dict[str, dict]:
     print(decision_cost_text(rows, physical_speed))
     print(equal_compute_text(rows))
     print(fused_token_text(rows))
+    print(speed_per_gflop_text(rows))
     print(f"\nwrote {out}/results.csv, results.md, tradeoff.png, masks.png")
     return {r["policy"]: r for r in rows}
 

@@ -355,3 +355,16 @@ def test_on_the_cluttered_task_the_object_box_oracle_runs_at_the_agents_counts(t
         assert oracle["gflops_backbone"] == pytest.approx(by_agent["gflops_backbone"])
     assert not any(name.startswith("object-box oracle") for name in module.main(_args(module, tmp_path, model, agent,
                    budgets=(0.3,), picture_budget=0.3, fused=False)))  # fmt: skip
+
+
+def test_merging_and_pruning_are_compared_by_the_speed_each_gflop_saved_buys():
+    module = load_script("evaluate")
+
+    def row(role, rule, budget, gflops, b256, b1):
+        return dict(role=role, rule=rule, budget=budget, gflops=gflops, img_per_s_b256=b256, img_per_s_b1=b1)
+
+    rows = [row("dense", "dense", 1.0, 1.0, 100.0, 10.0), row("heuristic", "ToMe", 0.5, 0.5, 150.0, 12.0),
+            row("heuristic", "random", 0.5, 0.5, 200.0, 10.0)]  # fmt: skip
+    text = module.speed_per_gflop_text(rows)
+    assert "ToMe 1.50x / 1.20x of 2.00x (efficiency 0.75 / 0.60)" in text
+    assert "random 2.00x / 1.00x of 2.00x (efficiency 1.00 / 0.50)" in text
