@@ -511,6 +511,17 @@ def decision_cost_text(rows: list[dict], physical: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def shown(path: str | None) -> str:
+    """A path as a results file shows it: relative to the working directory where it lies below it, so that no file
+    that ships names the machine that made it."""
+    if path is None:
+        return "none"
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def command(args: Args) -> str:
     """The command line that gives ``args`` (the flags that differ from the defaults)."""
     flags = []
@@ -590,7 +601,7 @@ def main(args: Args) -> dict[str, dict]:
     write_csv(out / "results.csv", rows, COLUMNS)
     table = markdown_table(rows, COLUMNS)
     header = (
-        f"`{command(args)}`: {args.model} + {args.agent} on {source}; "
+        f"`{command(args)}`: {shown(args.model)} + {shown(args.agent)} on {source}; "
         f"timings on {torch.get_num_threads()} threads, batch 256 = {len(timing)} images\n\n"
     )
     (out / "results.md").write_text(header + table + "\n")

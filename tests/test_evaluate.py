@@ -368,3 +368,12 @@ def test_merging_and_pruning_are_compared_by_the_speed_each_gflop_saved_buys():
     text = module.speed_per_gflop_text(rows)
     assert "ToMe 1.50x / 1.20x of 2.00x (efficiency 0.75 / 0.60)" in text
     assert "random 2.00x / 1.00x of 2.00x (efficiency 1.00 / 0.50)" in text
+
+
+def test_results_files_show_paths_below_the_working_directory_relative(monkeypatch, tmp_path):
+    from apt_env.defaults import DEFAULT_CHECKPOINT
+
+    module = load_script("evaluate")
+    monkeypatch.chdir(DEFAULT_CHECKPOINT.parents[2])  # the repository
+    assert module.shown(str(DEFAULT_CHECKPOINT)) == "apt_env/assets/default"
+    assert module.shown(str(tmp_path)) == str(tmp_path)  # elsewhere: as given
