@@ -81,7 +81,7 @@ class DitherGrid:
 
     Args:
         keep_ratio: fraction in (0, 1] of the live tokens kept (rounded half up, at least one).
-        grid: the (H, W) patch grid, e.g. ``pv.model.patch_embed.grid_size``.
+        grid: the (H, W) patch grid, e.g. ``pv.grid_size``.
     """
 
     def __init__(self, keep_ratio: float, grid: tuple[int, int]) -> None:

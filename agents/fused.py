@@ -4,7 +4,8 @@ At a fixed budget every image keeps the same number of patch tokens at each stag
 (``apt_env.envs.observe.BudgetKeepRatio``'s counting), so the whole decision path has fixed shapes: the agent scores the
 live tokens as one (B, M, C) batch (no scatter back to the N patch positions, no mask, no ``nonzero``), a ``topk``
 of the known count picks the tokens, one gather removes the others, and nothing waits on the host. The blocks are
-timm's own; the block before each stage also hands out its class attention, from the ``qkv`` it computes anyway.
+timm's own; the block before each stage also hands out its class attention, from the ``qkv`` it computes anyway
+(``PrunableViT.block_with_cls_attention``: the engine runs it).
 The result can be compiled whole (``torch.compile``).
 
     fused = FusedBudgetAgent(pv, policy, budget=0.5).eval()
@@ -18,8 +19,6 @@ rounding, ties between equal logits aside. It is built for the weights it is giv
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from timm.models.vision_transformer import Attention, Block
 from torch import Tensor, nn
 
 from agents.policy import APTPolicy
@@ -37,22 +36,6 @@ def static_counts(pv: PrunableViT, budget: float) -> tuple[int, ...]:
         live = keep_count(live, ratio, pv.min_keep)
         counts.append(int(live))
     return tuple(counts)
-
-
-def block_with_cls_attention(blk: Block, x: Tensor, num_prefix_tokens: int, has_cls: bool) -> tuple[Tensor, Tensor]:
-    """timm's ``Block.forward`` on ``x`` (B, T, C), and the class query's attention over the patch tokens, mean over
-    heads (B, T - P), from the same ``qkv``; without a class token the query is the patch queries' mean."""
-    attn, p = blk.attn, num_prefix_tokens
-    b, t, _ = x.shape
-    qkv = attn.qkv(blk.norm1(x)).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    query = q[:, :, :1] if has_cls else q[:, :, p:].mean(2, keepdim=True)  # (B, H, 1, D)
-    cls_attn = ((query @ k.transpose(-2, -1)) * attn.scale).softmax(-1).mean(1)[:, 0, p:]
-    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, attn.attn_dim)
-    out = attn.proj_drop(attn.proj(attn.norm(out)))
-    x = x + blk.drop_path1(blk.ls1(out))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))), cls_attn
 
 
 class FusedBudgetAgent(nn.Module):
@@ -87,11 +70,10 @@ class FusedBudgetAgent(nn.Module):
         if policy.use_cls_attn:
             for stage in range(pv.num_stages):
                 block, _ = pv.attention_source(stage)
-                blk = pv.model.blocks[block]
-                if type(blk) is not Block or type(blk.attn) is not Attention or blk.attn.gate is not None:
+                if not pv.runs_block_with_cls_attention(block):
                     raise ValueError(
-                        f"block {block} is a {type(blk).__name__} with {type(blk.attn).__name__}: the fused path "
-                        "reads the class attention of timm's Block and Attention only"
+                        f"block {block} is not timm's Block with its Attention: the fused path reads the class "
+                        "attention of those only"
                     )
         self.pv, self.policy, self.budget = pv, policy, float(budget)
         self.counts = static_counts(pv, budget)
@@ -106,22 +88,21 @@ class FusedBudgetAgent(nn.Module):
     def forward(self, images: Tensor, return_positions: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (B, classes); with ``return_positions`` also the patch positions kept after each stage, a list of
         (B, M_k) long in raster order (``kept_masks`` turns them into masks)."""
-        pv, m = self.pv, self.pv.model
-        p, bounds, has_cls = pv.num_prefix_tokens, pv.stage_bounds, m.cls_token is not None
-        embedded = pv.embed(images)
-        x = embedded.x  # (B, P + N, C)
+        pv = self.pv
+        p, bounds, has_cls = pv.num_prefix_tokens, pv.stage_bounds, pv.has_cls_token
+        x = pv.embed(images).x  # (B, P + N, C)
         b, c = x.shape[0], x.shape[-1]
         pos = self.positions.expand(b, -1)
         kept = []
         for stage, count in enumerate(self.counts):
             cls_attn = None
             if self.policy.use_cls_attn and bounds[stage + 1] == 0:  # before block 0: what block 0 will attend to
-                cls_attn = pv.cls_attention(embedded, 0)
+                cls_attn = pv.cls_attention_before(0, x)
             elif self.policy.use_cls_attn:
-                x = m.blocks[bounds[stage] : bounds[stage + 1] - 1](x)
-                x, cls_attn = block_with_cls_attention(m.blocks[bounds[stage + 1] - 1], x, p, has_cls)
+                x = pv.dense_blocks(x, bounds[stage], bounds[stage + 1] - 1)
+                x, cls_attn = pv.block_with_cls_attention(bounds[stage + 1] - 1, x)
             else:
-                x = m.blocks[bounds[stage] : bounds[stage + 1]](x)
+                x = pv.dense_blocks(x, bounds[stage], bounds[stage + 1])
             patches = x[:, p:]
             cls = x[:, 0] if has_cls else patches.mean(1)
             scores = self.policy.equal_count_logits(
@@ -131,8 +112,7 @@ class FusedBudgetAgent(nn.Module):
             pos = pos.gather(1, top)
             x = torch.cat([x[:, :p], patches.gather(1, top.unsqueeze(-1).expand(-1, -1, c))], dim=1)
             kept.append(pos)
-        x = m.blocks[bounds[-2] :](x)
-        logits = m.forward_head(m.norm(x))
+        logits = pv.dense_head(pv.dense_blocks(x, bounds[-2], pv.depth))
         return (logits, kept) if return_positions else logits
 
 

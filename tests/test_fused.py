@@ -55,10 +55,12 @@ def test_a_fused_path_refuses_agents_it_cannot_run():
 
 
 @pytest.mark.parametrize("cls_attn", [True, False])
-def test_the_fused_path_traces_as_one_graph(cls_attn):
+@pytest.mark.parametrize("prune_layers", [None, (0, 2, 3)])
+def test_the_fused_path_traces_as_one_graph(cls_attn, prune_layers):
     """A graph break hands control back to Python between compiled pieces: at batch 1 that costs more than the
     pruning saves. Dynamo's trace (no compiling) finds every break."""
     pv, policy = tiny(use_cls_attn=cls_attn)
+    pv = pv.with_pruning(prune_layers=prune_layers)
     with torch.inference_mode():
         explained = torch._dynamo.explain(FusedBudgetAgent(pv, policy, 0.5))(torch.randn(1, 1, 16, 16))
     assert explained.graph_break_count == 0, [r.reason.splitlines()[0] for r in explained.break_reasons]
@@ -102,3 +104,21 @@ def test_a_fused_row_is_compared_with_the_compiled_dense_model_when_there_is_one
     assert "over dense b256 2.00, b1 1.50; over the dense model compiled b256 1.60, b1 0.75" in text
     compiled = evaluate.CompiledDense(evaluate.DENSE_COMPILED, role="reference", forward=lambda x: x.sum(-1))
     assert torch.equal(compiled.run(None, torch.ones(2, 3))[0], torch.full((2,), 3.0))
+
+
+def test_the_fused_path_runs_timm_blocks_with_layerscale_and_qk_norm_as_the_engine_does():
+    """The static-shape walk asks the engine for every block (``block_with_cls_attention``, ``dense_blocks``): on a ViT
+    with LayerScale and qk-norm its logits are the generic walk's."""
+    torch.manual_seed(0)
+    pv = PrunableViT.from_timm(
+        "vit_small_patch16_224", img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32,
+        num_heads=2, init_values=0.1, qk_norm=True,
+    ).eval()  # fmt: skip
+    policy = APTPolicy(pv.embed_dim, pv.num_patches, pv.num_stages, sampling="topk", use_budget=True, **SMALL).eval()
+    torch.nn.init.normal_(policy.logit_head.weight, std=1.0)
+    images = torch.randn(3, 1, 16, 16)
+    with torch.inference_mode():
+        ref, _, masks = forward_policy(pv, images, lambda o: policy.act(o), obs_keys=KEYS, budget=0.5)
+        logits, positions = FusedBudgetAgent(pv, policy, 0.5)(images, return_positions=True)
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(kept_masks(positions, pv.num_patches), masks)

@@ -114,7 +114,7 @@ def observe(
     if "tokens" in keys:
         obs["tokens"] = state.patch_features(n).float()
     if "cls" in keys:
-        if pv.model.cls_token is not None:
+        if pv.has_cls_token:
             obs["cls"] = state.x[:, 0].to(torch.float32, copy=True)  # not a view of the episode state
         else:
             obs["cls"] = live_mean(state.patches, state.keep).float()

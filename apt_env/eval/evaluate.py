@@ -151,11 +151,11 @@ class DenseAtLengths(Contender):
     def run(self, pv: PrunableViT, images: Tensor, **_: Any) -> tuple[Tensor, Tensor, Tensor]:
         if len(self.lengths) != pv.num_stages:
             raise ValueError(f"need a length for each of {pv.num_stages} stages, got {self.lengths}")
-        m, bounds, p = pv.model, pv.stage_bounds, pv.num_prefix_tokens
-        x = m.blocks[: bounds[1]](pv.embed(images).x)  # timm's own blocks and head: no mask, nothing to wait for
+        bounds, p = pv.stage_bounds, pv.num_prefix_tokens
+        x = pv.dense_blocks(pv.embed(images).x, 0, bounds[1])  # timm's own blocks and head: nothing to wait for
         for stage, length in enumerate(self.lengths):
-            x = m.blocks[bounds[stage + 1] : bounds[stage + 2]](x[:, : p + length])
-        return m.forward_head(m.norm(x)), torch.empty(0), torch.empty(0)
+            x = pv.dense_blocks(x[:, : p + length], bounds[stage + 1], bounds[stage + 2])
+        return pv.dense_head(x), torch.empty(0), torch.empty(0)
 
 
 @dataclass(frozen=True)

@@ -404,12 +404,63 @@ class PrunableViT(nn.Module):
         else:
             k = attn.k_norm(k.reshape(b, t, h, a // h).transpose(1, 2))  # (B, H, T, D)
             scores = (q @ k.transpose(-2, -1)) * attn.scale  # (B, H, 1, T)
-        key_mask = state.key_mask()
-        if key_mask is not None:
-            scores = scores.masked_fill(~key_mask, float("-inf"))
-        probs = scores.softmax(dim=-1).mean(dim=1)[:, 0, state.num_prefix_tokens :]  # (B, L)
+        probs = _class_attention(scores, state.key_mask())[:, state.num_prefix_tokens :]  # (B, L)
         probs = probs * state.keep.to(probs.dtype)
         return probs.new_zeros(b, self.num_patches).scatter(1, state.index, probs)
+
+    @property
+    def has_cls_token(self) -> bool:
+        """Whether the model has a class token (else its class query is the patch tokens' mean)."""
+        return self.model.cls_token is not None
+
+    def dense_blocks(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """timm's blocks ``[start, end)`` on a plain batch ``x`` (B, T, C): nothing masked, padded or gathered, every
+        token of every row live (a static-shape walk, or a batch cut to given lengths)."""
+        return self.model.blocks[start:end](x)
+
+    def dense_head(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's final norm, pooling and classifier on a plain batch ``x`` (B, T, C), every token live."""
+        return self.model.forward_head(self.model.norm(x))
+
+    def runs_block_with_cls_attention(self, block: int) -> bool:
+        """Whether ``block_with_cls_attention`` can run ``block``: timm's ``Block`` with its ``Attention`` (no gate)."""
+        blk = self.model.blocks[block]
+        return type(blk) is Block and type(blk.attn) is Attention and blk.attn.gate is None
+
+    def block_with_cls_attention(self, block: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timm's ``Block`` ``block`` on a plain batch ``x`` (B, T, C), nothing pruned or padded, and the class
+        query's attention over its patch tokens, mean over heads (B, T - P), from the same ``qkv`` (without a class
+        token the query is the patch queries' mean): the static-shape walk of ``agents.fused``, which compiles whole.
+        The block's own modules in ``Block.forward``'s order, as ``packed`` runs them (LayerScale, qk-norm and the
+        attention's norm included), the attention by torch's ``scaled_dot_product_attention``."""
+        blk = self.model.blocks[block]
+        attn, (b, t, _) = blk.attn, x.shape
+        q, k, v = self._static_qkv(block, x)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, attn.attn_dim)
+        x = x + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(attn.norm(out)))))
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))), self._static_cls_row(block, q, k)
+
+    def cls_attention_before(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        """The class query's attention over the patch tokens (B, T - P) that ``block`` is about to compute on a plain
+        batch ``x`` (B, T, C), without running the block: a stage before block 0 on the static-shape walk."""
+        q, k, _ = self._static_qkv(block, x)
+        return self._static_cls_row(block, q, k)
+
+    def _static_qkv(self, block: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``block``'s queries and keys (after qk-norm) and values on a plain batch, each (B, H, T, D)."""
+        if not self.runs_block_with_cls_attention(block):
+            raise ValueError(f"block {block} is not timm's Block with its Attention: it has no static-shape walk")
+        blk = self.model.blocks[block]
+        attn, (b, t, _) = blk.attn, x.shape
+        qkv = attn.qkv(blk.norm1(x)).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return attn.q_norm(q), attn.k_norm(k), v
+
+    def _static_cls_row(self, block: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The class query's attention over the patch tokens (B, T - P) from ``_static_qkv``'s queries and keys."""
+        p = self.num_prefix_tokens
+        query = q[:, :, :1] if self.has_cls_token else q[:, :, p:].mean(2, keepdim=True)  # (B, H, 1, D)
+        return _class_attention((query @ k.transpose(-2, -1)) * self.model.blocks[block].attn.scale, None)[:, p:]
 
     def reads_attention_from_qkv(self, block: int) -> bool:
         """Whether ``advance_to_stage`` takes ``block``'s class attention from the block's own ``qkv`` output
@@ -648,6 +699,14 @@ class PrunableViT(nn.Module):
             raise ValueError(f"keep mask must have dtype torch.bool, got {mask.dtype}")
         if mask.layout != torch.strided or mask.is_meta:
             raise ValueError(f"keep mask must be a dense tensor with data, got layout {mask.layout} on {mask.device}")
+
+
+def _class_attention(scores: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """The class query's attention: its scores over the keys (B, H, 1, T) with masked keys out, softmax over keys,
+    mean over heads (B, T). The one form every reading of the class attention ends in."""
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    return scores.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
 def _is_int(value: object) -> bool:
