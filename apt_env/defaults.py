@@ -4,6 +4,7 @@ from pathlib import Path
 
 __all__ = [
     "ASSETS",
+    "CLUTTERED_PLAIN_CHECKPOINT",
     "DEFAULT_AGENT",
     "DEFAULT_CHECKPOINT",
     "JOINT_AGENT",
@@ -33,3 +34,8 @@ weights, trained plainly, then fine-tuned jointly with ``P2_AGENT``. ``APTPrune1
 
 P2_AGENT = ASSETS / "p2_agent"
 """The budget-conditioned agent trained jointly with ``P2_CHECKPOINT``."""
+
+CLUTTERED_PLAIN_CHECKPOINT = ASSETS / "cluttered_plain"
+"""The plain ViT of the cluttered task (``vit_apt_tiny_patch4_56``, 196 tokens on the 56 px canvas of
+``cluttered-fashion-mnist``): ``PLAIN_CHECKPOINT``'s weights with the position embedding resampled to the larger grid,
+trained plainly on the task. Where joint training on the task starts."""

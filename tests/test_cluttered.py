@@ -162,3 +162,20 @@ def test_the_object_box_oracle_keeps_the_policys_counts_exactly_and_the_boxs_tok
             else:
                 assert not (live[row] & box[row] & ~kept[row]).any()  # the whole box, then the rest
         live = kept
+
+
+def test_the_shipped_cluttered_backbone_runs_the_env_on_the_task_and_refuses_another_canvas() -> None:
+    import timm
+
+    from apt_env.defaults import CLUTTERED_PLAIN_CHECKPOINT
+    from apt_env.envs.env import APTPruneVectorEnv
+
+    model = timm.create_model(f"local-dir:{CLUTTERED_PLAIN_CHECKPOINT}", pretrained=True)
+    assert model.patch_embed.img_size == (56, 56) and model.patch_embed.num_patches == 196
+    envs = APTPruneVectorEnv(2, model=str(CLUTTERED_PLAIN_CHECKPOINT), dataset="cluttered-fashion-mnist")
+    obs, _ = envs.reset(seed=0)
+    assert obs["tokens"].shape == (2, 196, 128)
+    obs, reward, *_ = envs.step(envs.action_space.sample())
+    assert reward.shape == (2,)
+    with pytest.raises(ValueError, match="the canvas is 60 px but the model takes 56 px"):
+        APTPruneVectorEnv(2, model=str(CLUTTERED_PLAIN_CHECKPOINT), dataset="cluttered-fashion-mnist:canvas=60")
