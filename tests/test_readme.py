@@ -27,3 +27,24 @@ def test_readme_block_runs(index, tmp_path):
         env={"PYTHONPATH": str(README.parent), "PATH": "", "OMP_NUM_THREADS": "2", "HOME": str(tmp_path)},
     )
     assert proc.returncode == 0, f"README block {index}:\n{BLOCKS[index]}\n{proc.stderr[-3000:]}"
+
+
+def test_the_readmes_merging_table_is_the_generated_results_file():
+    """The README's numbers come from a file `evaluate.py` wrote (docs/results/default.csv), not retyped."""
+    import csv
+
+    rows = {r["policy"]: r for r in csv.DictReader((README.parent / "docs/results/default.csv").open())}
+    dense = rows["dense"]
+    section = README.read_text().split("### Token merging beside pruning", 1)[1].split("\n\n", 3)[2]
+    lines = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| policy")]
+    assert len(lines) == 13
+    for line in lines:
+        name, top1, gflops, speed = (cell.strip() for cell in line.strip("|").split("|"))
+        r = rows[name]
+        assert (
+            top1
+            == f"{100 * float(r['top1']):.2f} [{100 * float(r['top1_low']):.2f}, {100 * float(r['top1_high']):.2f}]"
+        )
+        assert gflops == f"{float(r['gflops']):.4f}"
+        ratios = [float(r[f"img_per_s_{b}"]) / float(dense[f"img_per_s_{b}"]) for b in ("b256", "b1")]
+        assert speed == f"{ratios[0]:.2f} / {ratios[1]:.2f}"
