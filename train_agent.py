@@ -34,11 +34,11 @@ from stable_baselines3.common.vec_env import VecMonitor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from agents.build import AgentArgs, build_policy, sampling_for
+from agents.build import AgentArgs, build_policy, load_agent_for, sampling_for
 from agents.calibrate import calibrate_on_val
 from agents.compare import compare_policies, format_comparison
 from agents.distill import Distiller
-from agents.io import load_policy, save_policy
+from agents.io import save_policy
 from agents.policy import APTPolicy
 from agents.ppo import NativePPO
 from agents.sb3_policy import APTActorCriticPolicy
@@ -143,19 +143,10 @@ def learning_rate(args: Args) -> float:
     return 2e-3 if args.algo == "distill" else 3e-4
 
 
-def load_agent_for(args: Args, envs: APTPruneVectorEnv, path: str, what: str) -> APTPolicy:
-    """An agent folder checked against the env: its tokens, and a budget exactly when it reads one."""
-    policy = load_policy(path, observation_space=envs.single_observation_space, device=envs.device)
-    if policy.use_budget != (args.budget is not None):
-        need = "needs --budget LOW HIGH" if policy.use_budget else "reads no budget: drop --budget"
-        raise ValueError(f"{what} {path} {need}")
-    return policy
-
-
 def load_teacher(args: Args, envs: APTPruneVectorEnv) -> APTPolicy:
     """The agent to distil, checked against the env and the run's kind of budget."""
     assert args.teacher is not None
-    teacher = load_agent_for(args, envs, args.teacher, "the teacher")
+    teacher = load_agent_for(args.teacher, envs, "the teacher")
     if (teacher.sampling == "threshold") != args.budget_mean:
         raise ValueError(
             f"the teacher {args.teacher} has sampling {teacher.sampling!r}, for "

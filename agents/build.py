@@ -15,7 +15,7 @@ from agents.io import load_policy
 from agents.policy import APTPolicy
 from apt_env.envs.env import APTPruneVectorEnv
 
-__all__ = ["AgentArgs", "Sampling", "build_policy", "sampling_for"]
+__all__ = ["AgentArgs", "Sampling", "build_policy", "load_agent_for", "sampling_for"]
 
 _logger = logging.getLogger(__name__)
 
@@ -67,6 +67,20 @@ def sampling_for(args: AgentArgs, *, budget: tuple[float, float] | None, budget_
     return sampling
 
 
+def load_agent_for(path: str, envs: APTPruneVectorEnv, what: str) -> APTPolicy:
+    """An agent folder checked against the env: its tokens, and a budget input exactly when the env has budgets.
+
+    Raises:
+        ValueError: an agent sized for other tokens, or one that reads a budget where the env has none (or the
+            reverse), naming ``what`` and ``path``.
+    """
+    policy = load_policy(path, observation_space=envs.single_observation_space, device=envs.device)
+    if policy.use_budget != (envs.budget_range is not None):
+        need = "needs --budget LOW HIGH" if policy.use_budget else "reads no budget: drop --budget"
+        raise ValueError(f"{what} {path} {need}")
+    return policy
+
+
 def build_policy(args: AgentArgs, envs: APTPruneVectorEnv, *, sampling: Sampling) -> APTPolicy:
     """A fresh agent from the flags, or ``--init-agent``'s weights sampled as ``sampling``, on ``envs.device``.
 
@@ -79,10 +93,7 @@ def build_policy(args: AgentArgs, envs: APTPruneVectorEnv, *, sampling: Sampling
             envs, hidden=args.hidden, qk_dim=args.qk_dim, init_keep_prob=args.init_keep_prob, sampling=sampling,
             mixer=args.mixer, position_prior=args.position_prior or 0.0,
         ).to(envs.device)  # fmt: skip
-    start = load_policy(args.init_agent, observation_space=envs.single_observation_space, device=envs.device)
-    if start.use_budget != (envs.budget_range is not None):
-        need = "needs --budget LOW HIGH" if start.use_budget else "reads no budget: drop --budget"
-        raise ValueError(f"--init-agent {args.init_agent} {need}")
+    start = load_agent_for(args.init_agent, envs, "--init-agent")
     prior = start.position_prior if args.position_prior is None else args.position_prior
     calibration = start.calibration if start.sampling == sampling == "threshold" else None
     policy = APTPolicy.from_config(

@@ -35,7 +35,7 @@ from apt_env.atomic import write_file
 from apt_env.envs.observe import OBS_KEYS, BudgetKeepRatio, KeepFn, walk
 from apt_env.models.backbone import Mode, PrunableViT
 from apt_env.models.flops import FlopCounter, cls_attention_flops
-from apt_env.models.merging import check_schedule, merged_counts
+from apt_env.models.merging import merged_counts
 from apt_env.models.tokens import TokenState, random_count, top_count
 from apt_env.train.state import load_train_state
 
@@ -182,7 +182,7 @@ class Merged(Contender):
 
     def run(self, pv: PrunableViT, images: Tensor, **_: Any) -> tuple[Tensor, Tensor, Tensor]:
         m = self.model or pv
-        counts = merged_counts(m.num_patches, check_schedule(self.schedule, m.depth, m.num_patches))[:-1]
+        counts = merged_counts(m.num_patches, self.schedule)[:-1]  # forward_merged checks the schedule
         b = images.shape[0]
         entering = torch.tensor(counts, device=images.device).expand(b, -1)
         masks = torch.ones(b, m.num_stages, m.num_patches, dtype=torch.bool, device=images.device)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -41,6 +40,7 @@ from apt_env.models.merging import (
     bipartite_soft_matching,
     check_schedule,
     fuse_pruned,
+    is_int,
     merge_tokens,
     weighted_mean,
 )
@@ -129,7 +129,7 @@ class PrunableViT(nn.Module):
             raise ValueError(
                 f"cannot prune a model of {len(model.blocks)} block(s): stages prune before blocks 1 to depth-1"
             )
-        if not _is_int(bucket_rows) or bucket_rows < 1:
+        if not is_int(bucket_rows) or bucket_rows < 1:
             raise ValueError(f"bucket_rows must be a positive integer (rows per length bucket), got {bucket_rows!r}")
         self.model = model
         self.depth = len(model.blocks)
@@ -212,7 +212,7 @@ class PrunableViT(nn.Module):
             layers = ()
         if (
             not layers
-            or not all(_is_int(i) for i in layers)
+            or not all(is_int(i) for i in layers)
             or any(b <= a for a, b in zip(layers, layers[1:]))
             or not 0 <= layers[0] <= layers[-1] < self.depth
         ):
@@ -223,7 +223,7 @@ class PrunableViT(nn.Module):
         m = self.model
         # Pooling over patch tokens needs one of them; a class-token classifier can drop them all.
         low = 0 if m.cls_token is not None and m.global_pool == "token" else 1
-        if not _is_int(min_keep) or not low <= min_keep <= self.num_patches:
+        if not is_int(min_keep) or not low <= min_keep <= self.num_patches:
             why = "" if low == 0 else f", at least 1 as global_pool={m.global_pool!r} pools the patch tokens"
             raise ValueError(
                 f"min_keep must be an integer in [{low}, {self.num_patches}] (patch tokens per image{why}), "
@@ -382,7 +382,7 @@ class PrunableViT(nn.Module):
         a = attn.qkv.out_features // 3
         w, bias = attn.qkv.weight, attn.qkv.bias
         k = F.linear(x, w[a : 2 * a], None if bias is None else bias[a : 2 * a])
-        if self.model.cls_token is not None:
+        if self.has_cls_token:
             xq = x[:, :1]
         else:
             xq = live_mean(x[:, state.num_prefix_tokens :], state.keep).unsqueeze(1)
@@ -481,7 +481,7 @@ class PrunableViT(nn.Module):
                 a = qkv.shape[-1] // 3
                 qkv = qkv[:, : part.x.shape[1]]  # the slots of the part, without padding added for the attention
                 with torch.no_grad():
-                    if self.model.cls_token is not None:
+                    if self.has_cls_token:
                         q = qkv[:, :1, :a]
                     else:  # the query of the live patches' mean: the projection is affine, so their queries' mean
                         q = live_mean(qkv[:, part.num_prefix_tokens :, :a], part.keep).unsqueeze(1)
@@ -516,12 +516,12 @@ class PrunableViT(nn.Module):
         if not take_attn:
             return self.run_blocks(state, start, end), None
         block, from_qkv = self.attention_source(stage)
-        state = self.run_blocks(state, start, min(block, end))
+        state = self.run_blocks(state, start, block)  # block is end - 1, or 0 (= end) before block 0
         if from_qkv:
             return self._run_reading_attention(state, block)
         with torch.no_grad():
             attn = self.cls_attention(state, block)
-        return self.run_blocks(state, min(block, end), end), attn
+        return self.run_blocks(state, block, end), attn
 
     def attention_source(self, stage: int) -> tuple[int, bool]:
         """The block whose class attention stage ``stage`` observes, and whether it is read from that block's own
@@ -707,10 +707,6 @@ def _class_attention(scores: torch.Tensor, key_mask: torch.Tensor | None) -> tor
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask, float("-inf"))
     return scores.softmax(dim=-1).mean(dim=1)[:, 0]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _weighted_pool(x: torch.Tensor, size: torch.Tensor, pool: str) -> torch.Tensor:

@@ -28,6 +28,7 @@ __all__ = [
     "bipartite_soft_matching",
     "check_schedule",
     "fuse_pruned",
+    "is_int",
     "merge_tokens",
     "merged_counts",
     "weighted_mean",
@@ -153,7 +154,7 @@ def check_schedule(schedule: int | Sequence[int], depth: int, num_patches: int) 
         ValueError: a schedule of the wrong length, an ``r`` that is not a non-negative integer, or one that merges
             more than half of the patch tokens its block has (each named with the limit).
     """
-    if _is_int(schedule):
+    if is_int(schedule):
         rs: tuple = (int(schedule),) * depth
     else:
         try:
@@ -166,7 +167,7 @@ def check_schedule(schedule: int | Sequence[int], depth: int, num_patches: int) 
             raise ValueError(f"a merge schedule has one r per block: {depth} for this model, got {len(rs)}: {rs}")
     length = num_patches
     for block, r in enumerate(rs):
-        if not _is_int(r) or r < 0:
+        if not is_int(r) or r < 0:
             raise ValueError(f"r of block {block} must be a non-negative integer, got {r!r}")
         if r > length // 2:
             raise ValueError(
@@ -195,5 +196,6 @@ def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an integer (numpy's too), not a bool: a count or an index an argument may be."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
