@@ -76,7 +76,6 @@ AGENT_ADAPTIVE = f"{AGENT} (adaptive)"
 AGENT_FUSED = f"{AGENT} (fused)"
 CLS_TOPK = "cls-attn top-k"
 FUSED_TOKEN = " + fused token"
-AGENT_FUSED_TOKEN = f"{AGENT}{FUSED_TOKEN}"
 TOME = "ToMe"
 DENSE_COMPILED = "dense, compiled"
 GRID = "dither grid"
@@ -199,8 +198,8 @@ def agent_contenders(policy: APTPolicy, budgets: dict[float, float], seed: int) 
             for rule, act in rules
         ]
         return rows + [
-            Contender(f"{AGENT_FUSED_TOKEN} @ {b:g}", mode, b, obs_keys=keys, flops=cost, role="agent",
-                      rule=AGENT_FUSED_TOKEN, fuse=True)
+            Contender(f"{AGENT}{FUSED_TOKEN} @ {b:g}", mode, b, obs_keys=keys, flops=cost, role="agent", rule=AGENT,
+                      fuse=True)
             for b in budgets
         ]  # fmt: skip
     rows = [
@@ -315,12 +314,10 @@ def heuristic_contenders(budgets: dict[float, float], seed: int, grid: tuple[int
         act = DitherGrid(ratio, grid).act
         rows.append(Contender(f"{GRID} @ {budget:.3g}", act, budget, obs_keys=("keep", "stage"), role="heuristic",
                               rule=GRID))  # fmt: skip
-        fused = f"random{FUSED_TOKEN}"
-        rows.append(Contender(f"{fused} @ {budget:.3g}", RandomKeep(ratio, seed=seed).act, budget,
-                              obs_keys=("keep", "stage"), role="heuristic", rule=fused, fuse=True))  # fmt: skip
-        fused = f"{CLS_TOPK}{FUSED_TOKEN}"
-        rows.append(Contender(f"{fused} @ {budget:.3g}", top.act, budget, obs_keys=keys, role="heuristic", rule=fused,
-                              fuse=True))  # fmt: skip
+        rows.append(Contender(f"random{FUSED_TOKEN} @ {budget:.3g}", RandomKeep(ratio, seed=seed).act, budget,
+                              obs_keys=("keep", "stage"), role="heuristic", rule="random", fuse=True))  # fmt: skip
+        rows.append(Contender(f"{CLS_TOPK}{FUSED_TOKEN} @ {budget:.3g}", top.act, budget, obs_keys=keys,
+                              role="heuristic", rule=CLS_TOPK, fuse=True))  # fmt: skip
     return rows
 
 
@@ -350,18 +347,19 @@ def control_contenders(
 def equal_compute_text(rows: list[dict]) -> str:
     """Each deterministic agent row against every baseline family at the agent's GFLOPs, its own cost included:
     the family's top-1 interpolated linearly in GFLOPs between its budget rows and its dense model."""
-    families = {"random": ("heuristic", "random"), CLS_TOPK: ("heuristic", CLS_TOPK), GRID: ("heuristic", GRID),
-                TOME: ("heuristic", TOME), f"random{FUSED_TOKEN}": ("heuristic", f"random{FUSED_TOKEN}"),
-                f"{CLS_TOPK}{FUSED_TOKEN}": ("heuristic", f"{CLS_TOPK}{FUSED_TOKEN}"),
-                "control, random": ("control", "random")}  # fmt: skip
-    present = {(r["role"], r["rule"]) for r in rows}
+    families = {"random": ("heuristic", "random", False), CLS_TOPK: ("heuristic", CLS_TOPK, False),
+                GRID: ("heuristic", GRID, False), TOME: ("heuristic", TOME, False),
+                f"random{FUSED_TOKEN}": ("heuristic", "random", True),
+                f"{CLS_TOPK}{FUSED_TOKEN}": ("heuristic", CLS_TOPK, True),
+                "control, random": ("control", "random", False)}  # fmt: skip
+    present = {curve(r) for r in rows}
     families = {name: family for name, family in families.items() if family in present}
     lines = []
     for agent in (r for r in rows if is_agent_decision(r)):
         parts = []
-        for name, (role, rule) in families.items():
-            dense = ("control" if role == "control" else "dense", "dense")  # the family's own backbone, unpruned
-            points = sorted((r["gflops"], r["top1"]) for r in rows if (r["role"], r["rule"]) in ((role, rule), dense))
+        for name, family in families.items():
+            dense = ("control" if family[0] == "control" else "dense", "dense", False)  # its own backbone, unpruned
+            points = sorted((r["gflops"], r["top1"]) for r in rows if curve(r) in (family, dense))
             at = float(np.interp(agent["gflops"], [g for g, _ in points], [t for _, t in points]))
             parts.append(f"{name} {100 * at:.2f} ({100 * (agent['top1'] - at):+.2f})")
         lines.append(f"{agent['policy']}: {100 * agent['top1']:.2f} at {agent['gflops']:.4g} GFLOPs with its cost; "
@@ -369,21 +367,26 @@ def equal_compute_text(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def curve(row: dict) -> tuple[str, str, bool]:
+    """The curve a row lies on, one point per budget: ``(role, rule, fused_token)``."""
+    return row["role"], row["rule"], row["fused_token"]
+
+
 def is_agent_decision(row: dict) -> bool:
     """Whether a row is the agent deciding by its mode or logit ranking (not sampling, not fusing): a row with a
     replay."""
-    return row["role"] == "agent" and row["rule"] not in (AGENT_SAMPLED, AGENT_FUSED, AGENT_FUSED_TOKEN)
+    return curve(row)[::2] == ("agent", False) and row["rule"] not in (AGENT_SAMPLED, AGENT_FUSED)
 
 
 def fused_token_text(rows: list[dict]) -> str:
     """Each row with EViT's fused token against the same rule without it at the same budget: top-1 and GFLOPs (its
     cost included) and their differences."""
-    by_key = {(r["role"], r["rule"], r["budget"]): r for r in rows}
+    by_key = {(*curve(r), r["budget"]): r for r in rows}
     lines = []
     for r in rows:
-        if not r["rule"].endswith(FUSED_TOKEN):
+        if not r["fused_token"]:
             continue
-        base = by_key.get((r["role"], r["rule"][: -len(FUSED_TOKEN)], r["budget"]))
+        base = by_key.get((r["role"], r["rule"], False, r["budget"]))
         if base is None:
             continue
         lines.append(f"{r['policy']}: {100 * r['top1']:.2f} at {r['gflops']:.4g} GFLOPs; without the fused token "
@@ -397,12 +400,12 @@ def speed_per_gflop_text(rows: list[dict]) -> str:
     against the speed-up its GFLOPs promise (dense GFLOPs over the row's, its own cost included), for ToMe, random
     tokens and class-attention top-k, at batch 256 and 1. An efficiency of 1 turns every GFLOP saved into time."""
     dense = next(r for r in rows if r["role"] == "dense")
-    by_key = {(r["role"], r["rule"], r["budget"]): r for r in rows}
+    by_key = {(*curve(r), r["budget"]): r for r in rows}
     lines = []
     for tome in (r for r in rows if r["rule"] == TOME):
         parts = []
         for rule in (TOME, "random", CLS_TOPK):
-            r = by_key.get(("heuristic", rule, tome["budget"]))
+            r = by_key.get(("heuristic", rule, False, tome["budget"]))
             if r is None:
                 continue
             promised = dense["gflops"] / r["gflops"]
@@ -472,7 +475,7 @@ def oracle_contenders(
             rule=ORACLE,
         )  # fmt: skip
         for r in rows
-        if r["rule"] == AGENT
+        if curve(r) == ("agent", AGENT, False)
     ]
 
 
@@ -657,7 +660,7 @@ def picture_rows(rows: list[dict], budget: float) -> list[dict]:
     """The rows ``masks.png`` shows at ``budget``: the agents' decisions (if any), class-attention top-k, random."""
     at = [r for r in rows if math.isclose(r["budget"], budget, rel_tol=1e-6)]
     agent = [r for r in at if is_agent_decision(r)][:2]  # the fixed-count agent, and the adaptive one if any
-    heuristics = [r for rule in (CLS_TOPK, "random") for r in at if (r["role"], r["rule"]) == ("heuristic", rule)]
+    heuristics = [r for rule in (CLS_TOPK, "random") for r in at if curve(r) == ("heuristic", rule, False)]
     picked = agent + heuristics
     if len(heuristics) < 2:
         raise ValueError(f"--picture-budget {budget} must be one of --budgets")

@@ -79,10 +79,10 @@ def test_a_prior_that_cannot_work_is_refused(num_patches, weight, match):
 def test_evaluation_has_the_grid_at_every_budget_and_compares_the_agent_with_it():
     script = load_script("evaluate")
     rows = [
-        dict(policy="dense", role="dense", rule="dense", gflops=1.0, top1=0.9),
-        dict(policy="random @ 0.5", role="heuristic", rule="random", gflops=0.5, top1=0.7),
-        dict(policy="dither grid @ 0.5", role="heuristic", rule="dither grid", gflops=0.5, top1=0.8),
-        dict(policy="APT agent @ 0.5", role="agent", rule="APT agent", gflops=0.5, top1=0.75),
+        dict(policy="dense", role="dense", rule="dense", fused_token=False, gflops=1.0, top1=0.9),
+        dict(policy="random @ 0.5", role="heuristic", rule="random", fused_token=False, gflops=0.5, top1=0.7),
+        dict(policy="dither grid @ 0.5", role="heuristic", rule="dither grid", fused_token=False, gflops=0.5, top1=0.8),
+        dict(policy="APT agent @ 0.5", role="agent", rule="APT agent", fused_token=False, gflops=0.5, top1=0.75),
     ]
     text = script.equal_compute_text(rows)
     assert "random 70.00 (+5.00)" in text and "dither grid 80.00 (-5.00)" in text

@@ -208,7 +208,7 @@ def test_a_control_backbone_joins_the_table_and_every_family_is_compared_at_the_
     assert "control, random" in capsys.readouterr().out
 
     def row(policy, role, rule, gflops, top1):
-        return {"policy": policy, "role": role, "rule": rule, "gflops": gflops, "top1": top1}
+        return {"policy": policy, "role": role, "rule": rule, "fused_token": False, "gflops": gflops, "top1": top1}
 
     table = [row("dense", "dense", "dense", 1.0, 0.9), row("random @ 0.5", "heuristic", "random", 0.5, 0.7)]
     table += [
@@ -235,9 +235,13 @@ def test_pictures_have_one_panel_per_image_policy_and_stage(tmp_path):
     row = dict(top1=0.5, top1_low=0.4, top1_high=0.6, gflops=1.0, img_per_s_b256=10.0)
     fig = plot_tradeoff(
         tmp_path / "t.png",
-        [{**row, "role": "heuristic", "rule": "random"}, {**row, "role": "dense", "rule": "dense"}],
+        [{**row, "role": "heuristic", "rule": "random", "fused_token": False},
+         {**row, "role": "heuristic", "rule": "random", "fused_token": True},
+         {**row, "role": "dense", "rule": "dense", "fused_token": False}],
     )
     assert len(fig.axes) == 2 and (tmp_path / "t.png").stat().st_size > 1000
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["random", "random + fused token", "dense"]  # one curve per (role, rule, fused_token)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
@@ -361,13 +365,31 @@ def test_merging_and_pruning_are_compared_by_the_speed_each_gflop_saved_buys():
     module = load_script("evaluate")
 
     def row(role, rule, budget, gflops, b256, b1):
-        return dict(role=role, rule=rule, budget=budget, gflops=gflops, img_per_s_b256=b256, img_per_s_b1=b1)
+        return dict(role=role, rule=rule, fused_token=False, budget=budget, gflops=gflops, img_per_s_b256=b256,
+                    img_per_s_b1=b1)
 
     rows = [row("dense", "dense", 1.0, 1.0, 100.0, 10.0), row("heuristic", "ToMe", 0.5, 0.5, 150.0, 12.0),
             row("heuristic", "random", 0.5, 0.5, 200.0, 10.0)]  # fmt: skip
     text = module.speed_per_gflop_text(rows)
     assert "ToMe 1.50x / 1.20x of 2.00x (efficiency 0.75 / 0.60)" in text
     assert "random 2.00x / 1.00x of 2.00x (efficiency 1.00 / 0.50)" in text
+
+
+def test_a_fused_token_row_is_paired_with_its_rule_without_it_by_its_columns():
+    module = load_script("evaluate")
+
+    def row(policy, rule, fused, budget, gflops, top1):
+        return dict(policy=policy, role="heuristic", rule=rule, fused_token=fused, budget=budget, gflops=gflops,
+                    top1=top1)
+
+    rows = [row("random @ 0.5", "random", False, 0.5, 1.0, 0.70), row("top-k @ 0.5", "top-k", False, 0.5, 1.0, 0.60),
+            row("random @ 0.7", "random", False, 0.7, 1.4, 0.80), row("fused A", "random", True, 0.5, 1.1, 0.72),
+            row("fused B", "top-k", True, 0.5, 1.05, 0.61)]  # fmt: skip
+    lines = module.fused_token_text(rows).splitlines()
+    assert lines == [
+        "fused A: 72.00 at 1.1 GFLOPs; without the fused token 70.00 at 1 (+2.00 top-1, +10.0% GFLOPs)",
+        "fused B: 61.00 at 1.05 GFLOPs; without the fused token 60.00 at 1 (+1.00 top-1, +5.0% GFLOPs)",
+    ]
 
 
 def test_results_files_show_paths_below_the_working_directory_relative(monkeypatch, tmp_path):

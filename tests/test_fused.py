@@ -87,15 +87,17 @@ def test_evaluate_has_fused_rows_with_the_agents_figures(tmp_path):
         ref, ref_entering, ref_masks = forward_policy(pv, images, lambda o: policy.act(o), obs_keys=KEYS, budget=0.5)
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(entering, ref_entering) and torch.equal(masks, ref_masks)
-    assert not evaluate.is_agent_decision({"role": "agent", "rule": evaluate.AGENT_FUSED})
+    assert not evaluate.is_agent_decision({"role": "agent", "rule": evaluate.AGENT_FUSED, "fused_token": False})
     assert not evaluate.has_fused_path(tiny(sampling="bernoulli", use_budget=False)[1])
 
 
 def test_a_fused_row_is_compared_with_the_compiled_dense_model_when_there_is_one():
     evaluate = load_script("evaluate")
-    fused = {"policy": "APT agent (fused) @ 0.5", "rule": evaluate.AGENT_FUSED, "role": "agent", "budget": 0.5,
+    fused = {"policy": "APT agent (fused) @ 0.5", "rule": evaluate.AGENT_FUSED, "role": "agent", "fused_token": False,
+             "budget": 0.5,
              "img_per_s_b256": 400.0, "img_per_s_b1": 150.0}  # fmt: skip
-    dense = {"policy": "dense", "rule": "dense", "role": "dense", "budget": 1.0, "img_per_s_b256": 200.0,
+    dense = {"policy": "dense", "rule": "dense", "role": "dense", "fused_token": False, "budget": 1.0,
+             "img_per_s_b256": 200.0,
              "img_per_s_b1": 100.0}  # fmt: skip
     physical = {evaluate.physical_name(fused): {"img_per_s_b256": 400.0, "img_per_s_b1": 300.0}}
     assert "compiled" not in evaluate.decision_cost_text([dense, fused], physical)

@@ -69,8 +69,8 @@ PolicyFlops = Callable[[Tensor], Tensor]
 observed at each stage. The class attention it reads is counted by the evaluator, not here."""
 
 COLUMNS: tuple[str, ...] = (
-    "policy", "role", "rule", "budget", "top1", "top1_low", "top1_high", "loss", "gflops_backbone", "gflops_policy",
-    "gflops", "tokens_last", "img_per_s_b1", "img_per_s_b256", "num_images",
+    "policy", "role", "rule", "fused_token", "budget", "top1", "top1_low", "top1_high", "loss", "gflops_backbone",
+    "gflops_policy", "gflops", "tokens_last", "img_per_s_b1", "img_per_s_b256", "num_images",
 )  # fmt: skip
 """The columns of one evaluation row, in order (``results.csv``)."""
 
@@ -93,10 +93,11 @@ class Contender:
         model: run this backbone instead of the evaluation's (e.g. a plain ViT beside a jointly trained one).
         role: what the row is there for (``ROLES``): the dense model, the agent, a heuristic, a control (another
             backbone), or a reference (the agent's masks replayed); tables and plots group rows by it.
-        rule: the pruning rule, the same at every budget (e.g. ``"random"``); rows of one ``(role, rule)`` form one
-            curve. Default: ``name``.
+        rule: the pruning rule, the same at every budget (e.g. ``"random"``); rows of one ``(role, rule, fuse)``
+            form one curve. Default: ``name``.
         fuse: EViT's fused token: the tokens pruned at each stage fused into one token weighted by the class
             attention (``PrunableViT.prune``'s ``fuse_attn``); the attention and the fusing count as the policy's cost.
+            The row's ``fused_token`` column.
     """
 
     name: str
@@ -323,7 +324,7 @@ def _row(c: Contender, sums: dict[str, float], num_images: int, dense_flops: flo
     low, high = wilson_interval(int(sums["correct"]), num_images)
     backbone, policy = sums["backbone"] / num_images / 1e9, sums["policy"] / num_images
     row = {
-        "policy": c.name, "role": c.role, "rule": c.rule or c.name,
+        "policy": c.name, "role": c.role, "rule": c.rule or c.name, "fused_token": c.fuse,
         "budget": c.budget if c.budget is not None else backbone * 1e9 / dense_flops,
         "top1": sums["correct"] / num_images, "top1_low": low, "top1_high": high, "loss": sums["loss"] / num_images,
         "gflops_backbone": backbone, "gflops_policy": policy, "gflops": backbone + policy,

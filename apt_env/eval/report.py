@@ -76,15 +76,17 @@ def markdown_table(
 
 
 def curve_label(row: Mapping[str, Any]) -> str:
-    """The curve a row belongs to: its rule, prefixed by its role when that is a control (another backbone)."""
-    return f"{row['role']}: {row['rule']}" if row["role"] == "control" else str(row["rule"])
+    """The curve a row belongs to (its ``(role, rule, fused_token)``): its rule, prefixed by its role when that is a
+    control (another backbone), suffixed when the row carries EViT's fused token."""
+    label = f"{row['role']}: {row['rule']}" if row["role"] == "control" else str(row["rule"])
+    return label + (" + fused token" if row["fused_token"] else "")
 
 
 def plot_tradeoff(path: str | Path, rows: Sequence[Mapping[str, Any]], *, title: str = "") -> Figure:
     """Top-1 (with its 95% interval) against total GFLOPs and against measured img/s at batch 256; returns the
     (closed) figure.
 
-    One curve per ``(role, rule)`` of the rows (``curve_label``); single rows are points.
+    One curve per ``(role, rule, fused_token)`` of the rows (``curve_label``); single rows are points.
     """
     import matplotlib
 
