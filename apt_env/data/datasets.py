@@ -28,7 +28,7 @@ import gzip
 import logging
 import math
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -40,11 +40,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 from torchvision.datasets.folder import find_classes
-from torchvision.transforms import v2
 
 from apt_env.data.cluttered import ClutteredDataset, ClutterSpec, parse_cluttered
 from apt_env.data.config import apt_env_data_config
-from apt_env.data.splits import TEST_FRACTION, TEST_SEED, VAL_FRACTION, VAL_SEED, holdout_indices, stratified_holdout
+from apt_env.data.splits import TEST_FRACTION, TEST_SEED, holdout_indices, stratified_holdout
 from apt_env.data.transforms import CHANNELS, build_transform, timm_eval_transform
 
 if TYPE_CHECKING:  # a type only: the backbone imports this module
