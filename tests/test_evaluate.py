@@ -235,9 +235,11 @@ def test_pictures_have_one_panel_per_image_policy_and_stage(tmp_path):
     row = dict(top1=0.5, top1_low=0.4, top1_high=0.6, gflops=1.0, img_per_s_b256=10.0)
     fig = plot_tradeoff(
         tmp_path / "t.png",
-        [{**row, "role": "heuristic", "rule": "random", "fused_token": False},
-         {**row, "role": "heuristic", "rule": "random", "fused_token": True},
-         {**row, "role": "dense", "rule": "dense", "fused_token": False}],
+        [
+            {**row, "role": "heuristic", "rule": "random", "fused_token": False},
+            {**row, "role": "heuristic", "rule": "random", "fused_token": True},
+            {**row, "role": "dense", "rule": "dense", "fused_token": False},
+        ],
     )
     assert len(fig.axes) == 2 and (tmp_path / "t.png").stat().st_size > 1000
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
@@ -365,8 +367,9 @@ def test_merging_and_pruning_are_compared_by_the_speed_each_gflop_saved_buys():
     module = load_script("evaluate")
 
     def row(role, rule, budget, gflops, b256, b1):
-        return dict(role=role, rule=rule, fused_token=False, budget=budget, gflops=gflops, img_per_s_b256=b256,
-                    img_per_s_b1=b1)
+        return dict(
+            role=role, rule=rule, fused_token=False, budget=budget, gflops=gflops, img_per_s_b256=b256, img_per_s_b1=b1
+        )
 
     rows = [row("dense", "dense", 1.0, 1.0, 100.0, 10.0), row("heuristic", "ToMe", 0.5, 0.5, 150.0, 12.0),
             row("heuristic", "random", 0.5, 0.5, 200.0, 10.0)]  # fmt: skip
@@ -379,8 +382,9 @@ def test_a_fused_token_row_is_paired_with_its_rule_without_it_by_its_columns():
     module = load_script("evaluate")
 
     def row(policy, rule, fused, budget, gflops, top1):
-        return dict(policy=policy, role="heuristic", rule=rule, fused_token=fused, budget=budget, gflops=gflops,
-                    top1=top1)
+        return dict(
+            policy=policy, role="heuristic", rule=rule, fused_token=fused, budget=budget, gflops=gflops, top1=top1
+        )
 
     rows = [row("random @ 0.5", "random", False, 0.5, 1.0, 0.70), row("top-k @ 0.5", "top-k", False, 0.5, 1.0, 0.60),
             row("random @ 0.7", "random", False, 0.7, 1.4, 0.80), row("fused A", "random", True, 0.5, 1.1, 0.72),
