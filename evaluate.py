@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +39,7 @@ from torch.utils.data import Subset
 from agents.baselines import ClsAttentionTopK, DitherGrid, RandomKeep
 from agents.calibrate import check_calibrated_for
 from agents.distributions import gumbel_noise
-from agents.fused import FusedBudgetAgent, kept_masks
+from agents.fused import FusedAdaptiveAgent, FusedBudgetAgent, kept_masks
 from agents.io import load_any_policy
 from agents.policy import APTPolicy
 from apt_env.data.cluttered import box_token_mask
@@ -131,8 +131,8 @@ class Args:
     """also run a budget agent (``"topk"``, no mixer) by its static-shape path (``agents.fused``) at every budget:
     rows ``APT agent (fused) @ B``, the same decisions as ``APT agent @ B`` in fewer ops, timed beside"""
     compile: bool = False
-    """``torch.compile`` the fused path (on CPU it needs a C++ compiler); compiling happens in the warm-up, outside
-    the timings"""
+    """``torch.compile`` the fused paths: the fixed-count agent's, and the adaptive agent's at batch 1 (on CPU it needs
+    a C++ compiler); compiling happens in the warm-up, outside the timings"""
 
 
 def check_args(args: Args) -> None:
@@ -222,12 +222,17 @@ class FusedRow(Contender):
 
     def run(self, pv: PrunableViT, images: torch.Tensor, **_: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, kept = self.forward(images, return_positions=True)
-        bounds = pv.stage_bounds
-        tokens = [pv.num_patches] * bounds[1]
-        for stage, count in enumerate(self.counts):
-            tokens += [count] * (bounds[stage + 2] - bounds[stage + 1])
-        entering = torch.tensor(tokens, device=logits.device).expand(len(images), -1)
-        return logits, entering, kept_masks(kept, pv.num_patches)
+        return logits, entering_at(pv, self.counts, len(images), logits.device), kept_masks(kept, pv.num_patches)
+
+
+def entering_at(pv: PrunableViT, counts: Sequence[int], rows: int, device: torch.device) -> torch.Tensor:
+    """Tokens entering every block beyond the prefix (rows, depth) long, for ``counts`` patch tokens after each
+    stage."""
+    bounds = pv.stage_bounds
+    tokens = [pv.num_patches] * bounds[1]
+    for stage, count in enumerate(counts):
+        tokens += [count] * (bounds[stage + 2] - bounds[stage + 1])
+    return torch.tensor(tokens, device=device).expand(rows, -1)
 
 
 def fused_contenders(pv: PrunableViT, policy: APTPolicy, budgets: dict[float, float], compile: bool) -> list[Contender]:
@@ -262,16 +267,41 @@ def has_fused_path(policy: APTPolicy | None) -> bool:
     return policy is not None and policy.use_budget and policy.sampling == "topk" and policy.mixer == "none"
 
 
-def adaptive_contenders(policy: APTPolicy, budgets: dict[float, float]) -> list[Contender]:
-    """A mean-budget agent by its mode (its calibrated threshold of each budget) at every budget."""
+@dataclass(frozen=True)
+class AdaptiveRow(Contender):
+    """A mean-budget agent's mode at one budget: the batched walk, and at batch 1 its one-image fast path
+    (``FusedAdaptiveAgent``, the same decisions)."""
+
+    one_image: Any = None
+
+    def run(self, pv: PrunableViT, images: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        if len(images) != 1 or self.one_image is None:
+            return super().run(pv, images, **kwargs)
+        logits, kept = self.one_image(images, return_positions=True)
+        counts = [k.shape[1] for k in kept]
+        return logits, entering_at(pv, counts, 1, logits.device), kept_masks(kept, pv.num_patches)
+
+
+def adaptive_contenders(
+    pv: PrunableViT, policy: APTPolicy, budgets: dict[float, float], compile: bool = False
+) -> list[Contender]:
+    """A mean-budget agent by its mode (its calibrated threshold of each budget) at every budget; at batch 1 by its
+    one-image fast path where it has one (a policy without a mixer), compiled if asked (with dynamic shapes: the
+    counts differ per image, each stage's read of them a break between graphs)."""
     policy.eval()
     mode = lambda o: policy.act(o, deterministic=True)  # noqa: E731
     keys = (*OBS_KEYS, *BUDGET_KEYS)
-    return [
-        Contender(f"{AGENT_ADAPTIVE} @ {b:g}", mode, b, obs_keys=keys, flops=policy.decision_flops, role="agent",
-                  rule=AGENT_ADAPTIVE)
-        for b in budgets
-    ]  # fmt: skip
+    rows = []
+    for b in budgets:
+        try:
+            fast = FusedAdaptiveAgent(pv, policy, b).eval()
+            fast = torch.compile(fast, dynamic=True) if compile else fast
+        except ValueError as err:
+            logger.warning("%s at batch 1 by the batched walk: %s", AGENT_ADAPTIVE, err)
+            fast = None
+        rows.append(AdaptiveRow(f"{AGENT_ADAPTIVE} @ {b:g}", mode, b, obs_keys=keys, flops=policy.decision_flops,
+                                role="agent", rule=AGENT_ADAPTIVE, one_image=fast))  # fmt: skip
+    return rows
 
 
 def check_agent_kinds(args: Args, agent: APTPolicy | None, adaptive: APTPolicy | None, backbone: str) -> None:
@@ -638,7 +668,7 @@ def evaluate_rows(
     first = [Contender("dense", None, role="dense", rule="dense")]
     first += agent_contenders(agent, ratios, args.seed) if agent is not None else []
     first += fused_contenders(pv, agent, ratios, args.compile) if args.fused and has_fused_path(agent) else []
-    first += adaptive_contenders(adaptive, ratios) if adaptive is not None else []
+    first += adaptive_contenders(pv, adaptive, ratios, args.compile) if adaptive is not None else []
     rows, decisions = evaluate_accuracy(pv, loader, first, desc="agent")
     budgets = dict(ratios)
     if agent is not None and not agent.use_budget:

@@ -296,7 +296,7 @@ class APTPolicy(nn.Module):
     ) -> Tensor:
         """Keep logits (B, M) of rows that all hold M live tokens, given as they are, with no mask over the N
         positions: what ``keep_logits`` computes for them, in fewer ops (``agents.fused``). Only for
-        ``mixer="none"`` and without calibrated thresholds.
+        ``mixer="none"``; a calibrated threshold is not subtracted (``thresholds_at``).
 
         Args:
             tokens: the live patch tokens (B, M, C); cls: the class token (B, C).
@@ -306,8 +306,8 @@ class APTPolicy(nn.Module):
             keys_and_values: ``keys_and_values()``, computed once by the caller (a compiled graph then holds no
                 check of whether the weights changed).
         """
-        if self.mixer != "none" or self._thresholds is not None:
-            raise ValueError("equal_count_logits is for a policy with mixer='none' and no calibrated thresholds")
+        if self.mixer != "none":
+            raise ValueError("equal_count_logits is for a policy with mixer='none'")
         b, m, _ = tokens.shape
         weight, bias = keys_and_values
         k, h_v = F.linear(self.token_norm(tokens), weight, bias).split([self.qk_dim, self.hidden], dim=-1)
@@ -403,6 +403,13 @@ class APTPolicy(nn.Module):
             if shifts.dim() == 1:  # one threshold for every stage
                 shifts = shifts.unsqueeze(1).expand(-1, self.num_stages)
             self._thresholds = (torch.tensor(budgets, dtype=torch.float64), shifts.contiguous())
+
+    def thresholds_at(self, budget: float) -> Tensor:
+        """The calibrated threshold of each stage at ``budget`` (K,) float64, interpolated as the decisions are."""
+        if self._thresholds is None:
+            raise ValueError("this policy has no calibrated thresholds (agents.calibrate)")
+        knots, shifts = self._thresholds
+        return interp(knots.new_tensor([budget]), knots, shifts)[0]
 
     def _shifted(self, logits: Tensor, budget: Tensor | None, stage: Tensor) -> Tensor:
         """With calibrated thresholds, the logits less each row's ``s(b, stage)`` (``budget``: (B, 1), ``stage``:

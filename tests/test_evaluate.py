@@ -120,6 +120,26 @@ def test_random_and_topk_at_a_budget_land_within_5_percent(budget):
         budget_keep_ratio(pv, 1.5)
 
 
+def test_timing_at_a_small_batch_walks_through_the_images_the_same_way_for_every_row():
+    """An adaptive agent's cost differs per image: batch 1 is timed over many images, each row on the same ones."""
+    from apt_env.eval.evaluate import Contender, measure_throughput
+
+    pv, _ = _setup()
+    seen: dict[str, list] = {"a": [], "b": []}
+
+    class Recording(Contender):
+        def run(self, pv, images, *, mode, index):
+            seen[self.name].append((index.tolist(), float(images.sum())))
+            return None, None, None
+
+    images = torch.randn(5, 1, 16, 16)
+    speed = measure_throughput(pv, images, [Recording("a"), Recording("b")], batch_size=2, repeats=5, min_seconds=0)
+    assert set(speed) == {"a", "b"}
+    expected = [[0, 1], [0, 1], [2, 3], [0, 1], [2, 3], [0, 1]]  # warm-up, then the 2 whole batches in turn
+    assert [i for i, _ in seen["a"]] == expected and seen["a"] == seen["b"]
+    assert seen["a"][2][1] == pytest.approx(float(images[2:4].sum()))
+
+
 def test_the_physical_reference_runs_the_blocks_on_a_dense_batch_at_the_mean_kept_lengths():
     from apt_env.eval.evaluate import Decisions, DenseAtLengths, measure_throughput
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import SMALL, TINY_VIT, load_script
 
-from agents.fused import FusedBudgetAgent, kept_masks, static_counts
+from agents.fused import FusedAdaptiveAgent, FusedBudgetAgent, kept_masks, static_counts
 from agents.policy import APTPolicy
 from apt_env.envs.observe import BUDGET_KEYS, OBS_KEYS
 from apt_env.eval.evaluate import forward_policy
@@ -52,6 +52,49 @@ def test_a_fused_path_refuses_agents_it_cannot_run():
         FusedBudgetAgent(pv, other, 0.5)
     with pytest.raises(ValueError, match=r"budget must be in \(0, 1\]"):
         FusedBudgetAgent(pv, policy, 1.5)
+
+
+def calibrated(shifts: list, **options) -> tuple[PrunableViT, APTPolicy]:
+    pv, policy = tiny(sampling="threshold", **options)
+    policy.calibration = {"budgets": [0.25, 0.75], "shifts": shifts}
+    return pv, policy
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.5])
+@pytest.mark.parametrize("cls_attn", [True, False])
+@pytest.mark.parametrize("prune_layers", [None, (0, 2, 3)])
+def test_the_adaptive_one_image_path_decides_as_the_batched_walk(budget, cls_attn, prune_layers):
+    """Per-stage thresholds, and counts that differ between images: each image alone by the fast path gets the
+    logits and masks the batched walk gives it."""
+    pv, policy = calibrated([[2.0, 2.6, 2.3], [1.7, 2.4, 2.1]], use_cls_attn=cls_attn)
+    pv = pv.with_pruning(prune_layers=prune_layers)
+    images = torch.randn(6, 1, 16, 16)
+    keys = KEYS if cls_attn else tuple(k for k in KEYS if k != "cls_attn")
+    with torch.inference_mode():
+        ref, _, masks = forward_policy(pv, images, lambda o: policy.act(o), obs_keys=keys, budget=budget)
+        fast = FusedAdaptiveAgent(pv, policy, budget)
+        for i in range(len(images)):
+            logits, positions = fast(images[i : i + 1], return_positions=True)
+            torch.testing.assert_close(logits, ref[i : i + 1], rtol=1e-5, atol=1e-5)
+            assert torch.equal(kept_masks(positions, pv.num_patches), masks[i : i + 1])
+    assert len({tuple(m.sum(-1).tolist()) for m in masks}) > 1  # the images keep different counts
+
+
+def test_the_adaptive_one_image_path_tops_up_to_min_keep_and_refuses_what_it_cannot_run():
+    pv, policy = calibrated([50.0, 50.0])  # no logit above the threshold: the engine keeps min_keep tokens
+    pv = pv.with_pruning(min_keep=3)
+    image = torch.randn(1, 1, 16, 16)
+    with torch.inference_mode():
+        ref, _, masks = forward_policy(pv, image, lambda o: policy.act(o), obs_keys=KEYS, budget=0.5)
+        logits, positions = FusedAdaptiveAgent(pv, policy, 0.5)(image, return_positions=True)
+    assert masks.sum(-1).tolist() == [[3, 3, 3]] and torch.equal(kept_masks(positions, pv.num_patches), masks)
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one image at a time, got a batch of 2"):
+        FusedAdaptiveAgent(pv, policy, 0.5)(torch.randn(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="calibrated thresholds .* got sampling='topk'"):
+        FusedAdaptiveAgent(pv, tiny()[1], 0.5)
+    with pytest.raises(ValueError, match="calibrated=False"):
+        FusedAdaptiveAgent(pv, tiny(sampling="threshold")[1], 0.5)
 
 
 @pytest.mark.parametrize("cls_attn", [True, False])

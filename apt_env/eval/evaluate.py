@@ -404,13 +404,15 @@ def measure_throughput(
 ) -> dict[str, float]:
     """Images per second of every contender (decision time included), timed side by side.
 
-    Each repetition times every contender once, in an order rotated by one every repetition, on the same
-    images; a contender's figure is the median over repetitions. A timing at ``batch_size`` runs batches
-    until ``min_seconds`` have passed.
+    Each repetition times every contender once, in an order rotated by one every repetition; a contender's figure is
+    the median over repetitions. A timing runs batches until ``min_seconds`` have passed, each the next
+    ``batch_size`` of ``images`` in turn (cycling; each contender's turn carries on across repetitions, so every
+    contender meets the same images in the same order): a policy whose cost differs per image (an adaptive agent at
+    batch 1) is timed over many images, not one. A batch's ``index`` is its images' positions in ``images``.
 
     Args:
         pv: the model (on the device it runs on).
-        images: at least ``batch_size`` images; the first ``batch_size`` are used.
+        images: at least ``batch_size`` images; whole batches of them are used.
         contenders: the rows; random policies draw from their own generators.
         batch_size: images per forward pass (1 for latency-bound use).
         repeats: repetitions; the median is reported.
@@ -420,18 +422,22 @@ def measure_throughput(
     if len(images) < batch_size:
         raise ValueError(f"need at least {batch_size} images to time batch {batch_size}, got {len(images)}")
     device = next(pv.parameters()).device
-    batch = images[:batch_size].to(device)
-    index = torch.arange(batch_size, device=device)
+    count = len(images) // batch_size
+    batches = images[: count * batch_size].to(device).split(batch_size)
+    indices = torch.arange(count * batch_size, device=device).split(batch_size)
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    turn = dict.fromkeys(times, 0)
     with eval_mode(*{c.model or pv for c in contenders}):
         for c in contenders:  # warm-up: allocator, kernels, lazy inits
-            c.run(pv, batch, mode=mode, index=index)
+            c.run(pv, batches[0], mode=mode, index=indices[0])
         for rep in range(repeats):
             shift = rep % len(contenders)
             for c in [*contenders[shift:], *contenders[:shift]]:
                 runs, start = 0, time.perf_counter()
                 while True:
-                    c.run(pv, batch, mode=mode, index=index)
+                    j = turn[c.name] % count
+                    c.run(pv, batches[j], mode=mode, index=indices[j])
+                    turn[c.name] += 1
                     synchronize(device)
                     runs += 1
                     elapsed = time.perf_counter() - start
