@@ -641,7 +641,7 @@ def main(args: Args) -> dict[str, dict]:
     plot_tradeoff(out / "tradeoff.png", rows, title=source)
     write_masks(args, pv, dataset, rows, decisions, out / "masks.png", source)
     if adaptive is not None:
-        print(write_compute(args, pv, loader, rows, decisions, out / "compute.png", source))
+        print(write_compute(args, pv, loader, rows, decisions, out, source))
     if args.save_masks:
         deterministic = [r for r in rows if r["rule"] == AGENT_DETERMINISTIC]  # an agent without a budget input
         row = (deterministic or picture_rows(rows, args.picture_budget))[0]
@@ -698,23 +698,28 @@ def picture_rows(rows: list[dict], budget: float) -> list[dict]:
 
 
 @torch.inference_mode()
-def write_compute(args: Args, pv: PrunableViT, loader, rows: list[dict], decisions, path: Path, source: str) -> str:
+def write_compute(args: Args, pv: PrunableViT, loader, rows: list[dict], decisions, out: Path, source: str) -> str:
     """``compute.png``: each image's kept tokens under the agents at ``--picture-budget`` against the dense model's
-    confidence; returns the rank correlation of each (do easy images get fewer tokens?)."""
-    confidence = torch.cat([pv(images).softmax(-1).amax(-1) for images, _ in loader]).cpu()
+    confidence (do easy images get fewer tokens?); on a dataset that knows its objects' boxes also
+    ``compute_area.png``, against the box's area in pixels (do larger objects get more?). Returns the rank correlation
+    of each."""
+    quantities = {"the dense model's confidence": torch.cat([pv(x).softmax(-1).amax(-1) for x, _ in loader]).cpu()}
+    boxes = object_boxes(loader.dataset)
+    if boxes is not None:
+        quantities["the object's box area"] = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).double()
     picked = [r["policy"] for r in picture_rows(rows, args.picture_budget) if r["role"] == "agent"]
     counts = {name: decisions[name].masks[:, -1].sum(-1) for name in picked}
-    plot_compute(path, confidence, counts, title=f"budget {args.picture_budget:g} ({source})")
+    title = f"budget {args.picture_budget:g} ({source})"
+    for (what, values), file in zip(quantities.items(), ("compute.png", "compute_area.png")):
+        plot_compute(out / file, values, counts, label=what.removeprefix("the "), title=title)
     lines = []
     for name, count in counts.items():
         text = f"{name}: last-block tokens {float(count.double().mean()):.1f} on average [{int(count.min())}, "
         if count.min() == count.max():
             lines.append(text + f"{int(count.max())}], the same in every image")
             continue
-        rho = spearmanr(confidence.numpy(), count.numpy()).statistic
-        lines.append(
-            text + f"{int(count.max())}], Spearman rank correlation with the dense model's confidence {rho:+.3f}"
-        )
+        rhos = [f"with {what} {spearmanr(v.numpy(), count.numpy()).statistic:+.3f}" for what, v in quantities.items()]
+        lines.append(text + f"{int(count.max())}], Spearman rank correlation " + ", ".join(rhos))
     return "\n".join(lines)
 
 

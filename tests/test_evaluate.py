@@ -359,6 +359,12 @@ def test_an_adaptive_agent_joins_the_table_meets_its_mean_budget_and_draws_where
     out = capsys.readouterr().out
     assert "APT agent (adaptive) @ 0.4: last-block tokens" in out and "Spearman" in out
     assert (tmp_path / "eval" / "compute.png").stat().st_size > 1000
+    assert not (tmp_path / "eval" / "compute_area.png").exists()  # synthetic images have no object boxes
+    module.main(_args(module, tmp_path, model, None, adaptive_agent=str(path), budgets=budgets, picture_budget=0.4,
+                      dataset="scaled-cluttered-fashion-mnist:canvas=32,scale=8-24", images=48))  # fmt: skip
+    out = capsys.readouterr().out
+    assert "with the dense model's confidence" in out and "with the object's box area" in out
+    assert (tmp_path / "eval" / "compute_area.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="outside the calibrated range"):
         module.main(_args(module, tmp_path, model, None, adaptive_agent=str(path), budgets=(0.9,), picture_budget=0.9))
 

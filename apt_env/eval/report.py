@@ -172,15 +172,23 @@ def plot_masks(
     return fig
 
 
-def plot_compute(path: str | Path, confidence: Tensor, counts: Mapping[str, Tensor], *, title: str = "") -> Figure:
-    """Where the compute went: each image's kept patch tokens in the last block against the dense model's
-    confidence in its answer (its top softmax probability), one series per policy, with the mean count in ten
-    confidence bins; returns the (closed) figure.
+def plot_compute(
+    path: str | Path,
+    against: Tensor,
+    counts: Mapping[str, Tensor],
+    *,
+    label: str = "dense model's confidence (top softmax probability)",
+    title: str = "",
+) -> Figure:
+    """Where the compute went: each image's kept patch tokens in the last block against a per-image quantity (by
+    default the dense model's confidence in its answer; the object's area, ...), one series per policy, with the mean
+    count in ten bins of it; returns the (closed) figure.
 
     Args:
         path: the PNG to write.
-        confidence: (M,) the dense model's top probability per image.
+        against: (M,) the quantity per image; shown as its percentile over the images.
         counts: policy name -> (M,) patch tokens kept at the last stage, per image.
+        label: what ``against`` is, for the axis.
     """
     import matplotlib
 
@@ -188,17 +196,15 @@ def plot_compute(path: str | Path, confidence: Tensor, counts: Mapping[str, Tens
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    # Percentiles, not probabilities: most images sit near 1, where a probability axis crowds them together.
-    conf = (confidence.double().argsort().argsort().double() + 0.5) * 100 / len(confidence)
-    bins = (conf // 10).clamp(max=9).long()
+    # Percentiles, not values: confidences crowd near 1, and areas and probabilities are not on one scale.
+    x = (against.double().argsort().argsort().double() + 0.5) * 100 / len(against)
+    bins = (x // 10).clamp(max=9).long()
     for name, count in counts.items():
         count = count.double()
-        ax.scatter(conf.numpy(), count.numpy(), s=2, alpha=0.15)
-        means = [
-            (float(conf[bins == i].mean()), float(count[bins == i].mean())) for i in range(10) if (bins == i).any()
-        ]
+        ax.scatter(x.numpy(), count.numpy(), s=2, alpha=0.15)
+        means = [(float(x[bins == i].mean()), float(count[bins == i].mean())) for i in range(10) if (bins == i).any()]
         ax.plot(*zip(*means), marker="o", label=f"{name} (mean per decile)")
-    ax.set_xlabel("dense model's confidence (top softmax probability), percentile over the images")
+    ax.set_xlabel(f"{label}, percentile over the images")
     ax.set_ylabel("patch tokens entering the last block")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
