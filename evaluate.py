@@ -18,7 +18,8 @@ batch 1 and 256, timed side by side in one interleaved loop (median of ``--repea
     python evaluate.py --save-masks runs/eval/masks.pt   # every mask the deterministic agent chose
     python evaluate.py --replay runs/eval/masks.pt       # the backbone on those masks, no agent: same figures
 
-Writes ``results.csv``, ``results.md``, ``tradeoff.png`` and ``masks.png`` to ``--out``.
+Writes ``results.csv``, ``results.md``, ``summary.md`` (the short table the README shows), ``tradeoff.png`` and
+``masks.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -374,32 +375,77 @@ def control_contenders(
     return [dense] + [random_contender(budget, ratio, seed, control) for budget, ratio in budgets.items()]
 
 
-def equal_compute_text(rows: list[dict]) -> str:
-    """Each deterministic agent row against every baseline family at the agent's GFLOPs, its own cost included:
-    the family's top-1 interpolated linearly in GFLOPs between its budget rows and its dense model."""
-    families = {"random": ("heuristic", "random", False), CLS_TOPK: ("heuristic", CLS_TOPK, False),
-                GRID: ("heuristic", GRID, False), TOME: ("heuristic", TOME, False),
-                f"random{FUSED_TOKEN}": ("heuristic", "random", True),
-                f"{CLS_TOPK}{FUSED_TOKEN}": ("heuristic", CLS_TOPK, True),
-                "control, random": ("control", "random", False)}  # fmt: skip
+BASELINE_FAMILIES = {"random": ("heuristic", "random", False), CLS_TOPK: ("heuristic", CLS_TOPK, False),
+                     GRID: ("heuristic", GRID, False), TOME: ("heuristic", TOME, False),
+                     f"random{FUSED_TOKEN}": ("heuristic", "random", True),
+                     f"{CLS_TOPK}{FUSED_TOKEN}": ("heuristic", CLS_TOPK, True),
+                     "control, random": ("control", "random", False)}  # fmt: skip
+"""The curves an agent is compared with at equal compute and at equal speed, by the name printed."""
+
+
+def _at_equal(rows: list[dict], agents: list[dict], key: str, what: str) -> list[str]:
+    """Each row of ``agents`` against every baseline family at the agent's ``key`` (GFLOPs or an img/s): the
+    family's top-1 interpolated linearly in ``key`` between its budget rows and its own dense model; ``-`` where the
+    agent lies outside the family's range (no extrapolation)."""
     present = {curve(r) for r in rows}
-    families = {name: family for name, family in families.items() if family in present}
+    families = {name: family for name, family in BASELINE_FAMILIES.items() if family in present}
     lines = []
-    for agent in (r for r in rows if is_agent_decision(r)):
+    for agent in agents:
         parts = []
         for name, family in families.items():
             dense = ("control" if family[0] == "control" else "dense", "dense", False)  # its own backbone, unpruned
-            points = sorted((r["gflops"], r["top1"]) for r in rows if curve(r) in (family, dense))
-            at = float(np.interp(agent["gflops"], [g for g, _ in points], [t for _, t in points]))
+            points = sorted((r[key], r["top1"]) for r in rows if curve(r) in (family, dense))
+            x = [k for k, _ in points]
+            if not x[0] <= agent[key] <= x[-1]:
+                parts.append(f"{name} -")
+                continue
+            at = float(np.interp(agent[key], x, [t for _, t in points]))
             parts.append(f"{name} {100 * at:.2f} ({100 * (agent['top1'] - at):+.2f})")
-        lines.append(f"{agent['policy']}: {100 * agent['top1']:.2f} at {agent['gflops']:.4g} GFLOPs with its cost; "
-                     f"at equal GFLOPs " + ", ".join(parts))  # fmt: skip
+        lines.append(f"{agent['policy']}: {100 * agent['top1']:.2f} at {agent[key]:.4g} {what}; at equal {what} "
+                     + ", ".join(parts))  # fmt: skip
+    return lines
+
+
+def equal_compute_text(rows: list[dict]) -> str:
+    """Each deterministic agent row against every baseline family at the agent's GFLOPs, its own cost included."""
+    return "\n".join(_at_equal(rows, [r for r in rows if is_agent_decision(r)], "gflops", "GFLOPs"))
+
+
+def equal_speed_text(rows: list[dict]) -> str:
+    """Each agent row that decides by its mode (the generic walk and the fused path) against every baseline family at
+    the agent's measured img/s, at batch 256 and at batch 1."""
+    agents = [r for r in rows if is_agent_decision(r) or r["rule"] == AGENT_FUSED]
+    lines = []
+    for b, what in (("b256", "img/s at batch 256"), ("b1", "img/s at batch 1")):
+        lines += _at_equal(rows, agents, f"img_per_s_{b}", what)
     return "\n".join(lines)
 
 
 def curve(row: dict) -> tuple[str, str, bool]:
     """The curve a row lies on, one point per budget: ``(role, rule, fused_token)``."""
     return row["role"], row["rule"], row["fused_token"]
+
+
+SUMMARY_CURVES = (("agent", AGENT), ("agent", AGENT_FUSED), ("agent", AGENT_ADAPTIVE), ("heuristic", TOME),
+                  ("heuristic", GRID), ("heuristic", "random"), ("heuristic", CLS_TOPK), ("control", "random"),
+                  ("reference", ORACLE))  # fmt: skip
+"""The curves ``summary.md`` shows, in this order at each budget (those the evaluation has)."""
+
+
+def summary_table(rows: list[dict]) -> str:
+    """The short table (``summary.md``, what the README shows): the dense model, then at each budget the agent's
+    decisions, ToMe, the heuristics, the control and the oracle; top-1 with its interval, GFLOPs with the policy's
+    cost, img/s over the dense model's at batch 256 / 1."""
+    dense = next(r for r in rows if r["role"] == "dense")
+    order = {curve: i for i, curve in enumerate(SUMMARY_CURVES)}
+    picked = [r for r in rows if not r["fused_token"] and (r["role"], r["rule"]) in order]
+    picked.sort(key=lambda r: (r["budget"], order[r["role"], r["rule"]]))
+    lines = ["| policy | top-1 (%) [95% interval] | GFLOPs | img/s over dense, b256 / b1 |", "|---|---:|---:|---:|"]
+    for r in [dense, *picked]:
+        speed = " / ".join(f"{r[f'img_per_s_{b}'] / dense[f'img_per_s_{b}']:.2f}" for b in ("b256", "b1"))
+        top1 = f"{100 * r['top1']:.2f} [{100 * r['top1_low']:.2f}, {100 * r['top1_high']:.2f}]"
+        lines.append(f"| {r['policy']} | {top1} | {r['gflops']:.4f} | {speed} |")
+    return "\n".join(lines)
 
 
 def is_agent_decision(row: dict) -> bool:
@@ -638,6 +684,7 @@ def main(args: Args) -> dict[str, dict]:
         f"timings on {torch.get_num_threads()} threads, batch 256 = {len(timing)} images\n\n"
     )
     (out / "results.md").write_text(header + table + "\n")
+    (out / "summary.md").write_text(header + summary_table(rows) + "\n")
     plot_tradeoff(out / "tradeoff.png", rows, title=source)
     write_masks(args, pv, dataset, rows, decisions, out / "masks.png", source)
     if adaptive is not None:
@@ -653,6 +700,7 @@ def main(args: Args) -> dict[str, dict]:
     print(header + table)
     print(decision_cost_text(rows, physical_speed))
     print(equal_compute_text(rows))
+    print(equal_speed_text(rows))
     print(fused_token_text(rows))
     print(speed_per_gflop_text(rows))
     print(f"\nwrote {out}/results.csv, results.md, tradeoff.png, masks.png")

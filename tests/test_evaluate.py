@@ -422,6 +422,43 @@ def test_a_fused_token_row_is_paired_with_its_rule_without_it_by_its_columns():
     ]
 
 
+def test_the_agent_is_compared_at_equal_speed_without_extrapolating():
+    module = load_script("evaluate")
+
+    def row(policy, role, rule, top1, b256, b1):
+        return dict(policy=policy, role=role, rule=rule, fused_token=False, top1=top1, img_per_s_b256=b256,
+                    img_per_s_b1=b1)  # fmt: skip
+
+    rows = [row("dense", "dense", "dense", 0.9, 100.0, 10.0),
+            row("random @ 0.5", "heuristic", "random", 0.7, 200.0, 12.0),
+            row("APT agent @ 0.5", "agent", "APT agent", 0.8, 150.0, 20.0)]  # fmt: skip
+    lines = module.equal_speed_text(rows).splitlines()
+    # batch 256: random at 150 img/s is halfway between dense (100, 0.9) and its budget row (200, 0.7): 0.8
+    assert (
+        lines[0] == "APT agent @ 0.5: 80.00 at 150 img/s at batch 256; at equal img/s at batch 256 random 80.00 (+0.00)"
+    )
+    assert lines[1].endswith("at equal img/s at batch 1 random -")  # 20 img/s: faster than every random row
+
+
+def test_the_summary_table_has_the_dense_model_then_each_budgets_main_rows_in_order():
+    module = load_script("evaluate")
+
+    def row(policy, role, rule, budget, top1, fused=False):
+        return dict(policy=policy, role=role, rule=rule, fused_token=fused, budget=budget, top1=top1,
+                    top1_low=top1 - 0.01, top1_high=top1 + 0.01, gflops=budget, img_per_s_b256=100 / budget,
+                    img_per_s_b1=10.0)  # fmt: skip
+
+    rows = [row("random @ 0.5", "heuristic", "random", 0.5, 0.7), row("dense", "dense", "dense", 1.0, 0.9),
+            row("APT agent @ 0.5", "agent", "APT agent", 0.5, 0.8), row("ToMe @ 0.25", "heuristic", "ToMe", 0.25, 0.6),
+            row("random + fused token @ 0.5", "heuristic", "random", 0.5, 0.7, fused=True),
+            row("APT agent (sampled) @ 0.5", "agent", "APT agent (sampled)", 0.5, 0.75)]  # fmt: skip
+    lines = module.summary_table(rows).splitlines()
+    assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:]] == [
+        "dense", "ToMe @ 0.25", "APT agent @ 0.5", "random @ 0.5"
+    ]  # fmt: skip
+    assert lines[3] == "| ToMe @ 0.25 | 60.00 [59.00, 61.00] | 0.2500 | 4.00 / 1.00 |"
+
+
 def test_results_files_show_paths_below_the_working_directory_relative(monkeypatch, tmp_path):
     from apt_env.defaults import DEFAULT_CHECKPOINT
 
