@@ -117,7 +117,7 @@ class Args:
     """an agent trained for a mean budget (``train_agent.py --budget-mean``, thresholds calibrated on val): its rows
     ``APT agent (adaptive) @ B`` join the table beside the fixed-count agent's"""
     control: str | None = None
-    """a backbone checkpoint trained as the control (``train_backbone.py --mode random``): random pruning on it at
+    """a backbone checkpoint trained as the control (``train_backbone.py --method random``): random pruning on it at
     every budget, and its dense model, join the table and the comparison at equal compute"""
     out: str = "runs/eval"
     """output folder"""

@@ -1,10 +1,10 @@
-"""Train a ViT backbone: plain (the baseline) or jointly with the APT pruning agent (``--mode apt``).
+"""Train a ViT backbone: plain (the baseline) or jointly with the APT pruning agent (``--method apt``).
 
 Joint training alternates two phases every epoch: a *backbone phase*, where the frozen agent samples keep
 masks and the loss is the cross-entropy over the original method's three channels (plain, one stage's
 action alone, all actions), and an *agent phase*, where the backbone is frozen and the agent is trained by
 PPO on the environment (APTPrune-v0 over this very backbone). The first ``--warmup-epochs`` train plain.
-With ``--compare-plain`` (the default in apt mode) a plain ViT is first trained with the same seed and
+With ``--compare-plain`` (the default with ``--method apt``) a plain ViT is first trained with the same seed and
 schedule, and the final table puts plain ViT | APT (pruning) | APT (no pruning) side by side.
 
 The default run is short (5 epochs of 50 batches on Fashion-MNIST); see
@@ -13,7 +13,7 @@ The default run is short (5 epochs of 50 batches on Fashion-MNIST); see
 ``--resume``; the run ends with a test-split evaluation table.
 
     python train_backbone.py                                   # joint training of the default ViT on Fashion-MNIST
-    python train_backbone.py --mode plain                      # the plain baseline only
+    python train_backbone.py --method plain                    # the plain baseline only
     torchrun --nproc_per_node 2 train_backbone.py              # data-parallel over 2 processes
     python train_backbone.py --model-kwargs '{"depth": 12}'    # timm kwargs over the defaults
     python train_backbone.py --resume runs/fashion-mnist__train_backbone__1__1732800000
@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import tyro
@@ -75,18 +75,22 @@ from apt_env.train.state import TRAIN_STATE_FILE, Resumed, get_rng_state, resume
 logger = logging.getLogger("train_backbone")
 
 
+RENAMED = {"mode": "method"}
+"""Fields renamed since a run folder's ``args.json`` was written (old -> new): such runs still resume."""
+
+
 @dataclass
 class Args(AgentArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of the experiment: model initialization, data order and augmentation"""
-    mode: Literal["plain", "apt", "random"] = "apt"
+    method: Annotated[Literal["plain", "apt", "random"], tyro.conf.arg(aliases=("--mode",))] = "apt"
     """`plain`: the ordinary ViT baseline; `apt`: jointly with the pruning agent, in alternating phases; `random`:
     the control that isolates what the agent adds (PatchDropout-style): the same channels and schedule with
     uniformly random masks of each budget's token count in place of the agent (needs --budget), no agent"""
     compare_plain: bool = True
-    """apt mode: first train a plain ViT with the same seed and schedule (in the run folder's `plain/`), and
+    """apt method: first train a plain ViT with the same seed and schedule (in the run folder's `plain/`), and
     put it in the final table"""
     dataset: str = "fashion-mnist"
     """dataset: fashion-mnist, cifar10, cifar100, digits, synthetic or imagefolder:PATH"""
@@ -139,42 +143,42 @@ class Args(AgentArgs):
     device: str | None = None
     """torch device; default cuda when available, else cpu"""
     warmup_epochs: int | None = None
-    """apt mode: epochs of plain training before the pruned channels join (the agent trains after each);
+    """apt method: epochs of plain training before the pruned channels join (the agent trains after each);
     default 0 when starting from trained weights (--init-checkpoint, --pretrained), else 1"""
     plain_weight: float = 1.0
-    """apt mode: weight of the plain channel's cross-entropy"""
+    """apt method: weight of the plain channel's cross-entropy"""
     single_weight: float = 1.0
-    """apt mode: weight of the single-action channel (one random stage's action on the unpruned tokens)"""
+    """apt method: weight of the single-action channel (one random stage's action on the unpruned tokens)"""
     multi_weight: float = 1.0
-    """apt mode: weight of the multi-action channel (every stage's action)"""
+    """apt method: weight of the multi-action channel (every stage's action)"""
     train_prune_mode: Literal["gathered", "masked"] = "gathered"
     """how the pruned channels run in training: pruned tokens removed (faster) or masked (fixed shapes)"""
     agent_steps: int = 6144
-    """apt mode: env transitions of PPO per agent phase (num_envs per env step)"""
+    """apt method: env transitions of PPO per agent phase (num_envs per env step)"""
     num_envs: int = 64
-    """apt mode: images per env batch in the agent phase (per process)"""
+    """apt method: images per env batch in the agent phase (per process)"""
     flops_weight: float = 0.5
-    """apt mode: weight of the compute term of the agent's reward"""
+    """apt method: weight of the compute term of the agent's reward"""
     budget: tuple[float, float] | None = (0.25, 1.0)
-    """apt mode: a budget range (fractions of the dense backbone's GFLOPs) for one budget-conditioned agent: it
+    """apt method: a budget range (fractions of the dense backbone's GFLOPs) for one budget-conditioned agent: it
     keeps each budget's token count (Gumbel top-k, its mode at test time), every agent episode and every
     training image drawing a budget from the range, so the backbone trains on the masks it meets at test time;
     none: the agent chooses how many tokens to keep (a Bernoulli per token)"""
     budget_mean: bool = False
-    """apt mode with --budget: the budget holds on average over images, not in each: a threshold agent (a keep
+    """apt method with --budget: the budget holds on average over images, not in each: a threshold agent (a keep
     decision per token) under the env's price of compute, whose mode the backbone trains on like any agent's; its
     thresholds are calibrated on val before the test table"""
     budget_groups: int | None = 1
-    """apt and random modes with --budget: distinct budgets per training batch, each drawn from its own part of the
+    """apt and random methods with --budget: distinct budgets per training batch, each drawn from its own part of the
     range and shared by that many consecutive (shuffled) images; None: one per image (how the shipped default was
     trained). Fewer groups run the pruned channels in fewer, unpadded groups of rows (one budget per batch is the
     fastest, at the same accuracy over 3 seeds; see docs/results.md), every image's budget still uniform over
     the range"""
     reward: Literal["loss_delta", "prob_delta", "vs_random"] = "vs_random"
-    """apt mode: the agent's reward (``APTPruneVectorEnv``'s ``reward``): by default the loss under a random mask of
+    """apt method: the agent's reward (``APTPruneVectorEnv``'s ``reward``): by default the loss under a random mask of
     the agent's per-image count minus the loss under the agent's (common random numbers)"""
     eval_budget: float = 0.5
-    """apt mode with --budget: the budget of the final table's pruned rows"""
+    """apt method with --budget: the budget of the final table's pruned rows"""
     out_dir: str = "runs"
     """parent folder of the run folders"""
     resume: str | None = None
@@ -184,22 +188,22 @@ class Args(AgentArgs):
 
 def check_args(args: Args) -> None:
     """Raise early on arguments that cannot work."""
-    if args.mode != "plain" and not 0 <= warmup_epochs(args) < args.epochs:
+    if args.method != "plain" and not 0 <= warmup_epochs(args) < args.epochs:
         raise ValueError(f"--warmup-epochs must be in [0, --epochs={args.epochs}), got {args.warmup_epochs}")
-    if args.init_agent and args.mode != "apt":
-        raise ValueError("--init-agent needs --mode apt")
-    if args.mode == "apt":
+    if args.init_agent and args.method != "apt":
+        raise ValueError("--init-agent needs --method apt")
+    if args.method == "apt":
         sampling_for(args, budget=args.budget, budget_mean=args.budget_mean)  # a clear error for a misfit
     if args.budget_groups is not None and args.budget_groups < 1:
         raise ValueError(f"--budget-groups must be at least 1 (None: a budget per image), got {args.budget_groups}")
     if args.budget is None and args.budget_groups != 1:
         raise ValueError(f"--budget-groups {args.budget_groups} needs --budget: without one there are no budgets")
-    if args.budget_mean and (args.budget is None or args.mode != "apt"):
-        raise ValueError("--budget-mean makes the agent's budget hold on average: it needs --mode apt and --budget")
+    if args.budget_mean and (args.budget is None or args.method != "apt"):
+        raise ValueError("--budget-mean makes the agent's budget hold on average: it needs --method apt and --budget")
     if args.budget is not None:
         budget_range(args.budget)  # a clear error for a bad range
-    elif args.mode == "random":
-        raise ValueError("--mode random draws masks of each budget's token count: pass --budget LOW HIGH")
+    elif args.method == "random":
+        raise ValueError("--method random draws masks of each budget's token count: pass --budget LOW HIGH")
     if not 0.0 < args.eval_budget <= 1.0:
         raise ValueError(f"--eval-budget must be a fraction in (0, 1], got {args.eval_budget}")
     if args.pretrained and args.init_checkpoint:
@@ -279,7 +283,7 @@ def fresh_model(args: Args, info: DatasetInfo, prune_layers: tuple[int, ...] | N
 
 
 def random_budget_masks(obs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``--mode random``'s masks: each image's budget count of its live tokens, uniformly at random (torch's RNG,
+    """``--method random``'s masks: each image's budget count of its live tokens, uniformly at random (torch's RNG,
     so a resumed run draws the same)."""
     live = live_mask(obs)
     return random_count(live, keep_counts(obs))
@@ -336,7 +340,7 @@ def make_agent_trainer(args: Args, pv: PrunableViT, rank: int, device: torch.dev
 def prepare_run(args: Args) -> tuple[Args, Path]:
     """The run folder, new (with ``args.json``) or the one ``--resume`` names (with its saved arguments)."""
     if args.resume:  # the saved arguments, with this invocation's --stop-epoch
-        args = resume_args(args, script="train_backbone.py", keep=("stop_epoch",))
+        args = resume_args(args, script="train_backbone.py", keep=("stop_epoch",), renamed=RENAMED)
         check_args(args)
         return args, Path(args.resume)
     check_args(args)
@@ -352,7 +356,7 @@ def plain_baseline(args: Args, run_dir: Path) -> tuple[Args, Path]:
     """The plain ViT of an apt run: same seed, data and schedule, in ``run_dir``'s ``*__plain__*`` folder."""
     previous = sorted(run_dir.glob("*__plain__*"))
     plain = replace(
-        args, mode="plain", compare_plain=False, exp_name="plain", out_dir=str(run_dir), resume=None, init_agent=None
+        args, method="plain", compare_plain=False, exp_name="plain", out_dir=str(run_dir), resume=None, init_agent=None
     )
     if previous:
         plain = replace(plain, resume=str(previous[-1]), stop_epoch=args.stop_epoch)
@@ -443,7 +447,7 @@ def setup(args: Args, run_dir: Path) -> Run:
     warmup_steps = round(args.warmup_frac * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
     channels = ChannelLosses(pv, mode=args.train_prune_mode, label_smoothing=args.label_smoothing)
-    agent = make_agent_trainer(args, pv, rank, device) if args.mode == "apt" else None
+    agent = make_agent_trainer(args, pv, rank, device) if args.method == "apt" else None
     run = Run(
         args, run_dir, rank, world_size, device, pv, train_set, val_set, steps_per_epoch, total_steps, optimizer,
         scheduler, DDP(channels) if world_size > 1 else channels, agent, writer=None,
@@ -481,7 +485,7 @@ def epoch_loader(run: Run, epoch: int) -> torch.utils.data.DataLoader:
 
 def backbone_keep_fn(run: Run, epoch: int):
     """The masks the pruned channels see this epoch: none while warming up, the agent's, or random ones."""
-    if run.args.mode == "plain" or epoch < warmup_epochs(run.args):
+    if run.args.method == "plain" or epoch < warmup_epochs(run.args):
         return None
     if run.agent is None:
         return random_budget_masks
@@ -593,7 +597,7 @@ def train(args: Args, run_dir: Path) -> bool:
     """
     run = setup(args, run_dir)
     logger.info(
-        "run folder %s: %s, %d steps of %d images on %s x %d", run_dir, args.mode, run.total_steps, args.batch_size,
+        "run folder %s: %s, %d steps of %d images on %s x %d", run_dir, args.method, run.total_steps, args.batch_size,
         run.device, run.world_size,
     )  # fmt: skip
     start = (time.time(), run.global_step)
@@ -633,9 +637,9 @@ def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]
     plain_pv = load_backbone(plain_dir / "checkpoint", device=device) if plain_dir is not None else None
     if plain_pv is not None and plain_pv.data_config != pv.data_config:  # both rows are scored on one loader
         raise ValueError(f"{plain_dir} preprocesses its images otherwise than {run_dir}: they cannot share a table")
-    if args.mode == "plain":
+    if args.method == "plain":
         contenders = [Contender("plain ViT")]
-    elif args.mode == "random":
+    elif args.method == "random":
         ratio = budget_keep_ratio(pv, args.eval_budget)
         rand = RandomKeep(ratio, seed=args.seed).act
         pruned = Contender("random-trained (pruning)", rand, args.eval_budget, obs_keys=("keep", "stage"))
@@ -657,7 +661,7 @@ def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]
             agent = Contender("APT (pruning)", act, flops=policy.decision_flops)
         contenders = [agent, Contender("APT (no pruning)")]
     rows, decisions = evaluate_accuracy(pv, loader, contenders, desc="test")
-    if args.mode == "apt":
+    if args.method == "apt":
         counts = decisions["APT (pruning)"]
         live = ("keep", "stage")  # what random pruning reads: no class attention to pay for
         controls = [
@@ -687,7 +691,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args, run_dir = prepare_run(args)
     plain_dir = None
-    if args.mode != "plain" and args.compare_plain:
+    if args.method != "plain" and args.compare_plain:
         plain_args, plain_dir = plain_baseline(args, run_dir)
         if not train(plain_args, plain_dir):
             return

@@ -66,7 +66,7 @@ def main(args: Args) -> None:
         out = Path(args.out_dir) / f"seed{seed}"
         run_dir = finished_run(out)
         if run_dir is None:
-            cmd = [sys.executable, str(SCRIPT), "--mode", "apt", "--seed", str(seed), "--out-dir", str(out)]
+            cmd = [sys.executable, str(SCRIPT), "--method", "apt", "--seed", str(seed), "--out-dir", str(out)]
             cmd += ["--init-checkpoint", args.init_checkpoint]
             cmd += shlex.split(args.method) + shlex.split(args.extra)
             start = time.perf_counter()

@@ -96,7 +96,7 @@ def test_sb3_ppo_repeats_exactly(sampling):
 
 
 def test_joint_backbone_training_repeats_exactly(tmp_path, monkeypatch):
-    """``train_backbone.py --mode apt`` in this process: one epoch, pruned from the start (a backbone phase with
+    """``train_backbone.py --method apt`` in this process: one epoch, pruned from the start (a backbone phase with
     the agent's sampled masks, then an agent phase); the backbone and the agent end bit for bit the same."""
     script = load_script("train_backbone")
     # The TensorBoard mask figure is deterministic and draws no random numbers, but takes 2/3 of the run.

@@ -89,7 +89,7 @@ def test_two_ranks_train_on_different_images_in_both_phases(tmp_path):
     flags = [
         "--dataset", "synthetic", "--model-kwargs", json.dumps({"depth": 2, "embed_dim": 32, "num_heads": 2}),
         "--batch-size", str(batch), "--steps-per-epoch", str(steps), "--eval-batch-size", "64",
-        "--mode", "apt", "--epochs", "1", "--warmup-epochs", "0", "--num-envs", "8", "--agent-steps", "48",
+        "--method", "apt", "--epochs", "1", "--warmup-epochs", "0", "--num-envs", "8", "--agent-steps", "48",
         "--no-compare-plain", "--out-dir", str(tmp_path / "runs"),
     ]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(runner)]

@@ -102,7 +102,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_joint_training_freezes_the_agent_in_the_backbone_phase_and_the_backbone_in_the_agent_phase(
     tmp_path, monkeypatch, one_thread
 ):
-    """One epoch of ``train_backbone.py --mode apt``, pruned from the start: weights are taken when the agent
+    """One epoch of ``train_backbone.py --method apt``, pruned from the start: weights are taken when the agent
     is built (the backbone phase begins), when its PPO phase begins and when it ends."""
     script = load_script("train_backbone")
     monkeypatch.setattr(script, "agent_masks_figure", lambda *args, **kwargs: None)  # 2/3 of the run, no weights

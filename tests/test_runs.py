@@ -76,3 +76,12 @@ def test_markdown_table_formats_and_aligns_as_asked():
         "|---|---:|",
         "| x | 50.00 |",
     ]
+
+
+def test_a_run_saved_before_a_field_was_renamed_still_resumes(tmp_path):
+    saved = {k: v for k, v in asdict(Args(lr=0.5)).items() if k != "lr"} | {"learning_rate": 0.5}
+    (tmp_path / "args.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_args(tmp_path, Args, script="demo.py")
+    resumed = resume_args(Args(resume=str(tmp_path)), script="demo.py", renamed={"learning_rate": "lr"})
+    assert resumed == Args(lr=0.5, resume=str(tmp_path))

@@ -29,7 +29,7 @@ TINY = [
     "--steps-per-epoch", "3",
     "--eval-batch-size", "64",
 ]  # fmt: skip
-APT = ["--mode", "apt", "--num-envs", "8", "--agent-steps", "48", "--warmup-epochs", "1"]
+APT = ["--method", "apt", "--num-envs", "8", "--agent-steps", "48", "--warmup-epochs", "1"]
 
 
 def _run(out_dir: Path, *flags: str) -> tuple[Path, str]:
@@ -48,7 +48,7 @@ def _run(out_dir: Path, *flags: str) -> tuple[Path, str]:
 
 @pytest.mark.slow
 def test_end_to_end_writes_a_loadable_checkpoint_and_prints_the_table(tmp_path):
-    run_dir, stdout = _run(tmp_path / "runs", "--mode", "plain", "--epochs", "1")
+    run_dir, stdout = _run(tmp_path / "runs", "--method", "plain", "--epochs", "1")
     assert run_dir.name.startswith("synthetic__train_backbone__1__")
     assert "| plain ViT |" in stdout and "| 16 |" in stdout  # 16 patch tokens of 4x4 pixels in a 16x16 image
 
@@ -103,7 +103,7 @@ def test_joint_training_with_a_mean_budget_trains_the_backbone_on_a_threshold_ag
     assert policy.calibration["backbone"] == state_digest(load_backbone(run_dir / "checkpoint").model)
     pruned = {r["policy"]: r for r in json.loads((run_dir / "results.json").read_text())}["APT (pruning)"]
     assert pruned["budget"] == 0.5 and pruned["tokens_last"] < 16
-    bad = subprocess.run([sys.executable, str(SCRIPT), "--mode", "plain", "--budget-mean"], capture_output=True,
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--method", "plain", "--budget-mean"], capture_output=True,
                          text=True)  # fmt: skip
     assert bad.returncode != 0 and "--budget-mean makes the agent's budget hold on average" in bad.stderr
     # train_agent.py calibrates the same weights on the same images to the same thresholds: one calibration path.
@@ -117,20 +117,20 @@ def test_joint_training_with_a_mean_budget_trains_the_backbone_on_a_threshold_ag
 
 @pytest.mark.slow
 def test_the_random_mask_control_trains_on_each_budgets_count_without_an_agent(tmp_path):
-    flags = ["--mode", "random", "--budget", "0.3", "0.9", "--no-compare-plain"]
+    flags = ["--method", "random", "--budget", "0.3", "0.9", "--no-compare-plain"]
     run_dir, stdout = _run(tmp_path / "runs", *APT[2:], "--epochs", "2", *flags)
     rows = {r["policy"]: r for r in json.loads((run_dir / "results.json").read_text())}
     assert set(rows) == {"random-trained (pruning)", "random-trained (no pruning)"} and not (run_dir / "agent").exists()
     assert rows["random-trained (pruning)"]["budget"] == 0.5 and rows["random-trained (pruning)"]["tokens_last"] < 16
-    bad = subprocess.run([sys.executable, str(SCRIPT), "--mode", "random", "--budget", "None"], capture_output=True,
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--method", "random", "--budget", "None"], capture_output=True,
                          text=True)  # fmt: skip
     assert bad.returncode != 0 and "pass --budget" in bad.stderr
 
 
 @pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    run_a, _ = _run(tmp_path / "a", "--mode", "plain", "--epochs", "2")
-    run_b, stdout = _run(tmp_path / "b", "--mode", "plain", "--epochs", "2", "--stop-epoch", "1")
+    run_a, _ = _run(tmp_path / "a", "--method", "plain", "--epochs", "2")
+    run_b, stdout = _run(tmp_path / "b", "--method", "plain", "--epochs", "2", "--stop-epoch", "1")
     assert "| plain ViT |" not in stdout  # stopped before the test evaluation
     assert load_train_state(run_b / "train_state.pt")["epoch"] == 1
     _, stdout = _run(tmp_path / "b", "--resume", str(run_b))
@@ -145,9 +145,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_init_checkpoint_fine_tunes_a_trained_backbone_in_both_modes(tmp_path):
-    first, _ = _run(tmp_path / "first", "--mode", "plain", "--epochs", "1")
+    first, _ = _run(tmp_path / "first", "--method", "plain", "--epochs", "1")
     init = str(first / "checkpoint")
-    plain, _ = _run(tmp_path / "plain", "--mode", "plain", "--epochs", "1", "--init-checkpoint", init)
+    plain, _ = _run(tmp_path / "plain", "--method", "plain", "--epochs", "1", "--init-checkpoint", init)
     joint, stdout = _run(tmp_path / "joint", *APT[:-2], "--epochs", "1", "--init-checkpoint", init,
                          "--init-agent", str(_agent(tmp_path, first)))  # fmt: skip
     assert "| APT (pruning) |" in stdout  # warm-up defaults to 0 from trained weights: it pruned at once
@@ -165,7 +165,7 @@ def test_init_checkpoint_fine_tunes_a_trained_backbone_in_both_modes(tmp_path):
     pv = PrunableViT.from_timm("vit_tiny_patch16_224", **kwargs)
     save_backbone(small, pv, meta={"dataset": "synthetic"})
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *TINY, "--out-dir", str(tmp_path / "bad"), "--mode", "plain", "--epochs", "1",
+        [sys.executable, str(SCRIPT), *TINY, "--out-dir", str(tmp_path / "bad"), "--method", "plain", "--epochs", "1",
          "--init-checkpoint", str(small)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -184,7 +184,7 @@ def _agent(tmp_path, run_dir):
 def test_bad_arguments_are_refused_early():
     script = load_script("train_backbone")
     with pytest.raises(ValueError, match="--warmup-epochs"):
-        script.check_args(script.Args(mode="apt", epochs=2, warmup_epochs=2))
+        script.check_args(script.Args(method="apt", epochs=2, warmup_epochs=2))
     with pytest.raises(ValueError, match="--model-kwargs must be a JSON object"):
         script.check_args(script.Args(model_kwargs="depth=2"))
     with pytest.raises(ValueError, match="--stop-epoch"):
@@ -195,6 +195,14 @@ def test_bad_arguments_are_refused_early():
         script.check_args(script.Args(budget=(0.25, 1.0), budget_groups=0))
     script.check_args(script.Args())  # the default: the shipped recipe, one budget per batch
     script.check_args(script.Args(budget=(0.25, 1.0), budget_groups=None))  # one per image
+
+
+def test_the_run_kind_is_method_and_the_old_flag_still_reads():
+    import tyro
+
+    script = load_script("train_backbone")
+    assert tyro.cli(script.Args, args=["--method", "random"]).method == "random"
+    assert tyro.cli(script.Args, args=["--mode", "plain"]).method == "plain"  # commands recorded before the rename
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():

@@ -63,13 +63,21 @@ def new_run_dir(
     return run_dir
 
 
-def load_args(run_dir: str | Path, args_type: type[T], *, script: str, **changes: Any) -> T:
+def load_args(
+    run_dir: str | Path,
+    args_type: type[T],
+    *,
+    script: str,
+    renamed: Mapping[str, str] | None = None,
+    **changes: Any,
+) -> T:
     """The arguments saved in ``run_dir``'s ``args.json`` as an ``args_type`` dataclass, with ``changes`` over them.
 
     Args:
         run_dir: the run folder (what ``--resume`` names).
         args_type: the script's ``Args`` dataclass.
         script: the script's file name, for the error message.
+        renamed: old field name -> new, for run folders saved before a field was renamed.
         changes: fields to replace, e.g. ``resume=str(run_dir)``.
 
     Raises:
@@ -79,14 +87,16 @@ def load_args(run_dir: str | Path, args_type: type[T], *, script: str, **changes
     path = Path(run_dir) / ARGS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"--resume {run_dir}: no {ARGS_FILE} there; is it a run folder of {script}?")
-    saved = json.loads(path.read_text())
+    saved = {(renamed or {}).get(k, k): v for k, v in json.loads(path.read_text()).items()}
     unknown = sorted(set(saved) - {f.name for f in fields(args_type)})
     if unknown:
         raise ValueError(f"--resume {run_dir}: {ARGS_FILE} has fields {unknown} that {script} does not know")
     return args_type(**{**saved, **changes})
 
 
-def resume_args(args: R, *, script: str, keep: Sequence[str] = ()) -> R:
+def resume_args(
+    args: R, *, script: str, keep: Sequence[str] = (), renamed: Mapping[str, str] | None = None
+) -> R:
     """The arguments of the run that ``args.resume`` names, to resume it: those saved in its ``args.json``, with
     ``resume`` and the fields in ``keep`` (e.g. ``stop_epoch``) taken from ``args``, this invocation's.
 
@@ -94,12 +104,13 @@ def resume_args(args: R, *, script: str, keep: Sequence[str] = ()) -> R:
         args: the script's parsed ``Args``, with ``resume`` set to the run folder.
         script: the script's file name, for the error messages.
         keep: fields that this invocation sets, not the saved run.
+        renamed: old field name -> new (``load_args``).
     """
     run_dir = args.resume
     if run_dir is None:
         raise ValueError(f"{script}: resume_args needs --resume RUN_DIR")
     changes = {name: getattr(args, name) for name in keep}
-    return load_args(run_dir, type(args), script=script, resume=str(run_dir), **changes)
+    return load_args(run_dir, type(args), script=script, renamed=renamed, resume=str(run_dir), **changes)
 
 
 def hyperparameters_text(config: Mapping[str, Any]) -> str:
