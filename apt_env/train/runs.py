@@ -94,9 +94,7 @@ def load_args(
     return args_type(**{**saved, **changes})
 
 
-def resume_args(
-    args: R, *, script: str, keep: Sequence[str] = (), renamed: Mapping[str, str] | None = None
-) -> R:
+def resume_args(args: R, *, script: str, keep: Sequence[str] = (), renamed: Mapping[str, str] | None = None) -> R:
     """The arguments of the run that ``args.resume`` names, to resume it: those saved in its ``args.json``, with
     ``resume`` and the fields in ``keep`` (e.g. ``stop_epoch``) taken from ``args``, this invocation's.
 
