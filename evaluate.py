@@ -328,7 +328,7 @@ def random_contender(budget: float, ratio: float, seed: int, model: PrunableViT 
         (f"random @ {budget:.3g}", "heuristic") if model is None else (f"{CONTROL}random @ {budget:.3g}", "control")
     )
     act = RandomKeep(ratio, seed=seed).act
-    return Contender(name, act, budget, obs_keys=("keep", "stage"), model=model, role=role, rule="random")
+    return Contender(name, act, budget, obs_keys=("live", "stage"), model=model, role=role, rule="random")
 
 
 def heuristic_contenders(budgets: dict[float, float], seed: int, grid: tuple[int, int]) -> list[Contender]:
@@ -339,14 +339,14 @@ def heuristic_contenders(budgets: dict[float, float], seed: int, grid: tuple[int
     for budget, ratio in budgets.items():
         rows.append(random_contender(budget, ratio, seed))
         top = ClsAttentionTopK(ratio)
-        keys = ("cls_attn", "keep", "stage")
+        keys = ("cls_attn", "live", "stage")
         name = f"{CLS_TOPK} @ {budget:.3g}"
         rows.append(Contender(name, top.act, budget, obs_keys=keys, role="heuristic", rule=CLS_TOPK))
         act = DitherGrid(ratio, grid).act
-        rows.append(Contender(f"{GRID} @ {budget:.3g}", act, budget, obs_keys=("keep", "stage"), role="heuristic",
+        rows.append(Contender(f"{GRID} @ {budget:.3g}", act, budget, obs_keys=("live", "stage"), role="heuristic",
                               rule=GRID))  # fmt: skip
         rows.append(Contender(f"random{FUSED_TOKEN} @ {budget:.3g}", RandomKeep(ratio, seed=seed).act, budget,
-                              obs_keys=("keep", "stage"), role="heuristic", rule="random", fuse=True))  # fmt: skip
+                              obs_keys=("live", "stage"), role="heuristic", rule="random", fuse=True))  # fmt: skip
         rows.append(Contender(f"{CLS_TOPK}{FUSED_TOKEN} @ {budget:.3g}", top.act, budget, obs_keys=keys,
                               role="heuristic", rule=CLS_TOPK, fuse=True))  # fmt: skip
     return rows
@@ -546,7 +546,7 @@ def oracle_contenders(
             f"{ORACLE} @ {r['budget']:.3g}",
             box_first_at_counts(decisions[r["policy"]], box_tokens, seed=seed),
             r["budget"],
-            obs_keys=("keep", "stage"),
+            obs_keys=("live", "stage"),
             role="reference",
             rule=ORACLE,
         )  # fmt: skip

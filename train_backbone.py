@@ -642,7 +642,7 @@ def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]
     elif args.method == "random":
         ratio = budget_keep_ratio(pv, args.eval_budget)
         rand = RandomKeep(ratio, seed=args.seed).act
-        pruned = Contender("random-trained (pruning)", rand, args.eval_budget, obs_keys=("keep", "stage"))
+        pruned = Contender("random-trained (pruning)", rand, args.eval_budget, obs_keys=("live", "stage"))
         contenders = [pruned, Contender("random-trained (no pruning)")]
         if plain_pv is not None:
             contenders.append(Contender("plain ViT", model=plain_pv))
@@ -663,7 +663,7 @@ def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]
     rows, decisions = evaluate_accuracy(pv, loader, contenders, desc="test")
     if args.method == "apt":
         counts = decisions["APT (pruning)"]
-        live = ("keep", "stage")  # what random pruning reads: no class attention to pay for
+        live = ("live", "stage")  # what random pruning reads: no class attention to pay for
         controls = [
             Contender("APT, random at the agent's counts", random_at_counts(counts, seed=args.seed), obs_keys=live)
         ]

@@ -69,7 +69,7 @@ class ClsAttentionTopK:
             raise ValueError("ClsAttentionTopK reads obs['cls_attn']: add 'cls_attn' to the env's obs_keys")
         attn = obs_tensor(obs, "cls_attn", live.device)
         if attn.shape != live.shape:
-            raise ValueError(f"obs['cls_attn'] must be {tuple(live.shape)} as obs['keep'], got {tuple(attn.shape)}")
+            raise ValueError(f"obs['cls_attn'] must be {tuple(live.shape)} as obs['live'], got {tuple(attn.shape)}")
         return top_k_live(attn, live, self.keep_ratio if keep_ratio is None else keep_ratio)
 
 

@@ -34,6 +34,10 @@ class Batch:
     budget: Tensor | None = None  # (B, 1) float
 
 
+LEGACY_LIVE = "keep"
+"""The live mask's old name (docs/environment.md, Version History): a keep mask is the action."""
+
+
 def obs_tensor(obs: Mapping[str, Any], key: str, device: torch.device | str | None = None) -> Tensor:
     """``obs[key]`` as a tensor on ``device``; an observation that is not a dict, lacks ``key`` or holds something
     other than numbers there is a clear error."""
@@ -45,16 +49,18 @@ def obs_tensor(obs: Mapping[str, Any], key: str, device: torch.device | str | No
 
 
 def live_mask(obs: Mapping[str, Any], device: torch.device | str | None = None) -> Tensor:
-    """The tokens still alive, (B, N) bool, from ``obs["keep"]`` (int8, float or bool).
+    """The tokens still alive, (B, N) bool, from ``obs["live"]`` (int8, float or bool); ``obs["keep"]``, its old
+    name, is read alike (observations recorded before the rename).
 
-    Without a ``keep`` key every token of ``obs["tokens"]`` or ``obs["cls_attn"]`` is alive.
+    Without either key every token of ``obs["tokens"]`` or ``obs["cls_attn"]`` is alive.
     """
-    key = next((k for k in ("keep", "tokens", "cls_attn") if isinstance(obs, Mapping) and k in obs), "keep")
+    keys = ("live", LEGACY_LIVE, "tokens", "cls_attn")
+    key = next((k for k in keys if isinstance(obs, Mapping) and k in obs), "live")
     ref = obs_tensor(obs, key, device)
     if ref.dim() != (3 if key == "tokens" else 2):
         shape = "(B, N, C)" if key == "tokens" else "(B, N)"
         raise ValueError(f"obs[{key!r}] must be batched {shape}, got shape {tuple(ref.shape)}")
-    if key == "keep":
+    if key in ("live", LEGACY_LIVE):
         return ref > 0.5
     return torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device)
 
@@ -96,7 +102,7 @@ def read_batch(
 ) -> Batch:
     """Tensors on ``device`` from an env observation or an SB3-preprocessed one, checked against a policy's sizes.
 
-    Accepts ``stage`` as indices (B,) or (B, 1), or one-hot (B, K) or (B, 1, K) float, and ``keep`` as int8, bool
+    Accepts ``stage`` as indices (B,) or (B, 1), or one-hot (B, K) or (B, 1, K) float, and ``live`` as int8, bool
     or float; numpy arrays too. ``cls_attn`` is read when ``use_cls_attn``, ``budget`` when ``use_budget``, and
     ``keep_count``, when there, is checked to hold one count per row when ``topk``.
     """
@@ -130,7 +136,7 @@ def read_batch(
         _per_row(keep_counts(obs, device), b, "keep_count")
     live = live_mask(obs, device)
     if tuple(live.shape) != (b, num_patches):
-        raise ValueError(f"obs['keep'] must be ({b}, {num_patches}), got {tuple(live.shape)}")
+        raise ValueError(f"obs['live'] must be ({b}, {num_patches}), got {tuple(live.shape)}")
     return Batch(tokens, cls_token, cls_attn, live, stage, budget)
 
 

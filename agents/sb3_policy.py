@@ -87,7 +87,7 @@ class APTActorCriticPolicy(MultiInputActorCriticPolicy):
 
     Args:
         observation_space: the env's ``Dict`` space (``tokens``, ``cls``, ``stage``, optionally
-            ``cls_attn`` and ``keep``).
+            ``cls_attn`` and ``live``).
         action_space: ``MultiBinary(N)``.
         lr_schedule: SB3's learning-rate schedule.
         hidden: ``APTPolicy`` hidden width.

@@ -57,10 +57,10 @@ def policies(args: Args, envs: APTPruneVectorEnv, budget: float) -> dict[str, tu
     ratio = budget_keep_ratio(envs.pv, budget)
     rand, top = RandomKeep(ratio, seed=args.seed), ClsAttentionTopK(ratio)
     out = {
-        "random": (rand.act, Contender("random", rand.act, budget, obs_keys=("keep", "stage"))),
+        "random": (rand.act, Contender("random", rand.act, budget, obs_keys=("live", "stage"))),
         "cls-attn top-k": (
             top.act,
-            Contender("cls-attn top-k", top.act, budget, obs_keys=("cls_attn", "keep", "stage")),
+            Contender("cls-attn top-k", top.act, budget, obs_keys=("cls_attn", "live", "stage")),
         ),
     }
     for spec in args.agents:

@@ -27,7 +27,7 @@ def pruned_obs() -> dict[str, torch.Tensor]:
     keep = torch.rand(6, 16, generator=torch.Generator().manual_seed(0)) < 0.6
     keep[:, 0] = True
     obs, *_ = envs.step_tensors(keep)
-    assert (obs["keep"] == 0).any() and (obs["stage"] == 1).all()
+    assert (obs["live"] == 0).any() and (obs["stage"] == 1).all()
     return obs
 
 
@@ -45,7 +45,7 @@ def test_forward_and_get_action_and_value_shapes(pruned_obs):
     assert action.shape == (6, 16) and action.dtype == torch.float32 and set(action.unique().tolist()) <= {0.0, 1.0}
     assert log_prob.shape == entropy.shape == value2.shape == (6,)
     torch.testing.assert_close(value, value2)
-    assert (logits[pruned_obs["keep"] == 0] == PRUNED_LOGIT).all()
+    assert (logits[pruned_obs["live"] == 0] == PRUNED_LOGIT).all()
 
 
 def test_a_decision_runs_on_the_live_tokens_only_and_skips_the_value_head(pruned_obs):
@@ -53,7 +53,7 @@ def test_a_decision_runs_on_the_live_tokens_only_and_skips_the_value_head(pruned
     logits, _ = policy(pruned_obs)
     torch.testing.assert_close(policy.keep_logits(pruned_obs), logits, atol=0, rtol=0)
     # Pruned positions are not read: garbage there changes nothing.
-    dead = pruned_obs["keep"] == 0
+    dead = pruned_obs["live"] == 0
     garbage = {**pruned_obs, "tokens": pruned_obs["tokens"].masked_fill(dead[..., None], 1e6)}
     torch.testing.assert_close(policy(garbage), policy(pruned_obs), atol=0, rtol=0)
     # Its FLOPs grow with the live tokens: one token's worth per token, whatever the positions.
@@ -74,7 +74,7 @@ def test_rows_of_one_count_and_rows_of_all_tokens_score_as_rows_of_any_count(pru
     keep[:3, :7] = 1  # three rows of 7 live tokens
     keep[3:5] = 1  # two rows of all 16
     keep[5, ::2] = 1  # one of 8
-    obs = {**pruned_obs, "keep": keep}
+    obs = {**pruned_obs, "live": keep}
     mixed_logits, mixed_values = policy(obs)
     for rows in (slice(0, 3), slice(3, 5)):  # same-count batches
         logits, values = policy({key: value[rows] for key, value in obs.items()})
@@ -112,10 +112,10 @@ def test_the_attention_mixer_makes_scores_depend_on_the_other_live_tokens_only(p
     policy = _policy(mixer="attention")
     logits, value = policy(pruned_obs)
     assert torch.isfinite(logits).all() and torch.isfinite(value).all()
-    dead = pruned_obs["keep"] == 0
+    dead = pruned_obs["live"] == 0
     garbage = {**pruned_obs, "tokens": pruned_obs["tokens"].masked_fill(dead[..., None], 1e6)}
     torch.testing.assert_close(policy(garbage)[0], logits)  # pruned tokens are not attended to
-    live = (pruned_obs["keep"] == 1).nonzero()
+    live = (pruned_obs["live"] == 1).nonzero()
     row, col = int(live[0, 0]), int(live[0, 1])
     other = int(live[1, 1]) if int(live[1, 0]) == row else None
     edited = pruned_obs["tokens"].clone()
@@ -136,7 +136,7 @@ def test_log_prob_and_entropy_are_bernoulli_over_live_tokens(pruned_obs):
     policy = _policy()
     action, log_prob, entropy, _ = policy.get_action_and_value(pruned_obs)
     logits, _ = policy(pruned_obs)
-    live = pruned_obs["keep"].bool()
+    live = pruned_obs["live"].bool()
     for i in range(6):
         dist = torch.distributions.Bernoulli(logits=logits[i, live[i]])
         assert abs(dist.log_prob(action[i, live[i]]).sum().item() - log_prob[i].item()) < 1e-5
@@ -152,7 +152,7 @@ def test_log_prob_and_entropy_are_bernoulli_over_live_tokens(pruned_obs):
 
 def test_pruned_tokens_are_never_kept(pruned_obs):
     policy = _policy(init_keep_prob=0.999)  # every live token would be kept
-    live = pruned_obs["keep"].bool()
+    live = pruned_obs["live"].bool()
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
         sampled = policy.act(pruned_obs, deterministic=False, generator=g)
@@ -165,7 +165,7 @@ def test_pruned_tokens_are_never_kept(pruned_obs):
 
 def test_top_k_keeps_the_highest_logits_at_the_ratio(pruned_obs):
     policy = _policy()
-    live = pruned_obs["keep"].bool()
+    live = pruned_obs["live"].bool()
     logits, _ = policy(pruned_obs)
     for ratio in (0.25, 0.5, 0.75, 1.0, 1e-3):
         keep = policy.act(pruned_obs, keep_ratio=ratio)
@@ -186,7 +186,7 @@ def test_accepts_numpy_and_sb3_preprocessed_observations(pruned_obs):
     torch.testing.assert_close(policy(as_numpy)[0], logits)
     space = envs.single_observation_space
     one_hot = preprocess_obs(obs_as_tensor(as_numpy, "cpu"), space)
-    assert one_hot["stage"].shape == (6, 3) and one_hot["keep"].dtype == torch.float32
+    assert one_hot["stage"].shape == (6, 3) and one_hot["live"].dtype == torch.float32
     torch.testing.assert_close(policy(one_hot)[0], logits)
     # SB3's rollout buffer stores a Discrete observation as (B, 1): one-hot (B, 1, K).
     buffered = {**as_numpy, "stage": as_numpy["stage"].reshape(6, 1).astype(np.float32)}
@@ -203,13 +203,13 @@ def test_size_mismatch_and_missing_key_errors(pruned_obs):
     with pytest.raises(ValueError, match="cls_attn"):
         _policy()(without_attn)
     assert _policy(use_cls_attn=False)(without_attn)[0].shape == (6, 16)
-    assert not APTPolicy.for_env(_envs(obs_keys=("tokens", "cls", "keep", "stage"))).use_cls_attn
+    assert not APTPolicy.for_env(_envs(obs_keys=("tokens", "cls", "live", "stage"))).use_cls_attn
     with pytest.raises(ValueError, match="obs_keys"):
-        APTPolicy.for_env(_envs(obs_keys=("keep", "stage")))
+        APTPolicy.for_env(_envs(obs_keys=("live", "stage")))
 
 
 def test_all_policies_share_the_token_policy_interface(pruned_obs):
-    live = pruned_obs["keep"].bool()
+    live = pruned_obs["live"].bool()
     for policy in (_policy(), KeepAll(), RandomKeep(0.5, seed=0), ClsAttentionTopK(0.5)):
         assert isinstance(policy, TokenPolicy)
         keep = policy.act(pruned_obs, deterministic=True, keep_ratio=None)
@@ -220,19 +220,19 @@ def test_all_policies_share_the_token_policy_interface(pruned_obs):
 def test_cls_attention_top_k_keeps_the_most_attended_live_tokens():
     attn = torch.tensor([[0.1, 0.5, 0.05, 0.2, 0.15, 0.0], [0.3, 0.1, 0.2, 0.25, 0.05, 0.1]])
     keep = torch.tensor([[1, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.int8)
-    obs = {"cls_attn": attn, "keep": keep}
+    obs = {"cls_attn": attn, "live": keep}
     got = ClsAttentionTopK(0.5).act(obs)  # row 0: 5 live -> 3 kept (0.5 rounds up); token 1 is pruned
     expected = torch.tensor([[1, 0, 0, 1, 1, 0], [1, 0, 1, 1, 0, 0]], dtype=torch.bool)
     assert torch.equal(got, expected)
     assert ClsAttentionTopK(0.5).act(obs, keep_ratio=0.2).sum(1).tolist() == [1, 1]
     with pytest.raises(ValueError, match="cls_attn"):
-        ClsAttentionTopK(0.5).act({"keep": keep})
+        ClsAttentionTopK(0.5).act({"live": keep})
 
 
 def test_random_keep_ratio_and_seed():
     keep = torch.ones(64, 20, dtype=torch.int8)
     keep[:, :4] = 0  # 16 live tokens per row
-    obs = {"keep": keep, "tokens": torch.zeros(64, 20, 2)}
+    obs = {"live": keep, "tokens": torch.zeros(64, 20, 2)}
     a = RandomKeep(0.25, seed=1).act(obs)
     assert (a.sum(1) == 4).all() and not a[:, :4].any()
     assert torch.equal(a, RandomKeep(0.25, seed=1).act(obs))
@@ -338,7 +338,7 @@ def test_deterministic_act_keeps_the_expected_count_by_logit(pruned_obs):
     policy = _policy()
     with torch.no_grad():
         logits, _ = policy(pruned_obs)
-    live = pruned_obs["keep"].bool()
+    live = pruned_obs["live"].bool()
     keep = policy.act(pruned_obs, deterministic=True)
     expected = torch.floor((torch.sigmoid(logits) * live).sum(1) + 0.5).clamp(min=1)
     assert torch.equal(keep.sum(1).float(), expected)
@@ -358,7 +358,7 @@ def test_native_ppo_stores_and_credits_the_executed_action(monkeypatch):
     def spy(action):
         obs, reward, terminated, truncated, info = step(action)
         sampled.append(action.clone())
-        done.append(info["final_obs"]["keep"] if "final_obs" in info else obs["keep"])  # the mask in force
+        done.append(info["final_obs"]["live"] if "final_obs" in info else obs["live"])  # the mask in force
         return obs, reward, terminated, truncated, info
 
     monkeypatch.setattr(envs, "step_tensors", spy)

@@ -334,6 +334,6 @@ def test_a_stage_before_block_0_prunes_the_embedded_patches_and_reaches_budgets_
     for model in (pv, pv.with_pruning(prune_layers=(1, 2, 3))):
         keep = ClsAttentionTopK(budget_keep_ratio(model, 0.05)).act
         with torch.no_grad():
-            _, kept, _ = forward_policy(model, images, keep, obs_keys=("cls_attn", "keep", "stage"))
+            _, kept, _ = forward_policy(model, images, keep, obs_keys=("cls_attn", "live", "stage"))
         reached.append(float(counter(kept + model.num_prefix_tokens).mean()) / counter.dense())
     assert reached[0] < 1 / pv.depth <= reached[1], reached

@@ -192,7 +192,7 @@ def budget_obs() -> dict[str, torch.Tensor]:
     envs.reset_tensors(seed=0)
     keep = torch.rand(6, 16, generator=torch.Generator().manual_seed(0)) < 0.7
     obs, *_ = envs.step_tensors(keep)
-    assert (obs["keep"] == 0).any() and (obs["stage"] == 1).all()
+    assert (obs["live"] == 0).any() and (obs["stage"] == 1).all()
     assert len(obs["keep_count"].unique()) > 1
     return obs
 
@@ -204,7 +204,7 @@ def _topk_policy() -> APTPolicy:
 
 def test_topk_deterministic_action_is_the_top_count_by_logit(budget_obs):
     policy = _topk_policy()
-    live, count = budget_obs["keep"].bool(), budget_obs["keep_count"][:, 0]
+    live, count = budget_obs["live"].bool(), budget_obs["keep_count"][:, 0]
     with torch.no_grad():
         logits, _ = policy(budget_obs)
     keep = policy.act(budget_obs, deterministic=True)
@@ -271,7 +271,7 @@ def test_topk_log_probs_agree_between_sampling_and_evaluation(budget_obs):
     _, mode_log_prob, _, _ = policy.get_action_and_value(budget_obs, mode)
     assert (mode_log_prob >= log_prob - 1e-6).all()
     # Gradients are finite everywhere (pruned tokens, rows keeping every live token).
-    _, lp, ent, _ = policy.get_action_and_value(budget_obs, budget_obs["keep"].float())
+    _, lp, ent, _ = policy.get_action_and_value(budget_obs, budget_obs["live"].float())
     (lp.sum() + ent.sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
 

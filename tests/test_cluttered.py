@@ -152,7 +152,7 @@ def test_the_object_box_oracle_keeps_the_policys_counts_exactly_and_the_boxs_tok
     keep = box_first_at_counts(Decisions(torch.arange(m), masks), box, seed=0)
     live = torch.ones(m, n, dtype=torch.bool)
     for stage in range(3):
-        kept = keep({"keep": live, "stage": torch.full((m,), stage), "index": torch.arange(m)})
+        kept = keep({"live": live, "stage": torch.full((m,), stage), "index": torch.arange(m)})
         assert torch.equal(kept.sum(1), counts[:, stage])  # the policy's counts, image by image
         assert not (kept & ~live).any()  # a pruned token stays pruned
         in_box = (live & box).sum(1)
@@ -179,3 +179,4 @@ def test_the_shipped_cluttered_backbone_runs_the_env_on_the_task_and_refuses_ano
     assert reward.shape == (2,)
     with pytest.raises(ValueError, match="the canvas is 60 px but the model takes 56 px"):
         APTPruneVectorEnv(2, model=str(CLUTTERED_PLAIN_CHECKPOINT), dataset="cluttered-fashion-mnist:canvas=60")
+

@@ -33,12 +33,12 @@ def test_the_grid_keeps_the_lowest_ranked_live_tokens_the_same_in_every_image():
     grid = DitherGrid(0.5, (4, 4))
     live = torch.ones(3, 16, dtype=torch.bool)
     live[1, :8] = False
-    keep = grid.act({"keep": live})
+    keep = grid.act({"live": live})
     assert keep.sum(1).tolist() == [8, 4, 8] and not (keep & ~live).any()
     assert torch.equal(keep[0], keep[2]) and torch.equal(keep[0], dither_rank((4, 4)) < 0.5)
     assert keep[1].nonzero().flatten().tolist() == sorted((dither_rank((4, 4))[8:].argsort()[:4] + 8).tolist())
     with pytest.raises(ValueError, match="grid of 16 patches, the observation has 9"):
-        grid.act({"keep": torch.ones(1, 9)})
+        grid.act({"live": torch.ones(1, 9)})
 
 
 def test_the_prior_adds_its_offsets_to_the_live_logits_and_travels_with_the_agent(tmp_path):
@@ -53,8 +53,8 @@ def test_the_prior_adds_its_offsets_to_the_live_logits_and_travels_with_the_agen
     logits, _ = prior(obs)
     torch.testing.assert_close(logits, prior.keep_logits(obs))  # the PPO pass and a decision agree
     assert torch.equal(prior.act(obs), prior.mode(prior.keep_logits(obs), torch.ones(4, 16, dtype=torch.bool), obs))
-    pruned = {**obs, "keep": obs["keep"].copy()}
-    pruned["keep"][:, :5] = 0
+    pruned = {**obs, "live": obs["live"].copy()}
+    pruned["live"][:, :5] = 0
     assert (prior.keep_logits(pruned)[:, :5] == -30.0).all()  # a pruned token gets no prior
     assert (prior.decision_flops(torch.full((1, 3), 16)) - plain.decision_flops(torch.full((1, 3), 16))).item() == 48
     save_policy(tmp_path / "agent", prior)

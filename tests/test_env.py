@@ -40,7 +40,7 @@ def test_make_and_make_vec_from_registry():
     assert isinstance(envs.unwrapped, APTPruneVectorEnv) and envs.num_envs == 5
     obs, _ = envs.reset(seed=0)
     assert envs.observation_space.contains(obs)
-    assert obs["tokens"].shape == (5, 16, 32) and obs["keep"].dtype == np.int8
+    assert obs["tokens"].shape == (5, 16, 32) and obs["live"].dtype == np.int8
 
 
 def test_gymnasium_and_sb3_checkers_pass():
@@ -96,7 +96,7 @@ def test_channels_single_multi_plain():
 
 
 def test_loss_plain_is_the_unpruned_model():
-    envs = _vec(num_envs=4, obs_keys=("keep",))  # the default channels: plain and multi
+    envs = _vec(num_envs=4, obs_keys=("live",))  # the default channels: plain and multi
     envs.reset(seed=0)
     idx = gym.utils.seeding.np_random(0)[0].integers(0, len(envs.data), size=4)
     images = torch.stack([envs.data[int(i)][0] for i in idx])
@@ -110,28 +110,40 @@ def test_loss_plain_is_the_unpruned_model():
 
 
 def test_only_requested_keys_and_channels():
-    envs = _vec(obs_keys=("keep", "stage"), channels=("plain", "multi"))
+    envs = _vec(obs_keys=("live", "stage"), channels=("plain", "multi"))
     obs, _ = envs.reset(seed=0)
-    assert set(obs) == {"keep", "stage"} and set(envs.single_observation_space.spaces) == {"keep", "stage"}
+    assert set(obs) == {"live", "stage"} and set(envs.single_observation_space.spaces) == {"live", "stage"}
     _, _, _, _, info = envs.step(np.ones((4, envs.pv.num_patches)))
     assert "loss_single" not in info and {"loss_plain", "loss_multi", "keep_ratio", "gflops"} <= set(info)
+
+
+def test_the_live_masks_old_name_still_reads(caplog):
+    from agents.observation import live_mask
+
+    with caplog.at_level("WARNING"):
+        envs = _vec(obs_keys=("keep", "stage"))
+    assert "'keep' is now 'live'" in caplog.text
+    obs, _ = envs.reset(seed=0)
+    assert set(obs) == {"live", "stage"}
+    recorded = {"keep": obs["live"], "stage": obs["stage"]}  # an observation saved before the rename
+    assert torch.equal(live_mask(recorded), live_mask(obs))
 
 
 def test_observation_follows_the_mask():
     envs = _vec(num_envs=2)
     obs, _ = envs.reset(seed=0)
-    assert obs["keep"].all() and (obs["stage"] == 0).all()
+    assert obs["live"].all() and (obs["stage"] == 0).all()
     np.testing.assert_allclose(obs["cls_attn"].sum(1), obs["cls_attn"].sum(1).clip(0, 1))
     n = envs.pv.num_patches
     action = np.ones((2, n), dtype=np.int8)
     action[:, ::2] = 0
     obs, *_ = envs.step(action)
-    assert (obs["keep"] == action).all() and (obs["stage"] == 1).all()
+    assert (obs["live"] == action).all() and (obs["stage"] == 1).all()
     assert (obs["tokens"][:, ::2] == 0).all() and (np.abs(obs["tokens"][:, 1::2]).sum(-1) > 0).all()
     assert (obs["cls_attn"][:, ::2] == 0).all()
     # A token pruned earlier stays pruned even if the action asks to keep it.
     obs, *_ = envs.step(np.ones((2, n), dtype=np.int8))
-    assert (obs["keep"] == action).all()
+    assert (obs["live"] == action).all()
 
 
 def test_same_step_autoreset():
@@ -144,9 +156,9 @@ def test_same_step_autoreset():
     for _ in range(k):
         obs, _, term, trunc, info = envs.step(half)
     assert term.all() and not trunc.any()
-    assert obs["keep"].all() and (obs["stage"] == 0).all()  # a new episode began in the same step
-    assert info["_final_obs"].all() and info["final_obs"][0]["keep"][: n // 2].all()
-    assert not info["final_obs"][0]["keep"][n // 2 :].any()
+    assert obs["live"].all() and (obs["stage"] == 0).all()  # a new episode began in the same step
+    assert info["_final_obs"].all() and info["final_obs"][0]["live"][: n // 2].all()
+    assert not info["final_obs"][0]["live"][n // 2 :].any()
     obs, _, term, *_ = envs.step(half)
     assert not term.any() and (obs["stage"] == 1).all()
 
@@ -155,7 +167,7 @@ def test_all_zero_action_keeps_min_keep():
     envs = _vec(num_envs=2, min_keep=3)
     envs.reset(seed=0)
     obs, _, _, _, info = envs.step(np.zeros((2, envs.pv.num_patches), dtype=np.int8))
-    assert (obs["keep"].sum(1) == 3).all() and obs["keep"][:, :3].all()
+    assert (obs["live"].sum(1) == 3).all() and obs["live"][:, :3].all()
     assert np.isfinite(info["loss_multi"]).all()
 
 
@@ -407,7 +419,7 @@ def test_executed_action_reports_the_min_keep_top_up():
     expected = action.copy()
     expected[:, [0, 1]] = 1
     np.testing.assert_array_equal(info["executed_action"], expected)
-    np.testing.assert_array_equal(obs["keep"], expected)
+    np.testing.assert_array_equal(obs["live"], expected)
     _, _, _, _, info = envs.step(np.ones((2, 16), dtype=np.int8))  # asks to revive pruned tokens
     np.testing.assert_array_equal(info["executed_action"], expected)
 

@@ -46,7 +46,7 @@ def test_keep_fn_prunes_and_counts_tokens():
     def keep_first_half(obs: dict[str, torch.Tensor]) -> torch.Tensor:
         stage = int(obs["stage"][0])
         stages.append(stage)
-        assert obs["cls_attn"].shape == obs["keep"].shape == (len(obs["stage"]), pv.num_patches)
+        assert obs["cls_attn"].shape == obs["live"].shape == (len(obs["stage"]), pv.num_patches)
         keep = torch.zeros(len(obs["stage"]), pv.num_patches, dtype=torch.bool)
         keep[:, : pv.num_patches // (2 * (stage + 1))] = True
         return keep
@@ -107,8 +107,8 @@ def test_random_and_topk_at_a_budget_land_within_5_percent(budget):
     loader = torch.utils.data.DataLoader(data, batch_size=16)
     contenders = [
         Contender("dense"),
-        Contender("random", RandomKeep(ratio, seed=0).act, budget, obs_keys=("keep", "stage")),
-        Contender("top-k", ClsAttentionTopK(ratio).act, budget, obs_keys=("cls_attn", "keep", "stage")),
+        Contender("random", RandomKeep(ratio, seed=0).act, budget, obs_keys=("live", "stage")),
+        Contender("top-k", ClsAttentionTopK(ratio).act, budget, obs_keys=("cls_attn", "live", "stage")),
     ]
     rows, decisions = evaluate_accuracy(pv, loader, contenders)
     dense = rows[0]["gflops_backbone"]

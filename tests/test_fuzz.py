@@ -232,8 +232,8 @@ def test_policies_read_any_encoding_of_an_observation_and_refuse_broken_ones_cle
         assert not isinstance(result, Exception), f"a valid observation was refused: {result}"
     if not isinstance(result, Exception):
         assert result.shape == (NUM_ENVS, N) and result.dtype == torch.bool
-        if key != "keep" or mutation in ("none", "encode"):  # the policy saw the mask it must respect
-            assert not (result & ~torch.as_tensor(obs["keep"]).bool()).any(), "a pruned token was kept"
+        if key != "live" or mutation in ("none", "encode"):  # the policy saw the mask it must respect
+            assert not (result & ~torch.as_tensor(obs["live"]).bool()).any(), "a pruned token was kept"
         if mutation == "encode" and deterministic and name != "random":
             assert torch.equal(result, _act(policy, obs, deterministic, keep_ratio)), (
                 "the encoding changed the decision"
@@ -499,7 +499,7 @@ def _policy_obs(policy: APTPolicy) -> dict[str, np.ndarray]:
         "tokens": np.ones((2, n, c), np.float32),
         "cls": np.ones((2, c), np.float32),
         "cls_attn": np.ones((2, n)),
-        "keep": np.ones((2, n), np.int8),
+        "live": np.ones((2, n), np.int8),
         "stage": np.zeros(2, np.int64),
         "keep_count": np.ones((2, 1)),
     }
@@ -592,8 +592,8 @@ FOUND = {  # what it was before the fix -> (what now happens: None works, else (
         (ValueError, r"obs\['cls'\] must have shape \(2, 32\)"),
     ),
     "keep mask without a batch (broadcast silently, IndexError in the baselines)": (
-        lambda w: RandomKeep(0.5, seed=0).act({**w.obs, "keep": np.ones(N, np.int8)}),
-        (ValueError, r"obs\['keep'\] must be batched \(B, N\)"),
+        lambda w: RandomKeep(0.5, seed=0).act({**w.obs, "live": np.ones(N, np.int8)}),
+        (ValueError, r"obs\['live'\] must be batched \(B, N\)"),
     ),
     "keep_ratio as a string (TypeError of '<')": (
         lambda w: ClsAttentionTopK(0.5).act(w.obs, keep_ratio="a"),

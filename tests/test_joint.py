@@ -15,14 +15,14 @@ def _setup():
 
 
 def keep_half(obs):
-    keep = obs["keep"].bool().clone()
+    keep = obs["live"].bool().clone()
     keep[:, ::2] = False
     return keep
 
 
 def test_keep_all_makes_every_channel_the_plain_loss():
     pv, x, y = _setup()
-    losses, logits = ChannelLosses(pv)(x, y, keep_fn=lambda obs: obs["keep"].bool())
+    losses, logits = ChannelLosses(pv)(x, y, keep_fn=lambda obs: obs["live"].bool())
     assert set(losses) == {"plain", "single", "multi"}
     torch.testing.assert_close(losses["single"], losses["plain"])
     torch.testing.assert_close(losses["multi"], losses["plain"])
@@ -165,7 +165,7 @@ def test_a_budget_agent_is_observed_with_each_images_budget_and_its_count():
         torch.testing.assert_close(obs["budget"][:, 0], budget.float())
         count = keep_count(live, ratio, pv.min_keep)
         assert obs["keep_count"][:, 0].tolist() == count.long().tolist()
-        assert obs["keep"].sum(1).tolist() == live.long().tolist()
+        assert obs["live"].sum(1).tolist() == live.long().tolist()
         live = count
     with pytest.raises(ValueError, match="budget"):
         ChannelLosses(pv)(x, y, keep_fn)  # a budget agent without budgets
@@ -200,7 +200,7 @@ def test_one_budget_per_batch_runs_the_pruned_channels_unpadded_and_trains_as_ma
     seen = []
 
     def keep_fn(obs):
-        seen.append(obs["keep"].sum(1))
+        seen.append(obs["live"].sum(1))
         return policy.act(obs, deterministic=True)
 
     out = {mode: ChannelLosses(pv, mode=mode)(x, y, keep_fn, budget=budget, single_stage=1)[0] for mode in MODES}

@@ -398,9 +398,9 @@ def test_a_fused_token_row_keeps_the_rules_masks_and_pays_for_its_token(rule, on
 
     pv = _model("vit")
     if rule == "random":
-        acts, keys = [RandomKeep(0.6, seed=0).act, RandomKeep(0.6, seed=0).act], ("keep", "stage")
+        acts, keys = [RandomKeep(0.6, seed=0).act, RandomKeep(0.6, seed=0).act], ("live", "stage")
     else:
-        acts, keys = [ClsAttentionTopK(0.6).act] * 2, ("cls_attn", "keep", "stage")
+        acts, keys = [ClsAttentionTopK(0.6).act] * 2, ("cls_attn", "live", "stage")
     contenders = [Contender(rule, acts[0], 0.5, obs_keys=keys), Contender(f"{rule} + fused", acts[1], 0.5,
                                                                            obs_keys=keys, fuse=True)]  # fmt: skip
     (plain, fused), decisions = evaluate_accuracy(pv, _loader(pv), contenders)

@@ -39,7 +39,7 @@ def test_random_count_is_reproducible_from_its_generator():
 
 def test_random_keep_and_random_at_counts_draw_through_random_count():
     live = _live(8)
-    obs = {"keep": live.to(torch.int8), "stage": torch.zeros(8, dtype=torch.long), "index": torch.arange(8)}
+    obs = {"live": live.to(torch.int8), "stage": torch.zeros(8, dtype=torch.long), "index": torch.arange(8)}
     expected = random_count(live, ratio_count(live, 0.5), torch.Generator().manual_seed(3))
     assert torch.equal(RandomKeep(0.5, seed=3).act(obs), expected)
     decisions = Decisions(torch.arange(8), expected.unsqueeze(1))  # (M, K=1, N)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,6 +15,8 @@ import torch
 from apt_env.envs.episodes import REWARDS
 from apt_env.envs.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS
 from apt_env.models.backbone import MODES
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ["EnvArguments", "budget_range", "check_choice", "check_device", "check_env_arguments", "check_finite"]
 
@@ -106,6 +109,9 @@ def check_env_arguments(
     check_choice("mode", mode, MODES)
     check_choice("render_mode", render_mode, (None, *render_modes))
     channels, obs_keys = check_names("channels", channels), check_names("obs_keys", obs_keys)
+    if "keep" in obs_keys:  # the live mask's old name (docs/environment.md, Version History)
+        _logger.warning("obs_keys: 'keep' is now 'live' (the tokens still alive; a keep mask is the action)")
+        obs_keys = tuple("live" if key == "keep" else key for key in obs_keys)
     for c in channels:
         check_choice("channel", c, CHANNELS)
     budgets = budget_range(budget)

@@ -61,7 +61,7 @@ class APTPruneVectorEnv(VectorEnv):
     | ``tokens`` | ``Box(-inf, inf, (N, C), float32)`` | patch features entering the stage, pruned ones zeroed |
     | ``cls`` | ``Box(-inf, inf, (C,), float32)`` | class-token feature (mean live patch without one) |
     | ``cls_attn`` | ``Box(0, 1, (N,), float32)`` | attention of the class token to each patch in the previous block |
-    | ``keep`` | ``MultiBinary(N)`` (int8) | the current keep mask |
+    | ``live`` | ``MultiBinary(N)`` (int8) | the patch tokens still alive (1), after the actions so far |
     | ``stage`` | ``Discrete(K)`` | the stage index |
     | ``budget`` | ``Box(0, 1, (1,), float32)`` | the episode's budget, a fraction of dense GFLOPs (1) |
     | ``keep_count`` | ``Box(0, N, (1,), int64)`` | patch tokens to keep at this stage to meet it (1) |
@@ -189,7 +189,9 @@ class APTPruneVectorEnv(VectorEnv):
       ``data_config`` argument removed: the backbone carries its preprocessing (``PrunableViT.data_config``), the
       same a checkpoint's reader got before; ``render_mode="rgb_array"`` added; the ``vs_random`` masks drawn from
       a generator seeded from ``np_random`` (the same reward in expectation, other draws for a given seed);
-      ``budget_mean`` added (the default unchanged).
+      ``budget_mean`` added (the default unchanged); the observation's live mask ``keep`` renamed ``live`` (a keep
+      mask is the action): ``obs_keys`` with ``keep`` still reads it (a warning), ``agents`` read an observation
+      recorded with ``keep`` alike, and agents saved before load unchanged.
     """
 
     # Two frames a second: each pruning stage shows for half a second in a video.
@@ -360,7 +362,7 @@ def observation_space(pv: PrunableViT, obs_keys: Sequence[str]) -> spaces.Dict:
         "tokens": spaces.Box(-np.inf, np.inf, (n, c), np.float32),
         "cls": spaces.Box(-np.inf, np.inf, (c,), np.float32),
         "cls_attn": spaces.Box(0.0, 1.0, (n,), np.float32),
-        "keep": spaces.MultiBinary(n),
+        "live": spaces.MultiBinary(n),
         "stage": spaces.Discrete(k),
         "budget": spaces.Box(0.0, 1.0, (1,), np.float32),
         "keep_count": spaces.Box(0, n, (1,), np.int64),

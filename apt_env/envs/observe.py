@@ -19,7 +19,7 @@ from apt_env.models.backbone import Mode, PrunableViT
 from apt_env.models.flops import FlopCounter
 from apt_env.models.tokens import TokenState, keep_count, live_mean
 
-OBS_KEYS: tuple[str, ...] = ("tokens", "cls", "cls_attn", "keep", "stage")
+OBS_KEYS: tuple[str, ...] = ("tokens", "cls", "cls_attn", "live", "stage")
 BUDGET_KEYS: tuple[str, ...] = ("budget", "keep_count")
 """Observed exactly when the env has a budget (``budget=``), in addition to ``obs_keys``."""
 BUDGET_RESOLUTION = 4096
@@ -122,8 +122,8 @@ def observe(
         if cls_attn is None:
             raise ValueError("the cls_attn observation needs the class attention of the block before the stage")
         obs["cls_attn"] = cls_attn.to(torch.float32, copy=True)
-    if "keep" in keys:
-        obs["keep"] = state.mask(n).to(torch.int8)
+    if "live" in keys:
+        obs["live"] = state.mask(n).to(torch.int8)
     if "stage" in keys:
         obs["stage"] = torch.full((state.x.shape[0],), stage, dtype=torch.int64, device=state.x.device)
     if "budget" in keys:

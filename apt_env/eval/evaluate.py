@@ -479,7 +479,7 @@ def random_at_counts(decisions: Decisions, *, seed: int) -> KeepFn:
     generator = torch.Generator().manual_seed(seed)
 
     def keep(obs: dict[str, Tensor]) -> Tensor:
-        live = obs["keep"].bool()
+        live = obs["live"].bool()
         count = counts[decisions.rows(obs["index"]), int(obs["stage"][0])].to(live.device)
         return random_count(live, count, generator)
 
@@ -495,7 +495,7 @@ def box_first_at_counts(decisions: Decisions, box_tokens: Tensor, *, seed: int) 
     generator = torch.Generator().manual_seed(seed)
 
     def keep(obs: dict[str, Tensor]) -> Tensor:
-        live = obs["keep"].bool()
+        live = obs["live"].bool()
         rows = decisions.rows(obs["index"])
         count = counts[rows, int(obs["stage"][0])].to(live.device)
         scores = torch.rand(live.shape, generator=generator) + box_tokens[rows].float()  # the box's tokens rank first

@@ -62,11 +62,11 @@ def main(args: Args) -> list[dict]:
     for text in args.layers:
         pv = base.with_pruning(prune_layers=[int(v) for v in text.split(",")])
         ratio = budget_keep_ratio(pv, args.budget)
-        topk = Contender("top-k", ClsAttentionTopK(ratio).act, args.budget, obs_keys=("cls_attn", "keep", "stage"))
-        rand = Contender("random", RandomKeep(ratio, seed=args.seed).act, args.budget, obs_keys=("keep", "stage"))
+        topk = Contender("top-k", ClsAttentionTopK(ratio).act, args.budget, obs_keys=("cls_attn", "live", "stage"))
+        rand = Contender("random", RandomKeep(ratio, seed=args.seed).act, args.budget, obs_keys=("live", "stage"))
         rows_, decisions = evaluate_accuracy(pv, loader, [topk, rand], desc=text)
         oracle = Contender("oracle", box_first_at_counts(decisions["top-k"], box, seed=args.seed), args.budget,
-                           obs_keys=("keep", "stage"))  # fmt: skip
+                           obs_keys=("live", "stage"))  # fmt: skip
         (oracle_row,), _ = evaluate_accuracy(pv, loader, [oracle], desc=f"{text} oracle")
         speed = measure_throughput(pv, timing, [Contender("dense"), topk], batch_size=len(timing), repeats=3)
         kept = decisions["top-k"].masks.sum(-1).double().mean(0).round().int().tolist()
