@@ -75,7 +75,7 @@ from apt_env.train.state import TRAIN_STATE_FILE, Resumed, get_rng_state, resume
 logger = logging.getLogger("train_backbone")
 
 
-RENAMED = {"mode": "method"}
+RENAMED = {"mode": "method", "train_prune_mode": "train_layout"}
 """Fields renamed since a run folder's ``args.json`` was written (old -> new): such runs still resume."""
 
 
@@ -151,7 +151,7 @@ class Args(AgentArgs):
     """apt method: weight of the single-action channel (one random stage's action on the unpruned tokens)"""
     multi_weight: float = 1.0
     """apt method: weight of the multi-action channel (every stage's action)"""
-    train_prune_mode: Literal["gathered", "masked"] = "gathered"
+    train_layout: Annotated[Literal["gathered", "masked"], tyro.conf.arg(aliases=("--train-prune-mode",))] = "gathered"
     """how the pruned channels run in training: pruned tokens removed (faster) or masked (fixed shapes)"""
     agent_steps: int = 6144
     """apt method: env transitions of PPO per agent phase (num_envs per env step)"""
@@ -446,7 +446,7 @@ def setup(args: Args, run_dir: Path) -> Run:
     optimizer = torch.optim.AdamW(decay, lr=peak_lr(args))
     warmup_steps = round(args.warmup_frac * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
-    channels = ChannelLosses(pv, mode=args.train_prune_mode, label_smoothing=args.label_smoothing)
+    channels = ChannelLosses(pv, layout=args.train_layout, label_smoothing=args.label_smoothing)
     agent = make_agent_trainer(args, pv, rank, device) if args.method == "apt" else None
     run = Run(
         args, run_dir, rank, world_size, device, pv, train_set, val_set, steps_per_epoch, total_steps, optimizer,

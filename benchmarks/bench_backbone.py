@@ -1,9 +1,9 @@
-"""Gathered-mode pruning speed against the physical reference, side by side in one run.
+"""Pruning speed in the gathered layout against the physical reference, side by side in one run.
 
 For each backbone, batch size and keep ratio ``r`` (stage ``k`` keeps ``r**k`` of the patches, as
 DynamicViT), with counts uniform or varying inside the batch (``r`` +- 0.15 per sample):
 
-* ``img/s``: throughput of ``PrunableViT(x, keep_masks, mode="gathered")``;
+* ``img/s``: throughput of ``PrunableViT(x, keep_masks, layout="gathered")``;
 * ``flops x``: dense FLOPs / pruned FLOPs (analytic, ``apt_env.models.flops``);
 * ``dense x``: the reference's speed-up over the unpruned model;
 * ``efficiency``: time of the reference / measured time. The reference runs the same blocks on a
@@ -127,7 +127,7 @@ def main(args: Args) -> None:
                     with torch.inference_mode(), amp:
                         t_ours, t_ref, t_full = timed(
                             [
-                                lambda: pv(images, masks, mode="gathered"),
+                                lambda: pv(images, masks, layout="gathered"),
                                 lambda: ref.run(pv, images),
                                 lambda: full.run(pv, images),
                             ],

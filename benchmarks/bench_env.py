@@ -141,7 +141,7 @@ def measure(env_id: str, args: Args) -> None:
         gain = forward_throughput(envs, args.num_envs) / forward_throughput(envs, 1)
 
     ep = envs.episodes
-    kept = [ep.state.x, ep.state.keep, ep.state.index, ep.block_tokens, ep.labels, ep.loss_plain]
+    kept = [ep.state.x, ep.state.live, ep.state.index, ep.block_tokens, ep.labels, ep.loss_plain]
     kept += [s.x for s in getattr(ep, "plain_states", [])[1:]]
     mem = sum(t.numel() * t.element_size() for t in kept) / args.num_envs
 

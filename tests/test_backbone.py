@@ -32,7 +32,7 @@ def test_unpruned_matches_timm(family):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(pv(x), pv.model(x), atol=1e-5, rtol=0)
-        torch.testing.assert_close(pv(x, mode="gathered"), pv.model(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(pv(x, layout="gathered"), pv.model(x), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -42,7 +42,7 @@ def test_masked_and_gathered_agree_with_varying_counts(family):
     masks = _masks(pv, 6)
     assert len({int(m.sum()) for m in masks[0]}) > 1, "counts must differ inside the batch"
     with torch.no_grad():
-        masked, gathered = pv(x, masks, mode="masked"), pv(x, masks, mode="gathered")
+        masked, gathered = pv(x, masks, layout="masked"), pv(x, masks, layout="gathered")
     torch.testing.assert_close(masked, gathered, atol=1e-5, rtol=1e-4)
     # Pruning really changes the prediction (the masks are not ignored).
     assert (masked - pv(x)).abs().max() > 1e-3
@@ -62,8 +62,8 @@ def test_pruned_equals_dense_model_on_kept_tokens():
         tokens = m.blocks[:b0](tokens)
         short = torch.cat([tokens[:, :p], tokens[:, p:][:, [1, 4, 6, 9]]], dim=1)
         expected = m.forward_head(m.norm(m.blocks[b0:](short)))
-        torch.testing.assert_close(pv(x, [mask], mode="gathered"), expected, atol=1e-5, rtol=0)
-        torch.testing.assert_close(pv(x, [mask], mode="masked"), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pv(x, [mask], layout="gathered"), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pv(x, [mask], layout="masked"), expected, atol=1e-5, rtol=0)
 
 
 def test_pruned_token_stays_pruned():
@@ -79,13 +79,13 @@ def test_pruned_token_stays_pruned():
     assert state.num_kept().tolist() == [pv.num_patches - 8] * 2
 
 
-@pytest.mark.parametrize("mode", ["masked", "gathered"])
-def test_all_zero_mask_keeps_min_keep_first_tokens(mode):
+@pytest.mark.parametrize("layout", ["masked", "gathered"])
+def test_all_zero_mask_keeps_min_keep_first_tokens(layout):
     pv = _build("avg_pool", min_keep=3)
     x = torch.randn(2, 3, 32, 32)
     none = torch.zeros(2, pv.num_patches, dtype=torch.bool)
     with torch.no_grad():
-        state = pv.prune(pv.embed(x), none, mode=mode)
+        state = pv.prune(pv.embed(x), none, layout=layout)
         logits = pv.finish(state, pv.prune_layers[0])
     assert state.num_kept().tolist() == [3, 3]
     assert state.mask(pv.num_patches)[:, :3].all()  # the first live tokens in raster order
@@ -101,19 +101,19 @@ def test_cls_attention_matches_timm_attention_probs():
     x = torch.randn(2, 3, 32, 32)
     mask = _masks(pv, 2)[0]
     with torch.no_grad():
-        state = pv.prune(pv.run_blocks(pv.embed(x), 0, 1), mask, mode="gathered")
+        state = pv.prune(pv.run_blocks(pv.embed(x), 0, 1), mask, layout="gathered")
         state = pv.run_blocks(state, 1, 2)
         ours = pv.cls_attention(state, 2)
         pv.run_blocks(state, 2, 3)
-    probs = seen["p"].mean(1)[:, 0, pv.num_prefix_tokens :] * state.keep  # (B, L) over slots
+    probs = seen["p"].mean(1)[:, 0, pv.num_prefix_tokens :] * state.live  # (B, L) over slots
     expected = torch.zeros(2, pv.num_patches).scatter(1, state.index, probs)
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
     assert (ours[~mask] == 0).all()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("mode", ["masked", "gathered"])
-def test_the_walk_reads_the_class_attention_from_the_blocks_own_qkv(family, mode):
+@pytest.mark.parametrize("layout", ["masked", "gathered"])
+def test_the_walk_reads_the_class_attention_from_the_blocks_own_qkv(family, layout):
     """``advance_to_stage`` reads the attention from the projections the block computes anyway: the same
     values as the separate computation, the same tokens as a walk without it, and far fewer FLOPs."""
     from apt_env.models.flops import FlopCounter, cls_attention_flops
@@ -125,13 +125,13 @@ def test_the_walk_reads_the_class_attention_from_the_blocks_own_qkv(family, mode
     bounds = pv.stage_bounds
     with torch.no_grad():
         state, attn0 = pv.advance_to_stage(pv.embed(x), 0, take_attn=True)
-        state = pv.prune(state, mask, mode)
+        state = pv.prune(state, mask, layout)
         ours_state, ours = pv.advance_to_stage(state, 1, take_attn=True)
         plain_state, none = pv.advance_to_stage(state, 1, take_attn=False)
         apart = pv.cls_attention(pv.run_blocks(state, bounds[1], bounds[2] - 1), bounds[2] - 1)
     assert pv.reads_attention_from_qkv(bounds[2] - 1) and none is None
     torch.testing.assert_close(ours, apart, atol=1e-6, rtol=1e-5)
-    live = torch.cat([torch.ones(12, pv.num_prefix_tokens, dtype=torch.bool), state.keep], 1)  # padding is dead
+    live = torch.cat([torch.ones(12, pv.num_prefix_tokens, dtype=torch.bool), state.live], 1)  # padding is dead
     torch.testing.assert_close(ours_state.x[live], plain_state.x[live], atol=1e-5, rtol=1e-4)
     assert (ours[~mask] == 0).all() and (ours[mask] > 0).all() and (attn0 > 0).all()
     hooked = cls_attention_flops(pv.model, bounds[2] - 1, from_qkv=True)
@@ -155,10 +155,10 @@ def test_the_walk_reads_the_class_attention_where_packed_rows_are_padded_for_the
     mask = rank < torch.tensor([[14], [3], [13], [6], [14], [9], [2], [11]])
     seen = {}
     with torch.no_grad():
-        for mode in ("masked", "gathered"):
-            state = pv.prune(pv.advance_to_stage(pv.embed(x), 0, take_attn=False)[0], mask, mode)
+        for layout in ("masked", "gathered"):
+            state = pv.prune(pv.advance_to_stage(pv.embed(x), 0, take_attn=False)[0], mask, layout)
             state, attn = pv.advance_to_stage(state, 1, take_attn=True)
-            seen[mode] = (attn, pv.finish(state, pv.stage_bounds[2]))
+            seen[layout] = (attn, pv.finish(state, pv.stage_bounds[2]))
     assert apt_env.models.packed.attention_length(pv.model.blocks, 15, x.device) == 16
     torch.testing.assert_close(seen["gathered"][0], seen["masked"][0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(seen["gathered"][1], seen["masked"][1], atol=1e-5, rtol=1e-4)
@@ -197,8 +197,8 @@ def test_bad_masks_are_clear_errors():
         pv(x, [torch.ones(2, n)])
     with pytest.raises(ValueError, match="3 pruning stages"):
         pv(x, [torch.ones(2, n, dtype=torch.bool)] * 4)
-    with pytest.raises(ValueError, match="mode"):
-        pv(x, mode="sparse")
+    with pytest.raises(ValueError, match="layout"):
+        pv(x, layout="sparse")
 
 
 def test_bad_construction_is_clear_error():
@@ -236,17 +236,17 @@ def test_gathered_varying_counts_agree_with_masked_in_values_and_gradients(famil
         counts = counts[torch.randperm(40, generator=g)]
     masks = [rank < counts[:, k : k + 1] for k in range(pv.num_stages)]
     with torch.no_grad():
-        state = pv.prune(pv.embed(x), masks[0], mode="gathered")
+        state = pv.prune(pv.embed(x), masks[0], layout="gathered")
     buckets = length_buckets(state.num_kept(), 40 // pv.bucket_rows, pv.num_prefix_tokens)
     assert state.packed and buckets
     order = torch.cat([r for r, _ in buckets])
     assert torch.equal(order, torch.arange(40)) == (rows == "in order of count")
     grads = {}
-    for mode in ("masked", "gathered"):
+    for layout in ("masked", "gathered"):
         pv.zero_grad()
-        logits = pv(x, masks, mode=mode)
+        logits = pv(x, masks, layout=layout)
         logits.logsumexp(1).sum().backward()
-        grads[mode] = (logits.detach(), [p.grad.clone() for p in pv.parameters() if p.grad is not None])
+        grads[layout] = (logits.detach(), [p.grad.clone() for p in pv.parameters() if p.grad is not None])
     torch.testing.assert_close(grads["masked"][0], grads["gathered"][0], atol=1e-5, rtol=1e-4)
     assert len(grads["masked"][1]) == len(grads["gathered"][1]) > 0
     for a, b in zip(grads["masked"][1], grads["gathered"][1]):
@@ -282,11 +282,11 @@ def test_map_pool_ignores_pruned_tokens_with_and_without_fused_attention(fused):
     with torch.no_grad():
         tokens = m.blocks[:b0](m._pos_embed(m.patch_embed(x)))  # no prefix tokens
         expected = m.forward_head(m.norm(m.blocks[b0:](tokens[:, kept])))  # the tokens really dropped
-        torch.testing.assert_close(pv(x, [mask], mode="masked"), expected, atol=1e-5, rtol=0)
-        torch.testing.assert_close(pv(x, [mask], mode="gathered"), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pv(x, [mask], layout="masked"), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pv(x, [mask], layout="gathered"), expected, atol=1e-5, rtol=0)
         masks = _masks(pv, 6)  # different counts per row: gathered rows are padded and masked
         x = torch.randn(6, 3, 32, 32)
-        torch.testing.assert_close(pv(x, masks, mode="masked"), pv(x, masks, mode="gathered"), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(pv(x, masks, layout="masked"), pv(x, masks, layout="gathered"), atol=1e-5, rtol=1e-4)
 
 
 def test_the_default_model_has_a_registered_name_that_states_its_config():
@@ -324,7 +324,7 @@ def test_a_stage_before_block_0_prunes_the_embedded_patches_and_reaches_budgets_
     images = torch.randn(3, *pv.input_size)
     masks = [torch.rand(3, pv.num_patches) < 0.5 for _ in range(3)]
     with torch.no_grad():
-        torch.testing.assert_close(pv(images, masks, mode="masked"), pv(images, masks, mode="gathered"))
+        torch.testing.assert_close(pv(images, masks, layout="masked"), pv(images, masks, layout="gathered"))
         state, attn = pv.advance_to_stage(pv.embed(images), 0, take_attn=True)
         torch.testing.assert_close(state.x, pv.embed(images).x)  # no block has run
         torch.testing.assert_close(attn, pv.cls_attention(pv.embed(images), 0))  # what block 0 will attend to

@@ -40,7 +40,7 @@ def test_round_trip_gives_identical_logits(tmp_path):
     masks = [torch.rand(3, pv.num_patches, generator=torch.Generator().manual_seed(2)) < 0.5]
     with torch.no_grad():
         assert torch.equal(loaded(x), pv(x))
-        assert torch.equal(loaded(x, masks, mode="gathered"), pv(x, masks, mode="gathered"))
+        assert torch.equal(loaded(x, masks, layout="gathered"), pv(x, masks, layout="gathered"))
 
 
 def test_overwrite_replaces_and_leaves_no_temp(tmp_path):

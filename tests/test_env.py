@@ -246,8 +246,8 @@ def test_prob_delta_reward_when_pruning_is_the_true_class_probability_gained():
 
 
 def test_masked_and_gathered_envs_agree():
-    a = _rollout(_vec(mode="masked"), seed=2, steps=4)
-    b = _rollout(_vec(mode="gathered"), seed=2, steps=4)
+    a = _rollout(_vec(layout="masked"), seed=2, steps=4)
+    b = _rollout(_vec(layout="gathered"), seed=2, steps=4)
     for (oa, ra, _), (ob, rb, _) in zip(a[1:], b[1:]):
         np.testing.assert_allclose(ra, rb, atol=1e-5)
         np.testing.assert_allclose(oa["tokens"], ob["tokens"], atol=1e-4)

@@ -51,7 +51,7 @@ def test_keep_fn_prunes_and_counts_tokens():
         keep[:, : pv.num_patches // (2 * (stage + 1))] = True
         return keep
 
-    results = {mode: evaluate(pv, loader, keep_first_half, mode=mode) for mode in ("masked", "gathered")}
+    results = {layout: evaluate(pv, loader, keep_first_half, layout=layout) for layout in ("masked", "gathered")}
     assert stages[: pv.num_stages] == list(range(pv.num_stages))
     assert results["masked"]["acc1"] == results["gathered"]["acc1"]
     last = pv.num_patches // (2 * pv.num_stages)
@@ -128,7 +128,7 @@ def test_timing_at_a_small_batch_walks_through_the_images_the_same_way_for_every
     seen: dict[str, list] = {"a": [], "b": []}
 
     class Recording(Contender):
-        def run(self, pv, images, *, mode, index):
+        def run(self, pv, images, *, layout, index):
             seen[self.name].append((index.tolist(), float(images.sum())))
             return None, None, None
 
@@ -153,7 +153,7 @@ def test_the_physical_reference_runs_the_blocks_on_a_dense_batch_at_the_mean_kep
     lengths = []
     hooks = [blk.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1])) for blk in pv.model.blocks]
     with torch.no_grad():
-        logits, _, _ = reference.run(pv, torch.randn(3, 1, 16, 16), mode="gathered", index=torch.arange(3))
+        logits, _, _ = reference.run(pv, torch.randn(3, 1, 16, 16), layout="gathered", index=torch.arange(3))
     for hook in hooks:
         hook.remove()
     bounds, p = pv.stage_bounds, pv.num_prefix_tokens

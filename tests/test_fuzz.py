@@ -266,7 +266,7 @@ ARGUMENTS = {
         st.lists(st.sampled_from((*OBS_KEYS, *BUDGET_KEYS, "pixels")), max_size=5), st.text(max_size=6), st.none()
     ),
     "channels": st.one_of(st.lists(st.sampled_from((*CHANNELS, "double")), max_size=3), st.text(max_size=6), st.none()),
-    "mode": st.one_of(st.sampled_from(["gathered", "masked", "sparse"]), st.none()),
+    "layout": st.one_of(st.sampled_from(["gathered", "masked", "sparse"]), st.none()),
     "device": st.sampled_from(["cpu", "cpu:0", "nonsense", "meta", "cuda:99", 7, None]),
     "dataset": st.sampled_from(["synthetic", "mnist3d", "", None, 5, "imagefolder:/no/such/folder"]),
     "model": st.sampled_from(
@@ -353,7 +353,7 @@ def test_images_of_any_size_channels_and_dtype_work_or_are_a_clear_error(models,
     elif form == "3d":
         images = images[0] if len(images) else images.flatten(0, 1)
     masks = [torch.rand(shape[0], N) < 0.5] if data.draw(st.booleans()) else None
-    mode = data.draw(st.sampled_from(["masked", "gathered"]))
+    layout = data.draw(st.sampled_from(["masked", "gathered"]))
     fits = (
         form in ("tensor", "nan", "channels_last", "strided")
         and shape[0] >= 1
@@ -361,7 +361,7 @@ def test_images_of_any_size_channels_and_dtype_work_or_are_a_clear_error(models,
         and dtype == torch.float32
     )
     with torch.no_grad():
-        result = outcome(pv, images, masks, mode, names=("images",))
+        result = outcome(pv, images, masks, layout, names=("images",))
     if fits:
         assert not isinstance(result, Exception), f"images that fit were refused: {result}"
         assert result.shape == (shape[0], 10)
@@ -385,7 +385,7 @@ def test_keep_masks_work_or_are_a_clear_error(models, one_thread, data):
             images,
             masks,
             data.draw(st.sampled_from(["masked", "gathered", "dense"])),
-            names=("keep mask", "keep_masks", "mode", "pruning stages"),
+            names=("keep mask", "keep_masks", "layout", "pruning stages"),
         )
     if not isinstance(result, Exception):
         assert result.shape == (2, 10) and torch.isfinite(result).all()
@@ -654,7 +654,7 @@ FOUND = {  # what it was before the fix -> (what now happens: None works, else (
         (ValueError, r"images are torch.float64, the model torch.float32"),
     ),
     "an empty batch, gathered (RuntimeError: max() of an empty tensor)": (
-        lambda w: w.pv(torch.zeros(0, 1, 16, 16), [torch.ones(0, N, dtype=torch.bool)], mode="gathered"),
+        lambda w: w.pv(torch.zeros(0, 1, 16, 16), [torch.ones(0, N, dtype=torch.bool)], layout="gathered"),
         (ValueError, "images must be a dense tensor of one image or more"),
     ),
     "meta images (RuntimeError: not on the expected device)": (
@@ -662,7 +662,7 @@ FOUND = {  # what it was before the fix -> (what now happens: None works, else (
         (ValueError, "images are on meta, the model on cpu"),
     ),
     "keep masks as one (K, B, N) tensor (RuntimeError: ambiguous bool)": (
-        lambda w: w.pv(torch.zeros(2, 1, 16, 16), torch.ones(3, 2, N, dtype=torch.bool), mode="gathered"),
+        lambda w: w.pv(torch.zeros(2, 1, 16, 16), torch.ones(3, 2, N, dtype=torch.bool), layout="gathered"),
         None,
     ),
     "bucket_rows=0 (ZeroDivisionError when pruning)": (

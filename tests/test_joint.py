@@ -2,7 +2,7 @@ import pytest
 import torch
 from helpers import load_script
 
-from apt_env.models.backbone import MODES, PrunableViT
+from apt_env.models.backbone import LAYOUTS, PrunableViT
 from apt_env.train.joint import ChannelLosses
 
 KWARGS = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=4, embed_dim=32, num_heads=2)
@@ -41,11 +41,11 @@ def test_pruned_channels_differ_and_train_the_backbone():
 @pytest.mark.parametrize("stage", [0, 2])
 def test_masked_and_gathered_give_the_same_losses_and_gradients(stage):
     results = {}
-    for mode in ("masked", "gathered"):
+    for layout in ("masked", "gathered"):
         pv, x, y = _setup()
-        losses, _ = ChannelLosses(pv, mode=mode)(x, y, keep_fn=keep_half, single_stage=stage)
+        losses, _ = ChannelLosses(pv, layout=layout)(x, y, keep_fn=keep_half, single_stage=stage)
         sum(losses.values()).backward()
-        results[mode] = (losses, pv.model.blocks[0].attn.qkv.weight.grad.clone())
+        results[layout] = (losses, pv.model.blocks[0].attn.qkv.weight.grad.clone())
     for channel in ("plain", "single", "multi"):
         torch.testing.assert_close(results["masked"][0][channel], results["gathered"][0][channel])
     torch.testing.assert_close(results["masked"][1], results["gathered"][1], atol=1e-6, rtol=1e-4)
@@ -68,9 +68,9 @@ def test_each_channel_is_the_model_under_its_masks(stage):
     losses, _ = ChannelLosses(pv)(x, y, keep_fn=keep, single_stage=stage)
     single, multi = (masks[0], masks[1:]) if stage else (masks[0], masks)
     assert len(multi) == pv.num_stages
-    expected_single = pv(x, [torch.ones_like(single)] * stage + [single], mode="gathered")
+    expected_single = pv(x, [torch.ones_like(single)] * stage + [single], layout="gathered")
     torch.testing.assert_close(losses["single"], F.cross_entropy(expected_single, y))
-    torch.testing.assert_close(losses["multi"], F.cross_entropy(pv(x, multi, mode="gathered"), y))
+    torch.testing.assert_close(losses["multi"], F.cross_entropy(pv(x, multi, layout="gathered"), y))
 
 
 def test_weights_and_plain_only():
@@ -203,7 +203,7 @@ def test_one_budget_per_batch_runs_the_pruned_channels_unpadded_and_trains_as_ma
         seen.append(obs["live"].sum(1))
         return policy.act(obs, deterministic=True)
 
-    out = {mode: ChannelLosses(pv, mode=mode)(x, y, keep_fn, budget=budget, single_stage=1)[0] for mode in MODES}
+    out = {lay: ChannelLosses(pv, layout=lay)(x, y, keep_fn, budget=budget, single_stage=1)[0] for lay in LAYOUTS}
     for c in out["masked"]:
         torch.testing.assert_close(out["masked"][c], out["gathered"][c])
     assert len(seen) == 2 * (pv.num_stages + 1) and all(len(live.unique()) == 1 for live in seen)

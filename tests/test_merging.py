@@ -299,8 +299,8 @@ def test_fusing_with_nothing_pruned_is_the_dense_model(family, one_thread):
         everything = [torch.ones(batch, pv.num_patches, dtype=torch.bool)] * pv.num_stages
         with torch.no_grad():
             dense = pv.model(images)
-            for mode in ("masked", "gathered"):
-                torch.testing.assert_close(pv(images, everything, mode, fuse=True), dense, atol=1e-5, rtol=0)
+            for layout in ("masked", "gathered"):
+                torch.testing.assert_close(pv(images, everything, layout, fuse=True), dense, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["vit", "registers", "avg_pool", "deit_distilled", "map_pool"])
@@ -325,8 +325,8 @@ def test_the_fused_token_weights_sum_to_the_pruned_tokens_attention(one_thread):
         state, attn = pv.advance_to_stage(pv.embed(_images(3)), 0, take_attn=True)
     mask = _masks(pv, 3)[1]
     pruned = mask == 0
-    for mode in ("masked", "gathered"):
-        after = pv.prune(state, mask, mode, fuse_attn=attn)
+    for layout in ("masked", "gathered"):
+        after = pv.prune(state, mask, layout, fuse_attn=attn)
         assert (after.num_prefix_tokens, after.num_fused) == (p + 1, 1)
         expected = (attn * pruned).unsqueeze(-1).mul(state.patches).sum(1)  # masked state: slot j is patch j
         torch.testing.assert_close(after.x[:, p], expected, atol=1e-6, rtol=1e-5)

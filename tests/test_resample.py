@@ -35,7 +35,7 @@ def test_a_resampled_model_runs_with_the_new_token_count_and_reloads_to_the_same
         out = target(images)
         assert out.shape == (3, 10) and torch.isfinite(out).all()
         masks = [torch.rand(3, 64) < 0.5 for _ in range(target.num_stages)]
-        assert torch.isfinite(target(images, keep_masks=masks, mode="gathered")).all()
+        assert torch.isfinite(target(images, keep_masks=masks, layout="gathered")).all()
     save_backbone(tmp_path / "ckpt", target, meta={"dataset": "synthetic"})
     reloaded = load_backbone(tmp_path / "ckpt")
     assert reloaded.num_patches == 64

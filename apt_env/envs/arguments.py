@@ -14,7 +14,7 @@ import torch
 
 from apt_env.envs.episodes import REWARDS
 from apt_env.envs.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS
-from apt_env.models.backbone import MODES
+from apt_env.models.backbone import LAYOUTS
 
 _logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def check_env_arguments(
     num_envs: Any,
     dataset: Any,
     reward: Any,
-    mode: Any,
+    layout: Any,
     channels: Any,
     obs_keys: Any,
     budget: Any,
@@ -106,7 +106,7 @@ def check_env_arguments(
 ) -> EnvArguments:
     """Check ``APTPruneVectorEnv``'s arguments that need no model (see its docstring for their meaning)."""
     check_choice("reward", reward, REWARDS)
-    check_choice("mode", mode, MODES)
+    check_choice("layout", layout, LAYOUTS)
     check_choice("render_mode", render_mode, (None, *render_modes))
     channels, obs_keys = check_names("channels", channels), check_names("obs_keys", obs_keys)
     if "keep" in obs_keys:  # the live mask's old name (docs/environment.md, Version History)

@@ -178,7 +178,8 @@ class APTPruneVectorEnv(VectorEnv):
     * ``channels``: which of ``plain``, ``single``, ``multi`` to report; ``plain`` and ``multi`` are
       always computed (the reward needs them) and are the default; ``single`` costs one more pass of the
       remaining blocks per step. ``obs_keys``: which observation keys to compute.
-    * ``mode``: ``"gathered"`` (pruned tokens removed, fast) or ``"masked"``; same results.
+    * ``layout``: ``"gathered"`` (pruned tokens removed, fast) or ``"masked"`` (kept in place under a mask); same
+      results.
     * ``device``: where the model and every tensor live.
     * ``render_mode``: ``None`` (the default) or ``"rgb_array"`` (see Rendering).
 
@@ -191,7 +192,8 @@ class APTPruneVectorEnv(VectorEnv):
       a generator seeded from ``np_random`` (the same reward in expectation, other draws for a given seed);
       ``budget_mean`` added (the default unchanged); the observation's live mask ``keep`` renamed ``live`` (a keep
       mask is the action): ``obs_keys`` with ``keep`` still reads it (a warning), ``agents`` read an observation
-      recorded with ``keep`` alike, and agents saved before load unchanged.
+      recorded with ``keep`` alike, and agents saved before load unchanged; the argument ``mode`` ("gathered" or
+      "masked") renamed ``layout`` (a mode is also a distribution's).
     """
 
     # Two frames a second: each pruning stage shows for half a second in a video.
@@ -215,13 +217,13 @@ class APTPruneVectorEnv(VectorEnv):
         min_keep: int | None = None,
         channels: Sequence[str] = DEFAULT_CHANNELS,
         obs_keys: Sequence[str] = OBS_KEYS,
-        mode: str = "gathered",
+        layout: str = "gathered",
         device: str | torch.device = "cpu",
         render_mode: str | None = None,
     ) -> None:
         _one_thread_if_forked()  # before any torch op
         args = check_env_arguments(
-            num_envs=num_envs, dataset=dataset, reward=reward, mode=mode, channels=channels, obs_keys=obs_keys,
+            num_envs=num_envs, dataset=dataset, reward=reward, layout=layout, channels=channels, obs_keys=obs_keys,
             budget=budget, flops_weight=flops_weight, budget_weight=budget_weight, device=device,
             render_mode=render_mode, render_modes=self.metadata["render_modes"],
         )  # fmt: skip
@@ -241,7 +243,7 @@ class APTPruneVectorEnv(VectorEnv):
             raise ValueError(f"square images are needed, the model takes {pv.img_size}")
         self.episodes = PruningEpisodes(
             self.pv, reward=reward, flops_weight=args.flops_weight, channels=args.channels, obs_keys=args.obs_keys,
-            mode=mode, budget_weight=args.budget_weight, price=price,
+            layout=layout, budget_weight=args.budget_weight, price=price,
         )  # fmt: skip
         self.single_observation_space = observation_space(pv, args.obs_keys)
         self.single_action_space = spaces.MultiBinary(pv.num_patches)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from apt_env.envs.mean_budget import BudgetPrice
 from apt_env.envs.observe import BUDGET_KEYS, BudgetKeepRatio, observe
-from apt_env.models.backbone import Mode, PrunableViT
+from apt_env.models.backbone import Layout, PrunableViT
 from apt_env.models.flops import FlopCounter
 from apt_env.models.tokens import TokenState, random_count
 
@@ -39,7 +39,7 @@ class PruningEpisodes:
         flops_weight: float,
         channels: Sequence[str],
         obs_keys: Sequence[str],
-        mode: Mode,
+        layout: Layout,
         budget_weight: float = 0.0,
         price: BudgetPrice | None = None,
     ) -> None:
@@ -51,7 +51,7 @@ class PruningEpisodes:
         self.channels = tuple(channels)
         self.obs_keys = tuple(obs_keys)
         self.take_attn = "cls_attn" in self.obs_keys  # its class attention costs a partial block
-        self.mode = mode
+        self.layout = layout
         self.flops = FlopCounter(pv.model)
         self.flops_all = self.flops.dense()
         self.bounds = pv.stage_bounds
@@ -119,7 +119,7 @@ class PruningEpisodes:
             raise RuntimeError("the episode is over: call reset()")
         pv, k = self.pv, self.stage
         start, last = self.bounds[k + 1], k + 1 == self.num_stages
-        pruned = pv.prune(self.state, keep, self.mode)
+        pruned = pv.prune(self.state, keep, self.layout)
         logits, next_state, next_attn = self._finish_stage(pruned)
         counts = pruned.num_kept()
         self.block_tokens[:, start:] = (pv.num_prefix_tokens + counts).unsqueeze(1)
@@ -163,7 +163,7 @@ class PruningEpisodes:
     def _chance_score(self, counts: torch.Tensor, start: int) -> torch.Tensor:
         """The score of as many tokens as each row keeps, drawn at random from the same state (``vs_random``)."""
         chance = random_count(self.state.mask(self.pv.num_patches), counts, self.generator)
-        return self._score(self.pv.finish(self.pv.prune(self.state, chance, self.mode), start))
+        return self._score(self.pv.finish(self.pv.prune(self.state, chance, self.layout), start))
 
     def _info(
         self, logits: torch.Tensor, score: torch.Tensor, keep: torch.Tensor, pruned: TokenState, flops_now: torch.Tensor
@@ -176,7 +176,7 @@ class PruningEpisodes:
         if "single" in self.channels:
             single = loss_multi.clone()
             if k > 0:  # only this stage's action, applied to the unpruned tokens
-                alone = pv.prune(self.plain_states[k], keep, self.mode)
+                alone = pv.prune(self.plain_states[k], keep, self.layout)
                 single = F.cross_entropy(pv.finish(alone, self.bounds[k + 1]), self.labels, reduction="none")
             info["loss_single"] = single
         info["keep_ratio"] = pruned.num_kept().float() / pv.num_patches

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from apt_env.models.backbone import Mode, PrunableViT
+from apt_env.models.backbone import Layout, PrunableViT
 from apt_env.models.flops import FlopCounter
 from apt_env.models.tokens import TokenState, keep_count, live_mean
 
@@ -117,7 +117,7 @@ def observe(
         if pv.has_cls_token:
             obs["cls"] = state.x[:, 0].to(torch.float32, copy=True)  # not a view of the episode state
         else:
-            obs["cls"] = live_mean(state.patches, state.keep).float()
+            obs["cls"] = live_mean(state.patches, state.live).float()
     if "cls_attn" in keys:
         if cls_attn is None:
             raise ValueError("the cls_attn observation needs the class attention of the block before the stage")
@@ -145,7 +145,7 @@ def walk(
     keep_fn: KeepFn,
     *,
     keys: Sequence[str],
-    mode: Mode,
+    layout: Layout,
     budget: torch.Tensor | None = None,
     keep_ratio: torch.Tensor | None = None,
     start: int = 0,
@@ -171,7 +171,7 @@ def walk(
     for stage in range(start, pv.num_stages):
         with torch.no_grad():
             keep = keep_fn(observe(pv, state, cls_attn, stage, keys, budget=budget, keep_ratio=keep_ratio))
-        state = pv.prune(state, keep, mode, fuse_attn=cls_attn if fuse else None)
+        state = pv.prune(state, keep, layout, fuse_attn=cls_attn if fuse else None)
         yield state
         if stage + 1 < pv.num_stages:
             state, cls_attn = pv.advance_to_stage(state, stage + 1, take_attn=take_attn)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from apt_env.atomic import write_file
 from apt_env.envs.observe import OBS_KEYS, BudgetKeepRatio, KeepFn, walk
-from apt_env.models.backbone import Mode, PrunableViT
+from apt_env.models.backbone import Layout, PrunableViT
 from apt_env.models.flops import FlopCounter, cls_attention_flops
 from apt_env.models.merging import merged_counts
 from apt_env.models.tokens import TokenState, random_count, top_count
@@ -114,12 +114,12 @@ class Contender:
         if self.role not in ROLES:
             raise ValueError(f"a row's role is one of {ROLES}, got {self.role!r}")
 
-    def run(self, pv: PrunableViT, images: Tensor, *, mode: Mode, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def run(self, pv: PrunableViT, images: Tensor, *, layout: Layout, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``forward_policy`` of this row: on its own model if it has one, observing its budget if asked."""
         observes_budget = bool({"budget", "keep_count"} & set(self.obs_keys))
         budget = self.budget if observes_budget else None
         return forward_policy(
-            self.model or pv, images, self.keep_fn, obs_keys=self.obs_keys, mode=mode, index=index, budget=budget,
+            self.model or pv, images, self.keep_fn, obs_keys=self.obs_keys, layout=layout, index=index, budget=budget,
             fuse=self.fuse,
         )  # fmt: skip
 
@@ -247,7 +247,7 @@ def forward_policy(
     keep_fn: KeepFn | None,
     *,
     obs_keys: Sequence[str] = OBS_KEYS,
-    mode: Mode = "gathered",
+    layout: Layout = "gathered",
     index: Tensor | None = None,
     budget: float | None = None,
     fuse: bool = False,
@@ -278,7 +278,7 @@ def forward_policy(
         return keep_fn(obs)
 
     state, cls_attn = pv.advance_to_stage(pv.embed(images), 0, take_attn="cls_attn" in obs_keys or fuse)
-    pruned = walk(pv, state, cls_attn, keep, keys=obs_keys, mode=mode, budget=budgets, keep_ratio=ratios, fuse=fuse)
+    pruned = walk(pv, state, cls_attn, keep, keys=obs_keys, layout=layout, budget=budgets, keep_ratio=ratios, fuse=fuse)
     kept, masks = [state.num_kept().unsqueeze(1).expand(-1, bounds[1])], []
     for stage, state in enumerate(pruned):
         masks.append(state.mask(n))
@@ -340,7 +340,7 @@ def evaluate_accuracy(
     loader: Iterable[tuple[Tensor, Tensor]],
     contenders: Sequence[Contender],
     *,
-    mode: Mode = "gathered",
+    layout: Layout = "gathered",
     desc: str = "eval",
 ) -> tuple[list[dict[str, float | str]], dict[str, Decisions]]:
     """Top-1 (with its 95% interval), loss, GFLOPs and kept tokens of every contender on the same images.
@@ -349,7 +349,7 @@ def evaluate_accuracy(
         pv: the model, evaluated on the device of its parameters, in eval mode (its mode is restored).
         loader: batches of ``(images, labels)`` in dataset order (``index`` counts images from 0).
         contenders: the rows; names must be unique.
-        mode: ``gathered`` removes pruned tokens, ``masked`` keeps shapes fixed (same logits).
+        layout: ``gathered`` removes pruned tokens, ``masked`` keeps shapes fixed (same logits).
         desc: progress bar label.
 
     Returns:
@@ -372,7 +372,7 @@ def evaluate_accuracy(
             index = torch.arange(num_images, num_images + len(labels), device=device)
             for c in contenders:
                 m = models[c.name]
-                logits, kept, stage_masks = c.run(pv, images, mode=mode, index=index)
+                logits, kept, stage_masks = c.run(pv, images, layout=layout, index=index)
                 live = torch.cat([torch.full_like(kept[:, :1], m.num_patches), stage_masks.sum(-1)[:, :-1]], 1)
                 s = sums[c.name]
                 s["correct"] += int((logits.argmax(dim=1) == labels).sum())
@@ -399,7 +399,7 @@ def measure_throughput(
     *,
     batch_size: int,
     repeats: int = 5,
-    mode: Mode = "gathered",
+    layout: Layout = "gathered",
     min_seconds: float = 0.05,
 ) -> dict[str, float]:
     """Images per second of every contender (decision time included), timed side by side.
@@ -416,7 +416,7 @@ def measure_throughput(
         contenders: the rows; random policies draw from their own generators.
         batch_size: images per forward pass (1 for latency-bound use).
         repeats: repetitions; the median is reported.
-        mode: pruning mode.
+        layout: the pruned tokens' layout, ``gathered`` or ``masked``.
         min_seconds: the least time one measurement runs.
     """
     if len(images) < batch_size:
@@ -429,14 +429,14 @@ def measure_throughput(
     turn = dict.fromkeys(times, 0)
     with eval_mode(*{c.model or pv for c in contenders}):
         for c in contenders:  # warm-up: allocator, kernels, lazy inits
-            c.run(pv, batches[0], mode=mode, index=indices[0])
+            c.run(pv, batches[0], layout=layout, index=indices[0])
         for rep in range(repeats):
             shift = rep % len(contenders)
             for c in [*contenders[shift:], *contenders[:shift]]:
                 runs, start = 0, time.perf_counter()
                 while True:
                     j = turn[c.name] % count
-                    c.run(pv, batches[j], mode=mode, index=indices[j])
+                    c.run(pv, batches[j], layout=layout, index=indices[j])
                     turn[c.name] += 1
                     synchronize(device)
                     runs += 1
@@ -509,7 +509,7 @@ def evaluate(
     loader: Iterable[tuple[Tensor, Tensor]],
     keep_fn: KeepFn | None = None,
     *,
-    mode: Mode = "gathered",
+    layout: Layout = "gathered",
     obs_keys: Sequence[str] = OBS_KEYS,
     desc: str = "eval",
 ) -> dict[str, float]:
@@ -522,7 +522,7 @@ def evaluate(
     """
     start = time.perf_counter()
     (row,), _ = evaluate_accuracy(
-        pv, loader, [Contender(desc, keep_fn, obs_keys=tuple(obs_keys))], mode=mode, desc=desc
+        pv, loader, [Contender(desc, keep_fn, obs_keys=tuple(obs_keys))], layout=layout, desc=desc
     )
     seconds = time.perf_counter() - start
     return {

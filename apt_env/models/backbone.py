@@ -59,8 +59,8 @@ from apt_env.models.tokens import (
 
 _logger = logging.getLogger(__name__)
 
-Mode = Literal["masked", "gathered"]
-MODES: tuple[str, ...] = ("masked", "gathered")
+Layout = Literal["masked", "gathered"]
+LAYOUTS: tuple[str, ...] = ("masked", "gathered")
 _POOLS = ("token", "avg", "max", "avgmax", "map")
 
 # The default backbone: a small ViT for 28x28 gray images (Fashion-MNIST), 49 patch tokens; its configuration
@@ -93,7 +93,7 @@ class PrunableViT(nn.Module):
             class-token classifier and ``[1, num_patches]`` for a model that pools its patch tokens.
             When a mask leaves a row fewer, the row keeps the tokens the mask kept plus those it
             dropped that were live before, lowest patch index first, until it has ``min_keep``.
-        bucket_rows: in gathered mode, a batch whose rows keep different numbers of tokens runs timm's ``Block``
+        bucket_rows: in the gathered layout, a batch whose rows keep different numbers of tokens runs timm's ``Block``
             packed (``packed``); other blocks run in groups of about this many rows of similar length, each
             cut to its own longest row, when that saves enough padding (``tokens.length_buckets``).
         data_config: the model's preprocessing (``data_config``); default the model's own, ``model_data_config``
@@ -271,7 +271,7 @@ class PrunableViT(nn.Module):
         Each group's output is written into its rows of a new batch by ``index_put_``, differentiable, so
         training runs in groups too."""
         buckets = None
-        if state.packed and not packs(self.model.blocks[start:end]) and not bool(state.keep.all()):
+        if state.packed and not packs(self.model.blocks[start:end]) and not bool(state.live.all()):
             buckets = length_buckets(state.num_kept(), state.x.shape[0] // self.bucket_rows, state.num_prefix_tokens)
         if buckets is None:
             x, extra = run(state)
@@ -308,14 +308,14 @@ class PrunableViT(nn.Module):
         return x
 
     def prune(
-        self, state: TokenState, mask: torch.Tensor, mode: Mode = "masked", *, fuse_attn: torch.Tensor | None = None
+        self, state: TokenState, mask: torch.Tensor, layout: Layout = "masked", *, fuse_attn: torch.Tensor | None = None
     ) -> TokenState:
         """Apply a keep mask over the N original patch positions. # mask: (B, N) bool
 
         Args:
             state: the tokens entering the stage.
             mask: True for the patch positions to keep; a pruned token stays pruned. # (B, N) bool
-            mode: ``masked`` or ``gathered`` (the same logits).
+            layout: ``masked`` or ``gathered`` (the same logits).
             fuse_attn: EViT's fused token: the class attention of the block before at the original positions (the
                 ``cls_attn`` observation). When given, the tokens this mask prunes are summed, weighted by it, into
                 one more token that goes on through the blocks (``merging.fuse_pruned``): its weights sum to
@@ -327,7 +327,7 @@ class PrunableViT(nn.Module):
         pruned = apply_keep_mask(state, mask.to(state.x.device), self.min_keep)
         if fuse_attn is not None:
             pruned = self._fuse(state, pruned, fuse_attn)
-        return gather_kept(pruned) if mode == "gathered" else pruned
+        return gather_kept(pruned) if layout == "gathered" else pruned
 
     def _fuse(self, before: TokenState, after: TokenState, attn: torch.Tensor) -> TokenState:
         """``after`` with the tokens live in ``before`` and not in ``after`` fused into one token, weighted by the
@@ -336,7 +336,7 @@ class PrunableViT(nn.Module):
         if not isinstance(attn, torch.Tensor) or tuple(attn.shape) != expected or not attn.is_floating_point():
             got = f"{attn.dtype} {tuple(attn.shape)}" if isinstance(attn, torch.Tensor) else type(attn).__name__
             raise ValueError(f"fuse_attn must be the class attention, a float tensor {expected}, got {got}")
-        dropped = before.keep & ~after.keep  # (B, L)
+        dropped = before.live & ~after.live  # (B, L)
         if not bool(dropped.any()):  # nothing pruned: no token added, the pass stays the model's own
             return after
         weight = attn.to(before.x.device).gather(1, before.index) * dropped  # (B, L)
@@ -347,9 +347,9 @@ class PrunableViT(nn.Module):
         m = self.model
         state = state.without_fused()
         x = m.norm(state.x)
-        if m.global_pool == "token" or bool(state.keep.all()):
+        if m.global_pool == "token" or bool(state.live.all()):
             return m.forward_head(x)
-        live = state.keep
+        live = state.live
         if m.pool_include_prefix:
             live = torch.cat([live.new_ones(live.shape[0], self.num_prefix_tokens), live], dim=1)
         else:
@@ -385,7 +385,7 @@ class PrunableViT(nn.Module):
         if self.has_cls_token:
             xq = x[:, :1]
         else:
-            xq = live_mean(x[:, state.num_prefix_tokens :], state.keep).unsqueeze(1)
+            xq = live_mean(x[:, state.num_prefix_tokens :], state.live).unsqueeze(1)
         q = F.linear(xq, w[:a], None if bias is None else bias[:a])
         return self._attention_row(attn, q, k, state)
 
@@ -405,7 +405,7 @@ class PrunableViT(nn.Module):
             k = attn.k_norm(k.reshape(b, t, h, a // h).transpose(1, 2))  # (B, H, T, D)
             scores = (q @ k.transpose(-2, -1)) * attn.scale  # (B, H, 1, T)
         probs = _class_attention(scores, state.key_mask())[:, state.num_prefix_tokens :]  # (B, L)
-        probs = probs * state.keep.to(probs.dtype)
+        probs = probs * state.live.to(probs.dtype)
         return probs.new_zeros(b, self.num_patches).scatter(1, state.index, probs)
 
     @property
@@ -484,7 +484,7 @@ class PrunableViT(nn.Module):
                     if self.has_cls_token:
                         q = qkv[:, :1, :a]
                     else:  # the query of the live patches' mean: the projection is affine, so their queries' mean
-                        q = live_mean(qkv[:, part.num_prefix_tokens :, :a], part.keep).unsqueeze(1)
+                        q = live_mean(qkv[:, part.num_prefix_tokens :, :a], part.live).unsqueeze(1)
                     rows.append(self._attention_row(attn, q, qkv[..., a : 2 * a], part))
 
             handle = attn.qkv.register_forward_hook(read)
@@ -539,7 +539,7 @@ class PrunableViT(nn.Module):
         self,
         images: torch.Tensor,
         keep_masks: Sequence[torch.Tensor] | None = None,
-        mode: Mode = "masked",
+        layout: Layout = "masked",
         *,
         fuse: bool = False,
     ) -> torch.Tensor:
@@ -548,7 +548,7 @@ class PrunableViT(nn.Module):
         Args:
             images: (B, C, H, W), as ``input_size``.
             keep_masks: one keep mask per stage, at most ``num_stages``.
-            mode: ``masked`` or ``gathered`` (the same logits).
+            layout: ``masked`` or ``gathered`` (the same logits).
             fuse: EViT's fused token: at each stage the tokens pruned there are fused into one token, weighted by
                 the class attention of the block before (``prune``'s ``fuse_attn``).
         """
@@ -560,13 +560,13 @@ class PrunableViT(nn.Module):
             ) from None
         if len(keep_masks) > self.num_stages:
             raise ValueError(f"got {len(keep_masks)} keep masks for {self.num_stages} pruning stages")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         bounds = self.stage_bounds
         state = self.embed(images)
         for k, mask in enumerate(keep_masks):
             state, attn = self.advance_to_stage(state, k, take_attn=fuse)
-            state = self.prune(state, mask, mode, fuse_attn=attn)
+            state = self.prune(state, mask, layout, fuse_attn=attn)
         return self.finish(state, bounds[len(keep_masks)])
 
     # -- token merging (ToMe) -------------------------------------------------------------------

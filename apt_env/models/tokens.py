@@ -1,8 +1,8 @@
 """Token-level operations for pruning: pure functions on tensors.
 
 A pruning state is a sequence ``x`` of ``P`` prefix tokens followed by ``L`` patch *slots*. Each slot
-holds the token of an original patch position (``index``) and is either live or not (``keep``).
-In *masked* mode ``L == N`` and ``index`` is the identity; in *gathered* mode the live tokens are
+holds the token of an original patch position (``index``) and is either live or not (``live``).
+In the *masked* layout ``L == N`` and ``index`` is the identity; in the *gathered* layout the live tokens are
 packed to the front of each row and ``L`` is the largest live count in the batch (as timm's
 ``PatchDropout`` gathers patch tokens by index while keeping the prefix).
 """
@@ -21,7 +21,7 @@ class TokenState:
 
     Attributes:
         x: tokens, prefix first. # (B, P + L, C)
-        keep: live patch slots. # (B, L) bool
+        live: live patch slots. # (B, L) bool
         index: original patch position of each slot. # (B, L) long
         num_prefix_tokens: P, the tokens before the patch slots, never pruned: the model's prefix tokens, then
             any fused tokens (``num_fused``).
@@ -34,7 +34,7 @@ class TokenState:
     """
 
     x: torch.Tensor
-    keep: torch.Tensor
+    live: torch.Tensor
     index: torch.Tensor
     num_prefix_tokens: int
     packed: bool = True
@@ -51,16 +51,16 @@ class TokenState:
 
         Returns None on the dense path so that timm's fused attention runs without a mask.
         """
-        if self.fused_live is None and bool(self.keep.all()):
+        if self.fused_live is None and bool(self.live.all()):
             return None
-        prefix = self.keep.new_ones(self.keep.shape[0], self.num_prefix_tokens)
+        prefix = self.live.new_ones(self.live.shape[0], self.num_prefix_tokens)
         if self.fused_live is not None:
             prefix[:, self.num_prefix_tokens - self.num_fused :] = self.fused_live
-        return torch.cat([prefix, self.keep], dim=1)[:, None, None, :]  # (B, 1, 1, P + L)
+        return torch.cat([prefix, self.live], dim=1)[:, None, None, :]  # (B, 1, 1, P + L)
 
     def with_x(self, x: torch.Tensor) -> TokenState:
         p, packed, fused, live = self.num_prefix_tokens, self.packed, self.num_fused, self.fused_live
-        return TokenState(x, self.keep, self.index, p, packed, fused, live)  # not replace(): on every block run
+        return TokenState(x, self.live, self.index, p, packed, fused, live)  # not replace(): on every block run
 
     def without_fused(self) -> TokenState:
         """The state without its fused tokens: the model's own prefix tokens and the patch slots."""
@@ -76,22 +76,22 @@ class TokenState:
         p = self.num_prefix_tokens
         x = (self.x[rows] if x is None else x)[:, : p + length]
         fused_live = None if self.fused_live is None else self.fused_live[rows]
-        return replace(self, x=x, keep=self.keep[rows, :length], index=self.index[rows, :length], packed=True,
+        return replace(self, x=x, live=self.live[rows, :length], index=self.index[rows, :length], packed=True,
                        fused_live=fused_live)  # fmt: skip
 
     def num_kept(self) -> torch.Tensor:
         """Live patch tokens per sample. # (B,) long"""
-        return self.keep.sum(dim=1)
+        return self.live.sum(dim=1)
 
     def mask(self, num_patches: int) -> torch.Tensor:
         """The keep mask over original patch positions. # (B, N) bool"""
-        out = self.keep.new_zeros(self.keep.shape[0], num_patches)
-        return out.scatter(1, self.index, self.keep)
+        out = self.live.new_zeros(self.live.shape[0], num_patches)
+        return out.scatter(1, self.index, self.live)
 
     def patch_features(self, num_patches: int) -> torch.Tensor:
         """Patch tokens at their original positions, pruned ones zeroed. # (B, N, C)"""
         b, _, c = self.patches.shape
-        live = self.patches if bool(self.keep.all()) else self.patches * self.keep.unsqueeze(-1).to(self.x.dtype)
+        live = self.patches if bool(self.live.all()) else self.patches * self.live.unsqueeze(-1).to(self.x.dtype)
         # Slots hold distinct positions of their row: an index_put by (row, position), far faster than a scatter
         # along dim 1, that reads the patches in place (no copy of the strided view).
         out = self.x.new_zeros(b, num_patches, c)
@@ -118,8 +118,8 @@ def initial_state(x: torch.Tensor, num_prefix_tokens: int) -> TokenState:
     """The state right after embedding: every patch live, slots in raster order."""
     b, n = x.shape[0], x.shape[1] - num_prefix_tokens
     index = torch.arange(n, device=x.device).expand(b, n)
-    keep = torch.ones(b, n, dtype=torch.bool, device=x.device)
-    return TokenState(x, keep, index, num_prefix_tokens)
+    live = torch.ones(b, n, dtype=torch.bool, device=x.device)
+    return TokenState(x, live, index, num_prefix_tokens)
 
 
 def enforce_min_keep(prev: torch.Tensor, new: torch.Tensor, min_keep: int) -> torch.Tensor:
@@ -152,8 +152,8 @@ def apply_keep_mask(state: TokenState, mask: torch.Tensor, min_keep: int) -> Tok
         mask: True for patch positions to keep. # (B, N) bool
         min_keep: the least number of patch tokens a row keeps (see ``enforce_min_keep``).
     """
-    keep = enforce_min_keep(state.keep, state.keep & mask.gather(1, state.index), min_keep)
-    return replace(state, keep=keep, packed=False)
+    live = enforce_min_keep(state.live, state.live & mask.gather(1, state.index), min_keep)
+    return replace(state, live=live, packed=False)
 
 
 def append_fused(state: TokenState, token: torch.Tensor, live: torch.Tensor) -> TokenState:
@@ -182,20 +182,20 @@ def gather_kept(state: TokenState) -> TokenState:
     marked not live, so attention must mask them as keys (``key_mask``) unless every row keeps the
     same number of tokens, in which case there is no padding and no mask.
     """
-    counts = state.keep.sum(dim=1)
+    counts = state.live.sum(dim=1)
     length = int(counts.max())
-    if length == state.keep.shape[1] and bool(state.keep.all()):
+    if length == state.live.shape[1] and bool(state.live.all()):
         return replace(state, packed=True)
     # A stable sort puts live slots first and keeps their order.
-    order = torch.argsort((~state.keep).to(torch.uint8), dim=1, stable=True)[:, :length]  # (B, L')
+    order = torch.argsort((~state.live).to(torch.uint8), dim=1, stable=True)[:, :length]  # (B, L')
     b, t, c = state.x.shape
     p = state.num_prefix_tokens
     slots = torch.cat([torch.arange(p, device=order.device).expand(b, p), order + p], dim=1)  # prefix, then live
     # Whole rows of x by one index_select on its flat view: several times faster than a gather along dim 1.
     flat = (slots + torch.arange(0, b * t, t, device=order.device).unsqueeze(1)).reshape(-1)
     x = state.x.reshape(b * t, c).index_select(0, flat).view(b, p + length, c)
-    keep = torch.arange(length, device=counts.device) < counts.unsqueeze(1)
-    return replace(state, x=x, keep=keep, index=state.index.gather(1, order), packed=True)
+    live = torch.arange(length, device=counts.device) < counts.unsqueeze(1)
+    return replace(state, x=x, live=live, index=state.index.gather(1, order), packed=True)
 
 
 BUCKET_MIN_SAVING = 0.1

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apt_env.envs.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS, BudgetKeepRatio, KeepFn, observe, walk
-from apt_env.models.backbone import Mode, PrunableViT
+from apt_env.models.backbone import Layout, PrunableViT
 from apt_env.models.tokens import TokenState
 
 
@@ -27,14 +27,14 @@ class ChannelLosses(nn.Module):
 
     Args:
         pv: the backbone being trained.
-        mode: ``gathered`` (pruned tokens removed: faster) or ``masked``; same gradients.
+        layout: ``gathered`` (pruned tokens removed: faster) or ``masked``; same gradients.
         label_smoothing: of the cross-entropy.
     """
 
-    def __init__(self, pv: PrunableViT, *, mode: Mode = "gathered", label_smoothing: float = 0.0) -> None:
+    def __init__(self, pv: PrunableViT, *, layout: Layout = "gathered", label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.pv = pv
-        self.mode = mode
+        self.layout = layout
         self.label_smoothing = label_smoothing
         self._budget_ratio: BudgetKeepRatio | None = None  # tabulated on the first budget
 
@@ -84,7 +84,7 @@ class ChannelLosses(nn.Module):
         if single:
             with torch.no_grad():
                 mask = keep(observe(pv, states[j], attns[j], j, keys, **seen))
-            state, start = pv.prune(states[j], mask, self.mode), b[j + 1]
+            state, start = pv.prune(states[j], mask, self.layout), b[j + 1]
             if j == 0 and multi and pv.num_stages > 1:
                 # The first action alone is also the multi channel's first action: they share it and the blocks up
                 # to the next stage, from which the multi channel goes on pruning.
@@ -93,7 +93,7 @@ class ChannelLosses(nn.Module):
             losses["single"] = weights["single"] * self._ce(pv.finish(state, start), labels)
         if multi:
             state, attn, first = walk_from
-            *_, last = walk(pv, state, attn, keep, keys=keys, mode=self.mode, start=first, **seen)
+            *_, last = walk(pv, state, attn, keep, keys=keys, layout=self.layout, start=first, **seen)
             losses["multi"] = weights["multi"] * self._ce(pv.finish(last, b[-2]), labels)
         return {c: v for c, v in losses.items() if weights.get(c, 0)}, logits_plain
 
