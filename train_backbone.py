@@ -626,9 +626,9 @@ def train(args: Args, run_dir: Path) -> bool:
 def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]:
     """The test-split table, every row on the same images, timed side by side.
 
-    Rows: the plain ViT; APT pruning with its agent and without; and the controls that keep, in every image
-    and at every stage, as many tokens as the agent did but random ones, on the APT backbone and on the plain
-    one (what the agent's choice of tokens adds, and what joint training adds).
+    Rows: the plain ViT; APT pruning with its agent and without; and random tokens at the agent's counts (in every
+    image and at every stage as many tokens as the agent kept, random ones), on the APT backbone and on the plain one
+    (what the agent's choice of tokens adds, and what joint training adds).
     """
     _, _, device = init_distributed(args.device)
     pv = load_backbone(run_dir / "checkpoint", device=device)
@@ -664,17 +664,17 @@ def final_table(args: Args, run_dir: Path, plain_dir: Path | None) -> list[dict]
     if args.method == "apt":
         counts = decisions["APT (pruning)"]
         live = ("live", "stage")  # what random pruning reads: no class attention to pay for
-        controls = [
+        at_counts = [
             Contender("APT, random at the agent's counts", random_at_counts(counts, seed=args.seed), obs_keys=live)
         ]
         if plain_pv is not None:
             random_plain = random_at_counts(counts, seed=args.seed)
-            controls += [
+            at_counts += [
                 Contender("plain ViT", model=plain_pv),
                 Contender("plain ViT, random at the agent's counts", random_plain, obs_keys=live, model=plain_pv),
             ]
-        more, _ = evaluate_accuracy(pv, loader, controls, desc="test, controls")
-        rows, contenders = rows + more, contenders + controls
+        more, _ = evaluate_accuracy(pv, loader, at_counts, desc="test, random at the agent's counts")
+        rows, contenders = rows + more, contenders + at_counts
     timing = torch.stack([test_set[i][0] for i in range(min(len(test_set), args.eval_batch_size))])
     speed = measure_throughput(pv, timing, contenders, batch_size=len(timing))
     for row in rows:

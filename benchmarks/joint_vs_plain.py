@@ -1,5 +1,5 @@
-"""The original APT method's protocol over seeds: plain ViT vs APT (pruning) vs APT (no pruning), and the
-random-pruning controls, on the test split.
+"""The original APT method's protocol over seeds: plain ViT vs APT (pruning) vs APT (no pruning), and random tokens
+at the agent's counts on both backbones, on the test split.
 
 Runs the README's first command (``train_backbone.py --init-checkpoint apt_env/assets/plain`` with the shipped method's
 flags, ``--method``: the shipped plain ViT fine-tuned plainly and jointly with a fresh budget agent, same seed and
