@@ -68,10 +68,10 @@ def test_end_to_end_writes_a_loadable_checkpoint_and_prints_the_table(tmp_path):
 def test_joint_training_prints_the_three_rows_and_writes_backbone_and_agent(tmp_path):
     run_dir, stdout = _run(tmp_path / "runs", *APT, "--epochs", "2")
     rows = {r["policy"]: r for r in json.loads((run_dir / "results.json").read_text())}
-    controls = ("plain ViT, random at the agent's counts", "APT, random at the agent's counts")
-    for row in ("plain ViT", "APT (pruning)", "APT (no pruning)", *controls):
+    at_counts = ("plain ViT, random at the agent's counts", "APT, random at the agent's counts")
+    for row in ("plain ViT", "APT (pruning)", "APT (no pruning)", *at_counts):
         assert f"| {row} |" in stdout and rows[row]["top1_low"] <= rows[row]["top1"] <= rows[row]["top1_high"]
-    for row in controls:  # as many tokens as the agent kept, image by image
+    for row in at_counts:  # as many tokens as the agent kept, image by image
         assert rows[row]["tokens_last"] == rows["APT (pruning)"]["tokens_last"]
     assert len(list(run_dir.glob("*__plain__*/checkpoint"))) == 1  # the plain baseline, same seed and schedule
     envs = APTPruneVectorEnv(2, model=str(run_dir / "checkpoint"), dataset="synthetic")
