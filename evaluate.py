@@ -18,8 +18,8 @@ batch 1 and 256, timed side by side in one interleaved loop (median of ``--repea
     python evaluate.py --save-masks runs/eval/masks.pt   # every mask the deterministic agent chose
     python evaluate.py --replay runs/eval/masks.pt       # the backbone on those masks, no agent: same figures
 
-Writes ``results.csv``, ``results.md``, ``summary.md`` (the short table the README shows), ``tradeoff.png`` and
-``masks.png`` to ``--out``.
+Writes ``results.csv``, ``results.md``, ``summary.md`` (the short table the README shows), ``tradeoff.png``,
+``masks.png`` (at ``--picture-budget``) and ``masks_at_B.png`` (at every other budget) to ``--out``.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class Args:
     budgets: tuple[float, ...] = (0.3, 0.5, 0.7)
     """fractions of the dense backbone's GFLOPs, each in (0, 1]"""
     picture_budget: float = 0.5
-    """the budget shown in masks.png"""
+    """the budget shown in masks.png (every other budget in masks_at_B.png)"""
     picture_images: int = 8
     """images in masks.png"""
     batch_size: int = 256
@@ -686,7 +686,9 @@ def main(args: Args) -> dict[str, dict]:
     (out / "results.md").write_text(header + table + "\n")
     (out / "summary.md").write_text(header + summary_table(rows) + "\n")
     plot_tradeoff(out / "tradeoff.png", rows, title=source)
-    write_masks(args, pv, dataset, rows, decisions, out / "masks.png", source)
+    write_masks(args, pv, dataset, rows, decisions, out / "masks.png", source, args.picture_budget)
+    for b in (b for b in args.budgets if b != args.picture_budget):  # the others too: masks_at_B.png
+        write_masks(args, pv, dataset, rows, decisions, out / f"masks_at_{b:g}.png", source, b)
     if adaptive is not None:
         print(write_compute(args, pv, loader, rows, decisions, out, source))
     if args.save_masks:
@@ -771,9 +773,11 @@ def write_compute(args: Args, pv: PrunableViT, loader, rows: list[dict], decisio
     return "\n".join(lines)
 
 
-def write_masks(args: Args, pv: PrunableViT, dataset, rows: list[dict], decisions, path: Path, source: str) -> None:
-    """``masks.png``: the first ``--picture-images`` images with the patches each picture row kept at every stage."""
-    b = args.picture_budget
+def write_masks(
+    args: Args, pv: PrunableViT, dataset, rows: list[dict], decisions, path: Path, source: str, budget: float
+) -> None:
+    """The first ``--picture-images`` images with the patches each picture row kept at every stage, at ``budget``."""
+    b = budget
     names = [r["policy"] for r in picture_rows(rows, b)]
     m = min(args.picture_images, len(dataset))
     plot_masks(

@@ -186,8 +186,9 @@ def test_evaluate_script_writes_the_table_the_plots_and_replays_exactly(tmp_path
     expected = {"dense", "APT agent (sampled)", "APT agent (deterministic)", "random @ 0.5", "cls-attn top-k @ 0.3"}
     assert expected <= set(rows)
     assert all(int(r["num_images"]) == 96 for r in csv_rows)  # every policy on the same images
-    for name in ("tradeoff.png", "masks.png"):
+    for name in ("tradeoff.png", "masks.png", "masks_at_0.3.png"):  # masks at --picture-budget 0.5 and the others
         assert (out / name).stat().st_size > 1000
+    assert (out / "summary.md").read_text().count("\n| ") >= 4
     assert (out / "results.md").read_text().count("\n|") == len(rows) + 2  # header, rule, rows
 
     # keep-all is the dense model exactly
