@@ -95,6 +95,34 @@ def test_channels_single_multi_plain():
     np.testing.assert_allclose(info["keep_ratio"], 1 / n)
 
 
+def test_the_env_fuses_the_pruned_tokens_as_the_evaluation_does():
+    """``fuse=True``: every channel and the ``vs_random`` masks run with EViT's fused token, whose tokens count in
+    the GFLOPs; the multi channel's loss is the evaluation's fused walk on the same masks."""
+    from apt_env.eval.evaluate import Decisions, fixed_masks, forward_policy
+
+    kw = dict(num_envs=4, obs_keys=("live", "stage"), channels=("plain", "single", "multi"), reward="vs_random")
+    fused, plain = _vec(fuse=True, **kw), _vec(**kw)
+    fused.reset(seed=0), plain.reset(seed=0)
+    n, k = fused.pv.num_patches, fused.pv.num_stages
+    idx = gym.utils.seeding.np_random(0)[0].integers(0, len(fused.data), size=4)
+    images = torch.stack([fused.data[int(i)][0] for i in idx])
+    labels = torch.tensor([fused.data[int(i)][1] for i in idx])
+    masks = torch.zeros(4, k, n, dtype=torch.bool)
+    for stage in range(k):
+        masks[:, stage, : n // (2 + stage)] = True  # fewer tokens at every stage
+        _, _, _, _, with_token = fused.step(masks[:, stage].numpy().astype(np.int8))
+        _, _, _, _, without = plain.step(masks[:, stage].numpy().astype(np.int8))
+        assert (with_token["gflops"] > without["gflops"]).all()  # one more token from this stage on
+        assert not np.allclose(with_token["loss_single"], without["loss_single"]) or stage == 0
+    with torch.no_grad():
+        keep = fixed_masks(Decisions(torch.arange(4), masks))
+        logits, _, _ = forward_policy(fused.pv, images, keep, obs_keys=("stage",), fuse=True)
+    expected = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    np.testing.assert_allclose(with_token["loss_multi"], expected.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="fuse must be True or False"):
+        _vec(fuse="yes")
+
+
 def test_loss_plain_is_the_unpruned_model():
     envs = _vec(num_envs=4, obs_keys=("live",))  # the default channels: plain and multi
     envs.reset(seed=0)

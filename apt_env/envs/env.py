@@ -180,6 +180,9 @@ class APTPruneVectorEnv(VectorEnv):
       remaining blocks per step. ``obs_keys``: which observation keys to compute.
     * ``layout``: ``"gathered"`` (pruned tokens removed, fast) or ``"masked"`` (kept in place under a mask); same
       results.
+    * ``fuse``: EViT's fused token: the tokens each stage prunes are averaged, weighted by the class attention of
+      the block before, into one more token that goes on through the blocks (``PrunableViT.prune``'s
+      ``fuse_attn``), in every channel and in the ``vs_random`` reward's masks; its tokens count in ``gflops``.
     * ``device``: where the model and every tensor live.
     * ``render_mode``: ``None`` (the default) or ``"rgb_array"`` (see Rendering).
 
@@ -193,7 +196,7 @@ class APTPruneVectorEnv(VectorEnv):
       ``budget_mean`` added (the default unchanged); the observation's live mask ``keep`` renamed ``live`` (a keep
       mask is the action): ``obs_keys`` with ``keep`` still reads it (a warning), ``agents`` read an observation
       recorded with ``keep`` alike, and agents saved before load unchanged; the argument ``mode`` ("gathered" or
-      "masked") renamed ``layout`` (a mode is also a distribution's).
+      "masked") renamed ``layout`` (a mode is also a distribution's); ``fuse`` added (off by default).
     """
 
     # Two frames a second: each pruning stage shows for half a second in a video.
@@ -218,6 +221,7 @@ class APTPruneVectorEnv(VectorEnv):
         channels: Sequence[str] = DEFAULT_CHANNELS,
         obs_keys: Sequence[str] = OBS_KEYS,
         layout: str = "gathered",
+        fuse: bool = False,
         device: str | torch.device = "cpu",
         render_mode: str | None = None,
     ) -> None:
@@ -229,6 +233,8 @@ class APTPruneVectorEnv(VectorEnv):
         )  # fmt: skip
         self.num_envs, self.device, self.budget_range = args.num_envs, args.device, args.budget_range
         self.render_mode = render_mode
+        if not isinstance(fuse, bool):
+            raise ValueError(f"fuse must be True or False, got {fuse!r}")
         if budget_mean and self.budget_range is None:
             raise ValueError("budget_mean=True makes a budget hold on average over images: pass budget= too")
         price = BudgetPrice(*self.budget_range, lr=check_finite("price_lr", price_lr)) if budget_mean else None
@@ -243,7 +249,7 @@ class APTPruneVectorEnv(VectorEnv):
             raise ValueError(f"square images are needed, the model takes {pv.img_size}")
         self.episodes = PruningEpisodes(
             self.pv, reward=reward, flops_weight=args.flops_weight, channels=args.channels, obs_keys=args.obs_keys,
-            layout=layout, budget_weight=args.budget_weight, price=price,
+            layout=layout, budget_weight=args.budget_weight, price=price, fuse=fuse,
         )  # fmt: skip
         self.single_observation_space = observation_space(pv, args.obs_keys)
         self.single_action_space = spaces.MultiBinary(pv.num_patches)

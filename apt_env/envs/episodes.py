@@ -42,15 +42,17 @@ class PruningEpisodes:
         layout: Layout,
         budget_weight: float = 0.0,
         price: BudgetPrice | None = None,
+        fuse: bool = False,
     ) -> None:
         self.pv = pv
+        self.fuse = fuse  # EViT's fused token at every stage, weighted by the class attention
         self.price = price  # a mean budget's price of compute; None: the budget holds in each image
         self.reward = reward
         self.flops_weight = float(flops_weight)
         self.budget_weight = float(budget_weight)
         self.channels = tuple(channels)
         self.obs_keys = tuple(obs_keys)
-        self.take_attn = "cls_attn" in self.obs_keys  # its class attention costs a partial block
+        self.take_attn = "cls_attn" in self.obs_keys or fuse  # its class attention costs a partial block
         self.layout = layout
         self.flops = FlopCounter(pv.model)
         self.flops_all = self.flops.dense()
@@ -94,10 +96,12 @@ class PruningEpisodes:
         self.labels = labels
         self.state, self.cls_attn = pv.advance_to_stage(pv.embed(images), 0, take_attn=self.take_attn)
         logits_plain = pv.finish(self.state, b[1])
-        if "single" in self.channels:  # the unpruned state entering every stage
-            self.plain_states = [self.state]
+        if "single" in self.channels:  # the unpruned state entering every stage (and its attention, to fuse by)
+            self.plain_states, self.plain_attn = [self.state], [self.cls_attn]
             for k in range(1, self.num_stages):
-                self.plain_states.append(pv.run_blocks(self.plain_states[-1], b[k], b[k + 1]))
+                state, attn = pv.advance_to_stage(self.plain_states[-1], k, take_attn=self.fuse)
+                self.plain_states.append(state)
+                self.plain_attn.append(attn)
         self.loss_plain = F.cross_entropy(logits_plain, labels, reduction="none")
         self.score = self._score(logits_plain)
         rows = images.shape[0]
@@ -119,10 +123,10 @@ class PruningEpisodes:
             raise RuntimeError("the episode is over: call reset()")
         pv, k = self.pv, self.stage
         start, last = self.bounds[k + 1], k + 1 == self.num_stages
-        pruned = pv.prune(self.state, keep, self.layout)
+        pruned = self._prune(self.state, keep, self.cls_attn)
         logits, next_state, next_attn = self._finish_stage(pruned)
         counts = pruned.num_kept()
-        self.block_tokens[:, start:] = (pv.num_prefix_tokens + counts).unsqueeze(1)
+        self.block_tokens[:, start:] = (pv.num_prefix_tokens + pruned.num_entering()).unsqueeze(1)
         flops_now = self.flops(self.block_tokens)
         score = self._score(logits)
         baseline = self.score if self.reward != "vs_random" else self._chance_score(counts, start)
@@ -138,6 +142,10 @@ class PruningEpisodes:
         obs = self.observe(next_state, next_attn, stage=k if last else k + 1)
         self.stage = k + 1
         return obs, reward.float(), info
+
+    def _prune(self, state: TokenState, keep: torch.Tensor, cls_attn: torch.Tensor | None) -> TokenState:
+        """``state`` under ``keep``, its pruned tokens fused into one by ``cls_attn`` when the env fuses."""
+        return self.pv.prune(state, keep, self.layout, fuse_attn=cls_attn if self.fuse else None)
 
     def _budget_penalty(self, flops: torch.Tensor) -> torch.Tensor:
         """The last step's budget term of each image: its over-budget penalty, or with a mean budget the price of its
@@ -163,7 +171,7 @@ class PruningEpisodes:
     def _chance_score(self, counts: torch.Tensor, start: int) -> torch.Tensor:
         """The score of as many tokens as each row keeps, drawn at random from the same state (``vs_random``)."""
         chance = random_count(self.state.mask(self.pv.num_patches), counts, self.generator)
-        return self._score(self.pv.finish(self.pv.prune(self.state, chance, self.layout), start))
+        return self._score(self.pv.finish(self._prune(self.state, chance, self.cls_attn), start))
 
     def _info(
         self, logits: torch.Tensor, score: torch.Tensor, keep: torch.Tensor, pruned: TokenState, flops_now: torch.Tensor
@@ -176,7 +184,7 @@ class PruningEpisodes:
         if "single" in self.channels:
             single = loss_multi.clone()
             if k > 0:  # only this stage's action, applied to the unpruned tokens
-                alone = pv.prune(self.plain_states[k], keep, self.layout)
+                alone = self._prune(self.plain_states[k], keep, self.plain_attn[k])
                 single = F.cross_entropy(pv.finish(alone, self.bounds[k + 1]), self.labels, reduction="none")
             info["loss_single"] = single
         info["keep_ratio"] = pruned.num_kept().float() / pv.num_patches

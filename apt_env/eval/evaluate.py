@@ -36,7 +36,7 @@ from apt_env.envs.observe import OBS_KEYS, BudgetKeepRatio, KeepFn, walk
 from apt_env.models.backbone import Layout, PrunableViT
 from apt_env.models.flops import FlopCounter, cls_attention_flops
 from apt_env.models.merging import merged_counts
-from apt_env.models.tokens import TokenState, random_count, top_count
+from apt_env.models.tokens import random_count, top_count
 from apt_env.train.state import load_train_state
 
 __all__ = [
@@ -282,17 +282,8 @@ def forward_policy(
     kept, masks = [state.num_kept().unsqueeze(1).expand(-1, bounds[1])], []
     for stage, state in enumerate(pruned):
         masks.append(state.mask(n))
-        kept.append(_entering(state).unsqueeze(1).expand(-1, bounds[stage + 2] - bounds[stage + 1]))
+        kept.append(state.num_entering().unsqueeze(1).expand(-1, bounds[stage + 2] - bounds[stage + 1]))
     return pv.finish(state, bounds[-2]), torch.cat(kept, dim=1), torch.stack(masks, dim=1)
-
-
-def _entering(state: TokenState) -> Tensor:
-    """Tokens of each row beyond the model's prefix tokens that the blocks run on: live patch tokens and fused tokens
-    that hold tokens. # (B,) long"""
-    kept = state.num_kept()
-    if state.fused_live is not None:
-        return kept + state.fused_live.sum(1)
-    return kept + state.num_fused
 
 
 def _decision_gflops(pv: PrunableViT, contender: Contender) -> Callable[[Tensor, Tensor], Tensor]:

@@ -83,6 +83,13 @@ class TokenState:
         """Live patch tokens per sample. # (B,) long"""
         return self.live.sum(dim=1)
 
+    def num_entering(self) -> torch.Tensor:
+        """Tokens per sample that the next blocks run on beyond the model's own prefix tokens: the live patch tokens
+        and the fused tokens that hold tokens (an empty one is masked). # (B,) long"""
+        if self.fused_live is not None:
+            return self.num_kept() + self.fused_live.sum(1)
+        return self.num_kept() + self.num_fused
+
     def mask(self, num_patches: int) -> torch.Tensor:
         """The keep mask over original patch positions. # (B, N) bool"""
         out = self.live.new_zeros(self.live.shape[0], num_patches)
