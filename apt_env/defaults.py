@@ -4,6 +4,9 @@ from pathlib import Path
 
 __all__ = [
     "ASSETS",
+    "CLUTTERED_AGENT",
+    "CLUTTERED_CHECKPOINT",
+    "CLUTTERED_DATASET",
     "CLUTTERED_PLAIN_CHECKPOINT",
     "DEFAULT_AGENT",
     "DEFAULT_CHECKPOINT",
@@ -16,7 +19,7 @@ __all__ = [
 ASSETS = Path(__file__).parent / "assets"
 
 PLAIN_CHECKPOINT = ASSETS / "plain"
-"""The plain ViT trained on Fashion-MNIST by ``train_backbone.py --mode plain``: where fine-tuning starts."""
+"""The plain ViT trained on Fashion-MNIST by ``train_backbone.py --method plain``: where fine-tuning starts."""
 
 DEFAULT_CHECKPOINT = ASSETS / "default"
 """The backbone ``APTPrune-v0`` runs by default: the plain ViT fine-tuned jointly with its agent."""
@@ -39,3 +42,14 @@ CLUTTERED_PLAIN_CHECKPOINT = ASSETS / "cluttered_plain"
 """The plain ViT of the cluttered task (``vit_apt_tiny_patch4_56``, 196 tokens on the 56 px canvas of
 ``cluttered-fashion-mnist``): ``PLAIN_CHECKPOINT``'s weights with the position embedding resampled to the larger grid,
 trained plainly on the task. Where joint training on the task starts."""
+
+CLUTTERED_DATASET = "cluttered-fashion-mnist"
+"""The cluttered task (``apt_env.data.cluttered``): a garment at a random place on a 56 px canvas among fragments of
+others."""
+
+CLUTTERED_CHECKPOINT = ASSETS / "cluttered"
+"""The cluttered task's backbone: ``CLUTTERED_PLAIN_CHECKPOINT`` fine-tuned jointly with ``CLUTTERED_AGENT`` (budgets
+down to 0.1). ``APTPruneCluttered-v0`` runs it."""
+
+CLUTTERED_AGENT = ASSETS / "cluttered_agent"
+"""The budget-conditioned agent trained jointly with ``CLUTTERED_CHECKPOINT``."""

@@ -180,3 +180,28 @@ def test_the_shipped_cluttered_backbone_runs_the_env_on_the_task_and_refuses_ano
     with pytest.raises(ValueError, match="the canvas is 60 px but the model takes 56 px"):
         APTPruneVectorEnv(2, model=str(CLUTTERED_PLAIN_CHECKPOINT), dataset="cluttered-fashion-mnist:canvas=60")
 
+
+def test_the_cluttered_env_id_makes_and_steps_with_the_shipped_agent() -> None:
+    import gymnasium as gym
+
+    from agents.io import load_policy
+    from apt_env.defaults import CLUTTERED_AGENT, CLUTTERED_CHECKPOINT
+    from apt_env.models.checkpoint import load_backbone
+    from apt_env.train.distributed import state_digest
+
+    envs = gym.make_vec("APTPruneCluttered-v0", num_envs=2, vectorization_mode="vector_entry_point", budget=0.25)
+    assert envs.unwrapped.data.info.name.startswith("cluttered-fashion-mnist")
+    assert state_digest(envs.unwrapped.pv.model) == state_digest(load_backbone(CLUTTERED_CHECKPOINT).model)
+    obs, _ = envs.reset(seed=0)
+    assert obs["tokens"].shape == (2, 196, 128)
+    policy = load_policy(CLUTTERED_AGENT, observation_space=envs.unwrapped.single_observation_space)
+    done = np.zeros(2, dtype=bool)
+    for _ in range(envs.unwrapped.pv.num_stages):
+        action = policy.act({k: torch.as_tensor(v) for k, v in obs.items()}).numpy().astype(np.int8)
+        obs, reward, terminated, truncated, _ = envs.step(action)
+        assert reward.shape == (2,)
+        done |= terminated | truncated
+    assert done.all()  # one episode is one image's pass through the stages
+    single = gym.make("APTPruneCluttered-v0")
+    single.reset(seed=1)
+    single.close()
