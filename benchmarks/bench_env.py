@@ -38,7 +38,7 @@ from apt_env.train.runs import seed_everything
 
 @dataclass
 class Args:
-    env_ids: tuple[str, ...] = ("APTPrune-v0", "APTPrune196-v0")
+    env_ids: tuple[str, ...] = ("APTPrune-v0", "APTPrune196-v0", "APTPruneCluttered-v0")
     """registered env ids to measure, each with its registered kwargs"""
     num_envs: int = 64
     """sub-environments (images per batch)"""
