@@ -53,6 +53,7 @@ from apt_env.eval.evaluate import (
     Decisions,
     DenseAtLengths,
     Merged,
+    TimedForward,
     box_first_at_counts,
     budget_keep_ratio,
     evaluate_accuracy,
@@ -252,17 +253,6 @@ def fused_contenders(pv: PrunableViT, policy: APTPolicy, budgets: dict[float, fl
     return rows
 
 
-@dataclass(frozen=True)
-class CompiledDense(Contender):
-    """The dense model compiled as ``--compile`` compiles the fused path, timed only: what compiling alone gives, so
-    that a compiled agent is also compared with a compiled dense model."""
-
-    forward: Any = None
-
-    def run(self, pv: PrunableViT, images: torch.Tensor, **_: Any) -> tuple[torch.Tensor, None, None]:
-        return self.forward(images), None, None
-
-
 def has_fused_path(policy: APTPolicy | None) -> bool:
     """Whether ``agents.fused`` can run this agent: a budget agent of fixed counts without a mixer."""
     return policy is not None and policy.use_budget and policy.sampling == "topk" and policy.mixer == "none"
@@ -451,7 +441,7 @@ def summary_table(rows: list[dict]) -> str:
 def is_agent_decision(row: dict) -> bool:
     """Whether a row is the agent deciding by its mode or logit ranking (not sampling, not fusing): a row with a
     replay."""
-    return curve(row)[::2] == ("agent", False) and row["rule"] not in (AGENT_SAMPLED, AGENT_FUSED)
+    return row["role"] == "agent" and not row["fused_token"] and row["rule"] not in (AGENT_SAMPLED, AGENT_FUSED)
 
 
 def fused_token_text(rows: list[dict]) -> str:
@@ -666,7 +656,7 @@ def main(args: Args) -> dict[str, dict]:
     rows, decisions, contenders = evaluate_rows(args, pv, loader, agent, adaptive)
     physical = physical_contenders(rows, decisions)
     if args.compile and any(r["rule"] == AGENT_FUSED for r in rows):  # compiled fused rows: compare like with like
-        physical.append(CompiledDense(DENSE_COMPILED, role="reference", forward=torch.compile(pv.model, dynamic=False)))
+        physical.append(TimedForward(DENSE_COMPILED, role="reference", forward=torch.compile(pv.model, dynamic=False)))
     timing = torch.stack([dataset[i][0] for i in range(min(len(dataset), args.batch_size))])
     speed = {b: measure_throughput(pv, timing, contenders + physical, batch_size=b, repeats=args.repeats)
              for b in (len(timing), 1)}  # fmt: skip

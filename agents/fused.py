@@ -19,6 +19,8 @@ rounding, ties between equal logits aside. It is built for the weights it is giv
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import Tensor, nn
 
@@ -39,7 +41,7 @@ def static_counts(pv: PrunableViT, budget: float) -> tuple[int, ...]:
     return tuple(counts)
 
 
-class _FusedWalk(nn.Module):
+class _FusedWalk(nn.Module, ABC):
     """The walk both fused paths share: timm's blocks stage by stage, the agent's logits of the live tokens as one
     (B, M) batch (``APTPolicy.equal_count_logits``), the kept tokens gathered. A subclass says which tokens a row
     keeps (``select``)."""
@@ -73,9 +75,9 @@ class _FusedWalk(nn.Module):
         self.register_buffer("kv_bias", bias, persistent=False)
         self.register_buffer("positions", torch.arange(pv.num_patches), persistent=False)
 
+    @abstractmethod
     def select(self, stage: int, scores: Tensor) -> Tensor:
         """The slots (B, M') of the live tokens each row keeps, in raster order, from their logits (B, M)."""
-        raise NotImplementedError
 
     def forward(self, images: Tensor, return_positions: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Logits (B, classes); with ``return_positions`` also the patch positions kept after each stage, a list of

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from apt_env.envs.observe import as_tensor
+from apt_env.envs.observe import LEGACY_LIVE, as_tensor
 
 TOPK_NEEDS_BUDGET = (
     "sampling='topk' keeps obs['keep_count'] tokens, which only an env with a budget observes: pass budget= "
@@ -32,10 +32,6 @@ class Batch:
     live: Tensor  # (B, N) bool
     stage: Tensor  # (B,) long
     budget: Tensor | None = None  # (B, 1) float
-
-
-LEGACY_LIVE = "keep"
-"""The live mask's old name (docs/environment.md, Version History): a keep mask is the action."""
 
 
 def obs_tensor(obs: Mapping[str, Any], key: str, device: torch.device | str | None = None) -> Tensor:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import tyro
@@ -32,9 +31,8 @@ from agents.io import load_policy
 from agents.policy import APTPolicy
 from apt_env.data.datasets import dataset_for
 from apt_env.envs.observe import BUDGET_KEYS, OBS_KEYS
-from apt_env.eval.evaluate import Contender, measure_throughput
+from apt_env.eval.evaluate import Contender, TimedForward, measure_throughput
 from apt_env.eval.report import markdown_table
-from apt_env.models.backbone import PrunableViT
 from apt_env.models.checkpoint import load_backbone
 
 ASSETS = "apt_env/assets"
@@ -62,16 +60,6 @@ class Args:
     """torch CPU threads"""
 
 
-@dataclass(frozen=True)
-class Forward(Contender):
-    """A row timed by calling a module on the images."""
-
-    forward: Any = None
-
-    def run(self, pv: PrunableViT, images: torch.Tensor, **_: Any) -> tuple[torch.Tensor, None, None]:
-        return self.forward(images), None, None
-
-
 def threshold_twin(policy: APTPolicy) -> APTPolicy:
     """The same network deciding token by token against a threshold (``sampling="threshold"``), uncalibrated."""
     twin = APTPolicy.from_config({**policy.config(), "sampling": "threshold"})
@@ -94,20 +82,20 @@ def main(args: Args) -> None:
     keys = (*OBS_KEYS, *BUDGET_KEYS)
     rows: list[Contender] = [Contender("dense")]
     if args.compile:
-        rows.append(Forward("dense, compiled", forward=torch.compile(pv.model, dynamic=False)))
+        rows.append(TimedForward("dense, compiled", forward=torch.compile(pv.model, dynamic=False)))
     for b in args.budgets:
         rows.append(Contender(f"fixed-count walk @ {b:g}", lambda o: policy.act(o), b, obs_keys=keys))
         fused = FusedBudgetAgent(pv, policy, b).eval()
-        rows.append(Forward(f"fixed-count fused @ {b:g}", budget=b, forward=fused))
+        rows.append(TimedForward(f"fixed-count fused @ {b:g}", budget=b, forward=fused))
         if args.compile:
             compiled = torch.compile(fused, dynamic=False)
-            rows.append(Forward(f"fixed-count fused, compiled @ {b:g}", budget=b, forward=compiled))
+            rows.append(TimedForward(f"fixed-count fused, compiled @ {b:g}", budget=b, forward=compiled))
         rows.append(Contender(f"adaptive walk @ {b:g}", lambda o: twin.act(o), b, obs_keys=keys))
         fast = FusedAdaptiveAgent(pv, twin, b).eval()
-        rows.append(Forward(f"adaptive fast path @ {b:g}", budget=b, forward=fast))
+        rows.append(TimedForward(f"adaptive fast path @ {b:g}", budget=b, forward=fast))
         if args.compile:  # dynamic shapes: the counts differ per image
             compiled = torch.compile(fast, dynamic=True)
-            rows.append(Forward(f"adaptive fast path, compiled @ {b:g}", budget=b, forward=compiled))
+            rows.append(TimedForward(f"adaptive fast path, compiled @ {b:g}", budget=b, forward=compiled))
     speed = measure_throughput(pv, timed, rows, batch_size=1, repeats=args.repeats)
     table = []
     with torch.inference_mode():

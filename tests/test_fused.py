@@ -147,7 +147,7 @@ def test_a_fused_row_is_compared_with_the_compiled_dense_model_when_there_is_one
     physical[evaluate.DENSE_COMPILED] = {"img_per_s_b256": 250.0, "img_per_s_b1": 200.0}
     text = evaluate.decision_cost_text([dense, fused], physical)
     assert "over dense b256 2.00, b1 1.50; over the dense model compiled b256 1.60, b1 0.75" in text
-    compiled = evaluate.CompiledDense(evaluate.DENSE_COMPILED, role="reference", forward=lambda x: x.sum(-1))
+    compiled = evaluate.TimedForward(evaluate.DENSE_COMPILED, role="reference", forward=lambda x: x.sum(-1))
     assert torch.equal(compiled.run(None, torch.ones(2, 3))[0], torch.full((2,), 3.0))
 
 

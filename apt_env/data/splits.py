@@ -14,7 +14,6 @@ VAL_SEED = 0
 TEST_FRACTION = 0.1
 """Share of an ``imagefolder:PATH`` without split subfolders held out as ``test`` (stratified, seeded)."""
 TEST_SEED = 1  # another stream than the val split's, which is drawn from what is left
-"""What a data config's ``preprocessing`` names: this module's ``build_transform`` or timm's eval transform."""
 
 
 def holdout_indices(targets: Tensor | list[int], split: str) -> np.ndarray:

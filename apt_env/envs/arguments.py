@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from apt_env.envs.episodes import REWARDS
-from apt_env.envs.observe import BUDGET_KEYS, CHANNELS, OBS_KEYS
+from apt_env.envs.observe import BUDGET_KEYS, CHANNELS, LEGACY_LIVE, OBS_KEYS
 from apt_env.models.backbone import LAYOUTS
 
 _logger = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ def check_env_arguments(
     dataset: Any,
     reward: Any,
     layout: Any,
+    fuse: Any,
     channels: Any,
     obs_keys: Any,
     budget: Any,
@@ -108,10 +109,12 @@ def check_env_arguments(
     check_choice("reward", reward, REWARDS)
     check_choice("layout", layout, LAYOUTS)
     check_choice("render_mode", render_mode, (None, *render_modes))
+    if not isinstance(fuse, bool):
+        raise ValueError(f"fuse must be True or False, got {fuse!r}")
     channels, obs_keys = check_names("channels", channels), check_names("obs_keys", obs_keys)
-    if "keep" in obs_keys:  # the live mask's old name (docs/environment.md, Version History)
-        _logger.warning("obs_keys: 'keep' is now 'live' (the tokens still alive; a keep mask is the action)")
-        obs_keys = tuple("live" if key == "keep" else key for key in obs_keys)
+    if LEGACY_LIVE in obs_keys:
+        _logger.warning("obs_keys: %r is now 'live' (the tokens still alive; a keep mask is the action)", LEGACY_LIVE)
+        obs_keys = tuple("live" if key == LEGACY_LIVE else key for key in obs_keys)
     for c in channels:
         check_choice("channel", c, CHANNELS)
     budgets = budget_range(budget)

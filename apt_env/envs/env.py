@@ -227,14 +227,12 @@ class APTPruneVectorEnv(VectorEnv):
     ) -> None:
         _one_thread_if_forked()  # before any torch op
         args = check_env_arguments(
-            num_envs=num_envs, dataset=dataset, reward=reward, layout=layout, channels=channels, obs_keys=obs_keys,
-            budget=budget, flops_weight=flops_weight, budget_weight=budget_weight, device=device,
+            num_envs=num_envs, dataset=dataset, reward=reward, layout=layout, fuse=fuse, channels=channels,
+            obs_keys=obs_keys, budget=budget, flops_weight=flops_weight, budget_weight=budget_weight, device=device,
             render_mode=render_mode, render_modes=self.metadata["render_modes"],
         )  # fmt: skip
         self.num_envs, self.device, self.budget_range = args.num_envs, args.device, args.budget_range
         self.render_mode = render_mode
-        if not isinstance(fuse, bool):
-            raise ValueError(f"fuse must be True or False, got {fuse!r}")
         if budget_mean and self.budget_range is None:
             raise ValueError("budget_mean=True makes a budget hold on average over images: pass budget= too")
         price = BudgetPrice(*self.budget_range, lr=check_finite("price_lr", price_lr)) if budget_mean else None

@@ -20,6 +20,8 @@ from apt_env.models.flops import FlopCounter
 from apt_env.models.tokens import TokenState, keep_count, live_mean
 
 OBS_KEYS: tuple[str, ...] = ("tokens", "cls", "cls_attn", "live", "stage")
+LEGACY_LIVE = "keep"
+"""The live mask's old name (docs/environment.md, Version History): a keep mask is the action."""
 BUDGET_KEYS: tuple[str, ...] = ("budget", "keep_count")
 """Observed exactly when the env has a budget (``budget=``), in addition to ``obs_keys``."""
 BUDGET_RESOLUTION = 4096

@@ -45,6 +45,7 @@ __all__ = [
     "Decisions",
     "DenseAtLengths",
     "Merged",
+    "TimedForward",
     "ROLES",
     "PolicyFlops",
     "box_first_at_counts",
@@ -131,6 +132,17 @@ class Contender:
     def policy_flops(self, pv: PrunableViT) -> PolicyFlops | None:
         """The policy's own cost on ``pv`` (the row's backbone), besides the class attention it reads: ``flops``."""
         return self.flops if self.keep_fn is not None else None
+
+
+@dataclass(frozen=True)
+class TimedForward(Contender):
+    """A row for ``measure_throughput`` only: ``forward`` (a module, e.g. a compiled model or a fused path) called on
+    the images, nothing observed or recorded."""
+
+    forward: Any = None
+
+    def run(self, pv: PrunableViT, images: Tensor, **_: Any) -> tuple[Tensor, None, None]:
+        return self.forward(images), None, None
 
 
 @dataclass(frozen=True)
